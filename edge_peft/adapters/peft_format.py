@@ -1,0 +1,146 @@
+"""Hugging Face PEFT format I/O on the numpy side: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Only safetensors and JSON are read: never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
+
+from ..errors import UserError
+from ..fileio import atomic_directory, atomic_write_bytes
+from .spec import PEFT_PREFIX, AdapterSpec, lora_a_from_seed, lora_key
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+METADATA_KEY = "edge_peft"
+PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
+
+
+def peft_config(spec: AdapterSpec, rank_pattern: Mapping[str, int] | None = None) -> dict:
+    """The ``adapter_config.json`` that ``peft.PeftModel.from_pretrained`` accepts for this spec."""
+    rank_pattern = dict(rank_pattern or {})
+    alpha_pattern = {name: spec.alpha * r / spec.rank for name, r in rank_pattern.items()}
+    return {
+        "peft_type": "LORA",
+        "task_type": PEFT_TASK_TYPES[spec.task],
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(spec.target_modules),
+        "modules_to_save": sorted({t.name.rsplit(".", 1)[0] for t in spec.modules_to_save}) or None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": spec.model_type == "gpt2",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "base_model_name_or_path": None,
+    }
+
+
+def encode_adapter(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], extra_meta: dict | None = None) -> bytes:
+    """Serialise PEFT-keyed tensors to safetensors bytes with edge-peft metadata in the header."""
+    meta = {"base_fingerprint": spec.base_fingerprint, "variant": spec.variant, "seed": spec.seed}
+    meta.update(extra_meta or {})
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(tensors.items())}
+    return save(arrays, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def decode_adapter(data: bytes, source: str = "adapter") -> tuple[dict[str, np.ndarray], dict]:
+    """Parse safetensors bytes (never pickle) into tensors and the edge-peft metadata."""
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, Exception) as exc:  # safetensors raises several types on garbage
+        raise UserError(f"{source} is not a valid safetensors file ({exc}): re-save it with `edge-peft adapter save`") from None
+    meta = read_metadata(data)
+    return tensors, meta
+
+
+def read_metadata(data: bytes) -> dict:
+    """The edge-peft metadata stored in a safetensors header ({} if absent)."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        return json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
+    except (ValueError, AttributeError):
+        return {}
+
+
+def check_tensors(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], source: str, require_a: bool = True) -> None:
+    """Refuse tensors whose names, shapes, dtypes or values do not fit ``spec``."""
+    expected = spec.expected_shapes(with_a=True)
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise UserError(f"{source} has tensors this base does not have ({', '.join(unknown[:3])}...): "
+                        "it was trained for another model or targets")
+    needed = spec.expected_shapes(with_a=require_a)
+    missing = sorted(set(needed) - set(tensors))
+    if missing:
+        raise UserError(f"{source} lacks {len(missing)} tensors (e.g. {missing[0]}): save the adapter again from a full run")
+    for key, arr in tensors.items():
+        if tuple(arr.shape) != tuple(expected[key]):
+            raise UserError(f"{source}: {key} has shape {list(arr.shape)}, the base expects {list(expected[key])}: "
+                            "export with the same --rank/--targets or use a matching adapter")
+        if arr.dtype not in (np.float32, np.float16):
+            raise UserError(f"{source}: {key} has dtype {arr.dtype}, expected float32")
+        if not np.all(np.isfinite(arr)):
+            raise UserError(f"{source}: {key} contains NaN or Inf: the run diverged; lower --lr and retrain")
+
+
+def complete_tensors(spec: AdapterSpec, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Fill in any LoRA-FA ``A`` left out of a B-only adapter by regenerating it from its seed."""
+    full = dict(tensors)
+    for m in spec.modules:
+        key = lora_key(m.name, "A")
+        if key not in full:
+            if spec.variant != "lora-fa":
+                raise UserError(f"adapter lacks {key}: only LoRA-FA adapters may omit A")
+            full[key] = lora_a_from_seed(m.a_seed, m.rank, m.in_features)
+    return full
+
+
+def save_adapter(out_dir: str | Path, spec: AdapterSpec, tensors: Mapping[str, np.ndarray],
+                 rank_pattern: Mapping[str, int] | None = None, extra_meta: dict | None = None,
+                 overwrite: bool = True) -> Path:
+    """Write a PEFT adapter directory atomically; return its path."""
+    out = Path(out_dir)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        atomic_write_bytes(tmp / WEIGHTS_NAME, encode_adapter(spec, tensors, extra_meta))
+        atomic_write_bytes(tmp / CONFIG_NAME, (json.dumps(peft_config(spec, rank_pattern), indent=2) + "\n").encode())
+    return out
+
+
+def load_adapter(adapter_dir: str | Path, spec: AdapterSpec) -> dict[str, np.ndarray]:
+    """Read a PEFT adapter for ``spec``'s base; refuse another base or wrong shapes. Returns full tensors."""
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise UserError(f"{weights} is missing: pass a directory written by `edge-peft adapter save` or PEFT's save_pretrained")
+    data = weights.read_bytes()
+    tensors, meta = decode_adapter(data, str(weights))
+    fp = meta.get("base_fingerprint")
+    if fp is not None and fp != spec.base_fingerprint:
+        raise UserError(f"{adapter_dir} was trained on base {fp[:19]}..., this artifact's base is "
+                        f"{spec.base_fingerprint[:19]}...: use an adapter trained on the same base model")
+    tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
+    check_tensors(spec, tensors, str(weights), require_a=spec.variant != "lora-fa")
+    return complete_tensors(spec, tensors)
+
+
+def onnx_name(peft_key: str) -> str:
+    """Name of a trainable tensor inside the ONNX graphs (PEFT key without the prefix)."""
+    return peft_key[len(PEFT_PREFIX):] if peft_key.startswith(PEFT_PREFIX) else peft_key
+
+
+def peft_name(onnx_key: str) -> str:
+    """PEFT safetensors key of an ONNX tensor name."""
+    return PEFT_PREFIX + onnx_key
