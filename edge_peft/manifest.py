@@ -19,6 +19,8 @@ MANIFEST_NAME = "manifest.json"
 TASKS = ("causal-lm", "sequence-classification")
 VARIANTS = ("lora-fa", "lora")
 QUANTIZATIONS = ("none", "int8")
+IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
+TRAINING_INPUTS = ["input_ids", "attention_mask", "labels", "loss_scale"]
 
 
 @dataclass

@@ -1,0 +1,61 @@
+"""Find target modules in a transformers model and wrap them with ``LoraLinear``."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..errors import UserError
+from ..manifest import AdapterModule
+from .layer import LoraLinear, linear_shape
+
+_LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def layer_index(module_name: str) -> int | None:
+    """Transformer block index of a module path (``...layers.3.self_attn.q_proj`` -> 3)."""
+    match = _LAYER_INDEX.search(f".{module_name}.")
+    return int(match.group(1)) if match else None
+
+
+def find_targets(model: nn.Module, targets: list[str], layers: set[int] | None = None) -> list[str]:
+    """Module paths of linear layers whose last name component is in ``targets``."""
+    linear_names = [name for name, mod in model.named_modules() if is_linear(mod)]
+    wanted = set(targets)
+    found = [n for n in linear_names if n.rsplit(".", 1)[-1] in wanted or n in wanted]
+    if layers is not None:
+        found = [n for n in found if layer_index(n) in layers]
+    missing = sorted(t for t in wanted if not any(n.rsplit(".", 1)[-1] == t or n == t for n in found))
+    if missing or not found:
+        available = sorted({n.rsplit(".", 1)[-1] for n in linear_names if layer_index(n) is not None})
+        raise UserError(
+            f"target module(s) {', '.join(missing) or ', '.join(targets)} match no linear layer: "
+            f"choose --targets from {', '.join(available)}"
+        )
+    return found
+
+
+def inject_lora(model: nn.Module, names: list[str], rank: int, alpha: float, seed: int,
+                train_a: bool = False) -> list[AdapterModule]:
+    """Replace each named linear layer with a ``LoraLinear``; freeze everything but the adapters.
+
+    The ``A`` of the i-th adapted module is drawn from seed ``seed + i``; both are written to the manifest.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules: list[AdapterModule] = []
+    for i, name in enumerate(names):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        in_f, out_f = linear_shape(base)
+        if rank <= 0 or rank > min(in_f, out_f):
+            raise UserError(f"--rank {rank} does not fit {name} ({in_f} -> {out_f}): choose 1..{min(in_f, out_f)}")
+        setattr(parent, child, LoraLinear(base, rank, alpha, seed + i, train_a=train_a))
+        modules.append(AdapterModule(name=name, in_features=in_f, out_features=out_f, rank=rank, a_seed=seed + i))
+    return modules

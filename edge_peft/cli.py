@@ -1,0 +1,171 @@
+"""The ``edge-peft`` command line: thin click wrappers that parse, call and print."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edge-peft")
+def main_group() -> None:
+    """Personalise models on the device: export, train LoRA-FA adapters, share them."""
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@main_group.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
+@click.option("--rank", default=8, show_default=True, help="LoRA rank r.")
+@click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scaling alpha/r).")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="int8", show_default=True,
+              help="Storage of the frozen base weights.")
+@click.option("--variant", type=click.Choice(["lora-fa", "lora"]), default="lora-fa", show_default=True,
+              help="lora-fa: A frozen from a seed, B trained. lora: both trained.")
+@click.option("--targets", help="Comma-separated module names to adapt (default: the family's recipe in export/).")
+@click.option("--labels", help="Comma-separated class names for a new classification head.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the frozen A matrices (recorded in the manifest).")
+@click.option("--max-seq-len", default=256, show_default=True, help="Longest sequence the device may train on.")
+@click.option("--weight-decay", default=0.0, show_default=True, help="AdamW weight decay (baked into the optimizer).")
+@click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradient clipping norm (0 disables).")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, variant: str, targets: str | None,
+           labels: str | None, seed: int, max_seq_len: int, weight_decay: float, max_grad_norm: float,
+           force: bool) -> None:
+    """Export a local Hugging Face MODEL_DIR to an on-device training artifact."""
+    from .exporter.pipeline import ExportOptions, export_artifact
+
+    opts = ExportOptions(rank=rank, alpha=alpha, quantize=quantize, variant=variant, targets=_csv(targets),
+                         seed=seed, max_seq_len=max_seq_len, labels=_csv(labels), weight_decay=weight_decay,
+                         max_grad_norm=max_grad_norm)
+    manifest = export_artifact(model_dir, out, opts, overwrite=force)
+    click.echo(f"artifact written to {out}: {manifest.architecture}, {len(manifest.modules)} adapted modules, "
+               f"rank {manifest.rank}, base {manifest.quantization}, fingerprint {manifest.base_fingerprint}")
+
+
+@main_group.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help=".jsonl ({\"text\"} or {\"text\",\"label\"}) or .txt training data.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--steps", default=200, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", default=8, show_default=True, help="Examples per optimizer step.")
+@click.option("--micro-batch-size", type=int, help="Examples per forward pass (gradient accumulation).")
+@click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate (warm-up then cosine decay).")
+@click.option("--warmup-steps", type=int, help="Warm-up steps (default: 5% of --steps).")
+@click.option("--max-seq-len", type=int, help="Truncate/cut sequences to this many tokens.")
+@click.option("--eval-data", help="Held-out file (default: --eval-fraction of --data).")
+@click.option("--eval-fraction", default=0.1, show_default=True)
+@click.option("--eval-every", default=50, show_default=True, help="Evaluate every N steps (0: only never).")
+@click.option("--checkpoint-every", default=50, show_default=True, help="Checkpoint every N steps.")
+@click.option("--seed", default=0, show_default=True, help="Data order and split seed.")
+@click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: all cores).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(artifact: Path, out: Path, resume: bool, quiet: bool, **options) -> None:
+    """Fine-tune the adapters of ARTIFACT on local data (no torch needed)."""
+    from .device.trainer import TrainConfig, Trainer
+
+    summary = Trainer(artifact, TrainConfig(**options), out, resume=resume, show_progress=not quiet).run()
+    eval_loss = summary["eval_loss"]
+    click.echo(f"trained {summary['steps']} steps: loss {summary['final_loss']:.4f}"
+               + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
+               + f", {summary['tokens_per_s']:.0f} tokens/s, peak RSS {summary['peak_rss_mb']:.0f} MB; "
+               f"adapter in {out / 'adapter'}")
+
+
+@main_group.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", default=40, show_default=True)
+@click.option("--top-k", default=0, show_default=True, help="0: greedy; k > 0: sample among the k likeliest.")
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--adapter", type=click.Path(path_type=Path), help="PEFT adapter to use instead of the run's.")
+def generate(source: Path, prompt: str, max_new_tokens: int, top_k: int, temperature: float, seed: int,
+             adapter: Path | None) -> None:
+    """Continue PROMPT with the model of a run (or artifact) SOURCE."""
+    from .device.inference import Predictor
+
+    text = Predictor(source, adapter).generate(prompt, max_new_tokens, top_k, temperature, seed)
+    click.echo(prompt + text)
+
+
+@main_group.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, required=True, help="Text to classify (repeatable).")
+@click.option("--adapter", type=click.Path(path_type=Path), help="PEFT adapter to use instead of the run's.")
+def classify(source: Path, texts: tuple[str, ...], adapter: Path | None) -> None:
+    """Classify texts with the model of a run (or artifact) SOURCE."""
+    from .device.inference import Predictor
+
+    for text, (label, prob) in zip(texts, Predictor(source, adapter).classify(list(texts))):
+        click.echo(f"{label}\t{prob:.3f}\t{text[:80]}")
+
+
+@main_group.group()
+def adapter() -> None:
+    """Save a run's adapter in PEFT format, or load one into an artifact."""
+
+
+@adapter.command("save")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+def adapter_save(run: Path, out: Path) -> None:
+    """Write RUN's adapter as adapter_config.json + adapter_model.safetensors."""
+    from .device.adapter_io import save_run_adapter
+
+    click.echo(f"PEFT adapter written to {save_run_adapter(run, out)}")
+
+
+@adapter.command("load")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+def adapter_load(artifact: Path, adapter_dir: Path) -> None:
+    """Warm-start ARTIFACT from the PEFT adapter in ADAPTER_DIR (same base, same shapes)."""
+    from .device.adapter_io import load_into_artifact
+
+    count = load_into_artifact(artifact, adapter_dir)
+    click.echo(f"loaded {count} tensors from {adapter_dir} into {artifact}; training now starts from them")
+
+
+def _register_optional_commands() -> None:
+    """Store commands live in edge_peft.store (the `store` extra); register them when present."""
+    try:
+        from .store import cli as store_cli
+    except ImportError:
+        return
+    for name in ("serve", "store", "push", "pull", "sync"):
+        command = getattr(store_cli, name, None)
+        if command is not None:
+            main_group.add_command(command, name)
+
+
+_register_optional_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        main_group.main(args=argv, standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Device side: torch-free training loop, data, inference, checkpoints. Never imports torch."""

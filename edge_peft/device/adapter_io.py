@@ -1,0 +1,53 @@
+"""``adapter save`` / ``adapter load``: move adapters between runs, artifacts and PEFT directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..adapters.peft_format import load_adapter, onnx_name, read_metadata, save_adapter
+from ..adapters.spec import AdapterSpec
+from ..errors import UserError
+from ..fileio import atomic_write_json
+from ..manifest import load_manifest
+from .ort_api import training_api
+from .run_dir import WARM_START_FILE, read_run
+
+
+def save_run_adapter(run: str | Path, out: str | Path) -> Path:
+    """Copy a run's current adapter to ``out`` as a PEFT directory (validated on the way)."""
+    _, manifest = read_run(run)
+    spec = AdapterSpec.from_manifest(manifest)
+    source = Path(run) / "adapter"
+    if not source.is_dir():
+        raise UserError(f"{run} has no adapter yet (no checkpoint reached): train longer or lower --checkpoint-every")
+    tensors = load_adapter(source, spec)
+    meta = read_metadata((source / "adapter_model.safetensors").read_bytes())
+    return save_adapter(out, spec, tensors, extra_meta=meta)
+
+
+def load_into_artifact(artifact: str | Path, adapter: str | Path) -> int:
+    """Write a PEFT adapter's tensors into the artifact's checkpoint so training continues from it.
+
+    Refuses another base (fingerprint) or other shapes. Returns the number of tensors written.
+    The checkpoint is replaced atomically.
+    """
+    artifact = Path(artifact)
+    manifest = load_manifest(artifact)
+    spec = AdapterSpec.from_manifest(manifest)
+    tensors = {onnx_name(k): v for k, v in load_adapter(adapter, spec).items()}
+    api = training_api()
+    state = api.CheckpointState.load_checkpoint(os.fspath(artifact / "checkpoint"))
+    written = 0
+    for name, param in state.parameters:
+        if name in tensors:
+            state.parameters[name] = np.ascontiguousarray(tensors[name], dtype=np.float32)
+            written += 1
+    tmp = artifact / ".checkpoint.tmp"
+    api.CheckpointState.save_checkpoint(state, os.fspath(tmp))
+    os.replace(tmp, artifact / "checkpoint")
+    meta = read_metadata((Path(adapter) / "adapter_model.safetensors").read_bytes())
+    atomic_write_json(artifact / WARM_START_FILE, meta.get("store") or {"adapter": str(Path(adapter).resolve())})
+    return written

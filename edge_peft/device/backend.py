@@ -1,0 +1,93 @@
+"""The training backend interface the device loop depends on, and the ORT training-API backend.
+
+The loop, the budget planner and sync talk only to ``TrainingBackend``: a second backend (the
+portable single-graph one) implements the same few methods.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..manifest import Manifest
+from .data import Batch
+from .ort_api import quiet_logs, training_api
+
+
+class TrainingBackend(Protocol):
+    """What the device loop needs from a backend."""
+
+    def forward_backward(self, batch: Batch, scale: float = 1.0) -> float:
+        """Mean loss of ``batch``; ``scale`` times its gradient is added to the accumulated one."""
+
+    def optimizer_step(self, lr: float) -> None:
+        """Apply the accumulated gradients with AdamW at ``lr`` and clear them."""
+
+    def eval_loss(self, batch: Batch) -> float:
+        """Loss of ``batch`` without touching gradients or weights."""
+
+    def trainable(self) -> dict[str, np.ndarray]:
+        """Current trainable tensors by ONNX name (copies)."""
+
+    def set_trainable(self, tensors: dict[str, np.ndarray]) -> None:
+        """Overwrite trainable tensors by name."""
+
+    def frozen(self, name: str) -> np.ndarray:
+        """A frozen tensor by name (a copy)."""
+
+    def save_state(self, path: Path) -> None:
+        """Write the full training state (weights, optimizer moments and step) to ``path``."""
+
+
+class OrtTrainingBackend:
+    """ONNX Runtime's on-device training API (``onnxruntime-training-cpu==1.19.2``)."""
+
+    def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0):
+        api = training_api()
+        quiet_logs()
+        import onnxruntime
+
+        self._api = api
+        self.manifest = manifest
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.state = api.CheckpointState.load_checkpoint(os.fspath(state_path or artifact / "checkpoint"))
+        self.module = api.Module(os.fspath(artifact / "training_model.onnx"), self.state,
+                                 os.fspath(artifact / "eval_model.onnx"), session_options=options)
+        self.optimizer = api.Optimizer(os.fspath(artifact / "optimizer_model.onnx"), self.module)
+        self.names = [name for name, param in self.state.parameters if param.requires_grad]
+
+    def _inputs(self, batch: Batch, scale: float) -> list[np.ndarray]:
+        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                 "labels": batch.labels.reshape(-1), "loss_scale": np.array(scale, dtype=np.float32)}
+        return [feeds[name] for name in self.module.input_names()]
+
+    def forward_backward(self, batch: Batch, scale: float = 1.0) -> float:
+        self.module.train()
+        return float(self.module(*self._inputs(batch, scale))) / scale
+
+    def optimizer_step(self, lr: float) -> None:
+        self.optimizer.set_learning_rate(float(lr))
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+
+    def eval_loss(self, batch: Batch) -> float:
+        self.module.eval()
+        return float(self.module(*self._inputs(batch, 1.0)))
+
+    def trainable(self) -> dict[str, np.ndarray]:
+        return {name: np.array(self.state.parameters[name].data, copy=True) for name in self.names}
+
+    def set_trainable(self, tensors: dict[str, np.ndarray]) -> None:
+        for name, value in tensors.items():
+            self.state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+
+    def frozen(self, name: str) -> np.ndarray:
+        return np.array(self.state.parameters[name].data, copy=True)
+
+    def save_state(self, path: Path) -> None:
+        self._api.CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=True)

@@ -1,0 +1,102 @@
+"""Torch-free inference from the artifact's inference model with any adapter fed as inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..adapters.peft_format import load_adapter, onnx_name
+from ..adapters.spec import AdapterSpec
+from ..errors import UserError
+from ..manifest import Manifest, load_manifest
+from .ort_api import quiet_logs
+from .run_dir import RUN_FILE, artifact_of
+
+INFERENCE_MODEL = "inference_model.onnx"
+
+
+class Predictor:
+    """An inference session plus the adapter tensors it is fed."""
+
+    def __init__(self, source: str | Path, adapter: str | Path | None = None, threads: int = 0):
+        import onnxruntime
+
+        quiet_logs()
+        source = Path(source)
+        self.artifact = artifact_of(source) if (source / RUN_FILE).is_file() else source
+        self.manifest: Manifest = load_manifest(self.artifact)
+        if adapter is None and (source / RUN_FILE).is_file():
+            adapter = source / "adapter"
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(self.artifact / INFERENCE_MODEL), options,
+                                                    providers=["CPUExecutionProvider"])
+        wanted = {i.name for i in self.session.get_inputs()} - {"input_ids", "attention_mask"}
+        tensors = self._adapter_tensors(adapter)
+        self.feeds = {name: tensors[name] for name in wanted}
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(self.artifact / "tokenizer.json"))
+        self.tokenizer.no_padding()
+
+    def _adapter_tensors(self, adapter: str | Path | None) -> dict[str, np.ndarray]:
+        """ONNX-named tensors of the adapter, or the artifact's initial ones (zero B, head from export)."""
+        spec = AdapterSpec.from_manifest(self.manifest)
+        if adapter is not None and Path(adapter).exists():
+            return {onnx_name(k): v for k, v in load_adapter(adapter, spec).items()}
+        from .ort_api import training_api
+
+        state = training_api().CheckpointState.load_checkpoint(str(self.artifact / "checkpoint"))
+        return {name: np.array(p.data) for name, p in state.parameters if p.requires_grad}
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **self.feeds}
+        return self.session.run(["logits"], feeds)[0]
+
+    def classify(self, texts: list[str], batch_size: int = 16) -> list[tuple[str, float]]:
+        """(label, probability) per text."""
+        if self.manifest.task != "sequence-classification":
+            raise UserError("this artifact is a causal LM: use `edge-peft generate`, not classify")
+        out = []
+        for i in range(0, len(texts), batch_size):
+            encs = self.tokenizer.encode_batch(texts[i : i + batch_size])
+            seqs = [e.ids[: self.manifest.max_seq_len] for e in encs]
+            width = max(len(s) for s in seqs)
+            ids = np.full((len(seqs), width), self.manifest.pad_token_id, np.int64)
+            mask = np.zeros_like(ids)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)], mask[r, : len(s)] = s, 1
+            probs = _softmax(self.logits(ids, mask))
+            out += [(self.manifest.labels[int(p.argmax())], float(p.max())) for p in probs]
+        return out
+
+    def generate(self, prompt: str, max_new_tokens: int = 40, top_k: int = 0, temperature: float = 1.0,
+                 seed: int = 0) -> str:
+        """Greedy (top_k=0) or top-k sampling; recomputes the prefix each token (no KV cache)."""
+        if self.manifest.task != "causal-lm":
+            raise UserError("this artifact is a classifier: use `edge-peft classify`, not generate")
+        rng = np.random.default_rng(seed)
+        ids = list(self.tokenizer.encode(prompt).ids)
+        if self.manifest.eos_token_id is not None and ids and ids[-1] == self.manifest.eos_token_id:
+            ids = ids[:-1]
+        prompt_len = len(ids)
+        for _ in range(max_new_tokens):
+            window = ids[-self.manifest.max_seq_len :]
+            arr = np.array([window], np.int64)
+            last = self.logits(arr, np.ones_like(arr))[0, -1].astype(np.float64)
+            if top_k > 0:
+                top = np.argpartition(-last, top_k - 1)[:top_k]
+                p = _softmax(last[top] / max(temperature, 1e-6))
+                nxt = int(top[rng.choice(len(top), p=p)])
+            else:
+                nxt = int(last.argmax())
+            if nxt == self.manifest.eos_token_id:
+                break
+            ids.append(nxt)
+        return self.tokenizer.decode(ids[prompt_len:])
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)

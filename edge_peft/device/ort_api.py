@@ -1,0 +1,39 @@
+"""Import ONNX Runtime's on-device training API without torch.
+
+``import onnxruntime.training`` pulls torch in through its ``optim`` module; the ``api`` subpackage
+itself needs only the native extension. We register a bare ``onnxruntime.training`` package object
+so that importing ``onnxruntime.training.api`` skips that ``__init__``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+from ..errors import UserError
+
+
+def training_api() -> types.ModuleType:
+    """The ``onnxruntime.training.api`` module (CheckpointState, Module, Optimizer)."""
+    if "onnxruntime.training" not in sys.modules:
+        try:
+            spec = importlib.util.find_spec("onnxruntime.training")
+        except ImportError:
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError("ONNX Runtime's training API is not installed: pip install 'edge-peft[device]' "
+                            "(onnxruntime-training-cpu==1.19.2, Python <= 3.12, x86-64/macOS/Windows)")
+        package = types.ModuleType("onnxruntime.training")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["onnxruntime.training"] = package
+    return importlib.import_module("onnxruntime.training.api")
+
+
+def quiet_logs() -> None:
+    """Only warnings and errors from ONNX Runtime's native logger."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)

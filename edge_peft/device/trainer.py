@@ -1,0 +1,218 @@
+"""The on-device training loop: data -> micro-batches -> backend steps, with eval, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
+from ..manifest import IGNORE_INDEX, Manifest, load_manifest
+from .backend import OrtTrainingBackend, TrainingBackend
+from .data import Batch, Tokenized, batch_indices, read_examples, split_holdout
+from .memory import MB, current_rss, peak_rss
+from .run_dir import RUN_FILE, WARM_START_FILE, read_run, write_adapter, write_run_info
+from .schedule import learning_rate
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    steps: int = 200
+    batch_size: int = 8
+    micro_batch_size: int | None = None
+    lr: float = 2e-3
+    warmup_steps: int | None = None
+    max_seq_len: int | None = None
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 50
+    seed: int = 0
+    threads: int = 0
+
+    def validate(self, manifest: Manifest) -> None:
+        checks = [
+            (self.steps > 0, f"--steps {self.steps} must be positive"),
+            (self.batch_size > 0, f"--batch-size {self.batch_size} must be positive"),
+            (self.micro_batch_size is None or 0 < self.micro_batch_size <= self.batch_size,
+             f"--micro-batch-size {self.micro_batch_size} must be between 1 and --batch-size"),
+            (self.lr > 0, f"--lr {self.lr} must be positive"),
+            (0 <= self.eval_fraction < 1, f"--eval-fraction {self.eval_fraction} must be in [0, 1)"),
+            (self.max_seq_len is None or 2 <= self.max_seq_len <= manifest.max_seq_len,
+             f"--max-seq-len {self.max_seq_len} must be between 2 and the artifact's {manifest.max_seq_len}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+class Trainer:
+    """Owns one run directory; ``run()`` trains to ``config.steps`` from scratch or from its checkpoint."""
+
+    def __init__(self, artifact: str | Path, config: TrainConfig, out: str | Path, resume: bool = False,
+                 show_progress: bool = True):
+        self.artifact, self.out, self.config = Path(artifact), Path(out), config
+        self.manifest = load_manifest(self.artifact)
+        config.validate(self.manifest)
+        self.show_progress = show_progress
+        self.seq_len = config.max_seq_len or self.manifest.max_seq_len
+        self.warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
+        self.data_sha = sha256_file(config.data) if Path(config.data).is_file() else None
+        self.train_set, self.train_pool, self.eval_set, self.eval_pool = self._load_data()
+        self.start_step, self.totals = 0, {"samples": 0, "tokens": 0, "wall_s": 0.0}
+        state_path = self._prepare_run_dir(resume)
+        self.backend: TrainingBackend = OrtTrainingBackend(self.artifact, self.manifest, state_path, config.threads)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _load_data(self):
+        from tokenizers import Tokenizer
+
+        m, c = self.manifest, self.config
+        tokenizer = Tokenizer.from_file(str(self.artifact / "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+
+        def tokenize(path: str) -> Tokenized:
+            return Tokenized(tokenizer, read_examples(path, m.task, m.labels), m.task, self.seq_len,
+                             m.pad_token_id, m.eos_token_id)
+
+        train = tokenize(c.data)
+        if c.eval_data:
+            held = tokenize(c.eval_data)
+            return train, list(range(len(train))), held, list(range(len(held)))
+        pool, held_out = split_holdout(len(train), c.eval_fraction, c.seed)
+        return train, pool, train, held_out
+
+    def _prepare_run_dir(self, resume: bool) -> Path | None:
+        out = self.out
+        if resume:
+            info, _ = read_run(out)
+            if info.get("data_sha256") != self.data_sha:
+                raise UserError(f"--data {self.config.data} differs from the data run {out} started with: "
+                                "resume with the same file or start a new --out")
+            state = out / "checkpoint" / "state"
+            if not state.is_file():
+                raise UserError(f"{out} has no checkpoint yet: start it again without --resume")
+            trainer_state = json.loads((out / "checkpoint" / "trainer.json").read_text())
+            self.start_step = trainer_state["step"]
+            self.totals = trainer_state["totals"]
+            self._truncate_metrics(self.start_step)
+            return state
+        if (out / RUN_FILE).exists():
+            raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} exists and is not empty: choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.artifact / "manifest.json", out / "manifest.json")
+        write_run_info(out, {"artifact": str(self.artifact.resolve()), "data": str(Path(self.config.data).resolve()),
+                             "data_sha256": self.data_sha, "config": asdict(self.config)})
+        return None
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
+            atomic_write_bytes(path, "".join(ln + "\n" for ln in kept).encode())
+
+    # -- loop ----------------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[tuple[Batch, float]]:
+        """The step's batch split into micro-batches, each with its share of the step's targets."""
+        c = self.config
+        batch = self.train_set.batch(batch_indices(self.train_pool, c.batch_size, c.seed, step))
+        size = c.micro_batch_size or c.batch_size
+        parts = [batch.rows(i, i + size) for i in range(0, c.batch_size, size)]
+        weights = [_targets(p) for p in parts]
+        total = sum(weights) or 1
+        return [(p, w / total) for p, w in zip(parts, weights)]
+
+    def train_step(self, step: int) -> tuple[float, int, int]:
+        """One optimizer step; returns (loss, tokens, samples)."""
+        loss, tokens, samples = 0.0, 0, 0
+        for part, share in self.micro_batches(step):
+            if share == 0:
+                continue
+            loss += share * self.backend.forward_backward(part, share)
+            tokens += part.tokens
+            samples += part.input_ids.shape[0]
+        self.backend.optimizer_step(self.lr(step))
+        return loss, tokens, samples
+
+    def lr(self, step: int) -> float:
+        return learning_rate(step, self.config.steps, self.config.lr, self.warmup)
+
+    def evaluate(self) -> float | None:
+        """Mean held-out loss over up to ``eval_batches`` batches (target-weighted)."""
+        if not self.eval_pool:
+            return None
+        size = self.config.micro_batch_size or self.config.batch_size
+        total, weight = 0.0, 0
+        for i in range(0, min(len(self.eval_pool), size * self.config.eval_batches), size):
+            batch = self.eval_set.batch(self.eval_pool[i : i + size])
+            w = _targets(batch)
+            total += w * self.backend.eval_loss(batch)
+            weight += w
+        return total / weight if weight else None
+
+    def checkpoint(self, step: int, last_loss: float, eval_loss: float | None) -> None:
+        """Atomically replace checkpoint/, then adapter/ and summary.json."""
+        with atomic_directory(self.out / "checkpoint", overwrite=True) as tmp:
+            self.backend.save_state(tmp / "state")
+            atomic_write_json(tmp / "trainer.json", {"step": step, "totals": self.totals})
+        write_adapter(self.out, self.manifest, self.backend.trainable(), {"steps": step})
+        warm = self.artifact / WARM_START_FILE
+        atomic_write_json(self.out / "summary.json", {
+            "steps": step, "samples": self.totals["samples"], "tokens": self.totals["tokens"],
+            "final_loss": last_loss, "eval_loss": eval_loss, "peak_rss_mb": round(peak_rss() / MB, 1),
+            "tokens_per_s": round(self.totals["tokens"] / max(self.totals["wall_s"], 1e-9), 1),
+            "wall_s": round(self.totals["wall_s"], 2),
+            "parent": json.loads(warm.read_text()) if warm.is_file() else None,
+        })
+
+    def run(self) -> dict:
+        """Train to ``config.steps``; returns the summary."""
+        from tqdm import tqdm
+
+        c = self.config
+        metrics = (self.out / "metrics.jsonl").open("a")
+        bar = tqdm(total=c.steps, initial=self.start_step, disable=not self.show_progress, file=sys.stderr,
+                   unit="step", dynamic_ncols=True)
+        loss, eval_loss = float("nan"), None
+        try:
+            for step in range(self.start_step, c.steps):
+                start = time.perf_counter()
+                loss, tokens, samples = self.train_step(step)
+                elapsed = time.perf_counter() - start
+                self.totals["samples"] += samples
+                self.totals["tokens"] += tokens
+                self.totals["wall_s"] += elapsed
+                record = {"step": step, "loss": round(loss, 6), "lr": self.lr(step),
+                          "tokens_per_s": round(tokens / elapsed, 1), "rss_mb": round(current_rss() / MB, 1),
+                          "peak_rss_mb": round(peak_rss() / MB, 1)}
+                done = step + 1
+                if c.eval_every and (done % c.eval_every == 0 or done == c.steps):
+                    eval_loss = self.evaluate()
+                    record["eval_loss"] = eval_loss
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                peak=f"{record['peak_rss_mb']:.0f}MB", refresh=False)
+                bar.update(1)
+                if (c.checkpoint_every and done % c.checkpoint_every == 0) or done == c.steps:
+                    self.checkpoint(done, loss, eval_loss)
+        finally:
+            bar.close()
+            metrics.close()
+        return json.loads((self.out / "summary.json").read_text())
+
+
+def _targets(batch: Batch) -> int:
+    """Number of loss targets in a batch (tokens with a label, or rows for classification)."""
+    if batch.labels.ndim == 2:
+        return int((batch.labels != IGNORE_INDEX).sum())
+    return int(batch.labels.shape[0])

@@ -1,0 +1,61 @@
+"""ORT on-device training artifacts (training/eval/optimizer models + checkpoint) and the inference model."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import onnx
+
+from ..manifest import IGNORE_INDEX
+from . import graph
+
+TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+INFERENCE_MODEL = "inference_model.onnx"
+
+
+LOSS_SCALE = "loss_scale"
+
+
+def _scaled_cross_entropy():
+    """Mean cross-entropy (labels -100 ignored) times a ``loss_scale`` input.
+
+    The device loop feeds ``loss_scale`` = this micro-batch's share of the optimizer step's targets,
+    so gradients accumulated over micro-batches equal the gradient of one large batch exactly.
+    """
+    from onnxruntime.training import onnxblock
+
+    class ScaledCrossEntropy(onnxblock.Block):
+        def __init__(self):
+            super().__init__()
+            self._ce = onnxblock.loss.CrossEntropyLoss(reduction="mean", ignore_index=IGNORE_INDEX)
+            self._mul = onnxblock.blocks.Mul()
+
+        def build(self, logits_name: str) -> str:
+            loss = self._ce(logits_name, "labels")
+            self.base.graph.input.append(onnx.helper.make_tensor_value_info(LOSS_SCALE, onnx.TensorProto.FLOAT, []))
+            return self._mul(loss, LOSS_SCALE)
+
+    return ScaledCrossEntropy()
+
+
+def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], frozen: list[str], out: Path,
+                             weight_decay: float, max_grad_norm: float, flatten_width: int | None) -> None:
+    """Loss = scaled mean cross-entropy; optimizer = AdamW (HF mode) with gradient clipping by norm."""
+    from onnxruntime.training import artifacts, onnxblock
+
+    training = copy.deepcopy(proto)
+    if flatten_width is not None:
+        graph.flatten_logits(training, flatten_width)
+    loss = _scaled_cross_entropy()
+    optimizer = onnxblock.optim.AdamW(eps=1e-8, weight_decay=weight_decay,
+                                      clip_grad=onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm > 0 else None)
+    artifacts.generate_artifacts(training, requires_grad=trainable, frozen_params=frozen, loss=loss,
+                                 optimizer=optimizer, artifact_directory=str(out))
+
+
+def write_inference_model(proto: onnx.ModelProto, trainable: list[str], out: Path) -> None:
+    """The forward graph with the trainable tensors as inputs, so any adapter can be fed at run time."""
+    inference = copy.deepcopy(proto)
+    graph.initializers_to_inputs(inference, trainable)
+    onnx.save(inference, str(out / INFERENCE_MODEL))

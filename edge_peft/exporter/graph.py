@@ -1,0 +1,176 @@
+"""ONNX graph surgery between the torch export and ORT artifact generation.
+
+Everything here works on names the exporter kept (no guessing from ``onnx::MatMul_N``):
+strip the wrapper's name prefix, fold the transposes of frozen weights into their storage,
+quantize frozen weights to int8 (``DequantizeLinear`` -> ``MatMul``; embeddings dequantize only
+the gathered rows), flatten logits for the loss, and expose trainable tensors as inputs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+INT8_MIN_ELEMENTS = 4096  # smaller tensors (norms, biases, tiny tables) stay fp32: nothing to gain
+
+
+def strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:
+    """Rename initializers ``prefix + name`` -> ``name`` everywhere they are referenced."""
+    renames = {i.name: i.name[len(prefix):] for i in proto.graph.initializer if i.name.startswith(prefix)}
+    for init in proto.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in proto.graph.node:
+        for k, name in enumerate(node.input):
+            if name in renames:
+                node.input[k] = renames[name]
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            uses[name].append((node, k))
+    return uses
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def fold_transposes(proto: onnx.ModelProto, frozen: set[str]) -> dict[str, str]:
+    """Store frozen 2-D weights that are only ever transposed already transposed (saves a copy per step).
+
+    Returns old name -> new name (``<name>.T``) for every folded weight.
+    """
+    graph = proto.graph
+    uses = _consumers(graph)
+    inits = {i.name: i for i in graph.initializer}
+    folded: dict[str, str] = {}
+    dead: set[int] = set()
+    for name in sorted(frozen):
+        init, nodes = inits.get(name), uses.get(name, [])
+        if init is None or len(init.dims) != 2 or not nodes:
+            continue
+        if not all(n.op_type == "Transpose" and list(_attr(n, "perm", [1, 0])) == [1, 0] for n, _ in nodes):
+            continue
+        new_name = f"{name}.T"
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(init).T), new_name))
+        for node, _ in nodes:
+            dead.add(id(node))
+            for user, k in uses.get(node.output[0], []):
+                user.input[k] = new_name
+        folded[name] = new_name
+    kept = [n for n in graph.node if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return folded
+
+
+def quantize_int8(proto: onnx.ModelProto, names: set[str]) -> list[str]:
+    """Symmetric per-output-channel int8 for the named fp32 2-D initializers; returns the new frozen names.
+
+    ``W`` becomes ``W.int8`` (int8) + ``W.scale`` (fp32). Matmul-like consumers read
+    ``DequantizeLinear(W.int8, W.scale, axis)`` under the old name; ``Gather`` consumers (embeddings)
+    gather int8 rows and their scales and dequantize only those rows.
+    """
+    graph = proto.graph
+    uses = _consumers(graph)
+    inits = {i.name: i for i in graph.initializer}
+    prologue: list[onnx.NodeProto] = []
+    after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    new_frozen: list[str] = []
+    for name in sorted(names):
+        init = inits.get(name)
+        if init is None or len(init.dims) != 2 or init.data_type != TensorProto.FLOAT:
+            continue
+        w = numpy_helper.to_array(init)
+        if w.size < INT8_MIN_ELEMENTS:
+            continue
+        nodes = uses.get(name, [])
+        gathers = [(n, k) for n, k in nodes if n.op_type == "Gather" and k == 0 and _attr(n, "axis", 0) == 0]
+        others = [(n, k) for n, k in nodes if (n, k) not in gathers]
+        in_out = others and all(
+            (n.op_type == "MatMul" and k == 1) or (n.op_type == "Gemm" and k == 1 and not _attr(n, "transB", 0))
+            for n, k in others
+        )
+        axis = 1 if in_out and not gathers else 0
+        absmax = np.abs(w).max(axis=1 - axis)
+        scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+        shaped = scale[None, :] if axis == 1 else scale[:, None]
+        q = np.clip(np.rint(w / shaped), -127, 127).astype(np.int8)
+        qname, sname = f"{name}.int8", f"{name}.scale"
+        init.CopyFrom(numpy_helper.from_array(q, qname))
+        graph.initializer.append(numpy_helper.from_array(scale, sname))
+        new_frozen += [qname, sname]
+        if others:
+            prologue.append(helper.make_node("DequantizeLinear", [qname, sname], [name], axis=axis, name=f"{name}.dq"))
+        for node, _ in gathers:
+            out = node.output[0]
+            rows, row_scale, rows_f, row_scale_u = (f"{out}.{s}" for s in ("q", "s", "f", "su"))
+            node.input[0] = qname
+            node.output[0] = rows
+            axes = f"{out}.axes"
+            after[id(node)] += [
+                helper.make_node("Gather", [sname, node.input[1]], [row_scale], axis=0),
+                helper.make_node("Cast", [rows], [rows_f], to=TensorProto.FLOAT),
+                helper.make_node("Constant", [], [axes], value=numpy_helper.from_array(np.array([-1], np.int64))),
+                helper.make_node("Unsqueeze", [row_scale, axes], [row_scale_u]),
+                helper.make_node("Mul", [rows_f, row_scale_u], [out]),
+            ]
+    ordered = list(prologue)
+    for node in graph.node:
+        ordered.append(node)
+        ordered.extend(after.get(id(node), []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return new_frozen
+
+
+def flatten_logits(proto: onnx.ModelProto, width: int) -> None:
+    """Reshape the ``logits`` output to ``[N, width]`` (what SoftmaxCrossEntropyLoss wants)."""
+    graph = proto.graph
+    shape = "logits.flat_shape"
+    graph.node.extend([
+        helper.make_node("Constant", [], [shape], value=numpy_helper.from_array(np.array([-1, width], np.int64))),
+        helper.make_node("Reshape", ["logits", shape], ["logits_flat"]),
+    ])
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("logits_flat", TensorProto.FLOAT, ["N", width]))
+
+
+def initializers_to_inputs(proto: onnx.ModelProto, names: list[str]) -> None:
+    """Turn the named initializers into graph inputs (the inference model takes the adapters as inputs)."""
+    graph = proto.graph
+    keep = []
+    for init in graph.initializer:
+        if init.name in names:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            keep.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def weight_names(proto: onnx.ModelProto) -> list[str]:
+    """Names of all floating-point and int8 initializers (the model's parameters, not shape constants)."""
+    kinds = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8}
+    return [i.name for i in proto.graph.initializer if i.data_type in kinds and len(i.dims) > 0]
+
+
+def nbytes(proto: onnx.ModelProto, names: list[str]) -> int:
+    """Total storage bytes of the named initializers."""
+    wanted = set(names)
+    return sum(numpy_helper.to_array(i).nbytes for i in proto.graph.initializer if i.name in wanted)
+
+
+def expose_layernorm_stats(proto: onnx.ModelProto) -> None:
+    """Give every LayerNormalization its optional Mean/InvStdDev outputs: ORT's gradient builder needs them."""
+    for k, node in enumerate(proto.graph.node):
+        if node.op_type == "LayerNormalization" and len(node.output) == 1:
+            node.output.extend([f"{node.output[0]}.mean.{k}", f"{node.output[0]}.inv_std.{k}"])

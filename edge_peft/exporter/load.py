@@ -1,0 +1,88 @@
+"""Load a local Hugging Face model directory (safetensors or a single GGUF file) for export."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from optimum.exporters.tasks import TasksManager
+from torch import nn
+
+from ..errors import UserError
+from .recipes import Recipe, recipe_for
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    recipe: Recipe
+    task: str
+    labels: list[str]
+
+
+def _gguf_file(model_dir: Path) -> str | None:
+    ggufs = sorted(p.name for p in model_dir.glob("*.gguf"))
+    return ggufs[0] if len(ggufs) == 1 else None
+
+
+def load_model_dir(model_dir: str | Path, labels: list[str] | None = None) -> LoadedModel:
+    """Load model + tokenizer with eager attention; a one-line error for anything that is not a model."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir} is not a directory: pass a local Hugging Face model directory")
+    gguf = None if (model_dir / "config.json").is_file() else _gguf_file(model_dir)
+    if not (model_dir / "config.json").is_file() and gguf is None:
+        raise UserError(f"{model_dir} has no config.json (nor a single .gguf file): it is not a Hugging Face model "
+                        "directory; save one with save_pretrained()")
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{model_dir}/config.json could not be read ({exc}): fix or re-save the model") from None
+    recipe = recipe_for(config.model_type)
+    auto_class = TasksManager.get_model_class_for_task(TasksManager.map_from_synonym(recipe.task), framework="pt")
+    load_kwargs: dict = {"dtype": torch.float32, "attn_implementation": "eager", **kwargs}
+    if recipe.task == "sequence-classification":
+        labels = labels or _config_labels(config)
+        if not labels:
+            raise UserError(f"{model_dir} has no classification labels: pass --labels a,b,c for the new head")
+        load_kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                           label2id={lab: i for i, lab in enumerate(labels)})
+    try:
+        model = auto_class.from_pretrained(model_dir, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{model_dir} could not be loaded ({str(exc).splitlines()[0]}): check the weights and tokenizer files") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None  # GGUF weights are already expanded to fp32
+    model.eval()
+    return LoadedModel(model, tokenizer, recipe, recipe.task, list(labels or []))
+
+
+def _config_labels(config) -> list[str]:
+    """Labels of an already fine-tuned classifier (not the generic LABEL_0.. placeholders)."""
+    id2label = getattr(config, "id2label", None) or {}
+    labels = [str(id2label[i]) for i in sorted(id2label)]
+    if not labels or all(lab.startswith("LABEL_") for lab in labels):
+        return []
+    return labels
+
+
+def fingerprint(model: nn.Module, exclude_prefixes: tuple[str, ...] = ()) -> str:
+    """sha256 over the frozen base weights: sorted (name, dtype, shape, bytes) of the state dict."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(exclude_prefixes):
+            continue
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()

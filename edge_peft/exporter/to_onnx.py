@@ -1,0 +1,69 @@
+"""Trace a LoRA-injected transformers model to ONNX with the legacy TorchScript exporter.
+
+Facts this relies on (DESIGN.md): opset 17, ``dynamo=False``, eager attention, ``attention_mask``
+passed explicitly, no constant folding (it would rename transposed trainable weights), and
+initializers with identical values get merged, so every trainable tensor is made unique before
+tracing and its true value is restored by name afterwards (``restore_initializers``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+OPSET = 17
+INPUT_NAMES = ["input_ids", "attention_mask"]
+
+
+class LogitsOnly(nn.Module):
+    """(input_ids, attention_mask) -> logits, the graph both training and inference start from."""
+
+    def __init__(self, model: nn.Module, causal: bool):
+        super().__init__()
+        self.model = model
+        self.causal = causal
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        extra = {"use_cache": False} if self.causal else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra).logits
+
+
+def export_logits_model(model: nn.Module, causal: bool, trainable: dict[str, torch.Tensor], path: Path) -> onnx.ModelProto:
+    """Export ``model`` to ONNX at ``path``; trainable initializers keep their names and true values."""
+    true_values = {name: t.detach().clone() for name, t in trainable.items()}
+    with torch.no_grad():
+        for i, t in enumerate(trainable.values()):  # unique values so the exporter merges none of them
+            t.add_(torch.full_like(t, 1e-3 * (i + 1)))
+    wrapper = LogitsOnly(model, causal).eval()
+    ids = torch.ones(2, 8, dtype=torch.long)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch", 1: "sequence"} if causal else {0: "batch"}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, (ids, mask), str(path), input_names=INPUT_NAMES, output_names=["logits"],
+                              dynamic_axes=axes, opset_version=OPSET, do_constant_folding=False, dynamo=False)
+    finally:
+        with torch.no_grad():
+            for name, t in trainable.items():
+                t.copy_(true_values[name])
+    proto = onnx.load(str(path))
+    restore_initializers(proto, {f"model.{k}": v.numpy() for k, v in true_values.items()})
+    return proto
+
+
+def restore_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
+    """Overwrite initializers by name; every name must be present exactly once."""
+    by_name = {init.name: init for init in proto.graph.initializer}
+    missing = sorted(set(values) - set(by_name))
+    if missing:
+        raise RuntimeError(f"exporter dropped or renamed trainable tensors: {missing[:3]}")
+    for name, value in values.items():
+        by_name[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))

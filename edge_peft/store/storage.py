@@ -1,0 +1,149 @@
+"""The storage interfaces the store is written against, and the records they hold.
+
+The default implementations are SQLite (``db.SqliteMetadata``) and a local content-addressed
+directory (``blobs.FileBlobStore``); PostgreSQL and S3 would implement the same two protocols.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class StoreError(Exception):
+    """A request the store refuses: ``status`` is the HTTP status, the message names problem and fix."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Parent:
+    """What a version was trained from: a global aggregate or a device version of the same base."""
+
+    kind: str  # "global" | "device"
+    version: int
+    device: str | None = None  # for kind "device": whose version (None: the pushing device)
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """A validated push, ready to be recorded once its blobs are stored."""
+
+    base: str
+    spec: dict[str, Any]
+    device: str
+    sha256: str
+    size: int
+    full_sha256: str
+    full_size: int
+    samples: int
+    steps: int
+    metrics: dict[str, Any]
+    parent: Parent | None
+    created: str
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One stored device adapter: ``sha256`` is what was pushed, ``full_sha256`` the full PEFT file served."""
+
+    id: int
+    base: str
+    device: str
+    number: int
+    sha256: str
+    size: int
+    full_sha256: str
+    full_size: int
+    samples: int
+    steps: int
+    metrics: dict[str, Any]
+    parent: Parent | None
+    created: str
+
+
+@dataclass(frozen=True)
+class AggregateRecord:
+    """One global version of a base: the federated average of ``inputs`` (version ids)."""
+
+    id: int
+    base: str
+    number: int
+    full_sha256: str
+    full_size: int
+    samples: int
+    inputs: list[int] = field(default_factory=list)
+    created: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    id: str
+    created: str
+    last_seen: str | None
+
+
+@dataclass(frozen=True)
+class BaseRecord:
+    fingerprint: str
+    spec: dict[str, Any]
+    created: str
+
+
+class MetadataStore(Protocol):
+    """Bases, devices, versions and aggregates. Every write is one transaction."""
+
+    def admin_token_hash(self) -> str | None: ...
+
+    def set_admin_token_hash(self, token_hash: str, now: str, replace: bool = False) -> bool:
+        """Store the admin token hash; without ``replace`` only if none exists. True if stored."""
+
+    def add_device(self, device: str, token_hash: str, now: str) -> None:
+        """Register a device; StoreError(409) if the id is taken."""
+
+    def device_token_hash(self, device: str) -> str | None: ...
+
+    def touch_device(self, device: str, now: str, unless_seen_after: str) -> None:
+        """Set last_seen, skipping the write when it is already more recent than ``unless_seen_after``."""
+
+    def devices(self) -> list[DeviceRecord]: ...
+
+    def base(self, fingerprint: str) -> BaseRecord | None: ...
+
+    def bases(self) -> list[BaseRecord]: ...
+
+    def find_version(self, base: str, device: str, sha256: str) -> VersionRecord | None: ...
+
+    def record_version(self, new: NewVersion) -> tuple[VersionRecord, bool]:
+        """Atomically: register the base on first push (else require the same spec), return the
+        existing version for the same content (False) or number and insert a new one (True)."""
+
+    def version(self, base: str, device: str, number: int | None) -> VersionRecord | None:
+        """A device's version ``number`` for ``base``, or its latest when ``number`` is None."""
+
+    def versions(self, base: str, device: str | None = None) -> list[VersionRecord]: ...
+
+    def latest_versions(self, base: str) -> list[VersionRecord]:
+        """The latest version of every device that pushed for ``base``."""
+
+    def record_aggregate(self, base: str, inputs: list[int], full_sha256: str, full_size: int,
+                         samples: int, now: str) -> tuple[AggregateRecord, bool]:
+        """Number and insert a global version; return the latest one instead (False) if its inputs are the same."""
+
+    def aggregate(self, base: str, number: int | None) -> AggregateRecord | None: ...
+
+    def aggregates(self, base: str) -> list[AggregateRecord]: ...
+
+
+class BlobStore(Protocol):
+    """Immutable byte blobs addressed by their hex sha256."""
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` durably (a no-op if present) and return its sha256."""
+
+    def get(self, sha256: str) -> bytes:
+        """The blob's bytes; StoreError(500) if it is missing or corrupt."""
+
+    def exists(self, sha256: str) -> bool: ...
