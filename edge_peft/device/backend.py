@@ -14,7 +14,7 @@ import numpy as np
 
 from ..manifest import Manifest
 from .data import Batch
-from .ort_api import quiet_logs, training_api
+from .ort_api import quiet_logs, session_options, training_api
 
 
 class TrainingBackend(Protocol):
@@ -48,13 +48,9 @@ class OrtTrainingBackend:
     def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0):
         api = training_api()
         quiet_logs()
-        import onnxruntime
-
         self._api = api
         self.manifest = manifest
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        options = session_options(threads)
         self.state = api.CheckpointState.load_checkpoint(os.fspath(state_path or artifact / "checkpoint"))
         self.module = api.Module(os.fspath(artifact / "training_model.onnx"), self.state,
                                  os.fspath(artifact / "eval_model.onnx"), session_options=options)

@@ -10,7 +10,7 @@ from ..adapters.peft_format import load_adapter, onnx_name
 from ..adapters.spec import AdapterSpec
 from ..errors import UserError
 from ..manifest import Manifest, load_manifest
-from .ort_api import quiet_logs
+from .ort_api import quiet_logs, session_options
 from .run_dir import RUN_FILE, artifact_of
 
 INFERENCE_MODEL = "inference_model.onnx"
@@ -28,9 +28,7 @@ class Predictor:
         self.manifest: Manifest = load_manifest(self.artifact)
         if adapter is None and (source / RUN_FILE).is_file():
             adapter = source / "adapter"
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(self.artifact / INFERENCE_MODEL), options,
+        self.session = onnxruntime.InferenceSession(str(self.artifact / INFERENCE_MODEL), session_options(threads),
                                                     providers=["CPUExecutionProvider"])
         wanted = {i.name for i in self.session.get_inputs()} - {"input_ids", "attention_mask"}
         tensors = self._adapter_tensors(adapter)

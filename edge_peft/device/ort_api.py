@@ -37,3 +37,18 @@ def quiet_logs() -> None:
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)
+
+
+def session_options(threads: int = 0):
+    """ORT session options shared by training and inference sessions.
+
+    QDQ transformers are disabled: they would move our weight-only ``DequantizeLinear`` across
+    transposes by inserting uint8 ``QuantizeLinear`` nodes, which ORT 1.19 then rejects for int8.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return options

@@ -42,8 +42,10 @@ def _scaled_cross_entropy():
 def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], frozen: list[str], out: Path,
                              weight_decay: float, max_grad_norm: float, flatten_width: int | None) -> None:
     """Loss = scaled mean cross-entropy; optimizer = AdamW (HF mode) with gradient clipping by norm."""
+    import onnxruntime
     from onnxruntime.training import artifacts, onnxblock
 
+    onnxruntime.set_default_logger_severity(3)
     training = copy.deepcopy(proto)
     if flatten_width is not None:
         graph.flatten_logits(training, flatten_width)

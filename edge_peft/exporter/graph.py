@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-INT8_MIN_ELEMENTS = 4096  # smaller tensors (norms, biases, tiny tables) stay fp32: nothing to gain
+INT8_MIN_ELEMENTS = 1024  # smaller 2-D tensors (e.g. token-type tables) stay fp32: nothing to gain
 
 
 def strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:
@@ -84,6 +84,7 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str]) -> list[str]:
     inits = {i.name: i for i in graph.initializer}
     prologue: list[onnx.NodeProto] = []
     after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    dead: set[int] = set()
     new_frozen: list[str] = []
     for name in sorted(names):
         init = inits.get(name)
@@ -108,7 +109,21 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str]) -> list[str]:
         init.CopyFrom(numpy_helper.from_array(q, qname))
         graph.initializer.append(numpy_helper.from_array(scale, sname))
         new_frozen += [qname, sname]
-        if others:
+        transposes = [n for n, _ in others if n.op_type == "Transpose" and list(_attr(n, "perm", [1, 0])) == [1, 0]]
+        if gathers and transposes and len(transposes) == len(others):
+            # A tied LM head reads the embedding table transposed. DequantizeLinear -> Transpose makes
+            # ORT 1.19's transpose optimizer insert a uint8 QuantizeLinear it then rejects, so the head
+            # gets its own transposed int8 copy (one extra byte per parameter, still 1/2 of fp32).
+            tname = f"{name}.T"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.T), f"{tname}.int8"))
+            new_frozen.append(f"{tname}.int8")
+            prologue.append(helper.make_node("DequantizeLinear", [f"{tname}.int8", sname], [tname], axis=1,
+                                             name=f"{tname}.dq"))
+            for node in transposes:
+                dead.add(id(node))
+                for user, k in uses.get(node.output[0], []):
+                    user.input[k] = tname
+        elif others:
             prologue.append(helper.make_node("DequantizeLinear", [qname, sname], [name], axis=axis, name=f"{name}.dq"))
         for node, _ in gathers:
             out = node.output[0]
@@ -125,7 +140,8 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str]) -> list[str]:
             ]
     ordered = list(prologue)
     for node in graph.node:
-        ordered.append(node)
+        if id(node) not in dead:
+            ordered.append(node)
         ordered.extend(after.get(id(node), []))
     del graph.node[:]
     graph.node.extend(ordered)
@@ -174,3 +190,34 @@ def expose_layernorm_stats(proto: onnx.ModelProto) -> None:
     for k, node in enumerate(proto.graph.node):
         if node.op_type == "LayerNormalization" and len(node.output) == 1:
             node.output.extend([f"{node.output[0]}.mean.{k}", f"{node.output[0]}.inv_std.{k}"])
+
+
+def undo_value_dedup(proto: onnx.ModelProto, tied: set[str]) -> None:
+    """Give every parameter its own initializer again.
+
+    The exporter replaces initializers that merely hold equal values (fresh LayerNorm weights,
+    zero biases) by ``Identity(first)``; ORT's gradient builder then defines one gradient twice.
+    Equal-valued copies get their own initializer back; truly tied weights (``tied``: names that
+    share storage in torch, e.g. an LM head tied to the embeddings) are rewired to one initializer.
+    """
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    renames: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            source, alias = node.input[0], node.output[0]
+            if alias in tied:
+                renames[alias] = source
+            else:
+                copy_ = onnx.TensorProto()
+                copy_.CopyFrom(inits[source])
+                copy_.name = alias
+                graph.initializer.append(copy_)
+            continue
+        kept.append(node)
+    for node in kept:
+        for k, name in enumerate(node.input):
+            node.input[k] = renames.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)

@@ -2,8 +2,8 @@
 
 Facts this relies on (DESIGN.md): opset 17, ``dynamo=False``, eager attention, ``attention_mask``
 passed explicitly, no constant folding (it would rename transposed trainable weights), and
-initializers with identical values get merged, so every trainable tensor is made unique before
-tracing and its true value is restored by name afterwards (``restore_initializers``).
+initializers with identical values get merged: trainable tensors are made unique before tracing
+(their true values restored by name afterwards) and frozen ones are split again (``undo_value_dedup``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
+
+from .graph import undo_value_dedup
 
 OPSET = 17
 INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -55,8 +57,21 @@ def export_logits_model(model: nn.Module, causal: bool, trainable: dict[str, tor
             for name, t in trainable.items():
                 t.copy_(true_values[name])
     proto = onnx.load(str(path))
+    undo_value_dedup(proto, tied_names(wrapper))
     restore_initializers(proto, {f"model.{k}": v.numpy() for k, v in true_values.items()})
     return proto
+
+
+def tied_names(module: nn.Module) -> set[str]:
+    """Parameter names that share storage with an earlier parameter (tied weights)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            tied.add(name)
+        else:
+            seen[p.data_ptr()] = name
+    return tied
 
 
 def restore_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:

@@ -46,15 +46,15 @@ def token_principal(token: str) -> str:
 
 
 def check_device_id(device: str) -> str:
-    if not DEVICE_ID.match(device) or device == ADMIN:
-        raise StoreError(400, f"invalid device id {device[:70]!r}: use 1-64 letters, digits, '-' or '_' "
+    if not isinstance(device, str) or not DEVICE_ID.match(device) or device == ADMIN:
+        raise StoreError(400, f"invalid device id {str(device)[:70]!r}: use 1-64 letters, digits, '-' or '_' "
                               f"(not starting with '-' or '_', not {ADMIN!r})")
     return device
 
 
 def check_fingerprint(fingerprint: str) -> str:
-    if not FINGERPRINT.match(fingerprint):
-        raise StoreError(400, f"invalid base fingerprint {fingerprint[:80]!r}: pass the manifest's "
+    if not isinstance(fingerprint, str) or not FINGERPRINT.match(fingerprint):
+        raise StoreError(400, f"invalid base fingerprint {str(fingerprint)[:80]!r}: pass the manifest's "
                               "base_fingerprint ('sha256:' + 64 hex digits)")
     return fingerprint
 

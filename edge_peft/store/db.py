@@ -27,7 +27,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
             samples INTEGER NOT NULL, steps INTEGER NOT NULL, metrics_json TEXT NOT NULL,
             parent_kind TEXT, parent_device TEXT, parent_number INTEGER,
             created TEXT NOT NULL,
-            UNIQUE (base, device, number), UNIQUE (base, device, sha256))""",
+            UNIQUE (base, device, number), UNIQUE (base, device, full_sha256))""",
         """CREATE TABLE aggregates (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             base TEXT NOT NULL REFERENCES bases(fingerprint),
@@ -147,8 +147,8 @@ class SqliteMetadata:
 
     def find_version(self, base: str, device: str, sha256: str) -> VersionRecord | None:
         with self._connect() as con:
-            row = con.execute("SELECT * FROM versions WHERE base = ? AND device = ? AND sha256 = ?",
-                              (base, device, sha256)).fetchone()
+            row = con.execute("SELECT * FROM versions WHERE base = ? AND device = ? AND (sha256 = ? OR full_sha256 = ?)",
+                              (base, device, sha256, sha256)).fetchone()
         return _version(row) if row else None
 
     def record_version(self, new: NewVersion) -> tuple[VersionRecord, bool]:
@@ -160,8 +160,8 @@ class SqliteMetadata:
             elif json.loads(row[0]) != new.spec:
                 raise StoreError(409, f"base {new.base[:19]}... is registered with a different adapter spec "
                                       "(rank, targets, seeds or task): export with the store's settings for this base")
-            existing = con.execute("SELECT * FROM versions WHERE base = ? AND device = ? AND sha256 = ?",
-                                   (new.base, new.device, new.sha256)).fetchone()
+            existing = con.execute("SELECT * FROM versions WHERE base = ? AND device = ? AND full_sha256 = ?",
+                                   (new.base, new.device, new.full_sha256)).fetchone()
             if existing is not None:
                 return _version(existing), False
             if new.parent is not None:

@@ -114,11 +114,12 @@ class MetadataStore(Protocol):
 
     def bases(self) -> list[BaseRecord]: ...
 
-    def find_version(self, base: str, device: str, sha256: str) -> VersionRecord | None: ...
+    def find_version(self, base: str, device: str, sha256: str) -> VersionRecord | None:
+        """A device's version whose pushed or full file has this sha256."""
 
     def record_version(self, new: NewVersion) -> tuple[VersionRecord, bool]:
         """Atomically: register the base on first push (else require the same spec), return the
-        existing version for the same content (False) or number and insert a new one (True)."""
+        existing version with the same full file (False) or number and insert a new one (True)."""
 
     def version(self, base: str, device: str, number: int | None) -> VersionRecord | None:
         """A device's version ``number`` for ``base``, or its latest when ``number`` is None."""

@@ -1,0 +1,226 @@
+"""Click commands of the adapter store: ``serve``, ``store`` (admin group), ``push``, ``pull``, ``sync``.
+
+Secrets go to stdout alone (``TOKEN=$(edge-peft store add-device phone-17)``); notes go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from pathlib import Path
+from typing import Iterator
+
+import click
+
+from ..errors import UserError
+from .storage import StoreError
+
+DATA_DIR = click.option("--data-dir", default="./store", show_default=True,
+                        type=click.Path(file_okay=False, path_type=Path), help="The store's directory (SQLite + blobs).")
+STORE_URL = click.option("--store", "store_url", envvar="EDGE_PEFT_STORE", help="Store URL (or EDGE_PEFT_STORE).")
+TOKEN = click.option("--token", envvar="EDGE_PEFT_TOKEN", help="Device token (or EDGE_PEFT_TOKEN).")
+ADMIN_STORE = click.option("--store", "store_url", default=None,
+                           help="Act over HTTP on this store URL instead of on --data-dir (needs --admin-token).")
+ADMIN_TOKEN = click.option("--admin-token", envvar="EDGE_PEFT_ADMIN_TOKEN", help="Admin token (or EDGE_PEFT_ADMIN_TOKEN).")
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Store refusals and network failures become UserError (one line, exit 2)."""
+    from .client import StoreUnreachable
+
+    try:
+        yield
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
+    except StoreUnreachable as exc:
+        raise UserError(f"{exc}: check --store and that `edge-peft serve` is running") from None
+
+
+def _open_local(data_dir: Path):
+    """The embedded store in ``data_dir``; announces the admin token if this call created the store."""
+    from .service import AdapterStore
+
+    store, admin_token = AdapterStore.open(data_dir)
+    if admin_token:
+        click.echo(f"created store in {data_dir}; admin token (shown once, keep it secret): {admin_token}", err=True)
+    return store
+
+
+@click.command()
+@DATA_DIR
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--max-body-mb", default=64.0, show_default=True, type=float, help="Refuse (413) larger pushes.")
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM).")
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), help="TLS certificate chain (PEM).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(data_dir: Path, host: str, port: int, max_body_mb: float, ssl_keyfile: str | None,
+          ssl_certfile: str | None, log_level: str) -> None:
+    """Run the adapter store (OpenAPI docs at /docs). The first start prints the admin token."""
+    import uvicorn
+
+    from .server import create_app
+
+    if bool(ssl_keyfile) != bool(ssl_certfile):
+        raise UserError("TLS needs both --ssl-keyfile and --ssl-certfile")
+    if not ssl_keyfile and not _is_loopback(host):
+        click.echo(f"warning: serving plain HTTP on {host}: tokens cross the network in clear; pass "
+                   "--ssl-keyfile/--ssl-certfile or put a TLS proxy in front", err=True)
+    with _one_line_errors():
+        app = create_app(data_dir, max_body_bytes=int(max_body_mb * (1 << 20)))
+    uvicorn.run(app, host=host, port=port, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, log_level=log_level)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@click.group()
+def store() -> None:
+    """Administer the store: register devices, aggregate, list (locally on --data-dir, or over HTTP)."""
+
+
+@store.command("add-device")
+@click.argument("device_id")
+@DATA_DIR
+@ADMIN_STORE
+@ADMIN_TOKEN
+def add_device(device_id: str, data_dir: Path, store_url: str | None, admin_token: str | None) -> None:
+    """Register DEVICE_ID and print its token (shown once; only its hash is stored)."""
+    from .client import StoreClient
+
+    with _one_line_errors():
+        if store_url:
+            with StoreClient(store_url, admin_token) as client:
+                token = client.add_device(device_id)
+        else:
+            token = _open_local(data_dir).add_device(device_id)
+    click.echo(f"registered device {device_id}; its token follows (shown once, keep it secret)", err=True)
+    click.echo(token)
+
+
+@store.command()
+@click.option("--base", required=True, help="Base model fingerprint (the manifest's base_fingerprint).")
+@DATA_DIR
+@ADMIN_STORE
+@ADMIN_TOKEN
+def aggregate(base: str, data_dir: Path, store_url: str | None, admin_token: str | None) -> None:
+    """Federated-average the latest adapter of every device into a new global version."""
+    from dataclasses import asdict
+
+    from .client import StoreClient
+
+    with _one_line_errors():
+        if store_url:
+            with StoreClient(store_url, admin_token) as client:
+                result = client.aggregate(base)
+        else:
+            record, created = _open_local(data_dir).aggregate(base)
+            result = {**asdict(record), "created": created}
+    if result["created"]:
+        click.echo(f"global version {result['number']}: {len(result['inputs'])} device(s), {result['samples']} samples, "
+                   f"sha256 {result['full_sha256'][:12]}")
+    else:
+        click.echo(f"no device pushed since global version {result['number']}: nothing new to aggregate")
+
+
+@store.command("list")
+@DATA_DIR
+def list_store(data_dir: Path) -> None:
+    """List devices, bases, versions and global versions of the store in --data-dir."""
+    local = _open_local(data_dir)
+    for d in local.metadata.devices():
+        click.echo(f"device {d.id}  created {d.created}  last seen {d.last_seen or 'never'}")
+    for b in local.metadata.bases():
+        spec = b.spec
+        click.echo(f"base {b.fingerprint}  {spec['architecture']} {spec['variant']} r={spec['rank']} "
+                   f"{len(spec['modules'])} modules")
+        for v in local.metadata.versions(b.fingerprint):
+            click.echo(f"  device {v.device} v{v.number}  samples {v.samples}  steps {v.steps}  sha256 {v.sha256[:12]}")
+        for a in local.metadata.aggregates(b.fingerprint):
+            click.echo(f"  global v{a.number}  {len(a.inputs)} inputs  samples {a.samples}  sha256 {a.full_sha256[:12]}")
+
+
+@store.command("reset-admin-token")
+@DATA_DIR
+def reset_admin_token(data_dir: Path) -> None:
+    """Replace a lost admin token (local --data-dir only); the old one stops working."""
+    click.echo("new admin token follows (shown once, keep it secret)", err=True)
+    click.echo(_open_local(data_dir).reset_admin_token())
+
+
+def _print_ack(entry, ack: dict) -> None:
+    verb = "pushed" if ack["created"] else "already stored as"
+    click.echo(f"{verb} version {ack['number']} of device {ack['device']} (sha256 {ack['sha256'][:12]})")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@STORE_URL
+@TOKEN
+@click.option("--device", help="Device id (default: the one the token names).")
+@click.option("--b-only/--full", default=None,
+              help="Send only B (LoRA-FA default; the store regenerates A from the seeds) or the full file.")
+def push(run_dir: Path, store_url: str | None, token: str | None, device: str | None, b_only: bool | None) -> None:
+    """Push RUN_DIR's adapter; when the store is unreachable, queue it in RUN_DIR/outbox for `sync`."""
+    from .client import StoreUnreachable, build_push, device_of, enqueue, flush
+
+    if not store_url:
+        raise UserError("no store given: pass --store URL or set EDGE_PEFT_STORE")
+    device = device_of(token, device)
+    base, meta, data = build_push(run_dir, b_only)
+    entry, _ = enqueue(run_dir, base, meta, data, store_url)
+    try:
+        flush(run_dir, store_url, token, device, attempts=1, on_ack=_print_ack)
+    except StoreUnreachable as exc:
+        click.echo(f"{exc}: queued in {entry.path}; run `edge-peft sync {run_dir}` when the store is back")
+
+
+@click.command()
+@STORE_URL
+@TOKEN
+@click.option("--base", required=True, help="Base model fingerprint (the manifest's base_fingerprint).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Adapter directory to write.")
+@click.option("--device", help="Pull this device's adapter.")
+@click.option("--global", "global_", is_flag=True, help="Pull the global (aggregated) adapter (the default).")
+@click.option("--version", type=click.IntRange(min=1), help="Version number (default: latest).")
+def pull(store_url: str | None, token: str | None, base: str, out: Path, device: str | None, global_: bool,
+         version: int | None) -> None:
+    """Pull an adapter into --out as a loadable PEFT directory (skipped when already up to date)."""
+    from .client import StoreClient, pull as pull_adapter
+
+    if device and global_:
+        raise UserError("pass either --device or --global, not both")
+    with _one_line_errors(), StoreClient(store_url or "", token) as client:
+        pulled = pull_adapter(client, base, out, device, version)
+    if pulled is None:
+        click.echo(f"{out} is up to date")
+    else:
+        who = f"device {pulled['device']}" if pulled["device"] else "global"
+        click.echo(f"pulled {who} version {pulled['version']} into {out} (sha256 {pulled['sha256'][:12]})")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@STORE_URL
+@TOKEN
+@click.option("--device", help="Device id (default: the one the token names).")
+@click.option("--attempts", default=5, show_default=True, type=click.IntRange(min=1), help="Tries per adapter.")
+@click.option("--backoff", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="First wait in seconds; doubles per retry, at most 30 s.")
+def sync(run_dir: Path, store_url: str | None, token: str | None, device: str | None, attempts: int,
+         backoff: float) -> None:
+    """Send the pushes queued in RUN_DIR/outbox, oldest first, retrying with exponential backoff."""
+    from .client import StoreUnreachable, flush, pending
+
+    try:
+        sent = flush(run_dir, store_url, token, device, attempts=attempts, backoff=backoff, on_ack=_print_ack)
+    except StoreUnreachable as exc:
+        left = len(pending(run_dir))
+        raise UserError(f"{exc}; {left} adapter(s) still queued in {run_dir / 'outbox'}: run sync again later") from None
+    click.echo(f"outbox empty ({sent} sent)")

@@ -1,0 +1,296 @@
+"""Device side of the store: build pushes from a run directory, an on-disk outbox, sync and pull.
+
+Every push goes through ``<run>/outbox/`` first (one directory per adapter, written atomically) and
+leaves it only after the store acknowledged it, so nothing is lost across crashes or offline spells;
+re-sending is safe because the store deduplicates by sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import numpy as np
+
+from ..adapters.peft_format import (CONFIG_NAME, WEIGHTS_NAME, check_tensors, decode_adapter, encode_adapter,
+                                    peft_config)
+from ..adapters.spec import AdapterSpec, lora_a_from_seed, lora_key
+from ..errors import UserError
+from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json
+from ..manifest import load_manifest
+from .wire import PUSH_MEDIA_TYPE, encode_push
+
+OUTBOX = "outbox"
+ENTRY_META = "push.json"
+PULLED_NAME = "pulled.json"
+SUMMARY_NAME = "summary.json"
+TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
+
+
+class StoreUnreachable(Exception):
+    """The store could not be reached or answered with a transient error: retrying later may work."""
+
+
+class StoreClient:
+    """A thin httpx client for the store's HTTP API; refusals raise UserError, network trouble StoreUnreachable."""
+
+    def __init__(self, url: str, token: str | None, timeout: float = 120.0, verify: bool | str = True) -> None:
+        if not url:
+            raise UserError("no store given: pass --store URL or set EDGE_PEFT_STORE")
+        if not token:
+            raise UserError("no token given: pass --token (or EDGE_PEFT_TOKEN / --admin-token) as printed when registered")
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0), verify=verify,
+                                 headers={"Authorization": f"Bearer {token}"})
+
+    def __enter__(self) -> "StoreClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, ok: tuple[int, ...] = (200, 201), **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise StoreUnreachable(f"cannot reach the store at {self.url} ({exc.__class__.__name__}: {exc})") from None
+        if response.status_code in ok:
+            return response
+        detail = _detail(response)
+        if response.status_code in TRANSIENT_STATUSES:
+            raise StoreUnreachable(f"the store at {self.url} answered {response.status_code} ({detail})")
+        raise UserError(f"the store refused {method} {path} ({response.status_code}: {detail})")
+
+    def push(self, base: str, device: str, meta: dict[str, Any], adapter: bytes) -> dict[str, Any]:
+        body = encode_push(meta, adapter)
+        return self.request("POST", f"/v1/bases/{base}/devices/{device}/versions", content=body,
+                            headers={"Content-Type": PUSH_MEDIA_TYPE}).json()
+
+    def spec(self, base: str) -> AdapterSpec:
+        return AdapterSpec.from_dict(self.request("GET", f"/v1/bases/{base}").json()["spec"])
+
+    def pull(self, base: str, device: str | None, version: int | None, etag: str | None) -> httpx.Response:
+        """GET an adapter (global when ``device`` is None, latest when ``version`` is None); 304 if ``etag`` holds."""
+        which = "latest" if version is None else str(version)
+        path = f"/v1/bases/{base}/global/{which}" if device is None else f"/v1/bases/{base}/devices/{device}/versions/{which}"
+        headers = {"If-None-Match": f'"{etag}"'} if etag else {}
+        return self.request("GET", path, ok=(200, 304), headers=headers)
+
+    def add_device(self, device: str) -> str:
+        return self.request("POST", "/v1/devices", json={"id": device}).json()["token"]
+
+    def aggregate(self, base: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/bases/{base}/aggregates").json()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))[:500]
+    except (ValueError, AttributeError):
+        return response.text[:200] or response.reason_phrase
+
+
+def device_of(token: str | None, device: str | None) -> str:
+    """The device to push as: ``device`` if given, else the one the device token names."""
+    if device:
+        return device
+    name, dot, _ = (token or "").partition(".")
+    if not dot or name == "admin":
+        raise UserError("pass a device token (--token / EDGE_PEFT_TOKEN) as printed by `edge-peft store add-device`")
+    return name
+
+
+# --- building a push from a run directory --------------------------------------------------------
+
+def build_push(run_dir: str | os.PathLike, b_only: bool | None = None) -> tuple[str, dict[str, Any], bytes]:
+    """(base fingerprint, push metadata, adapter bytes) for ``<run>/adapter``.
+
+    ``b_only`` (default: True for LoRA-FA) drops the A factors, which the store regenerates from their seeds.
+    """
+    run = Path(run_dir)
+    spec = AdapterSpec.from_manifest(load_manifest(run))
+    weights = run / "adapter" / WEIGHTS_NAME
+    if not weights.is_file():
+        raise UserError(f"{weights} is missing: pass a run directory written by `edge-peft train`")
+    data = weights.read_bytes()
+    if b_only is None:
+        b_only = spec.variant == "lora-fa"
+    if b_only:
+        data = _drop_seeded_a(spec, data, str(weights))
+    summary = _read_summary(run / SUMMARY_NAME)
+    meta = {
+        "spec": spec.to_dict(),
+        "samples": summary["samples"],
+        "steps": summary["steps"],
+        "metrics": {k: v for k, v in summary.items() if k not in ("samples", "steps", "parent")},
+        "parent": summary.get("parent"),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    return spec.base_fingerprint, meta, data
+
+
+def _drop_seeded_a(spec: AdapterSpec, data: bytes, source: str) -> bytes:
+    if spec.variant != "lora-fa":
+        raise UserError(f"{source} is a {spec.variant!r} adapter whose A is trained: push it with --full")
+    tensors, file_meta = decode_adapter(data, source)
+    check_tensors(spec, tensors, source, require_a=False)
+    for m in spec.modules:
+        a = tensors.pop(lora_key(m.name, "A"), None)
+        if a is not None and not np.array_equal(a, lora_a_from_seed(m.a_seed, m.rank, m.in_features)):
+            raise UserError(f"{source}: {lora_key(m.name, 'A')} differs from the A its seed regenerates: push with --full")
+    return encode_adapter(spec, tensors, extra_meta=file_meta)
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: pass a run directory written by `edge-peft train`") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is corrupt ({exc}): re-run `edge-peft train`") from None
+    if not isinstance(summary, dict) or any(type(summary.get(k)) is not int for k in ("samples", "steps")):
+        raise UserError(f"{path} lacks integer samples/steps: re-run `edge-peft train`")
+    return summary
+
+
+# --- the outbox ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One queued push: ``<run>/outbox/<time>-<sha>/`` holding the adapter bytes and ``push.json``."""
+
+    path: Path
+    base: str
+    meta: dict[str, Any]
+    store: str | None
+
+    def adapter(self) -> bytes:
+        return (self.path / WEIGHTS_NAME).read_bytes()
+
+
+def enqueue(run_dir: str | os.PathLike, base: str, meta: dict[str, Any], adapter: bytes,
+            store: str | None) -> tuple[OutboxEntry, bool]:
+    """Queue a push durably; an adapter already queued is not queued twice (False)."""
+    for entry in pending(run_dir):
+        if entry.base == base and entry.meta["sha256"] == meta["sha256"]:
+            return entry, False
+    final = Path(run_dir) / OUTBOX / f"{time.time_ns():020d}-{meta['sha256'][:16]}"
+    record = {"base": base, "meta": meta, "store": store, "queued": datetime.now(timezone.utc).isoformat()}
+    with atomic_directory(final) as tmp:
+        atomic_write_bytes(tmp / WEIGHTS_NAME, adapter)
+        atomic_write_json(tmp / ENTRY_META, record)
+    return OutboxEntry(final, base, meta, store), True
+
+
+def pending(run_dir: str | os.PathLike) -> list[OutboxEntry]:
+    """Queued pushes, oldest first (temp and removed entries start with '.' and are skipped)."""
+    outbox = Path(run_dir) / OUTBOX
+    entries = []
+    for path in sorted(outbox.iterdir()) if outbox.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        try:
+            record = json.loads((path / ENTRY_META).read_text())
+            entries.append(OutboxEntry(path, record["base"], record["meta"], record.get("store")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"outbox entry {path} is unreadable ({exc}): move it out of {outbox} and sync again") from None
+    return entries
+
+
+def _remove(entry: OutboxEntry) -> None:
+    """Drop an acknowledged entry: one rename makes it invisible, then delete it."""
+    gone = entry.path.with_name(f".{entry.path.name}.sent")
+    os.replace(entry.path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def flush(run_dir: str | os.PathLike, store: str | None, token: str | None, device: str | None = None,
+          attempts: int = 1, backoff: float = 1.0, max_backoff: float = 30.0,
+          sleep: Callable[[float], None] = time.sleep, on_ack: Callable[[OutboxEntry, dict], None] | None = None) -> int:
+    """Send queued pushes oldest first, each removed once acknowledged; returns how many were sent.
+
+    Transient failures are retried up to ``attempts`` times per entry with exponential backoff
+    (``backoff``, doubling, at most ``max_backoff`` seconds); then StoreUnreachable propagates and
+    the remaining entries stay queued. A refusal (UserError) also stops, keeping the entry.
+    """
+    device = device_of(token, device)
+    for old in (Path(run_dir) / OUTBOX).glob(".*.sent"):
+        shutil.rmtree(old, ignore_errors=True)
+    sent = 0
+    for entry in pending(run_dir):
+        url = store or entry.store
+        if not url:
+            raise UserError("no store given: pass --store URL or set EDGE_PEFT_STORE")
+        with StoreClient(url, token) as client:
+            try:
+                ack = _with_retries(lambda: client.push(entry.base, device, entry.meta, entry.adapter()),
+                                    attempts, backoff, max_backoff, sleep)
+            except UserError as exc:
+                raise UserError(f"{exc}; {entry.path} stays queued: fix this and run sync again, "
+                                "or delete that entry") from None
+        _remove(entry)
+        sent += 1
+        if on_ack:
+            on_ack(entry, ack)
+    return sent
+
+
+def _with_retries(call: Callable[[], dict], attempts: int, backoff: float, max_backoff: float,
+                  sleep: Callable[[float], None]) -> dict:
+    delay = backoff
+    for _ in range(max(1, attempts) - 1):
+        try:
+            return call()
+        except StoreUnreachable:
+            sleep(delay)
+            delay = min(delay * 2, max_backoff)
+    return call()
+
+
+# --- pull ------------------------------------------------------------------------------------------
+
+def pull(client: StoreClient, base: str, out_dir: str | os.PathLike, device: str | None = None,
+         version: int | None = None) -> dict[str, Any] | None:
+    """Write the adapter into ``out_dir`` as a loadable PEFT directory; None when it is already up to date.
+
+    Returns what was pulled (kind, device, version, sha256): also saved as ``<out>/pulled.json``, whose
+    kind/version/device are what a run trained from this adapter reports as its ``parent``.
+    """
+    out = Path(out_dir)
+    previous = _previous_pull(out)
+    source = {"base": base, "kind": "device" if device else "global", "device": device}
+    same_source = previous is not None and all(previous.get(k) == v for k, v in source.items())
+    response = client.pull(base, device, version, previous["sha256"] if same_source else None)
+    if response.status_code == 304:
+        return None
+    data = response.content
+    sha = hashlib.sha256(data).hexdigest()
+    if sha != response.headers.get("X-Edge-Peft-Sha256"):
+        raise UserError(f"the adapter downloaded from {client.url} does not match its sha256: the transfer was corrupted; pull again")
+    spec = client.spec(base)
+    tensors, _ = decode_adapter(data, "pulled adapter")
+    check_tensors(spec, tensors, "pulled adapter", require_a=True)
+    pulled = {**source, "version": int(response.headers["X-Edge-Peft-Version"]), "sha256": sha, "store": client.url}
+    with atomic_directory(out, overwrite=True) as tmp:
+        atomic_write_bytes(tmp / WEIGHTS_NAME, data)
+        atomic_write_json(tmp / CONFIG_NAME, peft_config(spec))
+        atomic_write_json(tmp / PULLED_NAME, pulled)
+    return pulled
+
+
+def _previous_pull(out: Path) -> dict[str, Any] | None:
+    """What an earlier pull left in ``out``; refuse to overwrite a directory that is not a pull."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    try:
+        return json.loads((out / PULLED_NAME).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{out} exists and was not written by `edge-peft pull`: choose another --out or remove it") from None

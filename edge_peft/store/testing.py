@@ -1,0 +1,120 @@
+"""Building blocks for the store's tests and benchmark: synthetic manifests, adapters, run directories,
+and a real server in a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from ..adapters.peft_format import save_adapter
+from ..adapters.spec import PEFT_PREFIX, AdapterSpec, lora_a_from_seed, lora_key
+from ..manifest import AdapterModule, ExtraTensor, Manifest
+
+
+def make_manifest(layers: int = 2, hidden: int = 32, targets: tuple[str, ...] = ("q_proj", "v_proj"), rank: int = 4,
+                  variant: str = "lora-fa", seed: int = 0, labels: int = 0, fingerprint: str | None = None) -> Manifest:
+    """A small valid manifest: ``layers`` x ``targets`` square attention projections, optional classifier head."""
+    modules = [AdapterModule(f"model.layers.{i}.self_attn.{t}", hidden, hidden, rank, a_seed=seed * 1_000_003 + i * 16 + j)
+               for i in range(layers) for j, t in enumerate(targets)]
+    task = "sequence-classification" if labels else "causal-lm"
+    fingerprint = fingerprint or "sha256:" + hashlib.sha256(f"base-{layers}-{hidden}".encode()).hexdigest()
+    return Manifest(
+        base_fingerprint=fingerprint, model_type="llama", architecture="LlamaForCausalLM", task=task, variant=variant,
+        rank=rank, alpha=2.0 * rank, seed=seed, target_modules=list(targets), modules=modules, quantization="none",
+        max_seq_len=128, vocab_size=1000, hidden_size=hidden, num_layers=layers, num_heads=4,
+        input_names=["input_ids", "attention_mask"], opset=17, ort_version="1.19.2",
+        labels=[f"label{i}" for i in range(labels)],
+        modules_to_save=[ExtraTensor("score.weight", [labels, hidden])] if labels else [],
+    )
+
+
+def random_tensors(spec: AdapterSpec, rng: np.random.Generator, scale: float = 0.02) -> dict[str, np.ndarray]:
+    """A full adapter for ``spec``: seeded A (LoRA-FA) or random A (LoRA), random B and modules_to_save."""
+    tensors = {}
+    for m in spec.modules:
+        if spec.variant == "lora-fa":
+            tensors[lora_key(m.name, "A")] = lora_a_from_seed(m.a_seed, m.rank, m.in_features)
+        else:
+            tensors[lora_key(m.name, "A")] = (rng.standard_normal((m.rank, m.in_features)) * scale).astype(np.float32)
+        tensors[lora_key(m.name, "B")] = (rng.standard_normal((m.out_features, m.rank)) * scale).astype(np.float32)
+    for t in spec.modules_to_save:
+        tensors[PEFT_PREFIX + t.name] = (rng.standard_normal(t.shape) * scale).astype(np.float32)
+    return tensors
+
+
+def write_run(run_dir: str | os.PathLike, manifest: Manifest, tensors: dict[str, np.ndarray], samples: int,
+              steps: int = 10, parent: dict | None = None) -> Path:
+    """A run directory as `edge-peft train` writes it: manifest.json, adapter/, summary.json."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    manifest.save(run)
+    save_adapter(run / "adapter", AdapterSpec.from_manifest(manifest), tensors)
+    summary = {"steps": steps, "samples": samples, "tokens": samples * 64, "final_loss": 1.5, "eval_loss": None,
+               "peak_rss_mb": 512.0, "parent": parent}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StoreServer:
+    """``python -m edge_peft.store serve`` on 127.0.0.1 in a subprocess; output goes to ``<data_dir>.log``."""
+
+    def __init__(self, data_dir: str | os.PathLike, max_body_mb: float = 64.0, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.max_body_mb = max_body_mb
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.data_dir.with_name(self.data_dir.name + ".log")
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "StoreServer":
+        cmd = [sys.executable, "-m", "edge_peft.store", "serve", "--data-dir", str(self.data_dir), "--port",
+               str(self.port), "--max-body-mb", str(self.max_body_mb), "--log-level", "warning"]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"store server exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"store server did not answer within {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers run, as in a crash or power cut of the process."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> "StoreServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

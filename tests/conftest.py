@@ -1,0 +1,61 @@
+"""Session fixtures: tiny models, their exported artifacts, toy data. Built once, shared by tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import toy  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    made = {kind: toy.make_model(kind, root / kind) for kind in ("bert", "gpt2", "llama")}
+    from edge_peft.bundled import minilm_dir
+
+    made["minilm"] = minilm_dir()  # real pretrained MiniLM: random tiny encoders barely learn in few steps
+    return made
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "cls": toy.write_jsonl(root / "cls.jsonl", toy.classification_rows(96, seed=1)),
+        "cls_eval": toy.write_jsonl(root / "cls_eval.jsonl", toy.classification_rows(48, seed=2)),
+        "lm": toy.write_jsonl(root / "lm.jsonl", toy.lm_rows(48)),
+    }
+
+
+@pytest.fixture(scope="session")
+def artifacts(models, tmp_path_factory):
+    """export(kind, quantize, variant) -> artifact dir, cached per combination."""
+    from edge_peft.exporter.pipeline import ExportOptions, export_artifact
+
+    root = tmp_path_factory.mktemp("artifacts")
+    cache: dict[tuple, Path] = {}
+
+    def get(kind: str, quantize: str = "int8", variant: str = "lora-fa", rank: int = 4) -> Path:
+        key = (kind, quantize, variant, rank)
+        if key not in cache:
+            out = root / "-".join(map(str, key))
+            labels = ["negative", "positive"] if kind == "minilm" else None
+            export_artifact(models[kind], out, ExportOptions(rank=rank, alpha=8, quantize=quantize, variant=variant,
+                                                             max_seq_len=32, seed=7, labels=labels,
+                                                             targets=toy.TARGETS.get(kind)), quiet=True)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+def data_for(kind: str, data: dict[str, Path]) -> Path:
+    return data["cls"] if kind in ("bert", "minilm") else data["lm"]
