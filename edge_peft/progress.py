@@ -24,7 +24,7 @@ class Stages:
             yield
         except BaseException:
             if not self.quiet:
-                print(" failed", file=sys.stderr, flush=True)
+                print(file=sys.stderr, flush=True)  # the error message gets a line of its own
             raise
         if not self.quiet:
             print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)

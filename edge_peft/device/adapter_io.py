@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from ..adapters.peft_format import load_adapter, onnx_name, read_metadata, save_adapter
 from ..adapters.spec import AdapterSpec
 from ..errors import UserError
 from ..fileio import atomic_write_json
 from ..manifest import load_manifest
-from .ort_api import training_api
+from .backend import OrtTrainingBackend
 from .run_dir import WARM_START_FILE, read_run
 
 
@@ -38,16 +36,14 @@ def load_into_artifact(artifact: str | Path, adapter: str | Path) -> int:
     manifest = load_manifest(artifact)
     spec = AdapterSpec.from_manifest(manifest)
     tensors = {onnx_name(k): v for k, v in load_adapter(adapter, spec).items()}
-    api = training_api()
-    state = api.CheckpointState.load_checkpoint(os.fspath(artifact / "checkpoint"))
-    written = 0
-    for name, param in state.parameters:
-        if name in tensors:
-            state.parameters[name] = np.ascontiguousarray(tensors[name], dtype=np.float32)
-            written += 1
+    # Parameters are written through a live training session: writing into a bare loaded
+    # CheckpointState crashes ORT 1.19.2.
+    backend = OrtTrainingBackend(artifact, manifest, threads=1)
+    names = [n for n in backend.names if n in tensors]
+    backend.set_trainable({n: tensors[n] for n in names})
     tmp = artifact / ".checkpoint.tmp"
-    api.CheckpointState.save_checkpoint(state, os.fspath(tmp))
+    backend.save_state(tmp, include_optimizer=False)
     os.replace(tmp, artifact / "checkpoint")
     meta = read_metadata((Path(adapter) / "adapter_model.safetensors").read_bytes())
     atomic_write_json(artifact / WARM_START_FILE, meta.get("store") or {"adapter": str(Path(adapter).resolve())})
-    return written
+    return len(names)

@@ -38,8 +38,8 @@ class TrainingBackend(Protocol):
     def frozen(self, name: str) -> np.ndarray:
         """A frozen tensor by name (a copy)."""
 
-    def save_state(self, path: Path) -> None:
-        """Write the full training state (weights, optimizer moments and step) to ``path``."""
+    def save_state(self, path: Path, include_optimizer: bool = True) -> None:
+        """Write the training state (weights, and AdamW moments and step unless told not) to ``path``."""
 
 
 class OrtTrainingBackend:
@@ -85,5 +85,5 @@ class OrtTrainingBackend:
     def frozen(self, name: str) -> np.ndarray:
         return np.array(self.state.parameters[name].data, copy=True)
 
-    def save_state(self, path: Path) -> None:
-        self._api.CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=True)
+    def save_state(self, path: Path, include_optimizer: bool = True) -> None:
+        self._api.CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=include_optimizer)

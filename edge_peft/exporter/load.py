@@ -34,6 +34,7 @@ def load_model_dir(model_dir: str | Path, labels: list[str] | None = None) -> Lo
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
