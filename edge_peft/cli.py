@@ -137,6 +137,25 @@ def adapter_load(artifact: Path, adapter_dir: Path) -> None:
     click.echo(f"loaded {count} tensors from {adapter_dir} into {artifact}; training now starts from them")
 
 
+@main_group.command()
+@click.option("--workdir", default="edge-peft-demo", show_default=True, type=click.Path(path_type=Path),
+              help="Where the artifact, run, adapter and store go (replaced).")
+@click.option("--steps", default=60, show_default=True, help="Training steps.")
+@click.option("--per-class-train", default=40, show_default=True, help="Training articles per topic.")
+@click.option("--per-class-test", default=40, show_default=True, help="Held-out articles per topic.")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="int8", show_default=True)
+@click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: all cores).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the numbers as JSON here.")
+def demo(workdir: Path, json_path: Path | None, **settings) -> None:
+    """The whole job on the bundled default: real MiniLM + BBC News, export -> train -> before/after -> store."""
+    from .demo import DemoSettings, run_demo
+    from .fileio import atomic_write_json
+
+    result = run_demo(workdir, DemoSettings(**settings))
+    if json_path:
+        atomic_write_json(json_path, result)
+
+
 def _register_optional_commands() -> None:
     """Store commands live in edge_peft.store (the `store` extra); register them when present."""
     try:

@@ -17,7 +17,7 @@ from edge_peft.store import db
 from edge_peft.store.aggregate import FederatedAverage
 from edge_peft.store.auth import authenticate, check_device_id, check_fingerprint
 from edge_peft.store.blobs import STALE_TEMP_SECONDS, FileBlobStore
-from edge_peft.store.service import AdapterStore, parse_push_meta
+from edge_peft.store.service import AdapterStore, content_digest, parse_push_meta
 from edge_peft.store.storage import StoreError
 from edge_peft.store.testing import make_manifest, random_tensors
 from edge_peft.store.wire import decode_push, encode_push
@@ -139,10 +139,15 @@ def test_store_completes_b_only_pushes_to_the_same_full_file(tmp_path):
     full_bytes = encode_adapter(spec, full)
     b_only = encode_adapter(spec, {k: v for k, v in full.items() if ".lora_A." not in k})
     record, created = store.push(spec.base_fingerprint, "phone-1", push_meta(spec, b_only), b_only)
-    assert created and record.sha256 == hashlib.sha256(b_only).hexdigest()
-    assert store.blobs.get(record.full_sha256) == full_bytes  # A regenerated bit-identically
+    assert created and record.sha256 == hashlib.sha256(b_only).hexdigest() != record.full_sha256
+    served, _ = decode_adapter(store.blobs.get(record.full_sha256))
+    assert set(served) == set(full)
+    for key in full:
+        np.testing.assert_array_equal(served[key], full[key])  # A regenerated bit-identically
+    assert record.content_sha256 == content_digest(full)
     again, created = store.push(spec.base_fingerprint, "phone-1", push_meta(spec, full_bytes), full_bytes)
-    assert not created and again.id == record.id  # same content, sent in full: one version
+    assert not created and again.id == record.id  # same tensors, sent in full: one version
+    assert len(store.metadata.versions(spec.base_fingerprint)) == 1
 
 
 def test_lora_fa_push_with_a_foreign_a_is_refused(tmp_path):

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load, save
+from safetensors.numpy import load
 
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes
@@ -48,11 +48,23 @@ def peft_config(spec: AdapterSpec, rank_pattern: Mapping[str, int] | None = None
 
 
 def encode_adapter(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], extra_meta: dict | None = None) -> bytes:
-    """Serialise PEFT-keyed tensors to safetensors bytes with edge-peft metadata in the header."""
+    """Serialise PEFT-keyed tensors to safetensors bytes with edge-peft metadata in the header.
+
+    The header is written here with sorted keys so that equal tensors always give equal bytes (the
+    safetensors writer orders its metadata map differently per call), which keeps sha256 a stable identity.
+    """
     meta = {"base_fingerprint": spec.base_fingerprint, "variant": spec.variant, "seed": spec.seed}
     meta.update(extra_meta or {})
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(tensors.items())}
-    return save(arrays, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    header: dict = {"__metadata__": {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)}}
+    chunks, offset = [], 0
+    for key in sorted(tensors):
+        data = np.ascontiguousarray(tensors[key], dtype="<f4").tobytes()
+        header[key] = {"dtype": "F32", "shape": list(np.shape(tensors[key])), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment with spaces
+    return len(raw).to_bytes(8, "little") + raw + b"".join(chunks)
 
 
 def decode_adapter(data: bytes, source: str = "adapter") -> tuple[dict[str, np.ndarray], dict]:

@@ -10,7 +10,7 @@ from ..adapters.peft_format import load_adapter, onnx_name
 from ..adapters.spec import AdapterSpec
 from ..errors import UserError
 from ..manifest import Manifest, load_manifest
-from .ort_api import quiet_logs, session_options
+from .ort_api import onnxruntime_module, quiet_logs, session_options
 from .run_dir import RUN_FILE, artifact_of
 
 INFERENCE_MODEL = "inference_model.onnx"
@@ -20,8 +20,7 @@ class Predictor:
     """An inference session plus the adapter tensors it is fed."""
 
     def __init__(self, source: str | Path, adapter: str | Path | None = None, threads: int = 0):
-        import onnxruntime
-
+        onnxruntime = onnxruntime_module()
         quiet_logs()
         source = Path(source)
         self.artifact = artifact_of(source) if (source / RUN_FILE).is_file() else source
@@ -98,3 +97,11 @@ class Predictor:
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def accuracy(predictor: Predictor, rows: list[dict]) -> float:
+    """Fraction of ``{"text", "label"}`` rows the predictor labels correctly."""
+    if not rows:
+        raise UserError("no rows to score: pass a non-empty held-out set")
+    predicted = predictor.classify([r["text"] for r in rows])
+    return sum(p == r["label"] for (p, _), r in zip(predicted, rows)) / len(rows)

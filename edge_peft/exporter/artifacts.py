@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 
@@ -52,8 +57,29 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
     loss = _scaled_cross_entropy()
     optimizer = onnxblock.optim.AdamW(eps=1e-8, weight_decay=weight_decay,
                                       clip_grad=onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm > 0 else None)
-    artifacts.generate_artifacts(training, requires_grad=trainable, frozen_params=frozen, loss=loss,
-                                 optimizer=optimizer, artifact_directory=str(out))
+    with _native_stderr_captured():
+        artifacts.generate_artifacts(training, requires_grad=trainable, frozen_params=frozen, loss=loss,
+                                     optimizer=optimizer, artifact_directory=str(out))
+
+
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[None]:
+    """Hold back what native code writes to fd 2 (ORT's gradient builder logs every graph transformer at
+    info level whatever the logger severity); replay it only if the block fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def write_inference_model(proto: onnx.ModelProto, trainable: list[str], out: Path) -> None:

@@ -28,8 +28,10 @@ def _gguf_file(model_dir: Path) -> str | None:
     return ggufs[0] if len(ggufs) == 1 else None
 
 
-def load_model_dir(model_dir: str | Path, labels: list[str] | None = None) -> LoadedModel:
-    """Load model + tokenizer with eager attention; a one-line error for anything that is not a model."""
+def load_model_dir(model_dir: str | Path, labels: list[str] | None = None, init_seed: int = 0) -> LoadedModel:
+    """Load model + tokenizer with eager attention; a one-line error for anything that is not a model.
+
+    ``init_seed`` seeds the initialisation of any new head, so an export is reproducible."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -57,6 +59,7 @@ def load_model_dir(model_dir: str | Path, labels: list[str] | None = None) -> Lo
             raise UserError(f"{model_dir} has no classification labels: pass --labels a,b,c for the new head")
         load_kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                            label2id={lab: i for i, lab in enumerate(labels)})
+    torch.manual_seed(init_seed)
     try:
         model = auto_class.from_pretrained(model_dir, **load_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)

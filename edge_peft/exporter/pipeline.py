@@ -45,7 +45,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         raise UserError(f"--quantize {opts.quantize} is not supported: use none or int8")
     stages = Stages(6, quiet)
     with stages.stage(f"loading {model_dir}"):
-        loaded = load_model_dir(model_dir, opts.labels)
+        loaded = load_model_dir(model_dir, opts.labels, init_seed=opts.seed)
         model, recipe = loaded.model, loaded.recipe
         head_prefixes = tuple(f"{h}." for h in recipe.head)
         base_fp = fingerprint(model, exclude_prefixes=head_prefixes)

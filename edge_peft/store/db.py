@@ -23,11 +23,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
             device TEXT NOT NULL REFERENCES devices(id),
             number INTEGER NOT NULL,
             sha256 TEXT NOT NULL, size INTEGER NOT NULL,
-            full_sha256 TEXT NOT NULL, full_size INTEGER NOT NULL,
+            full_sha256 TEXT NOT NULL, full_size INTEGER NOT NULL, content_sha256 TEXT NOT NULL,
             samples INTEGER NOT NULL, steps INTEGER NOT NULL, metrics_json TEXT NOT NULL,
             parent_kind TEXT, parent_device TEXT, parent_number INTEGER,
             created TEXT NOT NULL,
-            UNIQUE (base, device, number), UNIQUE (base, device, full_sha256))""",
+            UNIQUE (base, device, number), UNIQUE (base, device, content_sha256))""",
         """CREATE TABLE aggregates (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             base TEXT NOT NULL REFERENCES bases(fingerprint),
@@ -145,10 +145,12 @@ class SqliteMetadata:
         with self._connect() as con:
             return [_base(r) for r in con.execute("SELECT * FROM bases ORDER BY created").fetchall()]
 
-    def find_version(self, base: str, device: str, sha256: str) -> VersionRecord | None:
+    def find_version(self, base: str, device: str, sha256: str | None = None,
+                     content_sha256: str | None = None) -> VersionRecord | None:
+        column, value = ("sha256", sha256) if sha256 else ("content_sha256", content_sha256)
         with self._connect() as con:
-            row = con.execute("SELECT * FROM versions WHERE base = ? AND device = ? AND (sha256 = ? OR full_sha256 = ?)",
-                              (base, device, sha256, sha256)).fetchone()
+            row = con.execute(f"SELECT * FROM versions WHERE base = ? AND device = ? AND {column} = ?",
+                              (base, device, value)).fetchone()
         return _version(row) if row else None
 
     def record_version(self, new: NewVersion) -> tuple[VersionRecord, bool]:
@@ -160,22 +162,20 @@ class SqliteMetadata:
             elif json.loads(row[0]) != new.spec:
                 raise StoreError(409, f"base {new.base[:19]}... is registered with a different adapter spec "
                                       "(rank, targets, seeds or task): export with the store's settings for this base")
-            existing = con.execute("SELECT * FROM versions WHERE base = ? AND device = ? AND full_sha256 = ?",
-                                   (new.base, new.device, new.full_sha256)).fetchone()
+            existing = con.execute("SELECT * FROM versions WHERE base = ? AND device = ? AND content_sha256 = ?",
+                                   (new.base, new.device, new.content_sha256)).fetchone()
             if existing is not None:
                 return _version(existing), False
-            if new.parent is not None:
-                _require_parent(con, new.base, new.device, new.parent)
             number = con.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM versions WHERE base = ? AND device = ?",
                                  (new.base, new.device)).fetchone()[0]
             p = new.parent
             cur = con.execute(
-                """INSERT INTO versions (base, device, number, sha256, size, full_sha256, full_size, samples, steps,
-                   metrics_json, parent_kind, parent_device, parent_number, created)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (new.base, new.device, number, new.sha256, new.size, new.full_sha256, new.full_size, new.samples,
-                 new.steps, json.dumps(new.metrics, sort_keys=True), p and p.kind, p and p.device, p and p.version,
-                 new.created))
+                """INSERT INTO versions (base, device, number, sha256, size, full_sha256, full_size, content_sha256,
+                   samples, steps, metrics_json, parent_kind, parent_device, parent_number, created)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (new.base, new.device, number, new.sha256, new.size, new.full_sha256, new.full_size,
+                 new.content_sha256, new.samples, new.steps, json.dumps(new.metrics, sort_keys=True), p and p.kind,
+                 p and p.device, p and p.version, new.created))
             con.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (new.created, new.device))
             row = con.execute("SELECT * FROM versions WHERE id = ?", (cur.lastrowid,)).fetchone()
         return _version(row), True
@@ -234,19 +234,6 @@ class SqliteMetadata:
             return [_aggregate(con, r) for r in rows]
 
 
-def _require_parent(con: sqlite3.Connection, base: str, device: str, parent: Parent) -> None:
-    if parent.kind == "global":
-        row = con.execute("SELECT 1 FROM aggregates WHERE base = ? AND number = ?", (base, parent.version)).fetchone()
-        what = f"global version {parent.version}"
-    else:
-        owner = parent.device or device
-        row = con.execute("SELECT 1 FROM versions WHERE base = ? AND device = ? AND number = ?",
-                          (base, owner, parent.version)).fetchone()
-        what = f"version {parent.version} of device {owner!r}"
-    if row is None:
-        raise StoreError(422, f"parent {what} does not exist for this base: pull the parent from this store before training")
-
-
 def _latest_aggregate(con: sqlite3.Connection, base: str) -> AggregateRecord | None:
     row = con.execute("SELECT * FROM aggregates WHERE base = ? ORDER BY number DESC LIMIT 1", (base,)).fetchone()
     return _aggregate(con, row) if row else None
@@ -262,7 +249,8 @@ def _version(row: sqlite3.Row) -> VersionRecord:
         parent = Parent(row["parent_kind"], row["parent_number"], row["parent_device"])
     return VersionRecord(
         row["id"], row["base"], row["device"], row["number"], row["sha256"], row["size"], row["full_sha256"],
-        row["full_size"], row["samples"], row["steps"], json.loads(row["metrics_json"]), parent, row["created"])
+        row["full_size"], row["content_sha256"], row["samples"], row["steps"], json.loads(row["metrics_json"]),
+        parent, row["created"])
 
 
 def _aggregate(con: sqlite3.Connection, row: sqlite3.Row) -> AggregateRecord:

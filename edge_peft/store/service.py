@@ -95,7 +95,7 @@ class AdapterStore:
     # --- push ------------------------------------------------------------------------------------
 
     def push(self, base: str, device: str, meta: Any, data: bytes) -> tuple[VersionRecord, bool]:
-        """Validate and store one adapter; same content again returns the existing version (False).
+        """Validate and store one adapter; the same tensors again return the existing version (False).
 
         Nothing is written unless every check passes; blobs are stored before the one metadata transaction,
         so a crash can leave at most an unreferenced blob, never a version without its bytes.
@@ -105,21 +105,40 @@ class AdapterStore:
         request = parse_push_meta(meta, base)
         if hashlib.sha256(data).hexdigest() != request.sha256:
             raise StoreError(400, "the adapter bytes do not match the sha256 sent: the upload was corrupted; push again")
-        existing = self.metadata.find_version(base, device, request.sha256)
+        existing = self.metadata.find_version(base, device, sha256=request.sha256)
         if existing is not None:
             return existing, False
-        spec_dict = request.spec.to_dict()
+        spec, spec_dict = request.spec, request.spec.to_dict()
         registered = self.metadata.base(base)
         if registered is not None and registered.spec != spec_dict:
             raise StoreError(409, f"base {base[:19]}... is registered with a different adapter spec (rank, targets, "
                                   "seeds or task): export with the same settings as the adapters already stored")
-        self._check_spec_size(request.spec)
-        full = self._full_adapter(request.spec, data)
+        self._check_spec_size(spec)
+        if request.parent is not None:
+            self._require_parent(base, device, request.parent)
+        tensors, file_meta = self._checked_tensors(spec, data)
+        full_tensors = complete_tensors(spec, tensors)
+        content = content_digest(full_tensors)
+        existing = self.metadata.find_version(base, device, content_sha256=content)
+        if existing is not None:
+            return existing, False
+        full = data if len(full_tensors) == len(tensors) else encode_adapter(spec, full_tensors, extra_meta=file_meta)
         self.blobs.put(data)
         full_sha = self.blobs.put(full) if full is not data else request.sha256
-        new = NewVersion(base, spec_dict, device, request.sha256, len(data), full_sha, len(full), request.samples,
-                         request.steps, request.metrics, request.parent, utc_now())
+        new = NewVersion(base, spec_dict, device, request.sha256, len(data), full_sha, len(full), content,
+                         request.samples, request.steps, request.metrics, request.parent, utc_now())
         return self.metadata.record_version(new)
+
+    def _require_parent(self, base: str, device: str, parent: Parent) -> None:
+        """The version a push was trained from must be in this store (versions are never deleted)."""
+        if parent.kind == "global":
+            found, what = self.metadata.aggregate(base, parent.version), f"global version {parent.version}"
+        else:
+            owner = parent.device or device
+            found, what = self.metadata.version(base, owner, parent.version), f"version {parent.version} of device {owner!r}"
+        if found is None:
+            raise StoreError(422, f"parent {what} does not exist for this base: pull the parent from this store "
+                                  "before training, or push to the store it came from")
 
     def _check_spec_size(self, spec: AdapterSpec) -> None:
         """Refuse a spec whose full adapter would dwarf the body limit (A is rebuilt in memory)."""
@@ -128,8 +147,9 @@ class AdapterStore:
             raise StoreError(413, f"the spec describes a {nbytes >> 20} MiB adapter, over this store's limit: "
                                   "raise the server's --max-body-mb")
 
-    def _full_adapter(self, spec: AdapterSpec, data: bytes) -> bytes:
-        """Check the pushed safetensors against the spec; return the full PEFT file (``data`` itself if complete)."""
+    @staticmethod
+    def _checked_tensors(spec: AdapterSpec, data: bytes) -> tuple[dict[str, np.ndarray], dict]:
+        """Parse the pushed safetensors (never pickle) and refuse anything that does not fit ``spec`` (422)."""
         try:
             tensors, file_meta = decode_adapter(data, "pushed adapter")
             check_tensors(spec, tensors, "pushed adapter", require_a=spec.variant != "lora-fa")
@@ -139,17 +159,13 @@ class AdapterStore:
             if key in file_meta and file_meta[key] != getattr(spec, key):
                 raise StoreError(422, f"the adapter file says {key}={file_meta[key]!r}, the spec sent says "
                                       f"{getattr(spec, key)!r}: push the run directory the adapter was trained in")
-        missing_a = False
-        for m in spec.modules:
-            a = tensors.get(lora_key(m.name, "A"))
-            if a is None:
-                missing_a = True
-            elif spec.variant == "lora-fa" and not np.array_equal(a, lora_a_from_seed(m.a_seed, m.rank, m.in_features)):
-                raise StoreError(422, f"{lora_key(m.name, 'A')} is not the frozen LoRA-FA A of seed {m.a_seed}: "
-                                      "a LoRA-FA adapter must keep A as regenerated from its seed")
-        if not missing_a:
-            return data
-        return encode_adapter(spec, complete_tensors(spec, tensors), extra_meta=file_meta)
+        if spec.variant == "lora-fa":
+            for m in spec.modules:
+                a = tensors.get(lora_key(m.name, "A"))
+                if a is not None and not np.array_equal(a, lora_a_from_seed(m.a_seed, m.rank, m.in_features)):
+                    raise StoreError(422, f"{lora_key(m.name, 'A')} is not the frozen LoRA-FA A of seed {m.a_seed}: "
+                                          "a LoRA-FA adapter must keep A as regenerated from its seed")
+        return tensors, file_meta
 
     # --- pull ------------------------------------------------------------------------------------
 
@@ -190,8 +206,8 @@ class AdapterStore:
         current = self.metadata.aggregate(base, None)
         if current is not None and sorted(current.inputs) == sorted(inputs):
             return current, False
-        average = FederatedAverage(spec)
         try:
+            average = FederatedAverage(spec)
             for v in latest:
                 tensors, _ = decode_adapter(self.blobs.get(v.sha256), f"device {v.device} version {v.number}")
                 average.add(spec, tensors, v.samples, f"device {v.device} version {v.number}")
@@ -200,6 +216,17 @@ class AdapterStore:
             raise StoreError(409, str(exc)) from None
         sha = self.blobs.put(data)
         return self.metadata.record_aggregate(base, inputs, sha, len(data), average.samples, utc_now())
+
+
+def content_digest(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over names, dtypes, shapes and values: equal for equal tensors however the file was written
+    (safetensors does not fix the order of header metadata, so file bytes are not a stable identity)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[key])
+        h.update(f"{key}|{arr.dtype.newbyteorder('<').str}|{list(arr.shape)}|".encode())
+        h.update(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.hexdigest()
 
 
 def parse_push_meta(meta: Any, base: str) -> PushRequest:

@@ -38,6 +38,7 @@ class NewVersion:
     size: int
     full_sha256: str
     full_size: int
+    content_sha256: str
     samples: int
     steps: int
     metrics: dict[str, Any]
@@ -47,7 +48,8 @@ class NewVersion:
 
 @dataclass(frozen=True)
 class VersionRecord:
-    """One stored device adapter: ``sha256`` is what was pushed, ``full_sha256`` the full PEFT file served."""
+    """One stored device adapter: ``sha256`` is what was pushed, ``full_sha256`` the full PEFT file served,
+    ``content_sha256`` the digest of its tensors (the identity that makes re-pushes idempotent)."""
 
     id: int
     base: str
@@ -57,6 +59,7 @@ class VersionRecord:
     size: int
     full_sha256: str
     full_size: int
+    content_sha256: str
     samples: int
     steps: int
     metrics: dict[str, Any]
@@ -114,12 +117,13 @@ class MetadataStore(Protocol):
 
     def bases(self) -> list[BaseRecord]: ...
 
-    def find_version(self, base: str, device: str, sha256: str) -> VersionRecord | None:
-        """A device's version whose pushed or full file has this sha256."""
+    def find_version(self, base: str, device: str, sha256: str | None = None,
+                     content_sha256: str | None = None) -> VersionRecord | None:
+        """A device's version pushed as exactly these bytes (``sha256``) or holding these tensors."""
 
     def record_version(self, new: NewVersion) -> tuple[VersionRecord, bool]:
         """Atomically: register the base on first push (else require the same spec), return the
-        existing version with the same full file (False) or number and insert a new one (True)."""
+        existing version with the same tensors (False) or number and insert a new one (True)."""
 
     def version(self, base: str, device: str, number: int | None) -> VersionRecord | None:
         """A device's version ``number`` for ``base``, or its latest when ``number`` is None."""

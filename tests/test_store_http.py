@@ -1,0 +1,277 @@
+"""The store over real HTTP: a uvicorn subprocess on 127.0.0.1, the httpx client and the click commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import sqlite3
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge_peft.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, encode_adapter, load_adapter
+from edge_peft.adapters.spec import PEFT_PREFIX, AdapterSpec, lora_key
+from edge_peft.store.__main__ import main
+from edge_peft.store.service import AdapterStore
+from edge_peft.store.local_server import StoreServer
+from edge_peft.store.testing import make_manifest, random_tensors, write_run
+from edge_peft.store.wire import PUSH_MEDIA_TYPE, encode_push
+
+DEVICES = ("phone-1", "phone-2", "phone-a", "phone-b", "phone-c", "tablet-1")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A running store (1 MiB body limit) with registered devices; yields (server, admin token, device tokens)."""
+    data = tmp_path_factory.mktemp("store") / "data"
+    store, admin = AdapterStore.open(data)
+    tokens = {d: store.add_device(d) for d in DEVICES}
+    with StoreServer(data, max_body_mb=1.0) as server:
+        yield server, admin, tokens
+
+
+def cli(*args: str) -> "CliRunner.invoke":
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result
+
+
+def snapshot(data_dir: Path) -> tuple:
+    """Every metadata row and every blob file: equal snapshots mean nothing was stored or changed."""
+    with sqlite3.connect(data_dir / "store.sqlite3") as con:
+        rows = tuple(tuple(con.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall())
+                     for t in ("bases", "devices", "versions", "aggregates", "aggregate_inputs", "settings"))
+    return rows, tuple(sorted(str(p) for p in (data_dir / "blobs").rglob("*")))
+
+
+def version_count(data_dir: Path) -> int:
+    return len(snapshot(data_dir)[0][2])
+
+
+def test_openapi_docs_are_served(env):
+    server, _, _ = env
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert "/v1/bases/{base}/devices/{device}/versions" in paths and "/v1/bases/{base}/aggregates" in paths
+
+
+@pytest.mark.parametrize("mode", ["--full", "--b-only"])
+def test_push_pull_round_trip_is_identical_and_loadable(env, tmp_path, mode):
+    server, _, tokens = env
+    manifest = make_manifest(labels=3, fingerprint="sha256:" + "1" * 64)
+    spec = AdapterSpec.from_manifest(manifest)
+    tensors = random_tensors(spec, np.random.default_rng(len(mode)))
+    run = write_run(tmp_path / "run", manifest, tensors, samples=40)
+    before = version_count(server.data_dir)
+    result = cli("push", str(run), "--store", server.url, "--token", tokens["phone-1"], mode)
+    assert result.exit_code == 0, result.output
+    assert "pushed version" in result.output and version_count(server.data_dir) == before + 1
+    out = tmp_path / "pulled"
+    result = cli("pull", "--store", server.url, "--token", tokens["phone-1"], "--base", manifest.base_fingerprint,
+                 "--device", "phone-1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    if mode == "--full":  # B-only: the store rebuilds A and re-encodes, so only the tensors are identical
+        assert (out / WEIGHTS_NAME).read_bytes() == (run / "adapter" / WEIGHTS_NAME).read_bytes()
+    assert json.loads((out / CONFIG_NAME).read_text())["r"] == spec.rank
+    loaded = load_adapter(out, spec)
+    assert set(loaded) == set(tensors)
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(loaded[key], value)
+    pulled = json.loads((out / "pulled.json").read_text())
+    assert pulled["kind"] == "device" and pulled["device"] == "phone-1"
+    # Same content again (whether full or B only): the existing version, no new one.
+    for again in ("--full", "--b-only"):
+        result = cli("push", str(run), "--store", server.url, "--token", tokens["phone-1"], again)
+        assert result.exit_code == 0 and "already stored as version" in result.output, result.output
+    assert version_count(server.data_dir) == before + 1
+    assert not any((run / "outbox").iterdir())
+
+
+def test_pull_answers_304_when_the_etag_matches(env, tmp_path):
+    server, _, tokens = env
+    manifest = make_manifest(fingerprint="sha256:" + "2" * 64)
+    spec = AdapterSpec.from_manifest(manifest)
+    run = write_run(tmp_path / "run", manifest, random_tensors(spec, np.random.default_rng(5)), samples=8)
+    assert cli("push", str(run), "--store", server.url, "--token", tokens["phone-2"]).exit_code == 0
+    url = f"{server.url}/v1/bases/{manifest.base_fingerprint}/devices/phone-2/versions/latest"
+    auth = {"Authorization": f"Bearer {tokens['phone-2']}"}
+    first = httpx.get(url, headers=auth)
+    assert first.status_code == 200 and first.headers["ETag"] == f'"{hashlib.sha256(first.content).hexdigest()}"'
+    again = httpx.get(url, headers={**auth, "If-None-Match": first.headers["ETag"]})
+    assert again.status_code == 304 and again.content == b""
+    out = tmp_path / "out"
+    args = ("pull", "--store", server.url, "--token", tokens["phone-2"], "--base", manifest.base_fingerprint,
+            "--device", "phone-2", "--out", str(out))
+    assert "pulled device phone-2 version 1" in cli(*args).output
+    assert "up to date" in cli(*args).output
+    other = httpx.get(url.replace("phone-2", "phone-1"), headers=auth)
+    assert other.status_code == 403  # a device reads only its own adapters
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "keep.txt").write_text("mine")
+    result = cli(*args[:-1], str(tmp_path / "occupied"))
+    assert result.exit_code == 2 and "not written by `edge-peft pull`" in result.output
+    assert (tmp_path / "occupied" / "keep.txt").read_text() == "mine"
+
+
+class Push:
+    """A valid push request for phone-1 (fresh content each time), to be spoiled one way per test."""
+
+    def __init__(self, server: StoreServer, token: str, seed: int) -> None:
+        self.manifest = make_manifest(fingerprint="sha256:" + "3" * 64)
+        self.spec = AdapterSpec.from_manifest(self.manifest)
+        self.tensors = random_tensors(self.spec, np.random.default_rng(seed))
+        self.device, self.token, self.server = "phone-1", token, server
+        self.fingerprint = self.manifest.base_fingerprint
+
+    def data(self) -> bytes:
+        return encode_adapter(self.spec, self.tensors)
+
+    def meta(self, data: bytes) -> dict:
+        return {"spec": self.spec.to_dict(), "samples": 12, "steps": 4, "metrics": {"final_loss": 1.0},
+                "parent": None, "sha256": hashlib.sha256(data).hexdigest()}
+
+    def send(self, body: bytes | None = None, token: str | None = "default", device: str | None = None) -> httpx.Response:
+        if body is None:
+            data = self.data()
+            body = encode_push(self.meta(data), data)
+        token = self.token if token == "default" else token
+        headers = {"Content-Type": PUSH_MEDIA_TYPE, **({"Authorization": f"Bearer {token}"} if token else {})}
+        path = f"/v1/bases/{self.fingerprint}/devices/{device or self.device}/versions"
+        return httpx.post(self.server.url + path, content=body, headers=headers)
+
+
+def _with(push: Push, mutate) -> bytes:
+    data = push.data()
+    meta = push.meta(data)
+    data, meta = mutate(push, data, meta)
+    return encode_push(meta, data)
+
+
+def _wrong_shapes(p, data, meta):
+    key = lora_key(p.spec.modules[0].name, "B")
+    p.tensors[key] = np.zeros((p.spec.modules[0].out_features + 1, p.spec.rank), np.float32)
+    data = p.data()
+    return data, p.meta(data)
+
+
+def _nan(p, data, meta):
+    p.tensors[lora_key(p.spec.modules[1].name, "B")][0, 0] = np.nan
+    data = p.data()
+    return data, p.meta(data)
+
+
+def _pickle(p, data, meta):
+    fake = pickle.dumps({k: v.tolist() for k, v in p.tensors.items()})
+    return fake, {**meta, "sha256": hashlib.sha256(fake).hexdigest()}
+
+
+def _other_spec(p, data, meta):
+    spec = p.spec.to_dict()
+    spec["alpha"] = spec["alpha"] * 2  # same base, other export settings
+    return data, {**meta, "spec": spec}
+
+
+REFUSALS = {
+    "missing token": (401, lambda p: p.send(token=None)),
+    "wrong token": (401, lambda p: p.send(token=p.token[:-4] + "AAAA")),
+    "another device's id": (403, lambda p: p.send(device="phone-2")),
+    "oversize body": (413, lambda p: p.send(body=b"{}\n" + b"\0" * (3 << 19))),
+    "bad sha256": (400, lambda p: p.send(_with(p, lambda p, d, m: (d, {**m, "sha256": "0" * 64})))),
+    "wrong shapes": (422, lambda p: p.send(_with(p, _wrong_shapes))),
+    "NaN values": (422, lambda p: p.send(_with(p, _nan))),
+    "pickle disguised as safetensors": (422, lambda p: p.send(_with(p, _pickle))),
+    "spec differs from the base's": (409, lambda p: p.send(_with(p, _other_spec))),
+    "unknown parent": (422, lambda p: p.send(_with(p, lambda p, d, m: (d, {**m, "parent": {"kind": "global", "version": 9}})))),
+    "traversal in device id": (400, lambda p: p.send(device="%2E%2E")),
+    "traversal in base id": (400, lambda p: setattr(p, "fingerprint", "sha256:..") or p.send()),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refused_pushes_store_nothing(env, case):
+    server, _, tokens = env
+    status, send = REFUSALS[case]
+    first = Push(server, tokens["phone-1"], seed=100)
+    assert first.send().status_code in (200, 201)  # the base exists, so spec checks apply
+    before = snapshot(server.data_dir)
+    response = send(Push(server, tokens["phone-1"], seed=101 + list(REFUSALS).index(case)))
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+    assert snapshot(server.data_dir) == before
+    # Not vacuous: the same request unspoiled is accepted.
+    assert Push(server, tokens["phone-1"], seed=101 + list(REFUSALS).index(case)).send().status_code == 201
+
+
+def test_admin_actions_need_the_admin_token(env):
+    server, admin, tokens = env
+    before = snapshot(server.data_dir)
+    device_auth = {"Authorization": f"Bearer {tokens['phone-1']}"}
+    assert httpx.post(f"{server.url}/v1/devices", json={"id": "rogue"}, headers=device_auth).status_code == 403
+    assert httpx.post(f"{server.url}/v1/devices", json={"id": "rogue"}).status_code == 401
+    fp = "sha256:" + "3" * 64
+    assert httpx.post(f"{server.url}/v1/bases/{fp}/aggregates", headers=device_auth).status_code == 403
+    admin_auth = {"Authorization": f"Bearer {admin}"}
+    assert httpx.post(f"{server.url}/v1/devices", json={"id": "../../etc"}, headers=admin_auth).status_code == 400
+    assert snapshot(server.data_dir) == before
+    result = cli("store", "add-device", "laptop-9", "--store", server.url, "--admin-token", admin)
+    token = result.stdout.strip()
+    assert result.exit_code == 0 and token.startswith("laptop-9.") and len(token) > 40
+    assert httpx.get(f"{server.url}/v1/bases/{fp}", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    result = cli("store", "add-device", "laptop-9", "--store", server.url, "--admin-token", admin)
+    assert result.exit_code == 2 and "already registered" in result.output
+
+
+def test_aggregate_is_the_sample_weighted_mean_of_each_devices_latest(env, tmp_path):
+    server, admin, tokens = env
+    manifest = make_manifest(layers=3, labels=4, fingerprint="sha256:" + "4" * 64)
+    spec = AdapterSpec.from_manifest(manifest)
+    rng = np.random.default_rng(11)
+    samples = {"phone-a": 10, "phone-b": 30, "phone-c": 60}
+    stale = write_run(tmp_path / "stale", manifest, random_tensors(spec, rng), samples=1000)
+    assert cli("push", str(stale), "--store", server.url, "--token", tokens["phone-a"]).exit_code == 0
+    latest = {}
+    for device, n in samples.items():
+        latest[device] = random_tensors(spec, rng)
+        run = write_run(tmp_path / device, manifest, latest[device], samples=n)
+        assert cli("push", str(run), "--store", server.url, "--token", tokens[device]).exit_code == 0
+    agg = ("store", "aggregate", "--base", manifest.base_fingerprint, "--store", server.url)
+    assert cli(*agg, "--admin-token", tokens["phone-a"]).exit_code == 2  # a device token cannot aggregate
+    result = cli(*agg, "--admin-token", admin)
+    assert result.exit_code == 0 and "global version 1: 3 device(s), 100 samples" in result.output, result.output
+    assert "nothing new" in cli(*agg, "--admin-token", admin).output
+    out = tmp_path / "global"
+    result = cli("pull", "--store", server.url, "--token", tokens["phone-b"], "--base", manifest.base_fingerprint,
+                 "--global", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    merged = load_adapter(out, spec)
+    total = sum(samples.values())
+    trained = [lora_key(m.name, "B") for m in spec.modules] + [PEFT_PREFIX + t.name for t in spec.modules_to_save]
+    for key in trained:
+        expected = sum(np.float64(n) * latest[d][key] for d, n in samples.items()) / total
+        np.testing.assert_allclose(merged[key], expected, rtol=1e-6, atol=1e-9)
+        assert not np.allclose(merged[key], latest["phone-a"][key])
+    for m in spec.modules:
+        np.testing.assert_array_equal(merged[lora_key(m.name, "A")], latest["phone-a"][lora_key(m.name, "A")])
+    # A device continues from the global version and pushes with it as parent.
+    assert json.loads((out / "pulled.json").read_text())["version"] == 1
+    child = write_run(tmp_path / "child", manifest, random_tensors(spec, rng), samples=5,
+                      parent={"kind": "global", "version": 1})
+    result = cli("push", str(child), "--store", server.url, "--token", tokens["phone-b"])
+    assert result.exit_code == 0 and "pushed version 2 of device phone-b" in result.output
+    assert "global version 2: 3 device(s), 75 samples" in cli(*agg, "--admin-token", admin).output
+
+
+def test_plain_lora_adapters_are_stored_but_not_averaged(env, tmp_path):
+    server, admin, tokens = env
+    manifest = make_manifest(variant="lora", fingerprint="sha256:" + "5" * 64)
+    spec = AdapterSpec.from_manifest(manifest)
+    run = write_run(tmp_path / "run", manifest, random_tensors(spec, np.random.default_rng(3)), samples=3)
+    assert cli("push", str(run), "--store", server.url, "--token", tokens["tablet-1"], "--b-only").exit_code == 2
+    assert cli("push", str(run), "--store", server.url, "--token", tokens["tablet-1"]).exit_code == 0
+    before = snapshot(server.data_dir)
+    result = cli("store", "aggregate", "--base", manifest.base_fingerprint, "--store", server.url, "--admin-token", admin)
+    assert result.exit_code == 2 and "not the average of their updates" in result.output
+    assert snapshot(server.data_dir) == before
