@@ -24,9 +24,10 @@ def run_worker(script: Path, args: list[str], timeout: int = 1800) -> dict:
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
     """Print ``rows`` as an aligned table; ``columns`` = [(key, header)]."""
     cells = [[h for _, h in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
+    numeric = [all(isinstance(r.get(k), (int, float)) for r in rows) for k, _ in columns]
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     for n, line in enumerate(cells):
-        print("  ".join(c.rjust(w) if n else c.ljust(w) for c, w in zip(line, widths)))
+        print("  ".join(c.rjust(w) if n and num else c.ljust(w) for c, w, num in zip(line, widths, numeric)))
         if n == 0:
             print("  ".join("-" * w for w in widths))
 
