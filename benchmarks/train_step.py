@@ -134,7 +134,8 @@ def main() -> None:
     for r in rows:
         r["speed_vs_torch"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["rss_vs_torch"] = r["peak_rss_mb"] / base["peak_rss_mb"]
-    print(f"\nmodel {Path(model_dir).name}, batch {args.batch_size} x {args.seq_len} tokens, {args.threads} threads, "
+    model_name = args.model or "all-MiniLM-L6-v2 (22.7 M parameters)"
+    print(f"\nmodel {model_name}, batch {args.batch_size} x {args.seq_len} tokens, {args.threads} threads, "
           f"rank {args.rank} on {'/'.join(TARGETS)}, {args.steps} timed steps\n")
     print_table(rows, [("config", "configuration"), ("tokens_per_s", "tokens/s"), ("peak_rss_mb", "peak RSS MB"),
                        ("speed_vs_torch", "speed x"), ("rss_vs_torch", "RSS x")])
