@@ -68,6 +68,15 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 @click.option("--checkpoint-every", default=50, show_default=True, help="Checkpoint every N steps.")
 @click.option("--seed", default=0, show_default=True, help="Data order and split seed.")
 @click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: all cores).")
+@click.option("--adaptive-rank", is_flag=True,
+              help="AdaLoRA-style: prune rank channels of low importance across layers down to --target-rank.")
+@click.option("--target-rank", type=int, help="Average rank per module that --adaptive-rank ends at (default: half).")
+@click.option("--nested-ranks", is_flag=True,
+              help="DyLoRA-style: train random rank prefixes so `adapter save --rank k` works for any k.")
+@click.option("--layer-lr-decay", default=1.0, show_default=True,
+              help="Learning-rate multiplier per layer below the top one (0.8: each lower layer gets 0.8x).")
+@click.option("--lr-ratio-b", default=1.0, show_default=True,
+              help="LoRA+: B's learning rate over A's (--variant lora artifacts only).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(artifact: Path, out: Path, resume: bool, quiet: bool, **options) -> None:
@@ -119,11 +128,12 @@ def adapter() -> None:
 @adapter.command("save")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-def adapter_save(run: Path, out: Path) -> None:
+@click.option("--rank", type=int, help="Keep only the first RANK channels of each module (nested-rank runs).")
+def adapter_save(run: Path, out: Path, rank: int | None) -> None:
     """Write RUN's adapter as adapter_config.json + adapter_model.safetensors."""
     from .device.adapter_io import save_run_adapter
 
-    click.echo(f"PEFT adapter written to {save_run_adapter(run, out)}")
+    click.echo(f"PEFT adapter written to {save_run_adapter(run, out, rank)}")
 
 
 @adapter.command("load")

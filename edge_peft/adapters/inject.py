@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from ..errors import UserError
 from ..manifest import AdapterModule
 from .layer import LoraLinear, linear_shape
-
-_LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
+from .spec import layer_index
 
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def layer_index(module_name: str) -> int | None:
-    """Transformer block index of a module path (``...layers.3.self_attn.q_proj`` -> 3)."""
-    match = _LAYER_INDEX.search(f".{module_name}.")
-    return int(match.group(1)) if match else None
 
 
 def find_targets(model: nn.Module, targets: list[str], layers: set[int] | None = None) -> list[str]:

@@ -144,8 +144,16 @@ def load_adapter(adapter_dir: str | Path, spec: AdapterSpec) -> dict[str, np.nda
         raise UserError(f"{adapter_dir} was trained on base {fp[:19]}..., this artifact's base is "
                         f"{spec.base_fingerprint[:19]}...: use an adapter trained on the same base model")
     tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
+    tensors = expand_if_compact(spec, tensors, meta, str(weights))
     check_tensors(spec, tensors, str(weights), require_a=spec.variant != "lora-fa")
     return complete_tensors(spec, tensors)
+
+
+def expand_if_compact(spec: AdapterSpec, tensors: dict[str, np.ndarray], meta: dict, source: str) -> dict[str, np.ndarray]:
+    """Full-rank tensors of a file saved with only some rank channels (see ``ranks``); others unchanged."""
+    from .ranks import CHANNELS_KEY, expand
+
+    return expand(spec, tensors, meta[CHANNELS_KEY], source) if CHANNELS_KEY in meta else tensors
 
 
 def onnx_name(peft_key: str) -> str:

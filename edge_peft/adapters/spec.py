@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ from ..errors import UserError
 from ..manifest import AdapterModule, ExtraTensor, Manifest
 
 PEFT_PREFIX = "base_model.model."
+_LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
 
 
 @dataclass
@@ -66,6 +68,12 @@ class AdapterSpec:
             self.base_fingerprint, self.variant, self.seed, self.alpha,
             tuple((m.name, m.rank, m.a_seed) for m in self.modules),
         )
+
+
+def layer_index(module_name: str) -> int | None:
+    """Transformer block index of a module path (``...layers.3.self_attn.q_proj`` -> 3)."""
+    match = _LAYER_INDEX.search(f".{module_name}.")
+    return int(match.group(1)) if match else None
 
 
 def lora_key(module: str, factor: str) -> str:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..adapters.peft_format import load_adapter, onnx_name, read_metadata, save_adapter
+from ..adapters.ranks import CHANNELS_KEY, compact, prefix_channels, surviving_channels
 from ..adapters.spec import AdapterSpec
 from ..errors import UserError
 from ..fileio import atomic_write_json
@@ -14,8 +15,13 @@ from .backend import OrtTrainingBackend
 from .run_dir import WARM_START_FILE, read_run
 
 
-def save_run_adapter(run: str | Path, out: str | Path) -> Path:
-    """Copy a run's current adapter to ``out`` as a PEFT directory (validated on the way)."""
+def save_run_adapter(run: str | Path, out: str | Path, rank: int | None = None) -> Path:
+    """Copy a run's current adapter to ``out`` as a PEFT directory (validated on the way).
+
+    ``rank`` keeps the first ``rank`` channels of every module (a nested-rank run's truncation);
+    without it, channels an adaptive-rank run pruned (zero B columns) are left out. Either way the
+    file carries per-module ranks in ``rank_pattern`` and loads in PEFT.
+    """
     _, manifest = read_run(run)
     spec = AdapterSpec.from_manifest(manifest)
     source = Path(run) / "adapter"
@@ -23,7 +29,11 @@ def save_run_adapter(run: str | Path, out: str | Path) -> Path:
         raise UserError(f"{run} has no adapter yet (no checkpoint reached): train longer or lower --checkpoint-every")
     tensors = load_adapter(source, spec)
     meta = read_metadata((source / "adapter_model.safetensors").read_bytes())
-    return save_adapter(out, spec, tensors, extra_meta=meta)
+    channels = prefix_channels(spec, rank) if rank is not None else surviving_channels(spec, tensors)
+    if all(len(kept) == spec.rank for kept in channels.values()):
+        return save_adapter(out, spec, tensors, extra_meta=meta)
+    compact_tensors, pattern = compact(spec, tensors, channels)
+    return save_adapter(out, spec, compact_tensors, rank_pattern=pattern, extra_meta={**meta, CHANNELS_KEY: channels})
 
 
 def load_into_artifact(artifact: str | Path, adapter: str | Path) -> int:

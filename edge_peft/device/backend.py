@@ -51,6 +51,7 @@ class OrtTrainingBackend:
         self._api = api
         self.manifest = manifest
         options = session_options(threads)
+        options.enable_cpu_mem_arena = False  # arena growth is step-shaped (up to +60 % RSS on a causal LM); malloc is linear and predictable
         self.state = api.CheckpointState.load_checkpoint(os.fspath(state_path or artifact / "checkpoint"))
         self.module = api.Module(os.fspath(artifact / "training_model.onnx"), self.state,
                                  os.fspath(artifact / "eval_model.onnx"), session_options=options)
@@ -84,6 +85,10 @@ class OrtTrainingBackend:
 
     def frozen(self, name: str) -> np.ndarray:
         return np.array(self.state.parameters[name].data, copy=True)
+
+    def gradients(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Accumulated gradients of trainable tensors (read between backward and the optimizer step)."""
+        return {name: np.array(self.state.parameters[name].grad, copy=True) for name in names}
 
     def save_state(self, path: Path, include_optimizer: bool = True) -> None:
         self._api.CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=include_optimizer)

@@ -15,8 +15,10 @@ from ..manifest import IGNORE_INDEX, Manifest, load_manifest
 from .backend import OrtTrainingBackend, TrainingBackend
 from .data import Batch, Tokenized, batch_indices, read_examples, split_holdout
 from .memory import MB, current_rss, peak_rss
+from .planner import DEFAULT_MARGIN, BudgetGuard, make_plan, parse_budget
 from .run_dir import RUN_FILE, WARM_START_FILE, read_run, write_adapter, write_run_info
 from .schedule import learning_rate
+from .step_hooks import build_hooks
 
 
 @dataclass
@@ -35,6 +37,13 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     threads: int = 0
+    memory_budget: str | None = None
+    memory_margin: float = DEFAULT_MARGIN
+    adaptive_rank: bool = False
+    target_rank: int | None = None
+    nested_ranks: bool = False
+    layer_lr_decay: float = 1.0
+    lr_ratio_b: float = 1.0
 
     def validate(self, manifest: Manifest) -> None:
         checks = [
@@ -62,14 +71,42 @@ class Trainer:
         config.validate(self.manifest)
         self.show_progress = show_progress
         self.seq_len = config.max_seq_len or self.manifest.max_seq_len
+        self.guard = self._plan_memory()  # refuses an impossible budget before anything is loaded
         self.warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
         self.data_sha = sha256_file(config.data) if Path(config.data).is_file() else None
         self.train_set, self.train_pool, self.eval_set, self.eval_pool = self._load_data()
         self.start_step, self.totals = 0, {"samples": 0, "tokens": 0, "wall_s": 0.0}
+        self._resumed_hook_state: dict = {}
         state_path = self._prepare_run_dir(resume)
         self.backend: TrainingBackend = OrtTrainingBackend(self.artifact, self.manifest, state_path, config.threads)
+        self.hooks = build_hooks(config, self.manifest, self.backend)
+        self.hooks.load_state(self._resumed_hook_state)
 
     # -- setup ---------------------------------------------------------------------------------
+    def _plan_memory(self) -> BudgetGuard | None:
+        """With --memory-budget: fix micro-batch and sequence length to the plan; None without one."""
+        c = self.config
+        if not c.memory_budget:
+            return None
+        plan = make_plan(self.manifest, parse_budget(c.memory_budget), c.batch_size, self.seq_len,
+                         c.memory_margin, c.micro_batch_size)
+        c.micro_batch_size, self.seq_len = plan.micro_batch, plan.seq_len
+        self._parts: list[Batch] = []
+        return BudgetGuard(self.manifest, plan)
+
+    def _memory_record(self, peak_before: int) -> dict:
+        """Budget adaptations of the last step, for metrics.jsonl (empty when there were none)."""
+        if self.guard is None:
+            return {}
+        record = {}
+        planned = -(-self.config.batch_size // self.guard.plan.micro_batch)
+        if len(self._parts) > planned:
+            record["memory_split"] = len(self._parts) - planned
+        peak = peak_rss()
+        if peak > peak_before and self.guard.observe(self._parts, peak):
+            record["memory_correction_mb"] = round(self.guard.correction / MB, 1)
+        return record
+
     def _load_data(self):
         from tokenizers import Tokenizer
 
@@ -102,6 +139,7 @@ class Trainer:
             trainer_state = json.loads((out / "checkpoint" / "trainer.json").read_text())
             self.start_step = trainer_state["step"]
             self.totals = trainer_state["totals"]
+            self._resumed_hook_state = trainer_state.get("hooks", {})
             self._truncate_metrics(self.start_step)
             return state
         if (out / RUN_FILE).exists():
@@ -127,6 +165,8 @@ class Trainer:
         batch = self.train_set.batch(batch_indices(self.train_pool, c.batch_size, c.seed, step))
         size = c.micro_batch_size or c.batch_size
         parts = [batch.rows(i, i + size) for i in range(0, c.batch_size, size)]
+        if self.guard is not None:  # a long example: split further so the step stays in the budget
+            parts = self._parts = [q for p in parts for q in self.guard.split(p)]
         weights = [_targets(p) for p in parts]
         total = sum(weights) or 1
         return [(p, w / total) for p, w in zip(parts, weights)]
@@ -134,13 +174,16 @@ class Trainer:
     def train_step(self, step: int) -> tuple[float, int, int]:
         """One optimizer step; returns (loss, tokens, samples)."""
         loss, tokens, samples = 0.0, 0, 0
+        self.hooks.before_step(step)
         for part, share in self.micro_batches(step):
             if share == 0:
                 continue
             loss += share * self.backend.forward_backward(part, share)
             tokens += part.tokens
             samples += part.input_ids.shape[0]
+        self.hooks.after_backward(step)
         self.backend.optimizer_step(self.lr(step))
+        self.hooks.after_update(step)
         return loss, tokens, samples
 
     def lr(self, step: int) -> float:
@@ -163,7 +206,7 @@ class Trainer:
         """Atomically replace checkpoint/, then adapter/ and summary.json."""
         with atomic_directory(self.out / "checkpoint", overwrite=True) as tmp:
             self.backend.save_state(tmp / "state")
-            atomic_write_json(tmp / "trainer.json", {"step": step, "totals": self.totals})
+            atomic_write_json(tmp / "trainer.json", {"step": step, "totals": self.totals, "hooks": self.hooks.state()})
         write_adapter(self.out, self.manifest, self.backend.trainable(), {"steps": step})
         warm = self.artifact / WARM_START_FILE
         atomic_write_json(self.out / "summary.json", {
@@ -186,6 +229,7 @@ class Trainer:
         try:
             for step in range(self.start_step, c.steps):
                 start = time.perf_counter()
+                peak_before = peak_rss()
                 loss, tokens, samples = self.train_step(step)
                 elapsed = time.perf_counter() - start
                 self.totals["samples"] += samples
@@ -193,7 +237,8 @@ class Trainer:
                 self.totals["wall_s"] += elapsed
                 record = {"step": step, "loss": round(loss, 6), "lr": self.lr(step),
                           "tokens_per_s": round(tokens / elapsed, 1), "rss_mb": round(current_rss() / MB, 1),
-                          "peak_rss_mb": round(peak_rss() / MB, 1)}
+                          "peak_rss_mb": round(peak_rss() / MB, 1), **self.hooks.metrics(step)}
+                record.update(self._memory_record(peak_before))
                 done = step + 1
                 if c.eval_every and (done % c.eval_every == 0 or done == c.steps):
                     eval_loss = self.evaluate()

@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ..adapters.peft_format import PEFT_TASK_TYPES, check_tensors, complete_tensors, decode_adapter, encode_adapter
+from ..adapters.peft_format import (PEFT_TASK_TYPES, check_tensors, complete_tensors, decode_adapter, encode_adapter,
+                                    expand_if_compact)
+from ..adapters.ranks import CHANNELS_KEY
 from ..adapters.spec import AdapterSpec, lora_a_from_seed, lora_key
 from ..errors import UserError
 from ..manifest import VARIANTS
@@ -122,7 +124,11 @@ class AdapterStore:
         existing = self.metadata.find_version(base, device, content_sha256=content)
         if existing is not None:
             return existing, False
-        full = data if len(full_tensors) == len(tensors) else encode_adapter(spec, full_tensors, extra_meta=file_meta)
+        if len(full_tensors) == len(tensors) and CHANNELS_KEY not in file_meta:
+            full = data
+        else:  # B-only or compact (some rank channels) push: serve the full-rank PEFT file
+            meta = {k: v for k, v in file_meta.items() if k != CHANNELS_KEY}
+            full = encode_adapter(spec, full_tensors, extra_meta=meta)
         self.blobs.put(data)
         full_sha = self.blobs.put(full) if full is not data else request.sha256
         new = NewVersion(base, spec_dict, device, request.sha256, len(data), full_sha, len(full), content,
@@ -152,6 +158,7 @@ class AdapterStore:
         """Parse the pushed safetensors (never pickle) and refuse anything that does not fit ``spec`` (422)."""
         try:
             tensors, file_meta = decode_adapter(data, "pushed adapter")
+            tensors = expand_if_compact(spec, tensors, file_meta, "pushed adapter")
             check_tensors(spec, tensors, "pushed adapter", require_a=spec.variant != "lora-fa")
         except UserError as exc:
             raise StoreError(422, str(exc)) from None

@@ -1,0 +1,156 @@
+"""Adaptive budget allocation on the device: AdaLoRA-style pruning, DyLoRA nested ranks, per-layer learning rates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import data_for
+
+from edge_peft.adapters.peft_format import load_adapter, onnx_name
+from edge_peft.adapters.spec import AdapterSpec, layer_index
+from edge_peft.device.adapter_io import save_run_adapter
+from edge_peft.device.inference import Predictor
+from edge_peft.device.rank_allocation import budget_at
+from edge_peft.device.trainer import TrainConfig, Trainer
+from edge_peft.errors import UserError
+from edge_peft.exporter.load import load_model_dir
+from edge_peft.manifest import load_manifest
+
+
+def trainer(artifact, data_path, out, steps, **kw) -> Trainer:
+    config = TrainConfig(data=str(data_path), steps=steps, batch_size=8, lr=kw.pop("lr", 1e-2), eval_every=0,
+                         checkpoint_every=steps, threads=2, **kw)
+    return Trainer(artifact, config, out, show_progress=False)
+
+
+def test_budget_schedule_is_flat_then_cubic_then_target():
+    steps, initial, target = 100, 48, 24
+    budgets = [budget_at(s, steps, initial, target, warmup=10, final=20) for s in range(steps)]
+    assert budgets[:10] == [initial] * 10 and budgets[80:] == [target] * 20
+    assert all(a >= b for a, b in zip(budgets, budgets[1:]))
+    assert budgets[45] == target + round((initial - target) * (1 - 35 / 70) ** 3)  # cubic, not linear
+
+
+def test_adaptive_rank_follows_the_budget_and_pruned_channels_stay_zero(artifacts, data, tmp_path):
+    artifact = artifacts("gpt2", "int8")
+    t = trainer(artifact, data["lm"], tmp_path / "run", steps=30, adaptive_rank=True, target_rank=2)
+    hook = t.hooks.hooks["adaptive_rank"]
+    pruned: dict[str, set[int]] = {}
+    for step in range(30):
+        t.train_step(step)
+        assert hook.total_rank() == hook.budget(step), step
+        values = t.backend.trainable()
+        for module, active in hook.active.items():
+            dead = set(np.flatnonzero(~active).tolist())
+            assert pruned.get(module, set()) <= dead  # never revived
+            pruned[module] = dead
+            b = values[f"{module}.lora_B.weight"]
+            assert not b[:, sorted(dead)].any()  # pruned channels are exactly zero
+    assert hook.total_rank() == 2 * len(hook.modules)
+    per_module = [int(a.sum()) for a in hook.active.values()]
+    assert len(set(per_module)) > 1, "the budget was spread unevenly across modules"
+
+
+def test_adaptive_run_saves_only_surviving_channels_and_peft_loads_them(models, artifacts, data, tmp_path):
+    from peft import PeftModel
+
+    artifact = artifacts("bert", "none")
+    config = TrainConfig(data=str(data_for("bert", data)), steps=20, batch_size=8, lr=1e-2, eval_every=0,
+                         checkpoint_every=20, adaptive_rank=True, target_rank=2)
+    Trainer(artifact, config, tmp_path / "run", show_progress=False).run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["total_rank"] == records[-1]["rank_budget"] == 2 * len(load_manifest(artifact).modules)
+
+    adapter = save_run_adapter(tmp_path / "run", tmp_path / "adapter")
+    config_json = json.loads((adapter / "adapter_config.json").read_text())
+    assert sum(config_json["rank_pattern"].values()) == records[-1]["total_rank"]
+    manifest = load_manifest(artifact)
+    base = load_model_dir(models["bert"], manifest.labels).model
+    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = np.array([[5, 9, 12, 7, 3, 11]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    with torch.no_grad():
+        expected = peft_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    np.testing.assert_allclose(Predictor(artifact, adapter).logits(ids, mask), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(Predictor(tmp_path / "run").logits(ids, mask), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_nested_ranks_every_prefix_works_and_more_rank_is_not_worse(artifacts, data, tmp_path):
+    artifact = artifacts("gpt2", "none", rank=8)
+    t = trainer(artifact, data["lm"], tmp_path / "run", steps=60, lr=5e-3, nested_ranks=True, eval_fraction=0.2)
+    base_loss = t.evaluate()
+    t.run()
+    spec = AdapterSpec.from_manifest(t.manifest)
+    held_out = []
+    for k in range(1, spec.rank + 1):
+        adapter = save_run_adapter(tmp_path / "run", tmp_path / f"rank{k}", rank=k)
+        pattern = json.loads((adapter / "adapter_config.json").read_text())["rank_pattern"]
+        assert set(pattern.values()) == ({k} if k < spec.rank else set())
+        t.backend.set_trainable({onnx_name(key): v for key, v in load_adapter(adapter, spec).items()
+                                 if onnx_name(key) in t.backend.names})
+        held_out.append(t.evaluate())
+    assert all(loss < base_loss for loss in held_out), (base_loss, held_out)
+    assert all(b <= a + 0.02 * base_loss for a, b in zip(held_out, held_out[1:])), held_out
+    assert held_out[-1] < held_out[0]
+
+
+@pytest.mark.parametrize("variant,decay,ratio", [("lora-fa", 0.5, 1.0), ("lora", 1.0, 4.0)])
+def test_learning_rate_multipliers_scale_each_update_as_configured(artifacts, data, tmp_path, variant, decay, ratio):
+    artifact = artifacts("gpt2", "none", variant=variant)
+    plain = trainer(artifact, data["lm"], tmp_path / "plain", steps=2)
+    scaled = trainer(artifact, data["lm"], tmp_path / "scaled", steps=2, layer_lr_decay=decay, lr_ratio_b=ratio)
+    step = 0
+    if variant == "lora":  # B starts at zero, so A's first gradient is zero: compare the second step instead
+        plain.train_step(0)
+        scaled.train_step(0)  # decay 1: B moves identically, A not at all
+        step = 1
+    start = plain.backend.trainable()
+    assert all(np.array_equal(v, scaled.backend.trainable()[k]) for k, v in start.items())
+    plain.train_step(step)
+    scaled.train_step(step)
+    after_plain, after_scaled = plain.backend.trainable(), scaled.backend.trainable()
+    depth = max(layer_index(n) for n in start if layer_index(n) is not None)
+    checked = 0
+    for name, before in start.items():
+        if ".lora_" not in name:
+            continue
+        expected = decay ** (depth - layer_index(name)) * (1 / ratio if ".lora_A." in name else 1.0)
+        step_plain, step_scaled = after_plain[name] - before, after_scaled[name] - before
+        assert np.abs(step_plain).max() > 0
+        np.testing.assert_allclose(step_scaled, expected * step_plain, rtol=1e-4, atol=1e-7)
+        checked += 1
+    assert checked >= 4
+
+
+def test_inconsistent_rank_options_are_refused(artifacts, data, tmp_path):
+    artifact = artifacts("gpt2", "int8")
+    with pytest.raises(UserError, match="exclude each other"):
+        trainer(artifact, data["lm"], tmp_path / "a", steps=2, adaptive_rank=True, nested_ranks=True)
+    with pytest.raises(UserError, match="--target-rank 9 must be between 1 and the exported rank 4"):
+        trainer(artifact, data["lm"], tmp_path / "b", steps=2, adaptive_rank=True, target_rank=9)
+    with pytest.raises(UserError, match="--lr-ratio-b needs a trained A"):
+        trainer(artifact, data["lm"], tmp_path / "c", steps=2, lr_ratio_b=2.0)
+
+
+def test_adaptive_state_survives_a_resume(artifacts, data, tmp_path):
+    artifact = artifacts("gpt2", "int8")
+    kw = dict(adaptive_rank=True, target_rank=2, checkpoint_every=10)
+
+    def config():
+        return TrainConfig(data=str(data["lm"]), steps=20, batch_size=8, lr=1e-2, eval_every=0, threads=2, **kw)
+
+    Trainer(artifact, config(), tmp_path / "straight", show_progress=False).run()
+    first = Trainer(artifact, config(), tmp_path / "resumed", show_progress=False)
+    for step in range(10):
+        first.train_step(step)
+    first.checkpoint(10, 0.0, None)
+    del first
+    Trainer(artifact, config(), tmp_path / "resumed", resume=True, show_progress=False).run()
+    spec = AdapterSpec.from_manifest(load_manifest(artifact))
+    straight = load_adapter(tmp_path / "straight" / "adapter", spec)
+    resumed = load_adapter(tmp_path / "resumed" / "adapter", spec)
+    for key, value in straight.items():
+        np.testing.assert_allclose(resumed[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
