@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -154,3 +155,33 @@ def test_adaptive_state_survives_a_resume(artifacts, data, tmp_path):
     resumed = load_adapter(tmp_path / "resumed" / "adapter", spec)
     for key, value in straight.items():
         np.testing.assert_allclose(resumed[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_layer_selection_forms(tmp_path):
+    from edge_peft.exporter.layer_selection import auto_count, parse_layers
+
+    assert parse_layers("0,2,4-6", 8) == {0, 2, 4, 5, 6}
+    assert parse_layers("top:2", 6) == {4, 5} and parse_layers("bottom:2", 6) == {0, 1}
+    assert auto_count("auto:3") == 3 and auto_count("top:3") is None
+    for bad, message in [("9", "outside the model's layers 0-5"), ("x", "not understood"), ("top:0", "between 1 and")]:
+        with pytest.raises(UserError, match=message):
+            parse_layers(bad, 6)
+
+
+def test_export_adapts_only_the_chosen_layers_and_auto_probes_the_data(models, data, tmp_path):
+    from edge_peft.exporter.layer_probe import export_best_layers
+    from edge_peft.exporter.pipeline import ExportOptions, export_artifact
+
+    import toy
+
+    opts = ExportOptions(rank=4, alpha=8, quantize="int8", max_seq_len=32, targets=toy.TARGETS.get("gpt2"))
+    manifest = export_artifact(models["gpt2"], tmp_path / "top", replace(opts, layers="top:1"), quiet=True)
+    depth = manifest.num_layers
+    assert {layer_index(m.name) for m in manifest.modules} == {depth - 1}
+    manifest = export_best_layers(models["gpt2"], tmp_path / "auto", opts, 1, data["lm"], steps=3)
+    probe = json.loads((tmp_path / "auto" / "layer_probe.json").read_text())
+    best = max(probe["importance"], key=lambda b: probe["importance"][b])
+    assert {layer_index(m.name) for m in manifest.modules} == {int(best)} == set(probe["chosen"])
+    assert len(probe["importance"]) == depth and all(v > 0 for v in probe["importance"].values())
+    with pytest.raises(UserError, match="--probe-data"):
+        export_best_layers(models["gpt2"], tmp_path / "x", opts, 1, None)

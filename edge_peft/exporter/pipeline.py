@@ -14,6 +14,7 @@ from ..manifest import TRAINING_INPUTS, ExtraTensor, Manifest
 from ..progress import Stages
 from . import graph
 from .artifacts import write_inference_model, write_training_artifacts
+from .layer_selection import parse_layers
 from .load import fingerprint, load_model_dir
 from .to_onnx import OPSET, export_logits_model
 
@@ -27,7 +28,7 @@ class ExportOptions:
     quantize: str = "int8"
     variant: str = "lora-fa"
     targets: list[str] | None = None
-    layers: set[int] | None = None
+    layers: str | None = None  # see layer_selection: 0,2,4-6 | top:N | bottom:N
     seed: int = 0
     max_seq_len: int = 256
     labels: list[str] | None = None
@@ -51,7 +52,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         base_fp = fingerprint(model, exclude_prefixes=head_prefixes)
     with stages.stage("injecting LoRA-FA adapters" if opts.variant == "lora-fa" else "injecting LoRA adapters"):
         targets = list(opts.targets or recipe.targets)
-        names = find_targets(model, targets, opts.layers)
+        layers = parse_layers(opts.layers, _num_layers(model.config)) if opts.layers else None
+        names = find_targets(model, targets, layers)
         modules = inject_lora(model, names, opts.rank, opts.alpha, opts.seed, train_a=opts.variant == "lora")
         trainable_params = {n: p for n, p in model.named_parameters() if ".lora_B." in n
                             or (opts.variant == "lora" and ".lora_A." in n) or n.startswith(head_prefixes)}
@@ -89,6 +91,10 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
     return manifest
 
 
+def _num_layers(config) -> int:
+    return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+
+
 def _manifest(loaded, config, opts: ExportOptions, targets, modules, heads, base_fp, frozen_bytes: int) -> Manifest:
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -108,7 +114,7 @@ def _manifest(loaded, config, opts: ExportOptions, targets, modules, heads, base
         max_seq_len=min(opts.max_seq_len, int(limit)),
         vocab_size=int(config.vocab_size),
         hidden_size=int(getattr(config, "hidden_size", None) or config.n_embd),
-        num_layers=int(getattr(config, "num_hidden_layers", None) or config.n_layer),
+        num_layers=_num_layers(config),
         num_heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
         input_names=TRAINING_INPUTS,
         opset=OPSET,
@@ -117,5 +123,7 @@ def _manifest(loaded, config, opts: ExportOptions, targets, modules, heads, base
         modules_to_save=heads,
         pad_token_id=int(pad),
         eos_token_id=tok.eos_token_id,
-        memory={"frozen_weight_bytes": frozen_bytes, **opts.memory},
+        memory={"frozen_weight_bytes": frozen_bytes, "intermediate_size": int(
+            getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size),
+            **opts.memory},
     )
