@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from edge_peft.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, encode_adapter, load_adapter
 from edge_peft.adapters.spec import PEFT_PREFIX, AdapterSpec, lora_key
 from edge_peft.store.__main__ import main
+from edge_peft.store.client import build_push
 from edge_peft.store.service import AdapterStore
 from edge_peft.store.local_server import StoreServer
 from edge_peft.store.testing import make_manifest, random_tensors, write_run
@@ -275,3 +276,37 @@ def test_plain_lora_adapters_are_stored_but_not_averaged(env, tmp_path):
     result = cli("store", "aggregate", "--base", manifest.base_fingerprint, "--store", server.url, "--admin-token", admin)
     assert result.exit_code == 2 and "not the average of their updates" in result.output
     assert snapshot(server.data_dir) == before
+
+
+def test_heterogeneous_ranks_push_compact_and_average_exactly(env, tmp_path):
+    """An adaptive-rank device (pruned channels = zero columns) and a nested-rank device pushing only its
+    first 2 channels: the store expands the compact push, and the average of the B's is exactly the
+    average of the weight updates B·A because every LoRA-FA device shares every row of A."""
+    server, admin, tokens = env
+    manifest = make_manifest(layers=2, hidden=256, rank=4, fingerprint="sha256:" + "6" * 64)
+    spec = AdapterSpec.from_manifest(manifest)
+    rng = np.random.default_rng(5)
+    pruned = random_tensors(spec, rng)
+    for m in spec.modules:
+        pruned[lora_key(m.name, "B")][:, [1, 3]] = 0  # channels an adaptive run dropped
+    nested = random_tensors(spec, rng)
+    runs = {"phone-a": write_run(tmp_path / "a", manifest, pruned, samples=30),
+            "phone-b": write_run(tmp_path / "b", manifest, nested, samples=10)}
+    assert cli("push", str(runs["phone-a"]), "--store", server.url, "--token", tokens["phone-a"]).exit_code == 0
+    b_only, compact = build_push(runs["phone-b"])[2], build_push(runs["phone-b"], rank=2)[2]
+    assert len(compact) < 0.6 * len(b_only)  # half the channels: about half the upload
+    result = cli("push", str(runs["phone-b"]), "--rank", "2", "--store", server.url, "--token", tokens["phone-b"])
+    assert result.exit_code == 0, result.output
+    result = cli("store", "aggregate", "--base", manifest.base_fingerprint, "--store", server.url, "--admin-token", admin)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "global"
+    assert cli("pull", "--store", server.url, "--token", tokens["phone-a"], "--base", manifest.base_fingerprint,
+               "--global", "--out", str(out)).exit_code == 0
+    merged = load_adapter(out, spec)
+    truncated = {k: v.copy() for k, v in nested.items()}
+    for m in spec.modules:
+        truncated[lora_key(m.name, "B")][:, 2:] = 0
+    for m in spec.modules:
+        a, b = lora_key(m.name, "A"), lora_key(m.name, "B")
+        expected_update = (30 * pruned[b] @ pruned[a] + 10 * truncated[b] @ truncated[a]) / 40
+        np.testing.assert_allclose(merged[b] @ merged[a], expected_update, rtol=1e-5, atol=1e-8)

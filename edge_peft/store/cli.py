@@ -166,14 +166,17 @@ def _print_ack(entry, ack: dict) -> None:
 @click.option("--device", help="Device id (default: the one the token names).")
 @click.option("--b-only/--full", default=None,
               help="Send only B (LoRA-FA default; the store regenerates A from the seeds) or the full file.")
-def push(run_dir: Path, store_url: str | None, token: str | None, device: str | None, b_only: bool | None) -> None:
+@click.option("--rank", type=click.IntRange(min=1),
+              help="Send only the first RANK channels of each module (nested-rank runs): a smaller upload.")
+def push(run_dir: Path, store_url: str | None, token: str | None, device: str | None, b_only: bool | None,
+         rank: int | None) -> None:
     """Push RUN_DIR's adapter; when the store is unreachable, queue it in RUN_DIR/outbox for `sync`."""
     from .client import StoreUnreachable, build_push, device_of, enqueue, flush
 
     if not store_url:
         raise UserError("no store given: pass --store URL or set EDGE_PEFT_STORE")
     device = device_of(token, device)
-    base, meta, data = build_push(run_dir, b_only)
+    base, meta, data = build_push(run_dir, b_only, rank)
     entry, _ = enqueue(run_dir, base, meta, data, store_url)
     try:
         flush(run_dir, store_url, token, device, attempts=1, on_ack=_print_ack)

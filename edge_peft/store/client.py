@@ -20,8 +20,9 @@ from typing import Any, Callable
 import httpx
 import numpy as np
 
-from ..adapters.peft_format import (CONFIG_NAME, WEIGHTS_NAME, check_tensors, decode_adapter, encode_adapter,
-                                    peft_config)
+from ..adapters.peft_format import (CONFIG_NAME, WEIGHTS_NAME, check_tensors, complete_tensors, decode_adapter,
+                                    encode_adapter, expand_if_compact, peft_config)
+from ..adapters.ranks import CHANNELS_KEY, compact, prefix_channels
 from ..adapters.spec import AdapterSpec, lora_a_from_seed, lora_key
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json
@@ -110,10 +111,13 @@ def device_of(token: str | None, device: str | None) -> str:
 
 # --- building a push from a run directory --------------------------------------------------------
 
-def build_push(run_dir: str | os.PathLike, b_only: bool | None = None) -> tuple[str, dict[str, Any], bytes]:
+def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
+               rank: int | None = None) -> tuple[str, dict[str, Any], bytes]:
     """(base fingerprint, push metadata, adapter bytes) for ``<run>/adapter``.
 
     ``b_only`` (default: True for LoRA-FA) drops the A factors, which the store regenerates from their seeds.
+    ``rank`` sends only the first ``rank`` channels of each module (a nested-rank run's truncation: a
+    smaller upload); the store expands it to the full rank with zero columns.
     """
     run = Path(run_dir)
     spec = AdapterSpec.from_manifest(load_manifest(run))
@@ -123,7 +127,9 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None) -> tuple[
     data = weights.read_bytes()
     if b_only is None:
         b_only = spec.variant == "lora-fa"
-    if b_only:
+    if rank is not None:
+        data = _truncate(spec, data, rank, str(weights), drop_a=b_only)
+    elif b_only:
         data = _drop_seeded_a(spec, data, str(weights))
     summary = _read_summary(run / SUMMARY_NAME)
     meta = {
@@ -135,6 +141,20 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None) -> tuple[
         "sha256": hashlib.sha256(data).hexdigest(),
     }
     return spec.base_fingerprint, meta, data
+
+
+def _truncate(spec: AdapterSpec, data: bytes, rank: int, source: str, drop_a: bool) -> bytes:
+    """The first ``rank`` channels of every module (without the seeded A when ``drop_a``)."""
+    if drop_a and spec.variant != "lora-fa":
+        raise UserError(f"{source} is a {spec.variant!r} adapter whose A is trained: push it with --full")
+    tensors, file_meta = decode_adapter(data, source)
+    full = complete_tensors(spec, expand_if_compact(spec, tensors, file_meta, source))
+    check_tensors(spec, full, source)
+    channels = prefix_channels(spec, rank)
+    kept, _ = compact(spec, full, channels)
+    if drop_a:
+        kept = {k: v for k, v in kept.items() if not k.endswith(".lora_A.weight")}
+    return encode_adapter(spec, kept, extra_meta={**file_meta, CHANNELS_KEY: channels})
 
 
 def _drop_seeded_a(spec: AdapterSpec, data: bytes, source: str) -> bytes:

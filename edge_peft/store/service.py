@@ -216,7 +216,7 @@ class AdapterStore:
         try:
             average = FederatedAverage(spec)
             for v in latest:
-                tensors, _ = decode_adapter(self.blobs.get(v.sha256), f"device {v.device} version {v.number}")
+                tensors, _ = decode_adapter(self.blobs.get(v.full_sha256), f"device {v.device} version {v.number}")
                 average.add(spec, tensors, v.samples, f"device {v.device} version {v.number}")
             data = encode_adapter(spec, average.result(), extra_meta={"devices": average.count, "samples": average.samples})
         except UserError as exc:
