@@ -77,18 +77,73 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
               help="Learning-rate multiplier per layer below the top one (0.8: each lower layer gets 0.8x).")
 @click.option("--lr-ratio-b", default=1.0, show_default=True,
               help="LoRA+: B's learning rate over A's (--variant lora artifacts only).")
+@click.option("--memory-budget", help="Peak RSS the run must stay under, e.g. 512MB: sets micro-batch and max-seq-len.")
+@click.option("--memory-margin", type=float, help="Safety margin on the predicted peak (default 0.1, or the profile's).")
+@click.option("--device-profile", help="Threads, budget and margin from devices/NAME.toml (see `edge-peft devices`).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(artifact: Path, out: Path, resume: bool, quiet: bool, **options) -> None:
+def train(artifact: Path, out: Path, resume: bool, quiet: bool, device_profile: str | None, **options) -> None:
     """Fine-tune the adapters of ARTIFACT on local data (no torch needed)."""
     from .device.trainer import TrainConfig, Trainer
 
+    _apply_profile(device_profile, options)
     summary = Trainer(artifact, TrainConfig(**options), out, resume=resume, show_progress=not quiet).run()
     eval_loss = summary["eval_loss"]
     click.echo(f"trained {summary['steps']} steps: loss {summary['final_loss']:.4f}"
                + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
                + f", {summary['tokens_per_s']:.0f} tokens/s, peak RSS {summary['peak_rss_mb']:.0f} MB; "
                f"adapter in {out / 'adapter'}")
+
+
+def _apply_profile(name: str | None, options: dict) -> None:
+    """Fill threads, memory budget and margin from a device profile where the command line left them unset."""
+    from .device.planner import DEFAULT_MARGIN
+
+    if name:
+        from .device.profiles import load_profile, resolve_provider
+
+        profile = load_profile(name)
+        resolve_provider(profile)
+        options["threads"] = options.get("threads") or profile.threads
+        options["memory_budget"] = options.get("memory_budget") or profile.memory_budget
+        options["memory_margin"] = options.get("memory_margin") or profile.margin
+    if options.get("memory_margin") is None:
+        options["memory_margin"] = DEFAULT_MARGIN
+
+
+@main_group.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--memory-budget", help="Peak RSS to plan for, e.g. 512MB (default: the device profile's).")
+@click.option("--batch-size", default=8, show_default=True, help="Examples per optimizer step.")
+@click.option("--micro-batch-size", type=int, help="Largest micro-batch to consider.")
+@click.option("--max-seq-len", type=int, help="Longest sequence wanted (default: the artifact's).")
+@click.option("--memory-margin", type=float, help="Safety margin on the predicted peak (default 0.1).")
+@click.option("--device-profile", help="Budget and margin from devices/NAME.toml.")
+def plan(artifact: Path, device_profile: str | None, batch_size: int, micro_batch_size: int | None,
+         max_seq_len: int | None, **options) -> None:
+    """Print the micro-batch, accumulation and sequence length that fit a memory budget, without training."""
+    from .device.planner import make_plan, parse_budget
+    from .errors import UserError
+    from .manifest import load_manifest
+
+    _apply_profile(device_profile, options)
+    if not options.get("memory_budget"):
+        raise UserError("plan needs --memory-budget (e.g. 512MB) or --device-profile")
+    manifest = load_manifest(artifact)
+    seq_len = min(max_seq_len or manifest.max_seq_len, manifest.max_seq_len)
+    chosen = make_plan(manifest, parse_budget(options["memory_budget"]), batch_size, seq_len,
+                       options["memory_margin"], micro_batch_size)
+    click.echo("\n".join(chosen.describe()))
+
+
+@main_group.command()
+def devices() -> None:
+    """List the device profiles (devices/*.toml)."""
+    from .device.profiles import list_profiles
+
+    for p in list_profiles():
+        click.echo(f"{p.name:<18}{p.memory_budget:>6} budget, {p.margin:.0%} margin, "
+                   f"{p.threads or 'all'} threads, {p.execution_provider}: {p.description}")
 
 
 @main_group.command()

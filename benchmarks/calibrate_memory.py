@@ -1,0 +1,82 @@
+"""Calibrate ``edge_peft.device.memory_model``: measure the peak RSS of real training steps.
+
+Method: every point (artifact, micro-batch B, sequence length T, threads) runs in its own fresh
+process (no torch), which records its RSS after the imports, after loading the training session,
+and its high-water mark (getrusage) after three full steps (forward+backward+AdamW) on random
+tokens of exactly B x T. The first step is where ORT's arena reaches its size; later steps reuse it.
+The fitted coefficients and the data points are copied into ``memory_model.py``.
+
+Usage: ``python benchmarks/calibrate_memory.py ARTIFACT [ARTIFACT...] [--points 1x128,8x128,...] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, run_worker, write_json  # noqa: E402
+
+DEFAULT_POINTS = "1x32,1x128,8x32,8x128,4x256,16x128,2x512"
+
+
+def worker(artifact: str, batch: int, seq: int, threads: int) -> dict:
+    """One measurement, in this (fresh) process."""
+    import numpy as np
+    import tokenizers  # noqa: F401  (what a real run has imported too)
+
+    import edge_peft.cli  # noqa: F401
+    import edge_peft.device.trainer  # noqa: F401
+    from edge_peft.device.backend import OrtTrainingBackend
+    from edge_peft.device.data import Batch
+    from edge_peft.device.memory import MB, current_rss, peak_rss
+    from edge_peft.device.memory_model import predict
+    from edge_peft.manifest import load_manifest
+
+    after_imports = current_rss()
+    manifest = load_manifest(artifact)
+    backend = OrtTrainingBackend(Path(artifact), manifest, threads=threads)
+    after_load = current_rss()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, manifest.vocab_size, size=(batch, seq), dtype=np.int64)
+    labels = (rng.integers(0, manifest.num_labels, size=batch, dtype=np.int64) if manifest.num_labels
+              else rng.integers(5, manifest.vocab_size, size=(batch, seq), dtype=np.int64))
+    for _ in range(3):
+        backend.forward_backward(Batch(ids, np.ones_like(ids), labels))
+        backend.optimizer_step(1e-3)
+    return {"artifact": Path(artifact).name, "batch": batch, "seq": seq, "threads": threads,
+            "after_imports_mb": round(after_imports / MB, 1), "after_load_mb": round(after_load / MB, 1),
+            "peak_mb": round(peak_rss() / MB, 1),
+            "predicted_mb": round(predict(manifest, batch, seq).total / MB, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifacts", nargs="+")
+    parser.add_argument("--points", default=DEFAULT_POINTS, help="comma-separated BxT")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        import json
+
+        artifact, batch, seq = args.artifacts[0], *map(int, args.points.split("x"))
+        print(json.dumps(worker(artifact, batch, seq, args.threads)))
+        return
+    rows = []
+    for artifact in args.artifacts:
+        for point in args.points.split(","):
+            row = run_worker(Path(__file__), [artifact, "--points", point, "--threads", str(args.threads)])
+            row["error_pct"] = round(100 * (row["predicted_mb"] - row["peak_mb"]) / row["peak_mb"], 1)
+            rows.append(row)
+            print(row, flush=True)
+    print_table(rows, [("artifact", "artifact"), ("batch", "B"), ("seq", "T"), ("after_imports_mb", "imports MB"),
+                       ("after_load_mb", "loaded MB"), ("peak_mb", "peak MB"), ("predicted_mb", "predicted MB"),
+                       ("error_pct", "error %")])
+    write_json(args.json, {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""--memory-budget: refused before loading when impossible, kept (measured) when tight; device profiles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import toy
+from test_process import cli
+
+from edge_peft.device import backend as backend_module
+from edge_peft.device.data import Batch
+from edge_peft.device.memory_model import MB, predict
+from edge_peft.device.planner import BudgetGuard, make_plan, parse_budget
+from edge_peft.device.profiles import list_profiles, load_profile
+from edge_peft.device.trainer import TrainConfig, Trainer
+from edge_peft.errors import UserError
+from edge_peft.manifest import load_manifest
+
+BUDGET_MB = 300
+
+
+@pytest.fixture(scope="module")
+def lm_artifact(tmp_path_factory):
+    """A GPT-2 with a 8k vocabulary and 256 positions: logits make the budget bite at short lengths."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from edge_peft.exporter.pipeline import ExportOptions, export_artifact
+
+    root = tmp_path_factory.mktemp("budget")
+    toy.save_tokenizer(root / "model", classifier=False)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=8000, n_embd=128, n_layer=2, n_head=2, n_positions=256, bos_token_id=4,
+                               eos_token_id=4, pad_token_id=0)).save_pretrained(root / "model")
+    export_artifact(root / "model", root / "artifact", ExportOptions(rank=4, max_seq_len=256, targets=["c_attn"]),
+                    quiet=True)
+    return root / "artifact"
+
+
+@pytest.fixture(scope="module")
+def long_data(tmp_path_factory):
+    """Short sentences plus a few very long documents (each cut into 256-token windows)."""
+    rows = toy.lm_rows(40) + [{"text": " ".join(toy.SENTENCES * 60)} for _ in range(3)]
+    return toy.write_jsonl(tmp_path_factory.mktemp("long") / "long.jsonl", rows)
+
+
+def test_parse_budget():
+    assert parse_budget("512MB") == 512 * MB and parse_budget("1.5GB") == 1536 * MB and parse_budget("64") == 64 * MB
+    for bad in ("lots", "-1MB", "0", "12XB"):
+        with pytest.raises(UserError, match="is not a memory size"):
+            parse_budget(bad)
+
+
+def test_impossible_budget_is_refused_before_the_model_loads(lm_artifact, long_data, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(backend_module.OrtTrainingBackend, "__init__", never)
+    config = TrainConfig(data=str(long_data), memory_budget="100MB")
+    with pytest.raises(UserError) as caught:
+        Trainer(lm_artifact, config, tmp_path / "run", show_progress=False)
+    message = str(caught.value)
+    assert message.startswith("--memory-budget 100 MB cannot be met: micro-batch 1 at 32 tokens needs ")
+    assert "try a --memory-budget of at least" in message and "\n" not in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_impossible_budget_on_the_command_line(artifacts, tmp_path):
+    proc = cli("plan", artifacts("gpt2", "none"), "--memory-budget", "64MB")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.startswith("error: --memory-budget 64 MB cannot be met")
+    assert "--quantize int8 at export" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_fits_and_cuts_the_sequence_when_needed(lm_artifact):
+    manifest = load_manifest(lm_artifact)
+    budget = BUDGET_MB * MB
+    plan = make_plan(manifest, budget, batch_size=8, seq_len=256)
+    assert predict(manifest, plan.micro_batch, plan.seq_len).total * 1.1 <= budget
+    assert plan.micro_batch < 8 and plan.accumulation * plan.micro_batch >= 8
+    bigger = plan.micro_batch + 1
+    assert predict(manifest, bigger, plan.seq_len).total * 1.1 > budget
+    short = make_plan(manifest, 160 * MB, batch_size=8, seq_len=256)
+    assert short.micro_batch == 1 and 32 <= short.seq_len < 256
+    assert "cut from 256" in short.describe()[0]
+
+
+def test_guard_splits_a_batch_that_does_not_fit(lm_artifact):
+    manifest = load_manifest(lm_artifact)
+    plan = make_plan(manifest, BUDGET_MB * MB, batch_size=8, seq_len=256)
+    guard = BudgetGuard(manifest, plan)
+    ids = np.ones((8, 256), dtype=np.int64)
+    parts = guard.split(Batch(ids, np.ones_like(ids), ids.copy()))
+    assert len(parts) > 1 and sum(p.input_ids.shape[0] for p in parts) == 8
+    assert all(guard.fits(p) for p in parts)
+    guard.correction = 10**12  # measured far above prediction: nothing fits any more but single rows
+    assert len(guard.split(Batch(ids, np.ones_like(ids), ids.copy()))) == 8
+
+
+def test_tight_budget_run_stays_under_it(lm_artifact, long_data, tmp_path):
+    run = tmp_path / "run"
+    proc = cli("train", lm_artifact, "--data", long_data, "--out", run, "--steps", "4", "--batch-size", "8",
+               "--memory-budget", f"{BUDGET_MB}MB", "--eval-every", "0", "--threads", "2", "--quiet")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["peak_rss_mb"] <= BUDGET_MB, summary  # VmHWM: the high-water mark of the whole process
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config["memory_budget"] == f"{BUDGET_MB}MB" and config["micro_batch_size"] < 8
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(r["peak_rss_mb"] <= BUDGET_MB for r in records)
+
+
+def test_profiles_load_and_list():
+    names = {p.name for p in list_profiles()}
+    assert names == {"laptop", "jetson-orin-nano", "raspberry-pi-5", "cpu"}
+    pi = load_profile("raspberry-pi-5")
+    assert pi.threads == 4 and parse_budget(pi.memory_budget) == 1024 * MB and 0 < pi.margin < 1
+
+
+@pytest.mark.parametrize("line,key", [('threads = "four"', "threads"), ('memory_budget = "lots"', "memory_budget"),
+                                      ("margin = 2.0", "margin"), ("colour = 1", "colour")])
+def test_bad_profile_value_names_file_and_key(line, key, tmp_path, monkeypatch):
+    good = {"description": '"x"', "threads": "2", "execution_provider": '"CPUExecutionProvider"',
+            "memory_budget": '"512MB"', "margin": "0.1"}
+    name = line.split(" = ")[0]
+    good[name] = line.split(" = ")[1]
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "devices" / "board.toml").write_text("".join(f"{k} = {v}\n" for k, v in good.items()))
+    monkeypatch.setenv("EDGE_PEFT_DATA", str(tmp_path))
+    with pytest.raises(UserError) as caught:
+        load_profile("board")
+    assert str(tmp_path / "devices" / "board.toml") in str(caught.value) and repr(key) in str(caught.value)
+    with pytest.raises(UserError, match="does not exist"):
+        load_profile("toaster")
+
+
+def test_profile_applies_and_missing_provider_falls_back(lm_artifact):
+    proc = cli("plan", lm_artifact, "--device-profile", "jetson-orin-nano")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "CUDAExecutionProvider is not available" in err and "falling back to CPUExecutionProvider" in err
+    assert out.startswith("memory budget 3072 MB, safety margin 15%")
