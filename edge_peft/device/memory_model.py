@@ -141,6 +141,12 @@ def _prod(shape: list[int]) -> int:
     return out
 
 
+def loaded_bytes(manifest: Manifest) -> int:
+    """Predicted RSS once the training session is loaded, before the first step."""
+    f = ModelFigures.of(manifest)
+    return int(RUNTIME_BYTES + SESSION_BYTES + WEIGHT_LOAD_FACTOR * (f.frozen_bytes + FLOAT * f.trainable_values))
+
+
 def predict(manifest: Manifest, batch: int, seq_len: int) -> Prediction:
     """Peak RSS of a training step on ``batch`` rows padded to ``seq_len`` tokens."""
     f = ModelFigures.of(manifest)

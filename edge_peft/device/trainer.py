@@ -15,6 +15,7 @@ from ..manifest import IGNORE_INDEX, Manifest, load_manifest
 from .backend import OrtTrainingBackend, TrainingBackend
 from .data import Batch, Tokenized, batch_indices, read_examples, split_holdout
 from .memory import MB, current_rss, peak_rss
+from .memory_model import loaded_bytes
 from .planner import DEFAULT_MARGIN, BudgetGuard, make_plan, parse_budget
 from .run_dir import RUN_FILE, WARM_START_FILE, read_run, write_adapter, write_run_info
 from .schedule import learning_rate
@@ -81,6 +82,7 @@ class Trainer:
         self.backend: TrainingBackend = OrtTrainingBackend(self.artifact, self.manifest, state_path, config.threads)
         self.hooks = build_hooks(config, self.manifest, self.backend)
         self.hooks.load_state(self._resumed_hook_state)
+        self._replan_on_measured_rss()
 
     # -- setup ---------------------------------------------------------------------------------
     def _plan_memory(self) -> BudgetGuard | None:
@@ -94,11 +96,27 @@ class Trainer:
         self._parts: list[Batch] = []
         return BudgetGuard(self.manifest, plan)
 
+    def _replan_on_measured_rss(self) -> None:
+        """Data and session are loaded: fold what RSS exceeds the prediction by into the plan (re-cut data if needed)."""
+        if self.guard is None:
+            return
+        old, c = self.guard.plan, self.config
+        overhead = max(0, current_rss() - loaded_bytes(self.manifest))
+        plan = make_plan(self.manifest, old.budget, c.batch_size, old.requested_seq_len, old.margin,
+                         c.micro_batch_size, overhead)
+        self._memory_note = {"memory_overhead_mb": round(overhead / MB, 1)}
+        if (plan.micro_batch, plan.seq_len) != (old.micro_batch, old.seq_len):
+            self._memory_note.update(memory_replan={"micro_batch": plan.micro_batch, "max_seq_len": plan.seq_len})
+        c.micro_batch_size, self.guard.plan = plan.micro_batch, plan
+        if plan.seq_len < self.seq_len:
+            self.seq_len = plan.seq_len
+            self.train_set, self.train_pool, self.eval_set, self.eval_pool = self._load_data()
+
     def _memory_record(self, peak_before: int) -> dict:
         """Budget adaptations of the last step, for metrics.jsonl (empty when there were none)."""
         if self.guard is None:
             return {}
-        record = {}
+        record, self._memory_note = self._memory_note, {}
         planned = -(-self.config.batch_size // self.guard.plan.micro_batch)
         if len(self._parts) > planned:
             record["memory_split"] = len(self._parts) - planned
