@@ -1,0 +1,95 @@
+"""--memory-budget on the benchmark model (all-MiniLM-L6-v2, int8, BBC News): plan, predicted vs measured peak, tokens/s.
+
+Each budget (and the LoRA-FA vs LoRA pair at one fixed setting) trains in its own process through
+``edge-peft train``; the measured peak is that process's VmHWM. "predicted" is the memory model plus the
+overhead the run measured after loading (what the trainer plans with); the unbudgeted rows have none. Full fine-tuning is not a mode of the
+exporter, so it has no row. tokens/s on a shared machine are indicative only.
+Usage: ``python benchmarks/memory_budget.py [--artifact-dir DIR] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_json  # noqa: E402
+
+BUDGETS = ["256MB", "512MB", "1024MB", "2048MB"]
+
+
+def export(out: Path, variant: str) -> Path:
+    from edge_peft.bundled import BBC_LABELS, minilm_dir
+
+    if not (out / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "edge_peft.cli", "export", str(minilm_dir()), "--out", str(out),
+                        "--labels", ",".join(BBC_LABELS), "--variant", variant, "--max-seq-len", "512",
+                        "--quantize", "int8"], check=True, capture_output=True)
+    return out
+
+
+def train(artifact: Path, data: Path, run: Path, extra: list[str], steps: int) -> dict:
+    """One ``edge-peft train`` process; returns its summary plus the plan it chose."""
+    proc = subprocess.run([sys.executable, "-m", "edge_peft.cli", "train", str(artifact), "--data", str(data),
+                           "--out", str(run), "--steps", str(steps), "--batch-size", "16", "--eval-every", "0",
+                           "--threads", "2", "--quiet", *extra], capture_output=True, text=True)
+    if proc.returncode == 2:
+        return {"refused": proc.stderr.strip().removeprefix("error: ")}
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    summary = json.loads((run / "summary.json").read_text())
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    return {**summary, "overhead_mb": first.get("memory_overhead_mb", 0.0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact-dir", type=Path, help="Where to keep the exported artifacts (default: temporary).")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    from edge_peft.bundled import bbc_news_split, write_jsonl
+    from edge_peft.device.memory_model import MB, predict
+    from edge_peft.device.planner import make_plan, parse_budget
+    from edge_peft.manifest import load_manifest
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        root = args.artifact_dir or tmp
+        data = write_jsonl(tmp / "train.jsonl", bbc_news_split(20, 0)[0])
+        rows = []
+        settings = [("lora-fa", b, ["--memory-budget", b]) for b in BUDGETS]
+        settings += [(v, "none", ["--micro-batch-size", "8", "--max-seq-len", "256"]) for v in ("lora-fa", "lora")]
+        for n, (variant, budget, extra) in enumerate(settings):
+            artifact = export(root / f"minilm-int8-{variant}", variant)
+            manifest = load_manifest(artifact)
+            result = train(artifact, data, tmp / f"run{n}", extra, args.steps)
+            row = {"variant": variant, "budget_mb": budget}
+            if "refused" in result:
+                row["note"] = result["refused"]
+            else:
+                overhead = int(result["overhead_mb"] * MB)  # what the run measured after loading, as it plans
+                if budget != "none":
+                    plan = make_plan(manifest, parse_budget(budget), 16, manifest.max_seq_len, overhead=overhead)
+                    micro, seq = plan.micro_batch, plan.seq_len
+                else:
+                    micro, seq = 8, 256
+                predicted = (predict(manifest, micro, seq).total + overhead) / MB
+                row.update(micro_batch=micro, seq_len=seq, predicted_mb=round(predicted, 1),
+                           peak_mb=result["peak_rss_mb"], tokens_per_s=result["tokens_per_s"],
+                           error_pct=round(100 * (predicted - result["peak_rss_mb"]) / result["peak_rss_mb"], 1))
+                row["within_budget"] = budget == "none" or result["peak_rss_mb"] <= parse_budget(budget) / MB
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+    print_table(rows, [("variant", "variant"), ("budget_mb", "budget"), ("micro_batch", "micro"), ("seq_len", "seq"),
+                       ("predicted_mb", "predicted MB"), ("peak_mb", "measured MB"), ("error_pct", "error %"),
+                       ("within_budget", "<= budget"), ("tokens_per_s", "tokens/s"), ("note", "note")])
+    write_json(args.json, {"rows": rows, "note": "2 shared cores: tokens/s are contaminated by other jobs"})
+
+
+if __name__ == "__main__":
+    main()
