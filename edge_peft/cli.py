@@ -18,6 +18,12 @@ def main_group() -> None:
     """Personalise models on the device: export, train LoRA-FA adapters, share them."""
 
 
+def _blocks(manifest) -> set[int]:
+    from .adapters.spec import layer_index
+
+    return {layer_index(m.name) for m in manifest.modules}
+
+
 def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -37,17 +43,28 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--max-seq-len", default=256, show_default=True, help="Longest sequence the device may train on.")
 @click.option("--weight-decay", default=0.0, show_default=True, help="AdamW weight decay (baked into the optimizer).")
 @click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradient clipping norm (0 disables).")
+@click.option("--layers", help="Blocks to adapt: 0,2,4-6 | top:N | bottom:N | auto:N (probe --probe-data; default: all).")
+@click.option("--probe-data", type=click.Path(path_type=Path), help="Data for --layers auto:N (.jsonl/.txt).")
+@click.option("--probe-steps", default=8, show_default=True, help="Steps of the --layers auto:N probe.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, variant: str, targets: str | None,
            labels: str | None, seed: int, max_seq_len: int, weight_decay: float, max_grad_norm: float,
-           force: bool) -> None:
+           layers: str | None, probe_data: Path | None, probe_steps: int, force: bool) -> None:
     """Export a local Hugging Face MODEL_DIR to an on-device training artifact."""
+    from .exporter.layer_selection import auto_count
     from .exporter.pipeline import ExportOptions, export_artifact
 
     opts = ExportOptions(rank=rank, alpha=alpha, quantize=quantize, variant=variant, targets=_csv(targets),
                          seed=seed, max_seq_len=max_seq_len, labels=_csv(labels), weight_decay=weight_decay,
-                         max_grad_norm=max_grad_norm)
-    manifest = export_artifact(model_dir, out, opts, overwrite=force)
+                         max_grad_norm=max_grad_norm, layers=layers)
+    best = auto_count(layers)
+    if best is not None:
+        from .exporter.layer_probe import export_best_layers
+
+        manifest = export_best_layers(model_dir, out, opts, best, probe_data, probe_steps, overwrite=force)
+        click.echo(f"the probe chose blocks {sorted(_blocks(manifest))} (scores in {out / 'layer_probe.json'})")
+    else:
+        manifest = export_artifact(model_dir, out, opts, overwrite=force)
     click.echo(f"artifact written to {out}: {manifest.architecture}, {len(manifest.modules)} adapted modules, "
                f"rank {manifest.rank}, base {manifest.quantization}, fingerprint {manifest.base_fingerprint}")
 
