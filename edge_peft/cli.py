@@ -46,17 +46,19 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--layers", help="Blocks to adapt: 0,2,4-6 | top:N | bottom:N | auto:N (probe --probe-data; default: all).")
 @click.option("--probe-data", type=click.Path(path_type=Path), help="Data for --layers auto:N (.jsonl/.txt).")
 @click.option("--probe-steps", default=8, show_default=True, help="Steps of the --layers auto:N probe.")
+@click.option("--backend", type=click.Choice(["ort", "portable", "both"]), default="ort", show_default=True,
+              help="Training graphs to write: ORT's training API, the portable ones (plain onnxruntime), or both.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, variant: str, targets: str | None,
            labels: str | None, seed: int, max_seq_len: int, weight_decay: float, max_grad_norm: float,
-           layers: str | None, probe_data: Path | None, probe_steps: int, force: bool) -> None:
+           layers: str | None, probe_data: Path | None, probe_steps: int, backend: str, force: bool) -> None:
     """Export a local Hugging Face MODEL_DIR to an on-device training artifact."""
     from .exporter.layer_selection import auto_count
     from .exporter.pipeline import ExportOptions, export_artifact
 
     opts = ExportOptions(rank=rank, alpha=alpha, quantize=quantize, variant=variant, targets=_csv(targets),
                          seed=seed, max_seq_len=max_seq_len, labels=_csv(labels), weight_decay=weight_decay,
-                         max_grad_norm=max_grad_norm, layers=layers)
+                         max_grad_norm=max_grad_norm, layers=layers, backend=backend)
     best = auto_count(layers)
     if best is not None:
         from .exporter.layer_probe import export_best_layers
@@ -97,6 +99,8 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 @click.option("--memory-budget", help="Peak RSS the run must stay under, e.g. 512MB: sets micro-batch and max-seq-len.")
 @click.option("--memory-margin", type=float, help="Safety margin on the predicted peak (default 0.1, or the profile's).")
 @click.option("--device-profile", help="Threads, budget and margin from devices/NAME.toml (see `edge-peft devices`).")
+@click.option("--backend", type=click.Choice(["auto", "ort", "portable"]), default="auto", show_default=True,
+              help="auto: ORT's training API where installed, else the portable graphs (plain onnxruntime).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(artifact: Path, out: Path, resume: bool, quiet: bool, device_profile: str | None, **options) -> None:
@@ -120,7 +124,7 @@ def _apply_profile(name: str | None, options: dict) -> None:
         from .device.profiles import load_profile, resolve_provider
 
         profile = load_profile(name)
-        resolve_provider(profile)
+        options["execution_provider"] = resolve_provider(profile)
         options["threads"] = options.get("threads") or profile.threads
         options["memory_budget"] = options.get("memory_budget") or profile.memory_budget
         options["memory_margin"] = options.get("memory_margin") or profile.margin

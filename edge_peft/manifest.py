@@ -21,6 +21,7 @@ VARIANTS = ("lora-fa", "lora")
 QUANTIZATIONS = ("none", "int8")
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
 TRAINING_INPUTS = ["input_ids", "attention_mask", "labels", "loss_scale"]
+BACKENDS = ("ort-training", "portable")  # ORT's on-device training API; the portable graphs (portable_spec.py)
 
 
 @dataclass
@@ -117,6 +118,8 @@ class Manifest:
             problems.append(f"quantization {self.quantization!r} not in {QUANTIZATIONS}")
         if not self.modules:
             problems.append("no adapter modules")
+        if not self.backends or set(self.backends) - set(BACKENDS):
+            problems.append(f"backends {self.backends!r} not a non-empty subset of {BACKENDS}")
         if self.task == "sequence-classification" and len(self.labels) < 2:
             problems.append("a classifier needs at least two labels")
         if not str(self.base_fingerprint).startswith("sha256:"):

@@ -12,9 +12,10 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import UserError
 from ..manifest import Manifest
 from .data import Batch
-from .ort_api import quiet_logs, session_options, training_api
+from .ort_api import quiet_logs, session_options, training_api, training_api_installed
 
 
 class TrainingBackend(Protocol):
@@ -92,3 +93,30 @@ class OrtTrainingBackend:
 
     def save_state(self, path: Path, include_optimizer: bool = True) -> None:
         self._api.CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=include_optimizer)
+
+
+BACKEND_CHOICES = ("auto", "ort", "portable")
+
+
+def open_backend(artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
+                 backend: str = "auto", provider: str = "CPUExecutionProvider") -> TrainingBackend:
+    """The training backend for ``artifact``: ``auto`` takes ORT's training API where it is installed and the
+    artifact carries its graphs, else the portable graphs. A run's saved state decides when resuming."""
+    from .portable_backend import PortableBackend, is_portable_state
+
+    if backend not in BACKEND_CHOICES:
+        raise UserError(f"--backend {backend} is not supported: use {', '.join(BACKEND_CHOICES)}")
+    if state_path is not None:
+        saved = "portable" if is_portable_state(state_path) else "ort"
+        if backend not in ("auto", saved):
+            raise UserError(f"the run's checkpoint was written by the {saved} backend: resume with --backend {saved}")
+        backend = saved
+    if backend == "auto":
+        backend = "ort" if "ort-training" in manifest.backends and training_api_installed() else "portable"
+    carried = {"ort": "ort-training", "portable": "portable"}[backend]
+    if carried not in manifest.backends:
+        raise UserError(f"{artifact} carries no {carried} training graphs (it has {', '.join(manifest.backends)}): "
+                        f"re-export with `edge-peft export --backend {backend}` or pick another --backend")
+    if backend == "ort":
+        return OrtTrainingBackend(artifact, manifest, state_path, threads)
+    return PortableBackend(artifact, manifest, state_path, threads, provider)

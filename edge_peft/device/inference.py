@@ -42,8 +42,12 @@ class Predictor:
         spec = AdapterSpec.from_manifest(self.manifest)
         if adapter is not None and Path(adapter).exists():
             return {onnx_name(k): v for k, v in load_adapter(adapter, spec).items()}
-        from .ort_api import training_api
+        from .ort_api import training_api, training_api_installed
 
+        if "ort-training" not in self.manifest.backends or not training_api_installed():
+            from .portable_backend import initial_trainable
+
+            return initial_trainable(self.artifact)
         state = training_api().CheckpointState.load_checkpoint(str(self.artifact / "checkpoint"))
         return {name: np.array(p.data) for name, p in state.parameters if p.requires_grad}
 

@@ -30,6 +30,16 @@ def onnxruntime_module() -> types.ModuleType:
     return importlib.import_module("onnxruntime")
 
 
+def training_api_installed() -> bool:
+    """Whether ONNX Runtime's training API can be imported here (without importing it)."""
+    onnxruntime_module()
+    try:
+        spec = importlib.util.find_spec("onnxruntime.training")
+    except ImportError:
+        return False
+    return spec is not None and bool(spec.submodule_search_locations)
+
+
 def training_api() -> types.ModuleType:
     """The ``onnxruntime.training.api`` module (CheckpointState, Module, Optimizer)."""
     onnxruntime_module()

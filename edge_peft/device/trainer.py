@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
 from ..manifest import IGNORE_INDEX, Manifest, load_manifest
-from .backend import OrtTrainingBackend, TrainingBackend
+from .backend import TrainingBackend, open_backend
 from .data import Batch, Tokenized, batch_indices, read_examples, split_holdout
 from .memory import MB, current_rss, peak_rss
 from .memory_model import loaded_bytes
@@ -45,6 +45,8 @@ class TrainConfig:
     nested_ranks: bool = False
     layer_lr_decay: float = 1.0
     lr_ratio_b: float = 1.0
+    backend: str = "auto"  # auto | ort | portable (backend.open_backend)
+    execution_provider: str = "CPUExecutionProvider"  # portable backend only; from --device-profile
 
     def validate(self, manifest: Manifest) -> None:
         checks = [
@@ -79,7 +81,8 @@ class Trainer:
         self.start_step, self.totals = 0, {"samples": 0, "tokens": 0, "wall_s": 0.0}
         self._resumed_hook_state: dict = {}
         state_path = self._prepare_run_dir(resume)
-        self.backend: TrainingBackend = OrtTrainingBackend(self.artifact, self.manifest, state_path, config.threads)
+        self.backend: TrainingBackend = open_backend(self.artifact, self.manifest, state_path, config.threads,
+                                                     config.backend, config.execution_provider)
         self.hooks = build_hooks(config, self.manifest, self.backend)
         self.hooks.load_state(self._resumed_hook_state)
         self._replan_on_measured_rss()

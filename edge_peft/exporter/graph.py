@@ -72,8 +72,11 @@ def fold_transposes(proto: onnx.ModelProto, frozen: set[str]) -> dict[str, str]:
     return folded
 
 
-def quantize_int8(proto: onnx.ModelProto, names: set[str]) -> list[str]:
+def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] | None = None) -> list[str]:
     """Symmetric per-output-channel int8 for the named fp32 2-D initializers; returns the new frozen names.
+
+    The channel axis follows from the consumers unless ``axes`` names it (the portable gradient graph,
+    whose backward reads weights in both orientations, passes the forward's output axis).
 
     ``W`` becomes ``W.int8`` (int8) + ``W.scale`` (fp32). Matmul-like consumers read
     ``DequantizeLinear(W.int8, W.scale, axis)`` under the old name; ``Gather`` consumers (embeddings)
@@ -101,6 +104,8 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str]) -> list[str]:
             for n, k in others
         )
         axis = 1 if in_out and not gathers else 0
+        if axes and name in axes and not gathers:
+            axis = axes[name]
         absmax = np.abs(w).max(axis=1 - axis)
         scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
         shaped = scale[None, :] if axis == 1 else scale[:, None]

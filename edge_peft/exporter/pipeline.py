@@ -16,9 +16,11 @@ from . import graph
 from .artifacts import write_inference_model, write_training_artifacts
 from .layer_selection import parse_layers
 from .load import fingerprint, load_model_dir
+from .portable import write_portable_artifacts
 from .to_onnx import OPSET, export_logits_model
 
 WRAPPER_PREFIX = "model."
+EXPORT_BACKENDS = {"ort": ["ort-training"], "portable": ["portable"], "both": ["ort-training", "portable"]}
 
 
 @dataclass
@@ -35,6 +37,7 @@ class ExportOptions:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     memory: dict = field(default_factory=dict)
+    backend: str = "ort"  # ort | portable | both: which training graphs the artifact carries
 
 
 def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions, quiet: bool = False,
@@ -44,7 +47,10 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         raise UserError(f"--rank {opts.rank} must be a positive integer (typical: 4, 8, 16)")
     if opts.quantize not in ("none", "int8"):
         raise UserError(f"--quantize {opts.quantize} is not supported: use none or int8")
-    stages = Stages(6, quiet)
+    if opts.backend not in EXPORT_BACKENDS:
+        raise UserError(f"--backend {opts.backend} is not supported: use {', '.join(EXPORT_BACKENDS)}")
+    backends = EXPORT_BACKENDS[opts.backend]
+    stages = Stages(5 + len(backends), quiet)
     with stages.stage(f"loading {model_dir}"):
         loaded = load_model_dir(model_dir, opts.labels, init_seed=opts.seed)
         model, recipe = loaded.model, loaded.recipe
@@ -80,13 +86,19 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
             if opts.quantize == "int8":
                 graph.quantize_int8(proto, frozen_base)
             frozen_list = [n for n in graph.weight_names(proto) if n not in set(trainable)]
-        with stages.stage("generating ORT training artifacts"):
-            write_training_artifacts(proto, trainable, frozen_list, tmp, opts.weight_decay, opts.max_grad_norm,
-                                     flatten_width=config.vocab_size if causal else None)
+        if "ort-training" in backends:
+            with stages.stage("generating ORT training artifacts"):
+                write_training_artifacts(proto, trainable, frozen_list, tmp, opts.weight_decay, opts.max_grad_norm,
+                                         flatten_width=config.vocab_size if causal else None)
+        if "portable" in backends:
+            with stages.stage("exporting the portable training graphs"):
+                write_portable_artifacts(model, causal, trainable, opts.quantize == "int8", opts.max_seq_len,
+                                         opts.weight_decay, opts.max_grad_norm, tmp)
         with stages.stage("writing inference model, tokenizer and manifest"):
             write_inference_model(proto, trainable, tmp)
             loaded.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
             manifest = _manifest(loaded, config, opts, targets, modules, heads, base_fp, graph.nbytes(proto, frozen_list))
+            manifest.backends = list(backends)
             manifest.save(tmp)
     return manifest
 

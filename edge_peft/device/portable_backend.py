@@ -1,0 +1,167 @@
+"""The portable training backend: the artifact's gradient and AdamW graphs on plain, current onnxruntime.
+
+No ``onnxruntime-training`` and no torch: frozen weights are initializers of ``portable_gradient.onnx``
+(int8 behind ``DequantizeLinear``), the trainable tensors, their AdamW moments and the step live here
+as numpy arrays and are fed in each call. State files are safetensors with the step in the header.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
+
+from ..errors import UserError
+from ..fileio import atomic_write_bytes
+from ..manifest import Manifest
+from ..portable_spec import (BATCH_INPUTS, GRADIENT_MODEL, INITIAL_STATE, LOSS, LR, OPTIMIZER_MODEL, STEP, grad_name,
+                             moment_names, updated)
+from .data import Batch
+from .ort_api import onnxruntime_module, quiet_logs, session_options
+
+STATE_FORMAT = "edge-peft-portable-state-1"
+# ConstantFolding would run DequantizeLinear once at load and keep fp32 copies of the int8 weights; the
+# transpose optimizer would push the weights' transposes through DequantizeLinear as uint8 Q/DQ pairs,
+# which ORT 1.19 rejects for int8.
+DISABLED_OPTIMIZERS = ["ConstantFolding", "TransposeOptimizer"]
+
+
+def is_portable_state(path: Path) -> bool:
+    """True when ``path`` is a state file this backend wrote (safetensors with our format tag)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            return 0 < size < 1 << 26 and STATE_FORMAT.encode() in f.read(size)
+    except OSError:
+        return False
+
+
+class PortableBackend:
+    """``TrainingBackend`` over two plain ONNX models: gradients of the adapters, then AdamW."""
+
+    def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
+                 provider: str = "CPUExecutionProvider"):
+        if not (artifact / GRADIENT_MODEL).is_file():
+            raise UserError(f"{artifact} has no portable training graphs: re-export it with "
+                            "`edge-peft export --backend portable` (or both)")
+        ort = onnxruntime_module()
+        quiet_logs()
+        self.manifest = manifest
+        self.artifact = artifact
+        providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
+        options = session_options(threads)
+        options.enable_cpu_mem_arena = False  # as the ORT backend: linear, predictable RSS
+        options.add_session_config_entry("session.disable_prepacking", "1")  # prepacking copies every weight
+        self._gradient = ort.InferenceSession(str(artifact / GRADIENT_MODEL), options, providers=providers,
+                                              disabled_optimizers=DISABLED_OPTIMIZERS)
+        self._optimizer = ort.InferenceSession(str(artifact / OPTIMIZER_MODEL), session_options(threads),
+                                               providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self._gradient.get_inputs() if i.name not in BATCH_INPUTS]
+        self._outputs = [LOSS, *[grad_name(n) for n in self.names]]
+        self._load(state_path or artifact / INITIAL_STATE)
+        self._grads: dict[str, np.ndarray] | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def _load(self, path: Path) -> None:
+        try:
+            data = path.read_bytes()
+            tensors = load(data)
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"{path} is not a readable portable training state ({exc}): "
+                            "start the run again without --resume") from None
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise UserError(f"{path} lacks trainable tensor {missing[0]}: it belongs to another artifact; "
+                            "start a new run")
+        self.values = {n: tensors[n].astype(np.float32) for n in self.names}
+        zeros = {n: np.zeros_like(v) for n, v in self.values.items()}
+        self.m = {n: tensors.get(moment_names(n)[0], zeros[n]).astype(np.float32) for n in self.names}
+        self.v = {n: tensors.get(moment_names(n)[1], zeros[n]).astype(np.float32) for n in self.names}
+        self.step = int(_header(data).get("step", "0"))
+
+    def save_state(self, path: Path, include_optimizer: bool = True) -> None:
+        tensors = dict(self.values)
+        if include_optimizer:
+            for n in self.names:
+                m, v = moment_names(n)
+                tensors[m], tensors[v] = self.m[n], self.v[n]
+        step = self.step if include_optimizer else 0
+        atomic_write_bytes(Path(path), save(tensors, metadata={"format": STATE_FORMAT, "step": str(step)}))
+
+    # -- training ------------------------------------------------------------------------------
+    def _run(self, batch: Batch, scale: float) -> tuple[float, list[np.ndarray]]:
+        feeds = {"input_ids": batch.input_ids.astype(np.int64), "attention_mask": batch.attention_mask.astype(np.int64),
+                 "labels": batch.labels.astype(np.int64), "loss_scale": np.array(scale, dtype=np.float32),
+                 **self.values}
+        loss, *grads = self._gradient.run(self._outputs, feeds)
+        return float(loss), grads
+
+    def forward_backward(self, batch: Batch, scale: float = 1.0) -> float:
+        loss, grads = self._run(batch, scale)
+        if self._grads is None:
+            self._grads = dict(zip(self.names, grads))
+        else:
+            for name, g in zip(self.names, grads):
+                self._grads[name] += g
+        return loss
+
+    def optimizer_step(self, lr: float) -> None:
+        grads = self._grads or {n: np.zeros_like(v) for n, v in self.values.items()}
+        self.step += 1
+        feeds = {LR: np.array(lr, dtype=np.float32), STEP: np.array(self.step, dtype=np.int64)}
+        for n in self.names:
+            m, v = moment_names(n)
+            feeds.update({n: self.values[n], grad_name(n): grads[n], m: self.m[n], v: self.v[n]})
+        wanted = [updated(x) for n in self.names for x in (n, *moment_names(n))]
+        out = dict(zip(wanted, self._optimizer.run(wanted, feeds)))
+        for n in self.names:
+            m, v = moment_names(n)
+            self.values[n], self.m[n], self.v[n] = out[updated(n)], out[updated(m)], out[updated(v)]
+        self._grads = None
+
+    def eval_loss(self, batch: Batch) -> float:
+        """Loss through the gradient graph (its gradients are discarded): no second copy of the weights."""
+        return self._run(batch, 1.0)[0]
+
+    # -- tensors by name -----------------------------------------------------------------------
+    def trainable(self) -> dict[str, np.ndarray]:
+        return {n: v.copy() for n, v in self.values.items()}
+
+    def set_trainable(self, tensors: dict[str, np.ndarray]) -> None:
+        for name, value in tensors.items():
+            if name not in self.values:
+                raise UserError(f"{name} is not a trainable tensor of this artifact: check the adapter's targets")
+            self.values[name] = np.ascontiguousarray(value, dtype=np.float32).reshape(self.values[name].shape)
+
+    def gradients(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Accumulated gradients of trainable tensors (read between backward and the optimizer step)."""
+        grads = self._grads or {}
+        return {n: grads[n].copy() if n in grads else np.zeros_like(self.values[n]) for n in names}
+
+    def frozen(self, name: str) -> np.ndarray:
+        """A frozen initializer of the gradient graph, read with the ``onnx`` package (workstation/tests)."""
+        try:
+            import onnx
+            from onnx import numpy_helper
+        except ImportError:
+            raise UserError("reading frozen tensors of a portable artifact needs the onnx package: "
+                            "pip install onnx") from None
+        model = onnx.load(str(self.artifact / GRADIENT_MODEL))
+        for init in model.graph.initializer:
+            if init.name == name:
+                return numpy_helper.to_array(init).copy()
+        raise UserError(f"{name} is not a frozen tensor of {self.artifact / GRADIENT_MODEL}: check the name")
+
+
+def _header(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__", {}) or {}
+
+
+def initial_trainable(artifact: Path) -> dict[str, np.ndarray]:
+    """The trainable tensors a fresh portable run starts from."""
+    return dict(load((artifact / INITIAL_STATE).read_bytes()))

@@ -1,0 +1,216 @@
+"""The portable backend's gradient graph: forward + adapter-only gradients as one standard ONNX model.
+
+Route (the only one that exported, see issue 7): ``torch.func.grad_and_value`` over
+``torch.func.functional_call``, traced to plain aten ops with ``make_fx(tracing_mode="symbolic")``,
+``torch.export.export(strict=False)`` with dynamic batch and sequence axes, then the dynamo ONNX
+exporter (opset 18). Frozen tensors are inputs of the traced function (no weight gradients are
+computed for them) and of the exported graph (so its optimizer keeps them single and int8-able); they
+become initializers under their Hugging Face names afterwards.
+
+The AdamW update is a second, tiny graph (``portable_optim.py``): the device loop accumulates
+gradients over micro-batches and only knows the learning rate at the optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Iterator
+from unittest import mock
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import torch
+from safetensors.numpy import save as save_safetensors
+from torch import nn
+from torch.func import functional_call, grad_and_value
+
+from ..fileio import atomic_write_bytes
+from ..manifest import IGNORE_INDEX
+from ..portable_spec import BATCH_INPUTS, GRADIENT_MODEL, INITIAL_STATE, LOSS, OPTIMIZER_MODEL, grad_name
+from . import graph
+from .portable_optim import build_optimizer_model
+
+PORTABLE_OPSET = 18
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+class _GradientStep(nn.Module):
+    """(batch, loss_scale, trainable, frozen) -> (loss, *gradients) around the traced function."""
+
+    def __init__(self, traced: nn.Module):
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, input_ids, attention_mask, labels, loss_scale, trainable, frozen):
+        return self.traced(input_ids, attention_mask, labels, loss_scale, *trainable, *frozen)
+
+
+def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over targets that are not -100, written out in elementwise ops: the exported
+    gradient of ``aten.nll_loss`` drops the division by the number of targets."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    targets = labels.reshape(-1)
+    valid = targets != IGNORE_INDEX
+    log_probs = torch.log_softmax(flat, dim=-1)
+    picked = log_probs.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
+    count = valid.sum().clamp(min=1).to(flat.dtype)
+    return -(picked * valid.to(flat.dtype)).sum() / count
+
+
+def _step_function(model: nn.Module, causal: bool, trainable: list[str], frozen: list[str]):
+    """The function make_fx traces: scaled mean cross-entropy (labels -100 ignored) and its adapter gradients."""
+    extra = {"use_cache": False} if causal else {}
+
+    def loss_of(train, fixed, input_ids, attention_mask, labels, loss_scale):
+        out = functional_call(model, {**fixed, **train}, args=(),
+                              kwargs={"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True,
+                                      **extra})
+        loss = _mean_cross_entropy(out.logits, labels)
+        return loss * loss_scale, loss
+
+    def step(input_ids, attention_mask, labels, loss_scale, *tensors):
+        train = dict(zip(trainable, tensors[: len(trainable)]))
+        fixed = dict(zip(frozen, tensors[len(trainable):]))
+        grads, (_, loss) = grad_and_value(loss_of, has_aux=True)(train, fixed, input_ids, attention_mask, labels,
+                                                                  loss_scale)
+        return (loss, *[grads[name] for name in trainable])
+
+    return step
+
+
+def export_gradient_model(model: nn.Module, causal: bool, trainable: list[str], max_seq_len: int) -> onnx.ModelProto:
+    """Export the gradient graph of ``model`` (LoRA already injected) for the named trainable parameters.
+
+    Inputs: input_ids, attention_mask, labels, loss_scale and the trainable tensors by name. Outputs:
+    ``loss`` (unscaled mean) and ``<name>.grad`` = d(loss_scale * loss)/d(name). Frozen parameters are
+    initializers under their Hugging Face names (tied weights appear once, under the first name).
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model.eval()
+    params = dict(model.named_parameters())
+    frozen = [name for name in params if name not in set(trainable)]
+    step = _step_function(model, causal, trainable, frozen)
+    ids = torch.ones(2, 8, dtype=torch.long)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    labels = torch.ones(2, 8, dtype=torch.long) if causal else torch.ones(2, dtype=torch.long)
+    scale = torch.tensor(1.0)
+    train_values = [params[name].detach() for name in trainable]
+    frozen_values = [params[name].detach() for name in frozen]
+    with warnings.catch_warnings(), _tracing_for_transformers():
+        warnings.simplefilter("ignore")
+        traced = make_fx(step, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
+            ids, mask, labels, scale, *train_values, *frozen_values)
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_seq_len)
+        label_dims = {0: batch, 1: seq} if causal else {0: batch}
+        dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, label_dims, None, (None,) * len(trainable),
+                   (None,) * len(frozen))
+        program = torch.export.export(_GradientStep(traced), (ids, mask, labels, scale, tuple(train_values),
+                                                              tuple(frozen_values)), dynamic_shapes=dynamic, strict=False)
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=PORTABLE_OPSET,
+                                         input_names=[*BATCH_INPUTS, *trainable, *frozen],
+                                         output_names=[LOSS, *[grad_name(n) for n in trainable]],
+                                         optimize=True, verbose=False)
+    proto = onnx_program.model_proto
+    _inputs_to_initializers(proto, {name: params[name].detach().numpy() for name in frozen})
+    return proto
+
+
+@contextlib.contextmanager
+def _tracing_for_transformers() -> Iterator[None]:
+    """Tell transformers' mask code it is being traced: under ``grad_and_value`` the mask is a functorch
+    wrapper its own check does not recognise, and it would branch on the mask's values (all ones?)."""
+    from torch.fx.experimental import _config as fx_config
+
+    # Without duck sizing a batch of 2 is not unified with some weight dimension that happens to be 2
+    # (which the weights' shape guards would then specialise to a constant).
+    # F.linear's C++ decomposition under functorch reads concrete sizes, which pins batch and sequence.
+    with mock.patch("transformers.masking_utils.is_tracing", lambda *args, **kwargs: True), \
+            mock.patch.object(fx_config, "use_duck_shape", False), \
+            mock.patch.object(nn.functional, "linear", _linear):
+        yield
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` as a matmul, which traces with symbolic batch and sequence sizes."""
+    out = torch.matmul(x, weight.t())
+    return out if bias is None else out + bias
+
+
+def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
+    """Turn the frozen graph inputs into named initializers (exported as inputs so that the exporter's
+    optimizer cannot fold their transposes into fp32 copies); inputs no node reads are dropped."""
+    graph = proto.graph
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.input if i.name not in values]
+    del graph.input[:]
+    graph.input.extend(kept)
+    graph.initializer.extend(onnx.numpy_helper.from_array(np.ascontiguousarray(v), name)
+                             for name, v in values.items() if name in used)
+
+
+def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: bool, max_seq_len: int,
+                             weight_decay: float, max_grad_norm: float, out: Path) -> int:
+    """Write the gradient graph, the AdamW graph and the initial trainable state into ``out``.
+
+    Frozen base weights (not the LoRA A factors) are stored int8 behind ``DequantizeLinear`` when
+    ``quantize``. Returns the bytes of the frozen initializers (for the memory model).
+    """
+    proto = export_gradient_model(model, causal, trainable, max_seq_len)
+    params = dict(model.named_parameters())
+    frozen = set(params) - set(trainable)
+    base = {i.name for i in proto.graph.initializer if i.name in frozen and not i.name.endswith(".lora_A.weight")}
+    folded = graph.fold_transposes(proto, base)
+    base = (base - set(folded)) | set(folded.values())
+    if quantize:
+        graph.quantize_int8(proto, base, _output_axes(model))
+        _transpose_before_dequantize(proto)
+    _save(proto, out / GRADIENT_MODEL)
+    shapes = {name: list(params[name].shape) for name in trainable}
+    onnx.save(build_optimizer_model(shapes, weight_decay, max_grad_norm, PORTABLE_OPSET), str(out / OPTIMIZER_MODEL))
+    values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
+    atomic_write_bytes(out / INITIAL_STATE, save_safetensors(values))
+    trainable_set = set(trainable)
+    return sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer if i.name not in trainable_set)
+
+
+def _transpose_before_dequantize(proto: onnx.ModelProto) -> None:
+    """Rewrite ``DequantizeLinear(W) -> Transpose`` as ``Transpose(W int8) -> DequantizeLinear`` (other axis).
+
+    Weights the backward reads in both orientations keep one int8 copy; ORT 1.19's extended optimizers
+    would otherwise insert a uint8 ``QuantizeLinear`` there and reject the graph."""
+    dequantized = {n.output[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    nodes = []
+    for node in proto.graph.node:
+        source = dequantized.get(node.input[0]) if node.op_type == "Transpose" and node.input else None
+        if source is None or len(source.input) != 2:
+            nodes.append(node)
+            continue
+        axis = next(onnx.helper.get_attribute_value(a) for a in source.attribute if a.name == "axis")
+        rows = f"{node.output[0]}.int8"
+        nodes += [onnx.helper.make_node("Transpose", [source.input[0]], [rows], perm=[1, 0]),
+                  onnx.helper.make_node("DequantizeLinear", [rows, source.input[1]], [node.output[0]], axis=1 - axis)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
+def _output_axes(model: nn.Module) -> dict[str, int]:
+    """Output-channel axis of every 2-D weight: 1 for GPT-2's ``Conv1D`` ([in, out]), else 0 ([out, in]).
+
+    The same channels the ORT artifact's forward-only graph quantizes per, so both backends train the
+    same int8 base."""
+    return {f"{prefix}.{name}" if prefix else name: int(type(module).__name__ == "Conv1D")
+            for prefix, module in model.named_modules() for name, p in module.named_parameters(recurse=False)
+            if p.ndim == 2}
+
+
+def _save(proto: onnx.ModelProto, path: Path) -> None:
+    """Save ``proto``; weights go to ``<file>.data`` beside it when the model nears protobuf's 2 GB limit."""
+    if proto.ByteSize() < EXTERNAL_DATA_BYTES:
+        onnx.save(proto, str(path))
+        return
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=f"{path.name}.data", size_threshold=1024)

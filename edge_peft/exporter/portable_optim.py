@@ -1,0 +1,67 @@
+"""The portable backend's optimizer graph: AdamW as ORT's training API runs it, in standard ONNX ops.
+
+Same arithmetic as ORT's ``AdamWOptimizer`` in Hugging Face mode (``adam_mode=1``, bias correction
+folded into the learning rate, decoupled weight decay applied after the update) preceded by
+``ClipGradNorm`` (global L2 norm over all gradients, coefficient ``max_norm / (norm + 1e-6)`` capped at 1).
+``step`` is the 1-based number of the update being made.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..portable_spec import LR, STEP, grad_name, moment_names, updated
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+CLIP_EPS = 1e-6
+
+
+def build_optimizer_model(shapes: dict[str, list[int]], weight_decay: float, max_grad_norm: float,
+                          opset: int) -> onnx.ModelProto:
+    """AdamW over the named tensors: inputs lr, step, and per tensor its value, ``.grad`` and moments."""
+    nodes: list[onnx.NodeProto] = []
+    consts = {"b1": BETAS[0], "b2": BETAS[1], "1-b1": 1 - BETAS[0], "1-b2": 1 - BETAS[1], "one": 1.0, "eps": EPS,
+              "clip_eps": CLIP_EPS, "max_norm": max_grad_norm, "wd": weight_decay}
+    inits = [numpy_helper.from_array(np.array(v, np.float32), f"c.{k}") for k, v in consts.items()]
+    inputs = [helper.make_tensor_value_info(LR, TensorProto.FLOAT, []),
+              helper.make_tensor_value_info(STEP, TensorProto.INT64, [])]
+    outputs = []
+
+    def op(kind: str, ins: list[str], out: str, **attrs) -> str:
+        nodes.append(helper.make_node(kind, ins, [out], **attrs))
+        return out
+
+    t = op("Cast", [STEP], "t", to=TensorProto.FLOAT)
+    bc1 = op("Sub", ["c.one", op("Pow", ["c.b1", t], "b1^t")], "bc1")
+    bc2 = op("Sub", ["c.one", op("Pow", ["c.b2", t], "b2^t")], "bc2")
+    lr_c = op("Div", [op("Mul", [LR, op("Sqrt", [bc2], "sqrt_bc2")], "lr*sqrt_bc2"), bc1], "lr_corrected")
+    lr_wd = op("Mul", [LR, "c.wd"], "lr*wd")
+    grads = {name: grad_name(name) for name in shapes}
+    if max_grad_norm > 0:
+        squares = [op("ReduceSumSquare", [g], f"{g}.sq", keepdims=0) for g in grads.values()]
+        total = op("Sum", squares, "grad_sq_total") if len(squares) > 1 else squares[0]
+        norm = op("Sqrt", [total], "grad_norm")
+        coef = op("Min", [op("Div", ["c.max_norm", op("Add", [norm, "c.clip_eps"], "norm+eps")], "clip_raw"), "c.one"],
+                  "clip_coef")
+        grads = {name: op("Mul", [g, coef], f"{g}.clipped") for name, g in grads.items()}
+    for name, shape in shapes.items():
+        m, v = moment_names(name)
+        g = grads[name]
+        for tensor in (name, grad_name(name), m, v):
+            inputs.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, shape))
+        m_new = op("Add", [op("Mul", ["c.b1", m], f"{m}.decayed"), op("Mul", ["c.1-b1", g], f"{m}.in")], updated(m))
+        g2 = op("Mul", [g, g], f"{name}.g2")
+        v_new = op("Add", [op("Mul", ["c.b2", v], f"{v}.decayed"), op("Mul", ["c.1-b2", g2], f"{v}.in")], updated(v))
+        denom = op("Add", [op("Sqrt", [v_new], f"{v}.sqrt"), "c.eps"], f"{name}.denom")
+        step_ = op("Div", [op("Mul", [lr_c, m_new], f"{name}.lr_m"), denom], f"{name}.delta")
+        moved = op("Sub", [name, step_], f"{name}.moved")
+        op("Sub", [moved, op("Mul", [lr_wd, moved], f"{name}.decay")], updated(name))
+        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in (updated(name), updated(m), updated(v))]
+    graph = helper.make_graph(nodes, "adamw", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edge-peft")
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model

@@ -1,0 +1,167 @@
+"""The portable backend (plain onnxruntime graphs) trains like the ORT training-API backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from test_reference import hf_adamw_step, reference_model
+from test_training import losses, train
+
+from edge_peft.device.adapter_io import save_run_adapter
+from edge_peft.device.backend import open_backend
+from edge_peft.device.inference import Predictor
+from edge_peft.device.trainer import TrainConfig, Trainer
+from edge_peft.errors import UserError
+from edge_peft.exporter.load import load_model_dir
+from edge_peft.manifest import IGNORE_INDEX, load_manifest
+from edge_peft.portable_spec import GRADIENT_MODEL
+
+ROOT = Path(__file__).resolve().parent.parent
+PORTABLE_PYTHON = Path(os.environ.get("EDGE_PEFT_PORTABLE_VENV", ROOT / ".venv-portable")) / "bin" / "python"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_both_backends_give_the_same_losses(kind, artifacts, data, tmp_path):
+    artifact = artifacts(kind, "int8", backend="both")
+    data_path = data["cls"] if kind == "bert" else data["lm"]
+    ort = train(artifact, data_path, tmp_path / "ort", steps=10, threads=1, backend="ort")
+    portable = train(artifact, data_path, tmp_path / "portable", steps=10, threads=1, backend="portable")
+    assert ort[0] == pytest.approx(portable[0], rel=1e-5)  # same graph before any update
+    np.testing.assert_allclose(portable, ort, rtol=1e-4)
+
+
+def test_portable_loss_falls_and_touches_only_adapters(artifacts, data, tmp_path):
+    artifact = artifacts("gpt2", "int8", backend="portable")
+    assert load_manifest(artifact).backends == ["portable"]
+    before = {p.name: _sha(p) for p in artifact.iterdir() if p.is_file()}
+    history = train(artifact, data["lm"], tmp_path / "run", steps=40)
+    first, last = np.mean(history[:5]), np.mean(history[-5:])
+    assert last < 0.6 * first, f"loss {first:.3f} -> {last:.3f}"
+    assert {p.name: _sha(p) for p in artifact.iterdir() if p.is_file()} == before  # the artifact is read-only
+
+    proto = onnx.load(str(artifact / GRADIENT_MODEL))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert any(a.dtype == np.int8 for a in inits.values())
+    big_fp32 = [n for n, a in inits.items() if a.dtype == np.float32 and a.ndim == 2 and a.size >= 1024
+                and not n.endswith("lora_A.weight")]
+    assert not big_fp32, f"frozen weights kept in fp32: {big_fp32[:3]}"  # int8 stays int8, no folded copies
+    backend = open_backend(artifact, load_manifest(artifact), tmp_path / "run" / "checkpoint" / "state", threads=1)
+    name = next(n for n in inits if n.endswith("lora_A.weight"))
+    assert backend.frozen(name).tobytes() == inits[name].tobytes()
+    trained = backend.trainable()
+    assert all(np.any(v != 0) for n, v in trained.items() if n.endswith("lora_B.weight"))
+
+
+def test_first_losses_match_pytorch(models, artifacts, data, tmp_path):
+    """Same LoRA-FA model, batches, clipping and HF AdamW in torch: the portable losses agree to 1e-4."""
+    artifact, steps = artifacts("gpt2", "none", backend="both"), 5
+    ours = train(artifact, data["lm"], tmp_path / "run", steps=steps, threads=1, backend="portable")
+    config = TrainConfig(data=str(data["lm"]), steps=steps, batch_size=8, lr=1e-2, eval_every=0, threads=1)
+    batches = Trainer(artifact, config, tmp_path / "batches", show_progress=False)
+    model, params, _ = reference_model(models["gpt2"], artifact)
+    adam: dict = {}
+    expected = []
+    for step in range(steps):
+        (batch, _), = batches.micro_batches(step)
+        logits = model(input_ids=torch.from_numpy(batch.input_ids),
+                       attention_mask=torch.from_numpy(batch.attention_mask)).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 torch.from_numpy(batch.labels.reshape(-1)), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        hf_adamw_step(params, adam, batches.lr(step), step + 1)
+        expected.append(loss.item())
+    np.testing.assert_allclose(ours, expected, rtol=1e-4)
+
+
+def test_peft_logits_agree_between_backends(models, artifacts, data, tmp_path):
+    from peft import PeftModel
+
+    artifact = artifacts("bert", "none", backend="both")
+    ids = np.array([[5, 9, 12, 7, 3, 11], [8, 6, 10, 14, 0, 0]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    logits = {}
+    for backend in ("ort", "portable"):
+        run = tmp_path / backend
+        train(artifact, data["cls"], run, steps=8, backend=backend)
+        adapter = save_run_adapter(run, tmp_path / f"{backend}-adapter")
+        base = load_model_dir(models["bert"]).model
+        peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        with torch.no_grad():
+            logits[backend] = peft_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+        np.testing.assert_allclose(Predictor(run).logits(ids, mask), logits[backend], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(logits["ort"], Predictor(artifact).logits(ids, mask), atol=1e-3)
+    np.testing.assert_allclose(logits["portable"], logits["ort"], atol=1e-3)
+
+
+def test_resume_continues_exactly(artifacts, data, tmp_path):
+    """A run stopped after its step-4 checkpoint and resumed gives the uninterrupted run's losses."""
+    artifact = artifacts("gpt2", "int8", backend="portable")
+    straight = train(artifact, data["lm"], tmp_path / "straight", steps=8, threads=1, checkpoint_every=4)
+    config = TrainConfig(data=str(data["lm"]), steps=8, batch_size=8, lr=1e-2, eval_every=0, checkpoint_every=4,
+                         threads=1)
+    stopped = tmp_path / "stopped"
+    trainer = Trainer(artifact, config, stopped, show_progress=False)
+    for step in range(4):
+        trainer.train_step(step)
+    trainer.checkpoint(4, 0.0, None)
+    metrics = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[:4]
+    (stopped / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics))
+    Trainer(artifact, config, stopped, resume=True, show_progress=False).run()
+    np.testing.assert_allclose(losses(stopped), straight, rtol=1e-6)
+    with pytest.raises(UserError, match="--backend portable"):
+        open_backend(artifact, load_manifest(artifact), stopped / "checkpoint" / "state", backend="ort")
+
+
+def test_auto_refuses_an_artifact_without_usable_graphs(artifacts, tmp_path):
+    artifact = artifacts("gpt2", "int8", backend="portable")
+    with pytest.raises(UserError, match="re-export with `edge-peft export --backend ort`"):
+        open_backend(artifact, load_manifest(artifact), backend="ort")
+
+
+PORTABLE_CHECK = """
+import importlib, sys
+for name in ("torch", "onnxruntime.training"):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        continue
+    sys.exit(f"{name} is importable in the portable venv")
+import onnxruntime
+print(onnxruntime.__version__)
+"""
+
+
+@pytest.mark.skipif(not PORTABLE_PYTHON.is_file(),
+                    reason=f"{PORTABLE_PYTHON} missing: build it with scripts/portable_venv.sh (CI does)")
+def test_trains_and_generates_on_plain_onnxruntime(artifacts, data, tmp_path):
+    """The device loop in a venv with current onnxruntime only: no torch, no onnxruntime-training."""
+    artifact = artifacts("gpt2", "int8", backend="both")
+    check = subprocess.run([str(PORTABLE_PYTHON), "-c", PORTABLE_CHECK], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr + check.stdout
+    assert not check.stdout.startswith("1.19"), "the portable venv must run a current onnxruntime"
+    run = tmp_path / "run"
+    cli = [str(PORTABLE_PYTHON), "-m", "edge_peft.cli"]
+    for args in (["train", artifact, "--data", data["lm"], "--out", run, "--steps", "12", "--batch-size", "4",
+                  "--checkpoint-every", "6", "--eval-every", "6", "--threads", "1", "--lr", "1e-2", "--quiet"],
+                 ["generate", run, "--prompt", "the cat", "--max-new-tokens", "5"],
+                 ["adapter", "save", run, "--out", tmp_path / "adapter"]):
+        proc = subprocess.run([*cli, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    history = losses(run)
+    assert len(history) == 12 and history[-1] < history[0]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 12
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
