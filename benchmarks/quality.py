@@ -8,8 +8,8 @@ head initialisation and learning-rate schedule (linear warm-up, cosine decay to 
 - edge-peft LoRA-FA on an fp32 and on an int8 base, trained by the torch-free device loop;
 - PyTorch eager + PEFT LoRA (A trained too) and PEFT LoRA with PEFT's LoRA-FA optimizer.
 
-Each runs in its own process (peak RSS is that process's). Defaults take about 5 minutes on 2 cores.
-Usage: ``python benchmarks/quality.py [--json out.json] [--per-class-train 60] [--steps 80]``.
+Each runs in its own process (peak RSS is that process's). Defaults take 6-10 minutes on 2 cores.
+Usage: ``python benchmarks/quality.py [--json out.json] [--per-class-train 60] [--steps 120]``.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--per-class-train", type=int, default=60)
     parser.add_argument("--per-class-test", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-3)
