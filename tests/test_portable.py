@@ -33,9 +33,9 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2"])
-def test_both_backends_give_the_same_losses(kind, artifacts, data, tmp_path):
-    artifact = artifacts(kind, "int8", backend="both")
+@pytest.mark.parametrize("kind,quantize", [("bert", "none"), ("gpt2", "int8")])
+def test_both_backends_give_the_same_losses(kind, quantize, artifacts, data, tmp_path):
+    artifact = artifacts(kind, quantize, backend="both")
     data_path = data["cls"] if kind == "bert" else data["lm"]
     ort = train(artifact, data_path, tmp_path / "ort", steps=10, threads=1, backend="ort")
     portable = train(artifact, data_path, tmp_path / "portable", steps=10, threads=1, backend="portable")
@@ -165,3 +165,18 @@ def test_trains_and_generates_on_plain_onnxruntime(artifacts, data, tmp_path):
     assert len(history) == 12 and history[-1] < history[0]
     assert json.loads((run / "summary.json").read_text())["steps"] == 12
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_adapter_load_warm_starts_a_portable_artifact(artifacts, data, tmp_path):
+    import shutil
+
+    from edge_peft.device.adapter_io import load_into_artifact
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(artifacts("gpt2", "int8", backend="portable"), artifact)
+    train(artifact, data["lm"], tmp_path / "run", steps=6)
+    assert load_into_artifact(artifact, tmp_path / "run" / "adapter") > 0
+    ids = np.array([[5, 9, 12, 7]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    np.testing.assert_allclose(Predictor(artifact).logits(ids, mask), Predictor(tmp_path / "run").logits(ids, mask),
+                               rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..fileio import atomic_write_json
 from ..manifest import load_manifest
 from .backend import OrtTrainingBackend
+from .portable_backend import write_initial_trainable
 from .run_dir import WARM_START_FILE, read_run
 
 
@@ -46,14 +47,18 @@ def load_into_artifact(artifact: str | Path, adapter: str | Path) -> int:
     manifest = load_manifest(artifact)
     spec = AdapterSpec.from_manifest(manifest)
     tensors = {onnx_name(k): v for k, v in load_adapter(adapter, spec).items()}
-    # Parameters are written through a live training session: writing into a bare loaded
-    # CheckpointState crashes ORT 1.19.2.
-    backend = OrtTrainingBackend(artifact, manifest, threads=1)
-    names = [n for n in backend.names if n in tensors]
-    backend.set_trainable({n: tensors[n] for n in names})
-    tmp = artifact / ".checkpoint.tmp"
-    backend.save_state(tmp, include_optimizer=False)
-    os.replace(tmp, artifact / "checkpoint")
+    names: list[str] = []
+    if "ort-training" in manifest.backends:
+        # Parameters are written through a live training session: writing into a bare loaded
+        # CheckpointState crashes ORT 1.19.2.
+        backend = OrtTrainingBackend(artifact, manifest, threads=1)
+        names = [n for n in backend.names if n in tensors]
+        backend.set_trainable({n: tensors[n] for n in names})
+        tmp = artifact / ".checkpoint.tmp"
+        backend.save_state(tmp, include_optimizer=False)
+        os.replace(tmp, artifact / "checkpoint")
+    if "portable" in manifest.backends:
+        names = write_initial_trainable(artifact, tensors)
     meta = read_metadata((Path(adapter) / "adapter_model.safetensors").read_bytes())
     atomic_write_json(artifact / WARM_START_FILE, meta.get("store") or {"adapter": str(Path(adapter).resolve())})
     return len(names)

@@ -165,3 +165,12 @@ def _header(data: bytes) -> dict[str, str]:
 def initial_trainable(artifact: Path) -> dict[str, np.ndarray]:
     """The trainable tensors a fresh portable run starts from."""
     return dict(load((artifact / INITIAL_STATE).read_bytes()))
+
+
+def write_initial_trainable(artifact: Path, tensors: dict[str, np.ndarray]) -> list[str]:
+    """Replace the start values of the named trainable tensors (``adapter load``); returns the names written."""
+    current = initial_trainable(artifact)
+    names = [n for n in current if n in tensors]
+    current.update({n: np.ascontiguousarray(tensors[n], dtype=np.float32).reshape(current[n].shape) for n in names})
+    atomic_write_bytes(artifact / INITIAL_STATE, save(current))
+    return names
