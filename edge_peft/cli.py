@@ -125,6 +125,8 @@ def _apply_profile(name: str | None, options: dict) -> None:
 
         profile = load_profile(name)
         options["execution_provider"] = resolve_provider(profile)
+        if options.get("backend") == "auto":
+            options["backend"] = profile.backend
         options["threads"] = options.get("threads") or profile.threads
         options["memory_budget"] = options.get("memory_budget") or profile.memory_budget
         options["memory_margin"] = options.get("memory_margin") or profile.margin

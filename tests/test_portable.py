@@ -180,3 +180,15 @@ def test_adapter_load_warm_starts_a_portable_artifact(artifacts, data, tmp_path)
     mask = np.ones_like(ids)
     np.testing.assert_allclose(Predictor(artifact).logits(ids, mask), Predictor(tmp_path / "run").logits(ids, mask),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_arm_board_profiles_choose_the_portable_backend():
+    from edge_peft.cli import _apply_profile
+
+    for name in ("jetson-orin-nano", "raspberry-pi-5"):
+        options = {"backend": "auto", "threads": 0, "memory_budget": None, "memory_margin": None}
+        _apply_profile(name, options)
+        assert options["backend"] == "portable", name
+    options = {"backend": "ort", "threads": 0, "memory_budget": None, "memory_margin": None}
+    _apply_profile("raspberry-pi-5", options)
+    assert options["backend"] == "ort"  # the command line wins

@@ -17,6 +17,7 @@ from .planner import parse_budget
 
 CPU_PROVIDER = "CPUExecutionProvider"
 _KEYS = {"description": str, "threads": int, "execution_provider": str, "memory_budget": str, "margin": float}
+BACKENDS = ("auto", "ort", "portable")  # optional key ``backend`` (default auto): the training backend to use
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class DeviceProfile:
     execution_provider: str
     memory_budget: str
     margin: float
+    backend: str = "auto"
 
 
 def list_profiles() -> list[DeviceProfile]:
@@ -50,8 +52,10 @@ def load_profile(name: str) -> DeviceProfile:
 
 def _validate(name: str, raw: dict, path: Path) -> DeviceProfile:
     for key in raw:
-        if key not in _KEYS:
-            raise UserError(f"{path}: unknown key {key!r}: allowed keys are {', '.join(_KEYS)}")
+        if key not in _KEYS and key != "backend":
+            raise UserError(f"{path}: unknown key {key!r}: allowed keys are {', '.join(_KEYS)}, backend")
+    if raw.get("backend", "auto") not in BACKENDS:
+        raise UserError(f"{path}: key 'backend' must be one of {', '.join(BACKENDS)}, got {raw['backend']!r}")
     for key, kind in _KEYS.items():
         value = raw.get(key)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
