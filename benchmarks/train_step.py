@@ -1,8 +1,9 @@
-"""Training-step speed and memory: edge-peft (ORT training API, fp32 and int8 bases) vs PyTorch + PEFT.
+"""Training-step speed and memory: edge-peft (ORT training API and portable backend, fp32 and int8 bases) vs PyTorch + PEFT.
 
 Same model (all-MiniLM-L6-v2, 22.7 M parameters), same batch, sequence length, thread count, rank and
 targets; every configuration runs in its own process, and peak RSS is that process's high-water mark
-(everything it imported included). Usage: ``python benchmarks/train_step.py [--json out.json]``.
+(everything it imported included). Both edge-peft backends run from the same artifact (``--backend both``)
+on the ONNX Runtime installed here. Usage: ``python benchmarks/train_step.py [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0):
     return ids, np.ones_like(ids), rng.integers(0, len(LABELS), size=batch, dtype=np.int64)
 
 
-def edge_worker(artifact: str, args) -> dict:
-    """ORT training API: forward+backward+AdamW per step, no torch in the process."""
-    from edge_peft.device.backend import OrtTrainingBackend
+def edge_worker(artifact: str, args, backend_name: str = "ort") -> dict:
+    """An edge-peft backend (ORT training API or portable graphs): forward+backward+AdamW per step, no torch."""
+    from edge_peft.device.backend import open_backend
     from edge_peft.device.data import Batch
     from edge_peft.manifest import load_manifest
 
     manifest = load_manifest(artifact)
-    backend = OrtTrainingBackend(Path(artifact), manifest, threads=args.threads)
+    backend = open_backend(Path(artifact), manifest, threads=args.threads, backend=backend_name)
     batch = Batch(*random_batch(args.batch_size, args.seq_len, manifest.vocab_size))
     return timed(lambda: (backend.forward_backward(batch), backend.optimizer_step(1e-3)), args)
 
@@ -88,13 +89,15 @@ def export(model_dir: str, out: Path, quantize: str, rank: int) -> None:
 
     subprocess.run([sys.executable, "-m", "edge_peft.cli", "export", model_dir, "--out", str(out), "--rank",
                     str(rank), "--alpha", str(2 * rank), "--quantize", quantize, "--labels", ",".join(LABELS),
-                    "--targets", ",".join(TARGETS), "--max-seq-len", "512"], check=True, cwd=ROOT,
+                    "--targets", ",".join(TARGETS), "--max-seq-len", "512", "--backend", "both"], check=True, cwd=ROOT,
                    capture_output=True)
 
 
 CONFIGS = {
     "edge-peft LoRA-FA fp32": ("edge", "none"),
     "edge-peft LoRA-FA int8": ("edge", "int8"),
+    "edge-peft portable LoRA-FA fp32": ("portable", "none"),
+    "edge-peft portable LoRA-FA int8": ("portable", "int8"),
     "PyTorch eager + PEFT LoRA": ("torch", None),
 }
 
@@ -113,7 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         kind, path = args.worker
-        print(json.dumps((edge_worker if kind == "edge" else torch_worker)(path, args)))
+        result = torch_worker(path, args) if kind == "torch" else edge_worker(path, args, "ort" if kind == "edge" else kind)
+        print(json.dumps(result))
         return
 
     from edge_peft.bundled import minilm_dir
@@ -125,9 +129,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (kind, quantize) in CONFIGS.items():
             path = model_dir
-            if kind == "edge":
+            if quantize is not None:
                 path = str(Path(tmp) / quantize)
-                export(model_dir, Path(path), quantize, args.rank)
+                if not Path(path).exists():
+                    export(model_dir, Path(path), quantize, args.rank)
             print(f"running {name} ...", file=sys.stderr, flush=True)
             rows.append({"config": name, **run_worker(Path(__file__), [kind, path] + common)})
     base = next(r for r in rows if r["config"].startswith("PyTorch"))
