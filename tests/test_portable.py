@@ -65,6 +65,13 @@ def test_portable_loss_falls_and_touches_only_adapters(artifacts, data, tmp_path
     assert all(np.any(v != 0) for n, v in trained.items() if n.endswith("lora_B.weight"))
 
 
+def test_gradient_accumulation_equals_full_batch(artifacts, data, tmp_path):
+    artifact = artifacts("gpt2", "int8", backend="portable")
+    full = train(artifact, data["lm"], tmp_path / "full", steps=6, threads=1)
+    split = train(artifact, data["lm"], tmp_path / "split", steps=6, threads=1, micro_batch_size=3)
+    np.testing.assert_allclose(split, full, rtol=2e-4)
+
+
 def test_first_losses_match_pytorch(models, artifacts, data, tmp_path):
     """Same LoRA-FA model, batches, clipping and HF AdamW in torch: the portable losses agree to 1e-4."""
     artifact, steps = artifacts("gpt2", "none", backend="both"), 5

@@ -153,11 +153,11 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
 
 
 def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: bool, max_seq_len: int,
-                             weight_decay: float, max_grad_norm: float, out: Path) -> int:
+                             weight_decay: float, max_grad_norm: float, out: Path) -> None:
     """Write the gradient graph, the AdamW graph and the initial trainable state into ``out``.
 
     Frozen base weights (not the LoRA A factors) are stored int8 behind ``DequantizeLinear`` when
-    ``quantize``. Returns the bytes of the frozen initializers (for the memory model).
+    ``quantize``.
     """
     proto = export_gradient_model(model, causal, trainable, max_seq_len)
     params = dict(model.named_parameters())
@@ -173,8 +173,6 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     onnx.save(build_optimizer_model(shapes, weight_decay, max_grad_norm, PORTABLE_OPSET), str(out / OPTIMIZER_MODEL))
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
     atomic_write_bytes(out / INITIAL_STATE, save_safetensors(values))
-    trainable_set = set(trainable)
-    return sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer if i.name not in trainable_set)
 
 
 def _transpose_before_dequantize(proto: onnx.ModelProto) -> None:
