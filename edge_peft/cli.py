@@ -46,19 +46,27 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--layers", help="Blocks to adapt: 0,2,4-6 | top:N | bottom:N | auto:N (probe --probe-data; default: all).")
 @click.option("--probe-data", type=click.Path(path_type=Path), help="Data for --layers auto:N (.jsonl/.txt).")
 @click.option("--probe-steps", default=8, show_default=True, help="Steps of the --layers auto:N probe.")
+@click.option("--memory-budget", help="Peak RSS a minimal run (micro-batch 1, 256 tokens) must fit: chooses rank, "
+              "layers and quantization, e.g. 512MB.")
+@click.option("--device-profile", help="Plan for the budget and margin of devices/NAME.toml (see `edge-peft devices`).")
+@click.option("--loss-chunks", default=8, show_default=True,
+              help="Causal LMs: LM head and loss on target tokens only, in this many chunks (0: naive full logits).")
 @click.option("--backend", type=click.Choice(["ort", "portable", "both"]), default="ort", show_default=True,
               help="Training graphs to write: ORT's training API, the portable ones (plain onnxruntime), or both.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, variant: str, targets: str | None,
            labels: str | None, seed: int, max_seq_len: int, weight_decay: float, max_grad_norm: float,
-           layers: str | None, probe_data: Path | None, probe_steps: int, backend: str, force: bool) -> None:
+           layers: str | None, probe_data: Path | None, probe_steps: int, memory_budget: str | None,
+           device_profile: str | None, loss_chunks: int, backend: str, force: bool) -> None:
     """Export a local Hugging Face MODEL_DIR to an on-device training artifact."""
     from .exporter.layer_selection import auto_count
     from .exporter.pipeline import ExportOptions, export_artifact
 
     opts = ExportOptions(rank=rank, alpha=alpha, quantize=quantize, variant=variant, targets=_csv(targets),
                          seed=seed, max_seq_len=max_seq_len, labels=_csv(labels), weight_decay=weight_decay,
-                         max_grad_norm=max_grad_norm, layers=layers, backend=backend)
+                         max_grad_norm=max_grad_norm, layers=layers, backend=backend, loss_chunks=loss_chunks)
+    if memory_budget or device_profile:
+        opts = _plan_export(model_dir, opts, memory_budget, device_profile)
     best = auto_count(layers)
     if best is not None:
         from .exporter.layer_probe import export_best_layers
@@ -114,6 +122,22 @@ def train(artifact: Path, out: Path, resume: bool, quiet: bool, device_profile: 
                + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
                + f", {summary['tokens_per_s']:.0f} tokens/s, peak RSS {summary['peak_rss_mb']:.0f} MB; "
                f"adapter in {out / 'adapter'}")
+
+
+def _plan_export(model_dir: Path, opts, memory_budget: str | None, device_profile: str | None):
+    """``opts`` with rank, layers and quantization chosen for the budget (the command line's, else the profile's)."""
+    from .device.planner import parse_budget
+    from .exporter.export_plan import plan_export
+
+    options = {"memory_budget": memory_budget}
+    _apply_profile(device_profile, options)
+    planned = plan_export(model_dir, opts, parse_budget(options["memory_budget"]), options["memory_margin"],
+                          device_profile)
+    chosen = planned.memory["export_plan"]
+    click.echo(f"planned for {options['memory_budget']}: rank {chosen['rank']}, layers {chosen['layers']}, "
+               f"{chosen['quantize']} base, predicted peak {chosen['predicted_peak_mb']:.0f} MB at micro-batch 1 x "
+               f"{chosen['seq_len']} tokens")
+    return planned
 
 
 def _apply_profile(name: str | None, options: dict) -> None:

@@ -18,7 +18,7 @@ from edge_peft.device.trainer import TrainConfig, Trainer
 from edge_peft.errors import UserError
 from edge_peft.manifest import load_manifest
 
-BUDGET_MB = 300
+BUDGET_MB = 230  # the target-only chunked loss (default) fits micro-batch 8 x 256 at 300 MB
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_plan_fits_and_cuts_the_sequence_when_needed(lm_artifact):
     assert predict(manifest, plan.micro_batch, plan.seq_len).total * factor <= budget
     assert plan.micro_batch < 8 and plan.accumulation * plan.micro_batch >= 8
     assert predict(manifest, plan.micro_batch + 1, plan.seq_len).total * factor > budget
-    short = make_plan(manifest, 170 * MB, batch_size=8, seq_len=256)
+    short = make_plan(manifest, 150 * MB, batch_size=8, seq_len=256)
     assert short.micro_batch == 1 and 32 <= short.seq_len < 256
     assert "cut from 256" in short.describe()[0]
 
@@ -147,3 +147,36 @@ def test_profile_applies_and_missing_provider_falls_back(lm_artifact):
     proc = cli("devices")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "raspberry-pi-5" in out and "1GB budget" in out
+
+
+def test_export_plan_fits_and_is_recorded(models, tmp_path):
+    from edge_peft.exporter.export_plan import PLAN_SEQ_LEN, plan_export
+    from edge_peft.exporter.pipeline import ExportOptions, export_artifact
+
+    budget = 200 * MB
+    opts = plan_export(models["gpt2"], ExportOptions(rank=4, quantize="none", max_seq_len=64,
+                                                     targets=toy.TARGETS["gpt2"]), budget, 0.15, "cpu")
+    manifest = export_artifact(models["gpt2"], tmp_path / "artifact", opts, quiet=True)
+    chosen = manifest.memory["export_plan"]
+    assert manifest.quantization == chosen["quantize"] == "int8" and manifest.rank == chosen["rank"]
+    assert manifest.memory["budget_mb"] == 200 and manifest.memory["margin"] == 0.15
+    assert manifest.memory["profile"] == "cpu" and chosen["seq_len"] == min(PLAN_SEQ_LEN, 64)
+    assert predict(manifest, 1, chosen["seq_len"]).total * 1.15 <= budget  # the real artifact fits too
+
+
+def test_impossible_export_budget_is_refused_before_export(models, tmp_path, monkeypatch, capsys):
+    from edge_peft import cli as cli_module
+    from edge_peft.exporter import pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was exported")
+
+    monkeypatch.setattr(pipeline, "export_artifact", never)
+    monkeypatch.setattr(pipeline, "load_model_dir", never)
+    with pytest.raises(SystemExit) as caught:
+        cli_module.main(["export", str(models["llama"]), "--out", str(tmp_path / "artifact"), "--memory-budget", "64MB"])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: --memory-budget 64 MB cannot be met at export: the smallest choice (int8, rank 1, "
+                          "layers top:1, micro-batch 1 x 64 tokens) needs ")
+    assert "try a --memory-budget of at least" in err and not (tmp_path / "artifact").exists()

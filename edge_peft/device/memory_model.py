@@ -16,7 +16,10 @@ Structure (what lives at the peak of a step, forward activations kept for backwa
   Activation Recomputation", ``34 s b h`` 16-bit bytes at ``i = 4h``), plus ``heads x T^2`` floats per
   layer and row for attention scores and probabilities; each term times a measured factor.
 - ``logits``: ``B x T x V`` fp32 for a causal LM (logits, log-softmax, their gradient), times a
-  measured factor; negligible for a classifier.
+  measured factor; negligible for a classifier. Artifacts with the target-only chunked LM head and
+  loss (manifest ``memory.loss_chunks`` > 0) keep only the log-softmax for backward, plus one chunk's
+  logits and gradient: their own, smaller factor (``CALIBRATION_CHUNKED``). Planning assumes every
+  position is a target (padding would only lower the peak).
 
 Calibration (``benchmarks/calibrate_memory.py``): each point is a fresh process without torch
 that loads the artifact and runs three full steps on random tokens of exactly ``B x T`` with 2
@@ -43,6 +46,7 @@ DEQUANT_FACTOR = 0.311  # per fp32 byte of the dequantized int8 base
 TOKEN_FACTOR = 1.266  # per byte of the 9h + 2i token activations
 SCORE_FACTOR = 1.789  # per byte of heads x T^2 attention scores
 LOGIT_FACTOR = 3.208  # per byte of B x T x V logits
+CHUNKED_LOGIT_FACTOR = 1.351  # the same with the target-only LM head and loss in 8 chunks: fit of CALIBRATION_CHUNKED
 FP32_FLOOR_FACTOR = 0.8  # a step of an fp32 base never costs less than 0.8 x its weights (MiniLM fp32: 72 MB at 1x32..1x128)
 
 # (artifact, B, T, measured peak MB) with ``enable_cpu_mem_arena = False``, 2 threads. minilm: all-MiniLM-L6-v2
@@ -84,6 +88,20 @@ CALIBRATION: list[tuple[str, int, int, float]] = [
 ]
 
 
+# Target-only LM head and loss (``exporter/loss_graph.py``), gpt2m int8, rank 8, 2 threads, all B x T tokens
+# are targets: (artifact, B, T, measured peak MB). Only CHUNKED_LOGIT_FACTOR was fitted (least squares, the other
+# factors held): residuals -11..+14 MB. With 1 chunk the peaks equal the naive graph's (229.5, 665.0, 670.6,
+# 1167.7, 689.6 MB at the points below): gathering alone saves nothing without padding; the chunks do it.
+# With 32 chunks the factor is 1.248 (174.2, 415.3, 420.6, 672.7, 443.5 MB): little more, so 8 is the default.
+CALIBRATION_CHUNKED: list[tuple[str, int, int, float]] = [
+    ("gpt2m_int8_chunk8", 1, 128, 186.1),
+    ("gpt2m_int8_chunk8", 8, 128, 423.2),
+    ("gpt2m_int8_chunk8", 4, 256, 431.5),
+    ("gpt2m_int8_chunk8", 16, 128, 703.6),
+    ("gpt2m_int8_chunk8", 2, 512, 452.3),
+]
+
+
 @dataclass(frozen=True)
 class Prediction:
     """Predicted peak RSS of one training step, by component, in bytes."""
@@ -116,6 +134,7 @@ class ModelFigures:
     heads: int
     vocab: int
     causal: bool
+    loss_chunks: int = 0  # > 0: target-only, chunked LM head and loss (``exporter/loss_graph.py``)
 
     @classmethod
     def of(cls, manifest: Manifest) -> "ModelFigures":
@@ -131,7 +150,9 @@ class ModelFigures:
         return cls(frozen_bytes=frozen, quantized_bytes=quantized, trainable_values=int(trainable),
                    layers=manifest.num_layers, hidden=manifest.hidden_size,
                    intermediate=int(mem.get("intermediate_size") or 4 * manifest.hidden_size),
-                   heads=manifest.num_heads, vocab=manifest.vocab_size, causal=manifest.task == "causal-lm")
+                   heads=manifest.num_heads, vocab=manifest.vocab_size, causal=manifest.task == "causal-lm",
+                   # the portable graphs compute full logits: an artifact carrying them is planned as naive
+                   loss_chunks=0 if "portable" in manifest.backends else int(mem.get("loss_chunks", 0)))
 
 
 def _prod(shape: list[int]) -> int:
@@ -149,13 +170,18 @@ def loaded_bytes(manifest: Manifest) -> int:
 
 def predict(manifest: Manifest, batch: int, seq_len: int) -> Prediction:
     """Peak RSS of a training step on ``batch`` rows padded to ``seq_len`` tokens."""
-    f = ModelFigures.of(manifest)
+    return predict_figures(ModelFigures.of(manifest), batch, seq_len)
+
+
+def predict_figures(f: ModelFigures, batch: int, seq_len: int) -> Prediction:
+    """``predict`` from the figures themselves (export-time planning has no manifest yet)."""
     tokens = batch * seq_len
     token_bytes = FLOAT * f.layers * (9 * f.hidden + 2 * f.intermediate) * tokens
     score_bytes = FLOAT * f.layers * f.heads * batch * seq_len * seq_len
     dequantized = DEQUANT_FACTOR * FLOAT * f.quantized_bytes
     activations = TOKEN_FACTOR * token_bytes + SCORE_FACTOR * score_bytes
-    logits = LOGIT_FACTOR * FLOAT * tokens * f.vocab if f.causal else 0
+    logit_factor = CHUNKED_LOGIT_FACTOR if f.loss_chunks else LOGIT_FACTOR
+    logits = logit_factor * FLOAT * tokens * f.vocab if f.causal else 0
     step = STEP_BYTES + dequantized + activations + logits
     workspace = max(0.0, FP32_FLOOR_FACTOR * (f.frozen_bytes - f.quantized_bytes) - step)
     return Prediction(

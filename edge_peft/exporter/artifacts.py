@@ -14,6 +14,7 @@ import onnx
 
 from ..manifest import IGNORE_INDEX
 from . import graph
+from .loss_graph import target_loss_graph
 
 TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 INFERENCE_MODEL = "inference_model.onnx"
@@ -44,17 +45,42 @@ def _scaled_cross_entropy():
     return ScaledCrossEntropy()
 
 
+def _scaled_loss():
+    """The graph's own loss output (``loss_graph.target_loss_graph``) times a ``loss_scale`` input."""
+    from onnxruntime.training import onnxblock
+
+    class ScaledLoss(onnxblock.Block):
+        def __init__(self):
+            super().__init__()
+            self._mul = onnxblock.blocks.Mul()
+
+        def build(self, loss_name: str) -> str:
+            self.base.graph.input.append(onnx.helper.make_tensor_value_info(LOSS_SCALE, onnx.TensorProto.FLOAT, []))
+            return self._mul(loss_name, LOSS_SCALE)
+
+    return ScaledLoss()
+
+
 def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], frozen: list[str], out: Path,
-                             weight_decay: float, max_grad_norm: float, flatten_width: int | None) -> None:
-    """Loss = scaled mean cross-entropy; optimizer = AdamW (HF mode) with gradient clipping by norm."""
+                             weight_decay: float, max_grad_norm: float, flatten_width: int | None,
+                             loss_chunks: int = 0, hidden_size: int = 0) -> None:
+    """Loss = scaled mean cross-entropy; optimizer = AdamW (HF mode) with gradient clipping by norm.
+
+    A causal LM (``flatten_width`` = vocabulary) with ``loss_chunks`` > 0 gets the target-only, chunked LM
+    head and loss of ``loss_graph``; with 0 the naive full-logits loss.
+    """
     import onnxruntime
     from onnxruntime.training import artifacts, onnxblock
 
     onnxruntime.set_default_logger_severity(3)
     training = copy.deepcopy(proto)
-    if flatten_width is not None:
-        graph.flatten_logits(training, flatten_width)
-    loss = _scaled_cross_entropy()
+    if flatten_width is not None and loss_chunks > 0:
+        target_loss_graph(training, hidden_size, loss_chunks)
+        loss = _scaled_loss()
+    else:
+        if flatten_width is not None:
+            graph.flatten_logits(training, flatten_width)
+        loss = _scaled_cross_entropy()
     optimizer = onnxblock.optim.AdamW(eps=1e-8, weight_decay=weight_decay,
                                       clip_grad=onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm > 0 else None)
     with _native_stderr_captured():

@@ -32,12 +32,46 @@ def load_model_dir(model_dir: str | Path, labels: list[str] | None = None, init_
     """Load model + tokenizer with eager attention; a one-line error for anything that is not a model.
 
     ``init_seed`` seeds the initialisation of any new head, so an export is reproducible."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    config, kwargs = _read_config(model_dir)
+    recipe = recipe_for(config.model_type)
+    auto_class = TasksManager.get_model_class_for_task(TasksManager.map_from_synonym(recipe.task), framework="pt")
+    load_kwargs: dict = {"dtype": torch.float32, "attn_implementation": "eager", **kwargs}
+    labels = _head_labels(model_dir, config, recipe, labels, load_kwargs)
+    torch.manual_seed(init_seed)
+    try:
+        model = auto_class.from_pretrained(model_dir, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{model_dir} could not be loaded ({str(exc).splitlines()[0]}): check the weights and tokenizer files") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None  # GGUF weights are already expanded to fp32
+    model.eval()
+    return LoadedModel(model, tokenizer, recipe, recipe.task, list(labels or []))
+
+
+def meta_model(model_dir: str | Path, labels: list[str] | None = None) -> LoadedModel:
+    """The model's architecture on the meta device (shapes, no weights, no tokenizer): cheap, for planning."""
+    config, _ = _read_config(model_dir)
+    recipe = recipe_for(config.model_type)
+    auto_class = TasksManager.get_model_class_for_task(TasksManager.map_from_synonym(recipe.task), framework="pt")
+    config_kwargs: dict = {}
+    labels = _head_labels(model_dir, config, recipe, labels, config_kwargs)
+    for key, value in config_kwargs.items():
+        setattr(config, key, value)
+    with torch.device("meta"):
+        model = auto_class.from_config(config, attn_implementation="eager")
+    return LoadedModel(model, None, recipe, recipe.task, list(labels or []))
+
+
+def _read_config(model_dir: str | Path):
+    """(config, extra from_pretrained kwargs) of a model directory; one-line errors for anything else."""
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir} is not a directory: pass a local Hugging Face model directory")
@@ -50,25 +84,19 @@ def load_model_dir(model_dir: str | Path, labels: list[str] | None = None, init_
         config = AutoConfig.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"{model_dir}/config.json could not be read ({exc}): fix or re-save the model") from None
-    recipe = recipe_for(config.model_type)
-    auto_class = TasksManager.get_model_class_for_task(TasksManager.map_from_synonym(recipe.task), framework="pt")
-    load_kwargs: dict = {"dtype": torch.float32, "attn_implementation": "eager", **kwargs}
-    if recipe.task == "sequence-classification":
-        labels = labels or _config_labels(config)
-        if not labels:
-            raise UserError(f"{model_dir} has no classification labels: pass --labels a,b,c for the new head")
-        load_kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                           label2id={lab: i for i, lab in enumerate(labels)})
-    torch.manual_seed(init_seed)
-    try:
-        model = auto_class.from_pretrained(model_dir, **load_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{model_dir} could not be loaded ({str(exc).splitlines()[0]}): check the weights and tokenizer files") from None
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None  # GGUF weights are already expanded to fp32
-    model.eval()
-    return LoadedModel(model, tokenizer, recipe, recipe.task, list(labels or []))
+    return config, kwargs
+
+
+def _head_labels(model_dir, config, recipe: Recipe, labels: list[str] | None, kwargs: dict) -> list[str] | None:
+    """A classifier's labels (given or already in the config); adds the head's size and names to ``kwargs``."""
+    if recipe.task != "sequence-classification":
+        return labels
+    labels = labels or _config_labels(config)
+    if not labels:
+        raise UserError(f"{model_dir} has no classification labels: pass --labels a,b,c for the new head")
+    kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                  label2id={lab: i for i, lab in enumerate(labels)})
+    return labels
 
 
 def _config_labels(config) -> list[str]:

@@ -16,6 +16,7 @@ from . import graph
 from .artifacts import write_inference_model, write_training_artifacts
 from .layer_selection import parse_layers
 from .load import fingerprint, load_model_dir
+from .loss_graph import LOSS_CHUNKS
 from .portable import write_portable_artifacts
 from .to_onnx import OPSET, export_logits_model
 
@@ -38,6 +39,7 @@ class ExportOptions:
     max_grad_norm: float = 1.0
     memory: dict = field(default_factory=dict)
     backend: str = "ort"  # ort | portable | both: which training graphs the artifact carries
+    loss_chunks: int = LOSS_CHUNKS  # causal LMs: target-only LM head and loss in this many chunks (0: naive full logits)
 
 
 def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions, quiet: bool = False,
@@ -89,7 +91,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         if "ort-training" in backends:
             with stages.stage("generating ORT training artifacts"):
                 write_training_artifacts(proto, trainable, frozen_list, tmp, opts.weight_decay, opts.max_grad_norm,
-                                         flatten_width=config.vocab_size if causal else None)
+                                         flatten_width=config.vocab_size if causal else None,
+                                         loss_chunks=opts.loss_chunks, hidden_size=_hidden_size(config))
         if "portable" in backends:
             with stages.stage("exporting the portable training graphs"):
                 write_portable_artifacts(model, causal, trainable, opts.quantize == "int8", opts.max_seq_len,
@@ -105,6 +108,10 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
 
 def _num_layers(config) -> int:
     return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+
+
+def _hidden_size(config) -> int:
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
 def _manifest(loaded, config, opts: ExportOptions, targets, modules, heads, base_fp, frozen_bytes: int) -> Manifest:
@@ -125,7 +132,7 @@ def _manifest(loaded, config, opts: ExportOptions, targets, modules, heads, base
         quantization=opts.quantize,
         max_seq_len=min(opts.max_seq_len, int(limit)),
         vocab_size=int(config.vocab_size),
-        hidden_size=int(getattr(config, "hidden_size", None) or config.n_embd),
+        hidden_size=_hidden_size(config),
         num_layers=_num_layers(config),
         num_heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
         input_names=TRAINING_INPUTS,
@@ -137,5 +144,6 @@ def _manifest(loaded, config, opts: ExportOptions, targets, modules, heads, base
         eos_token_id=tok.eos_token_id,
         memory={"frozen_weight_bytes": frozen_bytes, "intermediate_size": int(
             getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size),
+            "loss_chunks": opts.loss_chunks if loaded.task == "causal-lm" else 0,
             **opts.memory},
     )

@@ -1,0 +1,99 @@
+"""``export --memory-budget`` / ``--device-profile``: choose rank, layers and quantization before exporting.
+
+The memory model (``device/memory_model.py``) is applied to figures computed from the model's config
+on the meta device (shapes only, no weights loaded), for a minimal useful run: micro-batch 1 at
+``min(256, max_seq_len)`` tokens. Preference: int8 base; all of the recipe's layers, then fewer
+(``top:N``); for each, the requested rank, then halves of it. The first choice that fits wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..adapters.inject import find_targets
+from ..adapters.layer import linear_shape
+from ..device.memory_model import FLOAT, MB, ModelFigures, predict_figures
+from ..device.planner import MIN_USEFUL_SEQ_LEN
+from ..errors import UserError
+from .graph import INT8_MIN_ELEMENTS
+from .layer_selection import auto_count, parse_layers
+from .load import LoadedModel, meta_model
+
+PLAN_SEQ_LEN = 256
+
+
+def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quantize: str) -> ModelFigures:
+    """Memory-model figures of the artifact ``opts`` (with this rank, layers, quantization) would produce."""
+    model, config = meta.model, meta.model.config
+    num_layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+    chosen = parse_layers(layers, num_layers) if layers and auto_count(layers) is None else None  # auto:N: plan for all
+    names = find_targets(model, list(opts.targets or meta.recipe.targets), chosen)
+    shapes = [linear_shape(model.get_submodule(n)) for n in names]
+    head = tuple(f"{h}." for h in meta.recipe.head)
+    trainable = sum(rank * (out + (inp if opts.variant == "lora" else 0)) for inp, out in shapes)
+    frozen = quantized = 0
+    for name, p in model.named_parameters():
+        if name.startswith(head):
+            trainable += p.numel()
+        elif quantize == "int8" and p.dim() == 2 and p.numel() >= INT8_MIN_ELEMENTS:
+            quantized += p.numel() + FLOAT * p.shape[0]
+        else:
+            frozen += FLOAT * p.numel()
+    causal = meta.task == "causal-lm"
+    embeddings = model.get_input_embeddings().weight
+    if quantize == "int8" and causal and model.get_output_embeddings().weight is embeddings:
+        quantized += embeddings.numel()  # the tied head's transposed int8 copy (graph.quantize_int8)
+    if opts.variant != "lora":
+        frozen += FLOAT * rank * sum(inp for inp, _ in shapes)  # the frozen A matrices
+    hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
+    return ModelFigures(frozen_bytes=frozen + quantized, quantized_bytes=quantized, trainable_values=trainable,
+                        layers=num_layers, hidden=hidden,
+                        intermediate=int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                                         or 4 * hidden),
+                        heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
+                        vocab=int(config.vocab_size), causal=causal, loss_chunks=opts.loss_chunks if causal else 0)
+
+
+def _needed(figures: ModelFigures, seq_len: int, margin: float) -> float:
+    return predict_figures(figures, 1, seq_len).total * (1 + margin)
+
+
+def plan_export(model_dir: str | Path, opts, budget: int, margin: float, profile: str | None = None):
+    """``opts`` with the rank, layers and quantization that fit ``budget``, the plan recorded in ``opts.memory``.
+
+    Raises UserError (before anything is exported) when no choice fits, naming the numbers and the cheapest fix.
+    """
+    meta = meta_model(model_dir, opts.labels)
+    config = meta.model.config
+    num_layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    seq_len = min(PLAN_SEQ_LEN, opts.max_seq_len, int(positions or opts.max_seq_len))
+    layer_choices = [opts.layers] if opts.layers else [None] + [f"top:{n}" for n in range(num_layers - 1, 0, -1)]
+    ranks = [opts.rank]
+    while ranks[-1] > 1:
+        ranks.append(ranks[-1] // 2)
+    smallest = None
+    for layers in layer_choices:
+        for rank in ranks:
+            figures = model_figures(meta, opts, rank, layers, "int8")
+            needed = _needed(figures, seq_len, margin)
+            if needed <= budget:
+                plan = {"quantize": "int8", "rank": rank, "layers": layers or "all", "micro_batch": 1,
+                        "seq_len": seq_len, "predicted_peak_mb": round(needed / (1 + margin) / MB, 1)}
+                memory = {**opts.memory, "budget_mb": round(budget / MB, 1), "margin": margin, "profile": profile,
+                          "export_plan": plan}
+                return dataclasses.replace(opts, rank=rank, layers=layers, quantize="int8", memory=memory)
+            smallest = figures
+    raise UserError(_refusal(smallest, budget, margin, seq_len, ranks[-1], layer_choices[-1]))
+
+
+def _refusal(figures: ModelFigures, budget: int, margin: float, seq_len: int, rank: int, layers: str | None) -> str:
+    needed = _needed(figures, seq_len, margin)
+    fix = f"a --memory-budget of at least {needed / MB:.0f}MB"
+    shorter = [t for t in range(seq_len - 1, MIN_USEFUL_SEQ_LEN - 1, -1) if _needed(figures, t, margin) <= budget]
+    if shorter:
+        fix = f"--max-seq-len {shorter[0]}, or {fix}"
+    return (f"--memory-budget {budget / MB:.0f} MB cannot be met at export: the smallest choice (int8, rank {rank}, "
+            f"layers {layers or 'all'}, micro-batch 1 x {seq_len} tokens) needs {needed / MB:.0f} MB with the "
+            f"{margin:.0%} margin; try {fix}")

@@ -1,0 +1,97 @@
+"""A causal LM's training loss computed on the target tokens only, in chunks of the LM head.
+
+The naive training graph computes logits ``[B*T, V]`` for every position, then the cross-entropy;
+ORT keeps the logits, their log-softmax and their gradient: about 3.2 x ``B*T*V`` floats at the
+peak (``memory_model.LOGIT_FACTOR``). Here the LM head's input is instead
+
+1. gathered at the positions whose (already shifted) label is not -100: ``[N, H]``, N <= B*T
+   (padding and prompt tokens never reach the head);
+2. padded with ignored rows to a multiple of ``chunks`` and split into ``chunks`` equal parts; each
+   part gets its own head ``MatMul`` and a summed ``SoftmaxCrossEntropyLoss``, so only one part's
+   logits and logit gradient are alive at a time (each part's log-softmax is still kept for backward).
+
+The loss is the sum over parts divided by N: the mean cross-entropy over targets, exactly the naive
+loss (only the order of the floating-point sum changes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..manifest import IGNORE_INDEX
+
+LOSS_CHUNKS = 8
+TARGET_LOSS = "target_loss"
+LABELS = "labels"
+
+
+def _const(name: str, values: list[int]) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64), name))
+
+
+def _head(graph: onnx.GraphProto) -> onnx.NodeProto:
+    heads = [n for n in graph.node if "logits" in n.output]
+    if len(heads) != 1 or heads[0].op_type != "MatMul":
+        raise RuntimeError(f"the LM head is not one MatMul producing 'logits': {[n.op_type for n in heads]}")
+    return heads[0]
+
+
+def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LOSS_CHUNKS) -> None:
+    """Replace the ``logits`` output by ``target_loss`` (mean CE over labels != -100), taking flat ``labels``."""
+    graph = proto.graph
+    head = _head(graph)
+    hidden, weight = head.input[0], head.input[1]
+    kept = [n for n in graph.node if n is not head]
+    del graph.node[:]
+    graph.node.extend(kept)
+    p = "target_loss."
+    nodes = [
+        _const(p + "flat", [-1, hidden_size]),
+        helper.make_node("Reshape", [hidden, p + "flat"], [p + "hidden"]),
+        _const(p + "ignore", [IGNORE_INDEX]),
+        helper.make_node("Equal", [LABELS, p + "ignore"], [p + "ignored"]),
+        helper.make_node("Not", [p + "ignored"], [p + "kept"]),
+        helper.make_node("NonZero", [p + "kept"], [p + "where"]),
+        _const(p + "minus1", [-1]),
+        helper.make_node("Reshape", [p + "where", p + "minus1"], [p + "index"]),
+        helper.make_node("Gather", [p + "hidden", p + "index"], [p + "rows"], axis=0),
+        helper.make_node("Gather", [LABELS, p + "index"], [p + "targets"], axis=0),
+        helper.make_node("Shape", [p + "targets"], [p + "n"]),
+        helper.make_node("Cast", [p + "n"], [p + "n_float"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", [p + "n_float"], [p + "count"], keepdims=0),
+        # pad N up to chunks * ceil(N / chunks) with ignored rows, so Split can cut equal parts
+        _const(p + "chunks", [chunks]),
+        _const(p + "chunks_minus1", [chunks - 1]),
+        helper.make_node("Add", [p + "n", p + "chunks_minus1"], [p + "n_up"]),
+        helper.make_node("Div", [p + "n_up", p + "chunks"], [p + "per_chunk"]),
+        helper.make_node("Mul", [p + "per_chunk", p + "chunks"], [p + "padded"]),
+        helper.make_node("Sub", [p + "padded", p + "n"], [p + "extra"]),
+        _const(p + "zero", [0]),
+        helper.make_node("Concat", [p + "zero", p + "zero", p + "extra", p + "zero"], [p + "row_pads"], axis=0),
+        helper.make_node("Concat", [p + "zero", p + "extra"], [p + "label_pads"], axis=0),
+        helper.make_node("Pad", [p + "rows", p + "row_pads"], [p + "rows_padded"]),
+        _const(p + "ignore_scalar_shape", []),
+        helper.make_node("Reshape", [p + "ignore", p + "ignore_scalar_shape"], [p + "ignore_scalar"]),
+        helper.make_node("Pad", [p + "targets", p + "label_pads", p + "ignore_scalar"], [p + "targets_padded"]),
+        helper.make_node("Split", [p + "rows_padded"], [f"{p}rows.{k}" for k in range(chunks)], axis=0),
+        helper.make_node("Split", [p + "targets_padded"], [f"{p}targets.{k}" for k in range(chunks)], axis=0),
+    ]
+    sums = []
+    for k in range(chunks):
+        nodes += [
+            helper.make_node("MatMul", [f"{p}rows.{k}", weight], [f"{p}logits.{k}"]),
+            helper.make_node("SoftmaxCrossEntropyLoss", [f"{p}logits.{k}", f"{p}targets.{k}"], [f"{p}sum.{k}"],
+                             reduction="sum", ignore_index=IGNORE_INDEX),
+        ]
+        sums.append(f"{p}sum.{k}")
+    total = sums[0]
+    for k, name in enumerate(sums[1:], start=1):
+        nodes.append(helper.make_node("Add", [total, name], [f"{p}total.{k}"]))
+        total = f"{p}total.{k}"
+    nodes.append(helper.make_node("Div", [total, p + "count"], [TARGET_LOSS]))
+    graph.node.extend(nodes)
+    graph.input.append(helper.make_tensor_value_info(LABELS, TensorProto.INT64, ["N"]))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(TARGET_LOSS, TensorProto.FLOAT, []))
