@@ -1,5 +1,9 @@
 """--memory-budget on the benchmark model (all-MiniLM-L6-v2, int8, BBC News): plan, predicted vs measured peak, tokens/s.
 
+The causal-LM rows compare the naive training graph (full logits, ``--loss-chunks 0``) with the target-only
+chunked LM head and loss (the default) on a random 4-layer GPT-2 with MiniLM's 30522-token vocabulary,
+trained on the same BBC News text: at each budget, the micro-batch x sequence each plan fits and the peak.
+
 Each budget (and the LoRA-FA vs LoRA pair at one fixed setting) trains in its own process through
 ``edge-peft train``; the measured peak is that process's VmHWM. "predicted" is the memory model plus the
 overhead the run measured after loading (what the trainer plans with); the unbudgeted rows have none. Full fine-tuning is not a mode of the
@@ -20,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
 
 BUDGETS = ["256MB", "512MB", "1024MB", "2048MB"]
+LM_BUDGETS = ["384MB", "512MB", "1024MB"]  # naive vs target-only chunked loss on the causal LM
+LM_LOSSES = {"gpt2 naive": "0", "gpt2 chunked": "8"}  # --loss-chunks
 
 
 def export(out: Path, variant: str) -> Path:
@@ -29,6 +35,28 @@ def export(out: Path, variant: str) -> Path:
         subprocess.run([sys.executable, "-m", "edge_peft.cli", "export", str(minilm_dir()), "--out", str(out),
                         "--labels", ",".join(BBC_LABELS), "--variant", variant, "--max-seq-len", "512",
                         "--quantize", "int8"], check=True, capture_output=True)
+    return out
+
+
+def export_lm(out: Path, loss_chunks: str) -> Path:
+    """The calibration-sized causal LM (random GPT-2: 4 layers, h 256, 30522-token MiniLM vocabulary), int8."""
+    if (out / "manifest.json").is_file():
+        return out
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from edge_peft.bundled import minilm_dir
+
+    model = out.parent / "gpt2-model"
+    if not (model / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+        tokenizer.save_pretrained(model)
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=256, n_layer=4, n_head=4, n_positions=512,
+                                   bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                                   pad_token_id=0)).save_pretrained(model)
+    subprocess.run([sys.executable, "-m", "edge_peft.cli", "export", str(model), "--out", str(out), "--max-seq-len",
+                    "512", "--targets", "c_attn", "--loss-chunks", loss_chunks], check=True, capture_output=True)
     return out
 
 
@@ -50,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact-dir", type=Path, help="Where to keep the exported artifacts (default: temporary).")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rows", choices=["all", "minilm", "lm"], default="all", help="Which rows to run.")
     parser.add_argument("--json")
     args = parser.parse_args()
     from edge_peft.bundled import bbc_news_split, write_jsonl
@@ -64,8 +93,15 @@ def main() -> None:
         rows = []
         settings = [("lora-fa", b, ["--memory-budget", b]) for b in BUDGETS]
         settings += [(v, "none", ["--micro-batch-size", "8", "--max-seq-len", "256"]) for v in ("lora-fa", "lora")]
+        settings += [(v, b, ["--memory-budget", b]) for b in LM_BUDGETS for v in LM_LOSSES]
+        settings += [(v, "none", ["--micro-batch-size", "8", "--max-seq-len", "256"]) for v in LM_LOSSES]
+        if args.rows != "all":
+            settings = [row for row in settings if (row[0] in LM_LOSSES) == (args.rows == "lm")]
         for n, (variant, budget, extra) in enumerate(settings):
-            artifact = export(root / f"minilm-int8-{variant}", variant)
+            if variant in LM_LOSSES:
+                artifact = export_lm(root / variant.replace(" ", "-"), LM_LOSSES[variant])
+            else:
+                artifact = export(root / f"minilm-int8-{variant}", variant)
             manifest = load_manifest(artifact)
             result = train(artifact, data, tmp / f"run{n}", extra, args.steps)
             row = {"variant": variant, "budget_mb": budget}
