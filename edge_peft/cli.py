@@ -43,7 +43,8 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--max-seq-len", default=256, show_default=True, help="Longest sequence the device may train on.")
 @click.option("--weight-decay", default=0.0, show_default=True, help="AdamW weight decay (baked into the optimizer).")
 @click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradient clipping norm (0 disables).")
-@click.option("--layers", help="Blocks to adapt: 0,2,4-6 | top:N | bottom:N | auto:N (probe --probe-data; default: all).")
+@click.option("--layers", help="Blocks to adapt: 0,2,4-6 | top:N | bottom:N | auto:N (probe --probe-data) | auto "
+              "(as many as --memory-budget allows, probed; default: all).")
 @click.option("--probe-data", type=click.Path(path_type=Path), help="Data for --layers auto:N (.jsonl/.txt).")
 @click.option("--probe-steps", default=8, show_default=True, help="Steps of the --layers auto:N probe.")
 @click.option("--memory-budget", help="Peak RSS a minimal run (micro-batch 1, 256 tokens) must fit: chooses rank, "
@@ -67,7 +68,7 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
                          max_grad_norm=max_grad_norm, layers=layers, backend=backend, loss_chunks=loss_chunks)
     if memory_budget or device_profile:
         opts = _plan_export(model_dir, opts, memory_budget, device_profile)
-    best = auto_count(layers)
+    best = auto_count(opts.layers)
     if best is not None:
         from .exporter.layer_probe import export_best_layers
 

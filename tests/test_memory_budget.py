@@ -180,3 +180,20 @@ def test_impossible_export_budget_is_refused_before_export(models, tmp_path, mon
     assert err.startswith("error: --memory-budget 64 MB cannot be met at export: the smallest choice (int8, rank 1, "
                           "layers top:1, micro-batch 1 x 64 tokens) needs ")
     assert "try a --memory-budget of at least" in err and not (tmp_path / "artifact").exists()
+
+
+def test_export_plan_auto_layers_takes_as_many_blocks_as_fit(models):
+    from edge_peft.exporter.export_plan import _needed, model_figures, plan_export
+    from edge_peft.exporter.layer_selection import auto_count
+    from edge_peft.exporter.load import meta_model
+    from edge_peft.exporter.pipeline import ExportOptions
+
+    opts = ExportOptions(rank=4, quantize="none", max_seq_len=64, targets=toy.TARGETS["gpt2"], layers="auto")
+    meta = meta_model(models["gpt2"], None)
+    depth = meta.model.config.n_layer
+    need = {n: _needed(model_figures(meta, opts, 1, f"top:{n}", "int8"), 64, 0.1) for n in (depth - 1, depth)}
+    assert need[depth - 1] < need[depth]
+    planned = plan_export(models["gpt2"], opts, int(need[depth - 1]) + 1, 0.1)
+    assert planned.layers == f"auto:{depth - 1}" and planned.memory["export_plan"]["layers"] == f"auto:{depth - 1}"
+    with pytest.raises(UserError, match="--layers auto adapts as many blocks as the memory budget allows"):
+        auto_count("auto")

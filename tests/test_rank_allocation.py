@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import data_for
 
-from edge_peft.adapters.peft_format import load_adapter, onnx_name
+from edge_peft.adapters.peft_format import complete_tensors, decode_adapter, expand_if_compact, load_adapter, onnx_name
 from edge_peft.adapters.spec import AdapterSpec, layer_index
 from edge_peft.device.adapter_io import save_run_adapter
 from edge_peft.device.inference import Predictor
@@ -19,6 +19,7 @@ from edge_peft.device.trainer import TrainConfig, Trainer
 from edge_peft.errors import UserError
 from edge_peft.exporter.load import load_model_dir
 from edge_peft.manifest import load_manifest
+from edge_peft.store.client import build_push
 
 
 def trainer(artifact, data_path, out, steps, **kw) -> Trainer:
@@ -77,6 +78,18 @@ def test_adaptive_run_saves_only_surviving_channels_and_peft_loads_them(models, 
         expected = peft_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     np.testing.assert_allclose(Predictor(artifact, adapter).logits(ids, mask), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(Predictor(tmp_path / "run").logits(ids, mask), expected, rtol=1e-4, atol=1e-5)
+
+    # the push sends only the survivors' B columns, and expands back to the run's exact adapter
+    _, _, payload = build_push(tmp_path / "run")
+    sent, meta = decode_adapter(payload)
+    spec = AdapterSpec.from_manifest(manifest)
+    assert sum(v.shape[1] for k, v in sent.items() if k.endswith("lora_B.weight")) == records[-1]["total_rank"]
+    assert not any(k.endswith("lora_A.weight") for k in sent)
+    restored = complete_tensors(spec, expand_if_compact(spec, sent, meta, "push"))
+    run_tensors = load_adapter(tmp_path / "run" / "adapter", spec)
+    assert restored.keys() == run_tensors.keys()
+    for key, value in run_tensors.items():
+        np.testing.assert_array_equal(restored[key], value)
 
 
 def test_nested_ranks_every_prefix_works_and_more_rank_is_not_worse(artifacts, data, tmp_path):

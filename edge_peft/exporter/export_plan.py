@@ -3,7 +3,8 @@
 The memory model (``device/memory_model.py``) is applied to figures computed from the model's config
 on the meta device (shapes only, no weights loaded), for a minimal useful run: micro-batch 1 at
 ``min(256, max_seq_len)`` tokens. Preference: int8 base; all of the recipe's layers, then fewer
-(``top:N``); for each, the requested rank, then halves of it. The first choice that fits wins.
+(``top:N``; with ``--layers auto``: the most blocks, ``auto:N``, the probe then choosing which); for
+each, the requested rank, then halves of it. The first choice that fits wins.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..device.memory_model import FLOAT, MB, ModelFigures, predict_figures
 from ..device.planner import MIN_USEFUL_SEQ_LEN
 from ..errors import UserError
 from .graph import INT8_MIN_ELEMENTS
-from .layer_selection import auto_count, parse_layers
+from .layer_selection import AUTO, auto_count, parse_layers
 from .load import LoadedModel, meta_model
 
 PLAN_SEQ_LEN = 256
@@ -27,7 +28,10 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
     """Memory-model figures of the artifact ``opts`` (with this rank, layers, quantization) would produce."""
     model, config = meta.model, meta.model.config
     num_layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
-    chosen = parse_layers(layers, num_layers) if layers and auto_count(layers) is None else None  # auto:N: plan for all
+    best = auto_count(layers)
+    if best is not None:  # the probe picks which N blocks later; blocks have equal shapes, so plan for top:N
+        layers = f"top:{best}"
+    chosen = parse_layers(layers, num_layers) if layers else None
     names = find_targets(model, list(opts.targets or meta.recipe.targets), chosen)
     shapes = [linear_shape(model.get_submodule(n)) for n in names]
     head = tuple(f"{h}." for h in meta.recipe.head)
@@ -69,7 +73,12 @@ def plan_export(model_dir: str | Path, opts, budget: int, margin: float, profile
     num_layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     seq_len = min(PLAN_SEQ_LEN, opts.max_seq_len, int(positions or opts.max_seq_len))
-    layer_choices = [opts.layers] if opts.layers else [None] + [f"top:{n}" for n in range(num_layers - 1, 0, -1)]
+    if opts.layers == AUTO:  # as many blocks as fit, the probe choosing which
+        layer_choices = [f"auto:{n}" for n in range(num_layers, 0, -1)]
+    elif opts.layers:
+        layer_choices = [opts.layers]
+    else:
+        layer_choices = [None] + [f"top:{n}" for n in range(num_layers - 1, 0, -1)]
     ranks = [opts.rank]
     while ranks[-1] > 1:
         ranks.append(ranks[-1] // 2)

@@ -2,7 +2,8 @@
 
 Forms: indices and ranges (``0,2,4-6``), the blocks nearest the output (``top:N``) or the input
 (``bottom:N``), or ``auto:N``: the N blocks that a short probe on the user's data finds most
-important (see ``probe_layer_importance``).
+important (see ``probe_layer_importance``); plain ``auto`` with a memory budget: as many of those
+blocks as the budget allows (``export_plan``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import re
 
 from ..errors import UserError
 
-_FORMS = "indices and ranges (0,2,4-6), top:N, bottom:N or auto:N"
+_FORMS = "indices and ranges (0,2,4-6), top:N, bottom:N, auto:N or auto (with --memory-budget)"
+AUTO = "auto"
 
 
 def parse_layers(text: str, num_layers: int) -> set[int]:
@@ -38,7 +40,10 @@ def parse_layers(text: str, num_layers: int) -> set[int]:
 
 
 def auto_count(text: str | None) -> int | None:
-    """N of ``auto:N``, else None."""
+    """N of ``auto:N``, else None (``auto`` must have been planned into ``auto:N`` by then)."""
+    if (text or "").strip() == AUTO:
+        raise UserError("--layers auto adapts as many blocks as the memory budget allows: add --memory-budget or "
+                        "--device-profile, or name the count with --layers auto:N")
     match = re.fullmatch(r"auto:(\d+)", (text or "").strip())
     if match is None:
         return None

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..adapters.peft_format import (CONFIG_NAME, WEIGHTS_NAME, check_tensors, complete_tensors, decode_adapter,
                                     encode_adapter, expand_if_compact, peft_config)
-from ..adapters.ranks import CHANNELS_KEY, compact, prefix_channels
+from ..adapters.ranks import CHANNELS_KEY, compact, prefix_channels, surviving_channels
 from ..adapters.spec import AdapterSpec, lora_a_from_seed, lora_key
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json
@@ -115,9 +115,10 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
                rank: int | None = None) -> tuple[str, dict[str, Any], bytes]:
     """(base fingerprint, push metadata, adapter bytes) for ``<run>/adapter``.
 
-    ``b_only`` (default: True for LoRA-FA) drops the A factors, which the store regenerates from their seeds.
+    ``b_only`` (default: True for LoRA-FA) drops the A factors, which the store regenerates from their seeds,
+    and sends only the channels that carry an update (an adaptive-rank run's survivors, compact).
     ``rank`` sends only the first ``rank`` channels of each module (a nested-rank run's truncation: a
-    smaller upload); the store expands it to the full rank with zero columns.
+    smaller upload). The store expands compact pushes to the full rank with zero columns.
     """
     run = Path(run_dir)
     spec = AdapterSpec.from_manifest(load_manifest(run))
@@ -127,10 +128,8 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
     data = weights.read_bytes()
     if b_only is None:
         b_only = spec.variant == "lora-fa"
-    if rank is not None:
-        data = _truncate(spec, data, rank, str(weights), drop_a=b_only)
-    elif b_only:
-        data = _drop_seeded_a(spec, data, str(weights))
+    if b_only or rank is not None:
+        data = _payload(spec, data, str(weights), rank, drop_a=b_only)
     summary = _read_summary(run / SUMMARY_NAME)
     meta = {
         "spec": spec.to_dict(),
@@ -143,30 +142,28 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
     return spec.base_fingerprint, meta, data
 
 
-def _truncate(spec: AdapterSpec, data: bytes, rank: int, source: str, drop_a: bool) -> bytes:
-    """The first ``rank`` channels of every module (without the seeded A when ``drop_a``)."""
+def _payload(spec: AdapterSpec, data: bytes, source: str, rank: int | None, drop_a: bool) -> bytes:
+    """The adapter to upload: the first ``rank`` channels of every module, or (``rank`` None) the surviving
+    ones, compact when fewer than all; without the seeded A when ``drop_a``."""
     if drop_a and spec.variant != "lora-fa":
         raise UserError(f"{source} is a {spec.variant!r} adapter whose A is trained: push it with --full")
     tensors, file_meta = decode_adapter(data, source)
-    full = complete_tensors(spec, expand_if_compact(spec, tensors, file_meta, source))
-    check_tensors(spec, full, source)
-    channels = prefix_channels(spec, rank)
-    kept, _ = compact(spec, full, channels)
+    expanded = expand_if_compact(spec, tensors, file_meta, source)
+    check_tensors(spec, expanded, source, require_a=False)
+    full = complete_tensors(spec, expanded)
+    if drop_a:
+        for m in spec.modules:
+            if not np.array_equal(full[lora_key(m.name, "A")], lora_a_from_seed(m.a_seed, m.rank, m.in_features)):
+                raise UserError(f"{source}: {lora_key(m.name, 'A')} differs from the A its seed regenerates: "
+                                "push with --full")
+    channels = prefix_channels(spec, rank) if rank is not None else surviving_channels(spec, full)
+    if all(len(kept) == spec.rank for kept in channels.values()):
+        kept, meta = full, {k: v for k, v in file_meta.items() if k != CHANNELS_KEY}
+    else:
+        kept, meta = compact(spec, full, channels)[0], {**file_meta, CHANNELS_KEY: channels}
     if drop_a:
         kept = {k: v for k, v in kept.items() if not k.endswith(".lora_A.weight")}
-    return encode_adapter(spec, kept, extra_meta={**file_meta, CHANNELS_KEY: channels})
-
-
-def _drop_seeded_a(spec: AdapterSpec, data: bytes, source: str) -> bytes:
-    if spec.variant != "lora-fa":
-        raise UserError(f"{source} is a {spec.variant!r} adapter whose A is trained: push it with --full")
-    tensors, file_meta = decode_adapter(data, source)
-    check_tensors(spec, tensors, source, require_a=False)
-    for m in spec.modules:
-        a = tensors.pop(lora_key(m.name, "A"), None)
-        if a is not None and not np.array_equal(a, lora_a_from_seed(m.a_seed, m.rank, m.in_features)):
-            raise UserError(f"{source}: {lora_key(m.name, 'A')} differs from the A its seed regenerates: push with --full")
-    return encode_adapter(spec, tensors, extra_meta=file_meta)
+    return encode_adapter(spec, kept, extra_meta=meta)
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
