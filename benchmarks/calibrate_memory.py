@@ -43,8 +43,9 @@ def worker(artifact: str, batch: int, seq: int, threads: int) -> dict:
     labels = (rng.integers(0, manifest.num_labels, size=batch, dtype=np.int64) if manifest.num_labels
               else rng.integers(5, manifest.vocab_size, size=(batch, seq), dtype=np.int64))
     for _ in range(3):
+        backend.start_step(1e-3)
         backend.forward_backward(Batch(ids, np.ones_like(ids), labels))
-        backend.optimizer_step(1e-3)
+        backend.optimizer_step()
     return {"artifact": Path(artifact).name, "batch": batch, "seq": seq, "threads": threads,
             "after_imports_mb": round(after_imports / MB, 1), "after_load_mb": round(after_load / MB, 1),
             "peak_mb": round(peak_rss() / MB, 1),

@@ -44,7 +44,7 @@ def edge_worker(artifact: str, args, backend_name: str = "ort") -> dict:
     manifest = load_manifest(artifact)
     backend = open_backend(Path(artifact), manifest, threads=args.threads, backend=backend_name)
     batch = Batch(*random_batch(args.batch_size, args.seq_len, manifest.vocab_size))
-    return timed(lambda: (backend.forward_backward(batch), backend.optimizer_step(1e-3)), args)
+    return timed(lambda: (backend.start_step(1e-3), backend.forward_backward(batch), backend.optimizer_step()), args)
 
 
 def torch_worker(model_dir: str, args) -> dict:

@@ -1,10 +1,16 @@
-"""Files and tensor names of the portable training graphs: the contract between the exporter (which
-writes them) and the portable device backend (which feeds them). No torch, no onnx imports."""
+"""Files and tensor names of the portable training-step graph: the contract between the exporter (which
+writes it) and the portable device backend (which feeds it). No torch, no onnx imports.
+
+One graph makes one micro-batch's contribution to an optimizer step: inputs are the batch, the
+trainable tensors, the gradients accumulated by the step's earlier micro-batches, the AdamW moments,
+the step number and the learning rate; outputs are the loss, the accumulated gradients including this
+micro-batch, and the tensors and moments AdamW makes of them. The device loop keeps the update of the
+step's last micro-batch (with one micro-batch per step, the common case, every output is used).
+"""
 
 from __future__ import annotations
 
-GRADIENT_MODEL = "portable_gradient.onnx"   # batch + adapters -> loss + adapter gradients
-OPTIMIZER_MODEL = "portable_adamw.onnx"     # adapters + gradients + moments + lr + step -> updated ones
+STEP_MODEL = "portable_step.onnx"
 INITIAL_STATE = "portable_init.safetensors"  # the trainable tensors a fresh run starts from
 BATCH_INPUTS = ("input_ids", "attention_mask", "labels", "loss_scale")
 LOSS = "loss"
@@ -12,8 +18,13 @@ LR, STEP = "lr", "step"
 
 
 def grad_name(name: str) -> str:
-    """Gradient of trainable tensor ``name`` (gradient-graph output, optimizer-graph input)."""
+    """This micro-batch's gradient of trainable tensor ``name`` (an internal value of the graph)."""
     return f"{name}.grad"
+
+
+def accumulated(name: str) -> str:
+    """Gradient of ``name`` accumulated over the step's earlier micro-batches (input; zeros at first)."""
+    return f"{name}.grad_acc"
 
 
 def moment_names(name: str) -> tuple[str, str]:
@@ -22,5 +33,5 @@ def moment_names(name: str) -> tuple[str, str]:
 
 
 def updated(name: str) -> str:
-    """Optimizer-graph output holding the new value of input ``name``."""
+    """Graph output holding the new value of input ``name`` (values, moments, accumulated gradients)."""
     return f"{name}.new"

@@ -19,11 +19,12 @@ from test_training import losses, train
 from edge_peft.device.adapter_io import save_run_adapter
 from edge_peft.device.backend import open_backend
 from edge_peft.device.inference import Predictor
+from edge_peft.device.portable_backend import initial_trainable
 from edge_peft.device.trainer import TrainConfig, Trainer
 from edge_peft.errors import UserError
 from edge_peft.exporter.load import load_model_dir
 from edge_peft.manifest import IGNORE_INDEX, load_manifest
-from edge_peft.portable_spec import GRADIENT_MODEL
+from edge_peft.portable_spec import LR, STEP, STEP_MODEL, accumulated, moment_names, updated
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTABLE_PYTHON = Path(os.environ.get("EDGE_PEFT_PORTABLE_VENV", ROOT / ".venv-portable")) / "bin" / "python"
@@ -52,7 +53,13 @@ def test_portable_loss_falls_and_touches_only_adapters(artifacts, data, tmp_path
     assert last < 0.6 * first, f"loss {first:.3f} -> {last:.3f}"
     assert {p.name: _sha(p) for p in artifact.iterdir() if p.is_file()} == before  # the artifact is read-only
 
-    proto = onnx.load(str(artifact / GRADIENT_MODEL))
+    proto = onnx.load(str(artifact / STEP_MODEL))  # one graph: batch + state in, loss + new state out
+    trainable = list(initial_trainable(artifact))
+    inputs, outputs = {i.name for i in proto.graph.input}, {o.name for o in proto.graph.output}
+    state = [x for n in trainable for x in (n, *moment_names(n), accumulated(n))]
+    assert {"input_ids", "attention_mask", "labels", LR, STEP, *state} <= inputs
+    assert outputs == {"loss", *map(updated, state)}
+    assert {node.domain for node in proto.graph.node} <= {"", "pkg.onnxscript.torch_lib", "pkg.onnxscript.torch_lib.common"}
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     assert any(a.dtype == np.int8 for a in inits.values())
     big_fp32 = [n for n, a in inits.items() if a.dtype == np.float32 and a.ndim == 2 and a.size >= 1024

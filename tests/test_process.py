@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from test_training import losses
 
 NO_TORCH = (
@@ -49,19 +50,21 @@ def test_train_generate_and_save_without_torch(artifacts, data, tmp_path):
 STEPS = 64
 
 
-def _train_args(artifact, data, run, steps=STEPS):
+def _train_args(artifact, data, run, backend, steps=STEPS):
     return ["train", artifact, "--data", data, "--out", run, "--steps", str(steps), "--batch-size", "4",
-            "--checkpoint-every", "4", "--eval-every", "0", "--threads", "1", "--lr", "5e-3", "--quiet"]
+            "--checkpoint-every", "4", "--eval-every", "0", "--threads", "1", "--lr", "5e-3", "--quiet",
+            "--backend", backend]
 
 
-def test_sigkill_then_resume_gives_the_same_losses(artifacts, data, tmp_path):
-    artifact, data_path = artifacts("gpt2", "int8"), data["lm"]
+@pytest.mark.parametrize("backend", ["ort", "portable"])
+def test_sigkill_then_resume_gives_the_same_losses(artifacts, data, tmp_path, backend):
+    artifact, data_path = artifacts("gpt2", "int8", backend=backend), data["lm"]
     straight = tmp_path / "straight"
-    proc = cli(*_train_args(artifact, data_path, straight))
+    proc = cli(*_train_args(artifact, data_path, straight, backend))
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
 
     killed = tmp_path / "killed"
-    proc = cli(*_train_args(artifact, data_path, killed))
+    proc = cli(*_train_args(artifact, data_path, killed, backend))
     deadline = time.time() + 300
     while time.time() < deadline:  # kill mid-run, once a checkpoint exists (every 4 steps)
         metrics = killed / "metrics.jsonl"
@@ -73,7 +76,7 @@ def test_sigkill_then_resume_gives_the_same_losses(artifacts, data, tmp_path):
     trainer_state = json.loads((killed / "checkpoint" / "trainer.json").read_text())
     assert 4 <= trainer_state["step"] < STEPS
 
-    proc = cli(*_train_args(artifact, data_path, killed) + ["--resume"])
+    proc = cli(*_train_args(artifact, data_path, killed, backend) + ["--resume"])
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     resumed, reference = losses(killed), losses(straight)
     assert [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()] == list(range(STEPS))

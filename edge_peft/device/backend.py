@@ -1,7 +1,7 @@
 """The training backend interface the device loop depends on, and the ORT training-API backend.
 
 The loop, the budget planner and sync talk only to ``TrainingBackend``: a second backend (the
-portable single-graph one) implements the same few methods.
+portable training-step graph) implements the same few methods.
 """
 
 from __future__ import annotations
@@ -19,13 +19,17 @@ from .ort_api import quiet_logs, session_options, training_api, training_api_ins
 
 
 class TrainingBackend(Protocol):
-    """What the device loop needs from a backend."""
+    """What the device loop needs from a backend. One optimizer step is ``start_step(lr)``, then
+    ``forward_backward`` per micro-batch, then ``optimizer_step()``."""
+
+    def start_step(self, lr: float) -> None:
+        """Begin an optimizer step at learning rate ``lr`` (no gradients accumulated yet)."""
 
     def forward_backward(self, batch: Batch, scale: float = 1.0) -> float:
         """Mean loss of ``batch``; ``scale`` times its gradient is added to the accumulated one."""
 
-    def optimizer_step(self, lr: float) -> None:
-        """Apply the accumulated gradients with AdamW at ``lr`` and clear them."""
+    def optimizer_step(self) -> None:
+        """Apply the accumulated gradients with AdamW and clear them."""
 
     def eval_loss(self, batch: Batch) -> float:
         """Loss of ``batch`` without touching gradients or weights."""
@@ -68,8 +72,10 @@ class OrtTrainingBackend:
         self.module.train()
         return float(self.module(*self._inputs(batch, scale))) / scale
 
-    def optimizer_step(self, lr: float) -> None:
+    def start_step(self, lr: float) -> None:
         self.optimizer.set_learning_rate(float(lr))
+
+    def optimizer_step(self) -> None:
         self.optimizer.step()
         self.module.lazy_reset_grad()
 

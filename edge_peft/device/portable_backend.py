@@ -1,8 +1,10 @@
-"""The portable training backend: the artifact's gradient and AdamW graphs on plain, current onnxruntime.
+"""The portable training backend: the artifact's training-step graph on plain, current onnxruntime.
 
-No ``onnxruntime-training`` and no torch: frozen weights are initializers of ``portable_gradient.onnx``
-(int8 behind ``DequantizeLinear``), the trainable tensors, their AdamW moments and the step live here
-as numpy arrays and are fed in each call. State files are safetensors with the step in the header.
+No ``onnxruntime-training`` and no torch: frozen weights are initializers of ``portable_step.onnx``
+(int8 behind ``DequantizeLinear``); the trainable tensors, their AdamW moments and the step live here
+as numpy arrays and are fed in each call. Every micro-batch runs the one graph, which returns the
+gradients accumulated so far and the update AdamW makes of them; the update of the step's last
+micro-batch is kept. State files are safetensors with the step in the header.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from safetensors.numpy import load, save
 from ..errors import UserError
 from ..fileio import atomic_write_bytes
 from ..manifest import Manifest
-from ..portable_spec import (BATCH_INPUTS, GRADIENT_MODEL, INITIAL_STATE, LOSS, LR, OPTIMIZER_MODEL, STEP, grad_name,
-                             moment_names, updated)
+from ..portable_spec import (BATCH_INPUTS, INITIAL_STATE, LOSS, LR, STEP, STEP_MODEL, accumulated, moment_names,
+                             updated)
 from .data import Batch
 from .ort_api import onnxruntime_module, quiet_logs, session_options
 
@@ -40,12 +42,12 @@ def is_portable_state(path: Path) -> bool:
 
 
 class PortableBackend:
-    """``TrainingBackend`` over two plain ONNX models: gradients of the adapters, then AdamW."""
+    """``TrainingBackend`` over the one plain ONNX training-step graph."""
 
     def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
                  provider: str = "CPUExecutionProvider"):
-        if not (artifact / GRADIENT_MODEL).is_file():
-            raise UserError(f"{artifact} has no portable training graphs: re-export it with "
+        if not (artifact / STEP_MODEL).is_file():
+            raise UserError(f"{artifact} has no portable training-step graph: re-export it with "
                             "`edge-peft export --backend portable` (or both)")
         ort = onnxruntime_module()
         quiet_logs()
@@ -55,16 +57,17 @@ class PortableBackend:
         options = session_options(threads)
         options.enable_cpu_mem_arena = False  # as the ORT backend: linear, predictable RSS
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacking copies every weight
-        self._gradient = ort.InferenceSession(str(artifact / GRADIENT_MODEL), options, providers=providers,
-                                              disabled_optimizers=DISABLED_OPTIMIZERS)
-        self._optimizer = ort.InferenceSession(str(artifact / OPTIMIZER_MODEL), session_options(threads),
-                                               providers=["CPUExecutionProvider"])
-        self.names = [i.name for i in self._gradient.get_inputs() if i.name not in BATCH_INPUTS]
-        self._outputs = [LOSS, *[grad_name(n) for n in self.names]]
+        self._session = ort.InferenceSession(str(artifact / STEP_MODEL), options, providers=providers,
+                                             disabled_optimizers=DISABLED_OPTIMIZERS)
+        inputs = {i.name for i in self._session.get_inputs()}
+        self.names = [i.name for i in self._session.get_inputs()
+                      if i.name not in BATCH_INPUTS and accumulated(i.name) in inputs]
+        self._state_names = [x for n in self.names for x in (n, *moment_names(n), accumulated(n))]
+        self._outputs = [LOSS, *[updated(x) for x in self._state_names]]
         self._load(state_path or artifact / INITIAL_STATE)
-        self._grads: dict[str, np.ndarray] | None = None
+        self._lr = 0.0
+        self._pending: dict[str, np.ndarray] | None = None  # outputs of the step's latest micro-batch
 
-    # -- state ---------------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
         try:
             data = path.read_bytes()
@@ -81,6 +84,7 @@ class PortableBackend:
         self.m = {n: tensors.get(moment_names(n)[0], zeros[n]).astype(np.float32) for n in self.names}
         self.v = {n: tensors.get(moment_names(n)[1], zeros[n]).astype(np.float32) for n in self.names}
         self.step = int(_header(data).get("step", "0"))
+        self._zeros = zeros
 
     def save_state(self, path: Path, include_optimizer: bool = True) -> None:
         tensors = dict(self.values)
@@ -92,38 +96,36 @@ class PortableBackend:
         atomic_write_bytes(Path(path), save(tensors, metadata={"format": STATE_FORMAT, "step": str(step)}))
 
     # -- training ------------------------------------------------------------------------------
-    def _run(self, batch: Batch, scale: float) -> tuple[float, list[np.ndarray]]:
+    def start_step(self, lr: float) -> None:
+        self._lr, self._pending = lr, None
+
+    def _run(self, batch: Batch, scale: float) -> tuple[float, dict[str, np.ndarray]]:
+        acc = self._pending or {}
         feeds = {"input_ids": batch.input_ids.astype(np.int64), "attention_mask": batch.attention_mask.astype(np.int64),
                  "labels": batch.labels.astype(np.int64), "loss_scale": np.array(scale, dtype=np.float32),
-                 **self.values}
-        loss, *grads = self._gradient.run(self._outputs, feeds)
-        return float(loss), grads
+                 LR: np.array(self._lr, dtype=np.float32), STEP: np.array(self.step + 1, dtype=np.int64)}
+        for n in self.names:
+            m, v = moment_names(n)
+            feeds.update({n: self.values[n], m: self.m[n], v: self.v[n],
+                          accumulated(n): acc.get(updated(accumulated(n)), self._zeros[n])})
+        loss, *rest = self._session.run(self._outputs, feeds)
+        return float(loss), dict(zip(self._outputs[1:], rest))
 
     def forward_backward(self, batch: Batch, scale: float = 1.0) -> float:
-        loss, grads = self._run(batch, scale)
-        if self._grads is None:
-            self._grads = dict(zip(self.names, grads))
-        else:
-            for name, g in zip(self.names, grads):
-                self._grads[name] += g
+        loss, self._pending = self._run(batch, scale)
         return loss
 
-    def optimizer_step(self, lr: float) -> None:
-        grads = self._grads or {n: np.zeros_like(v) for n, v in self.values.items()}
-        self.step += 1
-        feeds = {LR: np.array(lr, dtype=np.float32), STEP: np.array(self.step, dtype=np.int64)}
-        for n in self.names:
-            m, v = moment_names(n)
-            feeds.update({n: self.values[n], grad_name(n): grads[n], m: self.m[n], v: self.v[n]})
-        wanted = [updated(x) for n in self.names for x in (n, *moment_names(n))]
-        out = dict(zip(wanted, self._optimizer.run(wanted, feeds)))
-        for n in self.names:
-            m, v = moment_names(n)
-            self.values[n], self.m[n], self.v[n] = out[updated(n)], out[updated(m)], out[updated(v)]
-        self._grads = None
+    def optimizer_step(self) -> None:
+        """Keep the update the step's last micro-batch computed (a step without any target changes nothing)."""
+        if self._pending is not None:
+            for n in self.names:
+                m, v = moment_names(n)
+                self.values[n], self.m[n], self.v[n] = (self._pending[updated(x)] for x in (n, m, v))
+            self.step += 1
+        self._pending = None
 
     def eval_loss(self, batch: Batch) -> float:
-        """Loss through the gradient graph (its gradients are discarded): no second copy of the weights."""
+        """Loss through the step graph (its update is discarded): no second copy of the weights."""
         return self._run(batch, 1.0)[0]
 
     # -- tensors by name -----------------------------------------------------------------------
@@ -131,6 +133,8 @@ class PortableBackend:
         return {n: v.copy() for n, v in self.values.items()}
 
     def set_trainable(self, tensors: dict[str, np.ndarray]) -> None:
+        if self._pending is not None:
+            raise RuntimeError("trainable tensors changed between a step's backward and its update")
         for name, value in tensors.items():
             if name not in self.values:
                 raise UserError(f"{name} is not a trainable tensor of this artifact: check the adapter's targets")
@@ -138,22 +142,22 @@ class PortableBackend:
 
     def gradients(self, names: list[str]) -> dict[str, np.ndarray]:
         """Accumulated gradients of trainable tensors (read between backward and the optimizer step)."""
-        grads = self._grads or {}
-        return {n: grads[n].copy() if n in grads else np.zeros_like(self.values[n]) for n in names}
+        acc = self._pending or {}
+        return {n: acc[updated(accumulated(n))].copy() if acc else np.zeros_like(self.values[n]) for n in names}
 
     def frozen(self, name: str) -> np.ndarray:
-        """A frozen initializer of the gradient graph, read with the ``onnx`` package (workstation/tests)."""
+        """A frozen initializer of the step graph, read with the ``onnx`` package (workstation/tests)."""
         try:
             import onnx
             from onnx import numpy_helper
         except ImportError:
             raise UserError("reading frozen tensors of a portable artifact needs the onnx package: "
                             "pip install onnx") from None
-        model = onnx.load(str(self.artifact / GRADIENT_MODEL))
+        model = onnx.load(str(self.artifact / STEP_MODEL))
         for init in model.graph.initializer:
             if init.name == name:
                 return numpy_helper.to_array(init).copy()
-        raise UserError(f"{name} is not a frozen tensor of {self.artifact / GRADIENT_MODEL}: check the name")
+        raise UserError(f"{name} is not a frozen tensor of {self.artifact / STEP_MODEL}: check the name")
 
 
 def _header(data: bytes) -> dict[str, str]:

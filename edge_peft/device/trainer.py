@@ -195,6 +195,7 @@ class Trainer:
     def train_step(self, step: int) -> tuple[float, int, int]:
         """One optimizer step; returns (loss, tokens, samples)."""
         loss, tokens, samples = 0.0, 0, 0
+        self.backend.start_step(self.lr(step))
         self.hooks.before_step(step)
         for part, share in self.micro_batches(step):
             if share == 0:
@@ -203,7 +204,7 @@ class Trainer:
             tokens += part.tokens
             samples += part.input_ids.shape[0]
         self.hooks.after_backward(step)
-        self.backend.optimizer_step(self.lr(step))
+        self.backend.optimizer_step()
         self.hooks.after_update(step)
         return loss, tokens, samples
 

@@ -1,4 +1,5 @@
-"""The portable backend's gradient graph: forward + adapter-only gradients as one standard ONNX model.
+"""The portable backend's training-step graph: forward, adapter-only gradients and AdamW as one standard
+ONNX model (the contract is in ``portable_spec``).
 
 Route (the only one that exported, see issue 7): ``torch.func.grad_and_value`` over
 ``torch.func.functional_call``, traced to plain aten ops with ``make_fx(tracing_mode="symbolic")``,
@@ -7,8 +8,8 @@ exporter (opset 18). Frozen tensors are inputs of the traced function (no weight
 computed for them) and of the exported graph (so its optimizer keeps them single and int8-able); they
 become initializers under their Hugging Face names afterwards.
 
-The AdamW update is a second, tiny graph (``portable_optim.py``): the device loop accumulates
-gradients over micro-batches and only knows the learning rate at the optimizer step.
+Gradient accumulation and AdamW (``portable_optim.py``) are then appended to the exported graph in
+standard ONNX ops.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from torch.func import functional_call, grad_and_value
 
 from ..fileio import atomic_write_bytes
 from ..manifest import IGNORE_INDEX
-from ..portable_spec import BATCH_INPUTS, GRADIENT_MODEL, INITIAL_STATE, LOSS, OPTIMIZER_MODEL, grad_name
+from ..portable_spec import BATCH_INPUTS, INITIAL_STATE, LOSS, STEP_MODEL, grad_name
 from . import graph
-from .portable_optim import build_optimizer_model
+from .portable_optim import append_update
 
 PORTABLE_OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -154,7 +155,7 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
 
 def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: bool, max_seq_len: int,
                              weight_decay: float, max_grad_norm: float, out: Path) -> None:
-    """Write the gradient graph, the AdamW graph and the initial trainable state into ``out``.
+    """Write the training-step graph and the initial trainable state into ``out``.
 
     Frozen base weights (not the LoRA A factors) are stored int8 behind ``DequantizeLinear`` when
     ``quantize``.
@@ -168,9 +169,9 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     if quantize:
         graph.quantize_int8(proto, base, _output_axes(model))
         _transpose_before_dequantize(proto)
-    _save(proto, out / GRADIENT_MODEL)
     shapes = {name: list(params[name].shape) for name in trainable}
-    onnx.save(build_optimizer_model(shapes, weight_decay, max_grad_norm, PORTABLE_OPSET), str(out / OPTIMIZER_MODEL))
+    append_update(proto.graph, shapes, weight_decay, max_grad_norm)
+    _save(proto, out / STEP_MODEL)
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
     atomic_write_bytes(out / INITIAL_STATE, save_safetensors(values))
 
