@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, print_table, run_worker, write_json  # noqa: E402
+from common import ROOT, peak_rss_mb, print_table, run_worker, write_json  # noqa: E402
 
 
 def read_rows(path: str) -> list[dict]:
@@ -45,7 +45,6 @@ def upload(run: str, rank: int | None) -> tuple[int, int]:
 def worker(artifact: str, train: str, test: str, run: str, mode: str, seed: str, args) -> dict:
     from edge_peft.device.adapter_io import save_run_adapter
     from edge_peft.device.inference import Predictor, accuracy
-    from edge_peft.device.memory import MB, peak_rss
     from edge_peft.device.trainer import TrainConfig, Trainer
 
     options = {"adaptive": {"adaptive_rank": True, "target_rank": args.rank},
@@ -56,7 +55,7 @@ def worker(artifact: str, train: str, test: str, run: str, mode: str, seed: str,
     trainer = Trainer(artifact, config, run, show_progress=False)
     trainable = int(sum(v.size for v in trainer.backend.trainable().values()))
     trainer.run()
-    train_s, rss = time.perf_counter() - start, peak_rss() / MB
+    train_s, rss = time.perf_counter() - start, peak_rss_mb()
     rows = read_rows(test)
     prefixes = [2 ** i for i in range(16) if 2 ** i <= 2 * args.rank] if mode == "nested" else [None]
     results = []

@@ -11,6 +11,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB (VmHWM on Linux: see ``edge_peft.device.memory.peak_rss``)."""
+    from edge_peft.device.memory import MB, peak_rss
+
+    return peak_rss() / MB
+
+
 def run_worker(script: Path, args: list[str], timeout: int = 1800) -> dict:
     """Run ``script --worker ...`` in a fresh interpreter; its last stdout line is a JSON result."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, print_table, run_worker, write_json  # noqa: E402
+from common import ROOT, peak_rss_mb, print_table, run_worker, write_json  # noqa: E402
 
 LABELS = ["a", "b", "c", "d", "e"]
 TARGETS = ["query", "value"]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def random_batch(batch: int, seq: int, vocab: int, seed: int = 0):
