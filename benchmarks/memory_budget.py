@@ -26,15 +26,17 @@ from common import print_table, write_json  # noqa: E402
 BUDGETS = ["256MB", "512MB", "1024MB", "2048MB"]
 LM_BUDGETS = ["384MB", "512MB", "1024MB"]  # naive vs target-only chunked loss on the causal LM
 LM_LOSSES = {"gpt2 naive": "0", "gpt2 chunked": "8"}  # --loss-chunks
+PORTABLE = "lora-fa portable"  # the portable training-step graph (plain onnxruntime) on the same model
+PORTABLE_BUDGETS = ["512MB", "1024MB"]
 
 
-def export(out: Path, variant: str) -> Path:
+def export(out: Path, variant: str, backend: str = "ort") -> Path:
     from edge_peft.bundled import BBC_LABELS, minilm_dir
 
     if not (out / "manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "edge_peft.cli", "export", str(minilm_dir()), "--out", str(out),
                         "--labels", ",".join(BBC_LABELS), "--variant", variant, "--max-seq-len", "512",
-                        "--quantize", "int8"], check=True, capture_output=True)
+                        "--quantize", "int8", "--backend", backend], check=True, capture_output=True)
     return out
 
 
@@ -78,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact-dir", type=Path, help="Where to keep the exported artifacts (default: temporary).")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rows", choices=["all", "minilm", "lm"], default="all", help="Which rows to run.")
+    parser.add_argument("--rows", choices=["all", "minilm", "lm", "portable"], default="all", help="Which rows to run.")
     parser.add_argument("--json")
     args = parser.parse_args()
     from edge_peft.bundled import bbc_news_split, write_jsonl
@@ -95,11 +97,16 @@ def main() -> None:
         settings += [(v, "none", ["--micro-batch-size", "8", "--max-seq-len", "256"]) for v in ("lora-fa", "lora")]
         settings += [(v, b, ["--memory-budget", b]) for b in LM_BUDGETS for v in LM_LOSSES]
         settings += [(v, "none", ["--micro-batch-size", "8", "--max-seq-len", "256"]) for v in LM_LOSSES]
+        settings += [(PORTABLE, b, ["--memory-budget", b, "--backend", "portable"]) for b in PORTABLE_BUDGETS]
+        settings += [(PORTABLE, "none", ["--micro-batch-size", "8", "--max-seq-len", "256", "--backend", "portable"])]
         if args.rows != "all":
-            settings = [row for row in settings if (row[0] in LM_LOSSES) == (args.rows == "lm")]
+            group = {"lm": set(LM_LOSSES), "portable": {PORTABLE}, "minilm": {"lora-fa", "lora"}}[args.rows]
+            settings = [row for row in settings if row[0] in group]
         for n, (variant, budget, extra) in enumerate(settings):
             if variant in LM_LOSSES:
                 artifact = export_lm(root / variant.replace(" ", "-"), LM_LOSSES[variant])
+            elif variant == PORTABLE:
+                artifact = export(root / "minilm-int8-portable", "lora-fa", "portable")
             else:
                 artifact = export(root / f"minilm-int8-{variant}", variant)
             manifest = load_manifest(artifact)
@@ -124,6 +131,9 @@ def main() -> None:
     print_table(rows, [("variant", "variant"), ("budget_mb", "budget"), ("micro_batch", "micro"), ("seq_len", "seq"),
                        ("predicted_mb", "predicted MB"), ("peak_mb", "measured MB"), ("error_pct", "error %"),
                        ("within_budget", "<= budget"), ("tokens_per_s", "tokens/s"), ("note", "note")])
+    if args.json and args.rows != "all" and Path(args.json).is_file():  # keep the other groups' rows
+        ran = {row["variant"] for row in rows}
+        rows = [r for r in json.loads(Path(args.json).read_text())["rows"] if r["variant"] not in ran] + rows
     write_json(args.json, {"rows": rows, "note": "2 shared cores: tokens/s are contaminated by other jobs"})
 
 
