@@ -22,6 +22,7 @@ from ..manifest import Manifest
 from ..portable_spec import (BATCH_INPUTS, INITIAL_STATE, LOSS, LR, STEP, STEP_MODEL, accumulated, moment_names,
                              updated)
 from .data import Batch
+from .memory import reuse_freed_memory
 from .ort_api import onnxruntime_module, quiet_logs, session_options
 
 STATE_FORMAT = "edge-peft-portable-state-1"
@@ -51,6 +52,7 @@ class PortableBackend:
                             "`edge-peft export --backend portable` (or both)")
         ort = onnxruntime_module()
         quiet_logs()
+        reuse_freed_memory()
         self.manifest = manifest
         self.artifact = artifact
         providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
