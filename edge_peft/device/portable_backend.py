@@ -59,6 +59,10 @@ class PortableBackend:
         options = session_options(threads)
         options.enable_cpu_mem_arena = False  # as the ORT backend: linear, predictable RSS
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacking copies every weight
+        # A memory pattern preallocates one block for all of a run's activations: past glibc's mmap threshold
+        # it is page-faulted in afresh every step. Per-tensor allocations reuse the heap pages the last
+        # step freed (memory.reuse_freed_memory): +21 % tokens/s and -5 % peak on MiniLM at 8 x 128.
+        options.enable_mem_pattern = False
         self._session = ort.InferenceSession(str(artifact / STEP_MODEL), options, providers=providers,
                                              disabled_optimizers=DISABLED_OPTIMIZERS)
         inputs = {i.name for i in self._session.get_inputs()}
