@@ -34,8 +34,10 @@ def edge_worker(artifact: str, args, backend_name: str = "ort") -> dict:
     """An edge-peft backend (ORT training API or portable graphs): forward+backward+AdamW per step, no torch."""
     from edge_peft.device.backend import open_backend
     from edge_peft.device.data import Batch
+    from edge_peft.device.memory import reuse_freed_memory
     from edge_peft.manifest import load_manifest
 
+    reuse_freed_memory()  # as `edge-peft train` does without a memory budget
     manifest = load_manifest(artifact)
     backend = open_backend(Path(artifact), manifest, threads=args.threads, backend=backend_name)
     batch = Batch(*random_batch(args.batch_size, args.seq_len, manifest.vocab_size))

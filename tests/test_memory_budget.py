@@ -197,3 +197,24 @@ def test_export_plan_auto_layers_takes_as_many_blocks_as_fit(models):
     assert planned.layers == f"auto:{depth - 1}" and planned.memory["export_plan"]["layers"] == f"auto:{depth - 1}"
     with pytest.raises(UserError, match="--layers auto adapts as many blocks as the memory budget allows"):
         auto_count("auto")
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_freed_step_memory_stays_resident_only_when_asked(reuse):
+    """Without a budget the trainer keeps freed pages for the next step; glibc's default returns them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from edge_peft.device.memory import MB, current_rss, reuse_freed_memory\n"
+        f"assert reuse_freed_memory() if {reuse} else True\n"
+        "block = np.ones(24 * MB // 8)\n"
+        "held = current_rss()\n"
+        "del block\n"
+        "print((held - current_rss()) / MB)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    released = float(proc.stdout)
+    assert (released < 2) if reuse else (released > 20), released

@@ -15,7 +15,6 @@ import numpy as np
 from ..errors import UserError
 from ..manifest import Manifest
 from .data import Batch
-from .memory import reuse_freed_memory
 from .ort_api import quiet_logs, session_options, training_api, training_api_installed
 
 
@@ -54,7 +53,6 @@ class OrtTrainingBackend:
     def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0):
         api = training_api()
         quiet_logs()
-        reuse_freed_memory()
         self._api = api
         self.manifest = manifest
         options = session_options(threads)

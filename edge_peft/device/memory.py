@@ -23,7 +23,10 @@ def reuse_freed_memory() -> bool:
     sessions' arena off (``backend.py``) that cost 25-32 % of tokens/s on MiniLM (8 x 128, 16 x 128,
     2 x 512, 3 x 512; ``benchmarks/train_step.py``). A fixed 32 MB mmap threshold and no trimming keep
     those pages resident; the peak grew by 1-2 % at those sizes (measured the same way), because the
-    peak already held them.
+    peak already held them. But a causal LM with full logits (tensors near 32 MB) fragmented the
+    untrimmed heap: +24 % peak at 1 x 315 tokens, past a 384 MB budget (``benchmarks/memory_budget.py``).
+    So the trainer applies it only to runs without a memory budget; budgeted runs keep glibc's default,
+    under which the memory model was calibrated.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -22,7 +22,6 @@ from ..manifest import Manifest
 from ..portable_spec import (BATCH_INPUTS, INITIAL_STATE, LOSS, LR, STEP, STEP_MODEL, accumulated, moment_names,
                              updated)
 from .data import Batch
-from .memory import reuse_freed_memory
 from .ort_api import onnxruntime_module, quiet_logs, session_options
 
 STATE_FORMAT = "edge-peft-portable-state-1"
@@ -52,7 +51,6 @@ class PortableBackend:
                             "`edge-peft export --backend portable` (or both)")
         ort = onnxruntime_module()
         quiet_logs()
-        reuse_freed_memory()
         self.manifest = manifest
         self.artifact = artifact
         providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
@@ -61,7 +59,7 @@ class PortableBackend:
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacking copies every weight
         # A memory pattern preallocates one block for all of a run's activations: past glibc's mmap threshold
         # it is page-faulted in afresh every step. Per-tensor allocations reuse the heap pages the last
-        # step freed (memory.reuse_freed_memory): +21 % tokens/s and -5 % peak on MiniLM at 8 x 128.
+        # step freed (memory.reuse_freed_memory, runs without a budget): +21 % tokens/s, -5 % peak (MiniLM 8 x 128).
         options.enable_mem_pattern = False
         self._session = ort.InferenceSession(str(artifact / STEP_MODEL), options, providers=providers,
                                              disabled_optimizers=DISABLED_OPTIMIZERS)
