@@ -21,14 +21,14 @@ from common import print_table, run_worker, write_json  # noqa: E402
 DEFAULT_POINTS = "1x32,1x128,8x32,8x128,4x256,16x128,2x512"
 
 
-def worker(artifact: str, batch: int, seq: int, threads: int) -> dict:
+def worker(artifact: str, batch: int, seq: int, threads: int, backend_name: str) -> dict:
     """One measurement, in this (fresh) process."""
     import numpy as np
     import tokenizers  # noqa: F401  (what a real run has imported too)
 
     import edge_peft.cli  # noqa: F401
     import edge_peft.device.trainer  # noqa: F401
-    from edge_peft.device.backend import OrtTrainingBackend
+    from edge_peft.device.backend import open_backend
     from edge_peft.device.data import Batch
     from edge_peft.device.memory import MB, current_rss, peak_rss
     from edge_peft.device.memory_model import predict
@@ -36,7 +36,7 @@ def worker(artifact: str, batch: int, seq: int, threads: int) -> dict:
 
     after_imports = current_rss()
     manifest = load_manifest(artifact)
-    backend = OrtTrainingBackend(Path(artifact), manifest, threads=threads)
+    backend = open_backend(Path(artifact), manifest, threads=threads, backend=backend_name)
     after_load = current_rss()
     rng = np.random.default_rng(0)
     ids = rng.integers(5, manifest.vocab_size, size=(batch, seq), dtype=np.int64)
@@ -46,7 +46,7 @@ def worker(artifact: str, batch: int, seq: int, threads: int) -> dict:
         backend.start_step(1e-3)
         backend.forward_backward(Batch(ids, np.ones_like(ids), labels))
         backend.optimizer_step()
-    return {"artifact": Path(artifact).name, "batch": batch, "seq": seq, "threads": threads,
+    return {"artifact": Path(artifact).name, "backend": backend_name, "batch": batch, "seq": seq, "threads": threads,
             "after_imports_mb": round(after_imports / MB, 1), "after_load_mb": round(after_load / MB, 1),
             "peak_mb": round(peak_rss() / MB, 1),
             "predicted_mb": round(predict(manifest, batch, seq).total / MB, 1)}
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("artifacts", nargs="+")
     parser.add_argument("--points", default=DEFAULT_POINTS, help="comma-separated BxT")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backend", choices=["ort", "portable"], default="ort")
     parser.add_argument("--json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -64,12 +65,13 @@ def main() -> None:
         import json
 
         artifact, batch, seq = args.artifacts[0], *map(int, args.points.split("x"))
-        print(json.dumps(worker(artifact, batch, seq, args.threads)))
+        print(json.dumps(worker(artifact, batch, seq, args.threads, args.backend)))
         return
     rows = []
     for artifact in args.artifacts:
         for point in args.points.split(","):
-            row = run_worker(Path(__file__), [artifact, "--points", point, "--threads", str(args.threads)])
+            row = run_worker(Path(__file__), [artifact, "--points", point, "--threads", str(args.threads),
+                                              "--backend", args.backend])
             row["error_pct"] = round(100 * (row["predicted_mb"] - row["peak_mb"]) / row["peak_mb"], 1)
             rows.append(row)
             print(row, flush=True)

@@ -6,7 +6,7 @@ trained on the same BBC News text: at each budget, the micro-batch x sequence ea
 
 Each budget (and the LoRA-FA vs LoRA pair at one fixed setting) trains in its own process through
 ``edge-peft train``; the measured peak is that process's VmHWM. "predicted" is the memory model plus the
-overhead the run measured after loading (what the trainer plans with); the unbudgeted rows have none. Full fine-tuning is not a mode of the
+overhead the run measured after loading (tokenizer and data: what the trainer plans with). Full fine-tuning is not a mode of the
 exporter, so it has no row. tokens/s on a shared machine are indicative only.
 Usage: ``python benchmarks/memory_budget.py [--artifact-dir DIR] [--json out.json]``.
 """

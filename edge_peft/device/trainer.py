@@ -102,14 +102,16 @@ class Trainer:
         return BudgetGuard(self.manifest, plan)
 
     def _replan_on_measured_rss(self) -> None:
-        """Data and session are loaded: fold what RSS exceeds the prediction by into the plan (re-cut data if needed)."""
+        """Data and session are loaded: fold what RSS exceeds the prediction by into the plan (re-cut data if needed).
+
+        The overhead is recorded in metrics.jsonl with or without a budget."""
+        overhead = max(0, current_rss() - loaded_bytes(self.manifest))
+        self._memory_note = {"memory_overhead_mb": round(overhead / MB, 1)}
         if self.guard is None:
             return
         old, c = self.guard.plan, self.config
-        overhead = max(0, current_rss() - loaded_bytes(self.manifest))
         plan = make_plan(self.manifest, old.budget, c.batch_size, old.requested_seq_len, old.margin,
                          c.micro_batch_size, overhead)
-        self._memory_note = {"memory_overhead_mb": round(overhead / MB, 1)}
         if (plan.micro_batch, plan.seq_len) != (old.micro_batch, old.seq_len):
             self._memory_note.update(memory_replan={"micro_batch": plan.micro_batch, "max_seq_len": plan.seq_len})
         c.micro_batch_size, self.guard.plan = plan.micro_batch, plan
@@ -118,10 +120,10 @@ class Trainer:
             self.train_set, self.train_pool, self.eval_set, self.eval_pool = self._load_data()
 
     def _memory_record(self, peak_before: int) -> dict:
-        """Budget adaptations of the last step, for metrics.jsonl (empty when there were none)."""
-        if self.guard is None:
-            return {}
+        """Memory notes and budget adaptations of the last step, for metrics.jsonl (empty when there were none)."""
         record, self._memory_note = self._memory_note, {}
+        if self.guard is None:
+            return record
         planned = -(-self.config.batch_size // self.guard.plan.micro_batch)
         if len(self._parts) > planned:
             record["memory_split"] = len(self._parts) - planned
