@@ -56,12 +56,13 @@ def test_adaptive_rank_follows_the_budget_and_pruned_channels_stay_zero(artifact
     assert len(set(per_module)) > 1, "the budget was spread unevenly across modules"
 
 
-def test_adaptive_run_saves_only_surviving_channels_and_peft_loads_them(models, artifacts, data, tmp_path):
+@pytest.mark.parametrize("backend", ["ort", "portable"])
+def test_adaptive_run_saves_only_surviving_channels_and_peft_loads_them(models, artifacts, data, tmp_path, backend):
     from peft import PeftModel
 
-    artifact = artifacts("bert", "none")
+    artifact = artifacts("bert", "none", backend=backend)
     config = TrainConfig(data=str(data_for("bert", data)), steps=20, batch_size=8, lr=1e-2, eval_every=0,
-                         checkpoint_every=20, adaptive_rank=True, target_rank=2)
+                         checkpoint_every=20, adaptive_rank=True, target_rank=2, backend=backend)
     Trainer(artifact, config, tmp_path / "run", show_progress=False).run()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["total_rank"] == records[-1]["rank_budget"] == 2 * len(load_manifest(artifact).modules)

@@ -43,6 +43,9 @@ class TrainingBackend(Protocol):
     def frozen(self, name: str) -> np.ndarray:
         """A frozen tensor by name (a copy)."""
 
+    def gradients(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Gradients accumulated so far in this step, by name (read between backward and the update)."""
+
     def save_state(self, path: Path, include_optimizer: bool = True) -> None:
         """Write the training state (weights, and AdamW moments and step unless told not) to ``path``."""
 

@@ -39,8 +39,6 @@ class AdaptiveRank:
                  warmup_fraction: float = 0.1, final_fraction: float = 0.2, beta1: float = 0.85, beta2: float = 0.85):
         if not 1 <= target_rank <= spec.rank:
             raise UserError(f"--target-rank {target_rank} must be between 1 and the exported rank {spec.rank}")
-        if not backend_has_gradients(backend):
-            raise UserError("--adaptive-rank needs gradients from the backend: use --backend ort")
         self.backend, self.spec = backend, spec
         self.modules = [m.name for m in spec.modules]
         self.initial = spec.rank * len(self.modules)
@@ -183,6 +181,3 @@ class NestedRanks:
     def load_state(self, state: dict) -> None:
         pass
 
-
-def backend_has_gradients(backend: TrainingBackend) -> bool:
-    return callable(getattr(backend, "gradients", None))
