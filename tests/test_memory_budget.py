@@ -18,7 +18,7 @@ from edge_peft.device.trainer import TrainConfig, Trainer
 from edge_peft.errors import UserError
 from edge_peft.manifest import load_manifest
 
-BUDGET_MB = 230  # the target-only chunked loss (default) fits micro-batch 8 x 256 at 300 MB
+BUDGET_MB = 170  # micro-batch 8 x 256 needs about 220 MB with the margin: the plan must cut it
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_plan_fits_and_cuts_the_sequence_when_needed(lm_artifact):
     assert predict(manifest, plan.micro_batch, plan.seq_len).total * factor <= budget
     assert plan.micro_batch < 8 and plan.accumulation * plan.micro_batch >= 8
     assert predict(manifest, plan.micro_batch + 1, plan.seq_len).total * factor > budget
-    short = make_plan(manifest, 150 * MB, batch_size=8, seq_len=256)
+    short = make_plan(manifest, 135 * MB, batch_size=8, seq_len=256)
     assert short.micro_batch == 1 and 32 <= short.seq_len < 256
     assert "cut from 256" in short.describe()[0]
 
@@ -199,22 +199,23 @@ def test_export_plan_auto_layers_takes_as_many_blocks_as_fit(models):
         auto_count("auto")
 
 
-@pytest.mark.parametrize("reuse", [False, True])
-def test_freed_step_memory_stays_resident_only_when_asked(reuse):
-    """Without a budget the trainer keeps freed pages for the next step; glibc's default returns them."""
+@pytest.mark.parametrize("setting,kept", [("default", False), ("reuse_freed_memory", True),
+                                          ("predictable_memory", False)])
+def test_freed_step_memory_stays_resident_only_when_asked(setting, kept):
+    """Without a budget the trainer keeps freed pages for the next step; under one RSS follows live tensors."""
     import subprocess
     import sys
 
     code = (
         "import numpy as np\n"
-        "from edge_peft.device.memory import MB, current_rss, reuse_freed_memory\n"
-        f"assert reuse_freed_memory() if {reuse} else True\n"
-        "block = np.ones(24 * MB // 8)\n"
-        "held = current_rss()\n"
+        "from edge_peft.device import memory\n"
+        f"assert {setting!r} == 'default' or getattr(memory, {setting!r})()\n"
+        "block = np.ones(24 * memory.MB // 8)\n"
+        "held = memory.current_rss()\n"
         "del block\n"
-        "print((held - current_rss()) / MB)\n"
+        "print((held - memory.current_rss()) / memory.MB)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     released = float(proc.stdout)
-    assert (released < 2) if reuse else (released > 20), released
+    assert (released < 2) if kept else (released > 20), released

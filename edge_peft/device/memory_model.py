@@ -18,14 +18,15 @@ Structure (what lives at the peak of a step, forward activations kept for backwa
 - ``logits``: ``B x T x V`` fp32 for a causal LM (logits, log-softmax, their gradient), times a
   measured factor; negligible for a classifier. Artifacts with the target-only chunked LM head and
   loss (manifest ``memory.loss_chunks`` > 0) keep only the log-softmax for backward, plus one chunk's
-  logits and gradient: their own, smaller factor (``CALIBRATION_CHUNKED``). Planning assumes every
+  logits and gradient: their own, smaller factor (the ``_chunk8`` points). Planning assumes every
   position is a target (padding would only lower the peak).
 
-Calibration (``benchmarks/calibrate_memory.py``): each point is a fresh process without torch
-that loads the artifact and runs three full steps on random tokens of exactly ``B x T`` with 2
-threads; the factors below are the least-squares fit of the measured high-water marks (getrusage)
-on this machine (x86-64, Python 3.11, onnxruntime-training-cpu 1.19.2). The data points are in
-``CALIBRATION``; re-run the script on a new device class and refit.
+Calibration (``benchmarks/calibrate_memory.py``, which also holds the fit): each point is a fresh
+process without torch, with glibc set up as for every budgeted run (``memory.predictable_memory``:
+RSS follows the live tensors), that loads the artifact and runs three full steps on random tokens of
+exactly ``B x T`` with 2 threads; the factors below are the least-squares fit (non-negative) of the
+measured high-water marks on this machine (x86-64, Python 3.11, onnxruntime-training-cpu 1.19.2).
+The data points are in ``CALIBRATION``; re-run the script on a new device class and refit.
 """
 
 from __future__ import annotations
@@ -37,68 +38,69 @@ from ..manifest import Manifest
 MB = 1024 * 1024
 FLOAT = 4
 
-# Least-squares fit of CALIBRATION (2 threads; thread count was not varied):
-RUNTIME_BYTES = int(38.5 * MB)  # RSS after importing edge_peft, numpy, tokenizers and ORT (all 32 runs: 38.4-38.6)
+# Fit of CALIBRATION by ``calibrate_memory.fit`` (2 threads; thread count was not varied), 2026-11-25:
+RUNTIME_BYTES = int(39.8 * MB)  # RSS after importing edge_peft, numpy, tokenizers and ORT (all 45 runs: 39.7-39.8)
 SESSION_BYTES = int(44.0 * MB)  # load intercept: training session, graphs, kernels
-WEIGHT_LOAD_FACTOR = 1.042  # load slope per checkpoint byte
-STEP_BYTES = int(28.2 * MB)  # step intercept
-DEQUANT_FACTOR = 0.311  # per fp32 byte of the dequantized int8 base
-TOKEN_FACTOR = 1.266  # per byte of the 9h + 2i token activations
-SCORE_FACTOR = 1.789  # per byte of heads x T^2 attention scores
-LOGIT_FACTOR = 3.208  # per byte of B x T x V logits
-CHUNKED_LOGIT_FACTOR = 1.351  # the same with the target-only LM head and loss in 8 chunks: fit of CALIBRATION_CHUNKED
-FP32_FLOOR_FACTOR = 0.8  # a step of an fp32 base never costs less than 0.8 x its weights (MiniLM fp32: 72 MB at 1x32..1x128)
+WEIGHT_LOAD_FACTOR = 1.046  # load slope per checkpoint byte
+STEP_BYTES = int(21.2 * MB)  # step intercept
+DEQUANT_FACTOR = 0.413  # per fp32 byte of the dequantized int8 base
+TOKEN_FACTOR = 1.071  # per byte of the 9h + 2i token activations
+SCORE_FACTOR = 1.169  # per byte of heads x T^2 attention scores
+LOGIT_FACTOR = 3.090  # per byte of B x T x V logits
+CHUNKED_LOGIT_FACTOR = 0.522  # the same with the target-only LM head and loss in 8 chunks
+FP32_FLOOR_FACTOR = 0.8  # a step of an fp32 base never costs less than 0.8 x its weights (MiniLM fp32: 247 MB at 1x32..8x32)
 
-# (artifact, B, T, measured peak MB) with ``enable_cpu_mem_arena = False``, 2 threads. minilm: all-MiniLM-L6-v2
-# classifier (6 layers, h 384, 12 heads, V 30522); gpt2m: random GPT-2 (4 layers, h 256, 4 heads, V 32000,
-# c_attn adapted); int8 / fp32 ("none") bases; rank 8 LoRA-FA. Fit error: -7 %..+10.5 % (prediction - measured).
+# (artifact, B, T, measured peak MB), ORT training API, arena off, ``predictable_memory``, 2 threads, rank 8
+# LoRA-FA. minilm: all-MiniLM-L6-v2 classifier (6 layers, h 384, 12 heads, V 30522); gpt2m: random GPT-2
+# (4 layers, h 256, 4 heads, V 30522, c_attn adapted) with the naive LM loss (``--loss-chunks 0``) or the
+# target-only one in 8 chunks (``_chunk8``); int8 / fp32 ("none") bases. Error of ``predict`` over the 45
+# points: -1.6 % .. +6.5 % (prediction - measured), mean |error| 1.4 %.
 CALIBRATION: list[tuple[str, int, int, float]] = [
-    ("minilm_int8", 1, 32, 161.7),
-    ("minilm_int8", 8, 32, 211.4),
-    ("minilm_int8", 1, 128, 185.3),
-    ("minilm_int8", 8, 128, 422.9),
-    ("minilm_int8", 4, 256, 519.4),
-    ("minilm_int8", 16, 128, 688.5),
-    ("minilm_int8", 2, 512, 558.7),
-    ("minilm_int8", 32, 64, 619.1),
-    ("minilm_fp32", 1, 32, 246.2),
-    ("minilm_fp32", 8, 32, 246.2),
-    ("minilm_fp32", 1, 128, 246.2),
-    ("minilm_fp32", 8, 128, 451.7),
-    ("minilm_fp32", 4, 256, 544.6),
-    ("minilm_fp32", 16, 128, 698.0),
-    ("minilm_fp32", 2, 512, 702.0),
-    ("minilm_fp32", 32, 64, 645.4),
-    ("gpt2m_int8", 1, 32, 169.4),
-    ("gpt2m_int8", 8, 32, 274.8),
-    ("gpt2m_int8", 1, 128, 230.0),
-    ("gpt2m_int8", 8, 128, 659.5),
-    ("gpt2m_int8", 4, 256, 669.5),
-    ("gpt2m_int8", 16, 128, 1168.4),
-    ("gpt2m_int8", 2, 512, 682.9),
-    ("gpt2m_int8", 32, 64, 1160.8),
-    ("gpt2m_none", 1, 32, 155.4),
-    ("gpt2m_none", 8, 32, 257.8),
-    ("gpt2m_none", 1, 128, 226.7),
-    ("gpt2m_none", 8, 128, 647.1),
-    ("gpt2m_none", 4, 256, 654.3),
-    ("gpt2m_none", 16, 128, 1156.3),
-    ("gpt2m_none", 2, 512, 667.7),
-    ("gpt2m_none", 32, 64, 1142.1),
-]
-
-
-# Target-only LM head and loss (``exporter/loss_graph.py``), gpt2m int8, rank 8, 2 threads, all B x T tokens
-# are targets: (artifact, B, T, measured peak MB). Only CHUNKED_LOGIT_FACTOR was fitted (least squares, the other
-# factors held): residuals -11..+14 MB. With 1 chunk the peaks equal the naive graph's (229.5, 665.0, 670.6,
-# 1167.7, 689.6 MB at the points below): gathering alone saves nothing without padding; the chunks do it.
-# With 32 chunks the factor is 1.248 (174.2, 415.3, 420.6, 672.7, 443.5 MB): little more, so 8 is the default.
-CALIBRATION_CHUNKED: list[tuple[str, int, int, float]] = [
-    ("gpt2m_int8_chunk8", 1, 128, 186.1),
-    ("gpt2m_int8_chunk8", 8, 128, 423.2),
-    ("gpt2m_int8_chunk8", 4, 256, 431.5),
-    ("gpt2m_int8_chunk8", 16, 128, 703.6),
-    ("gpt2m_int8_chunk8", 2, 512, 452.3),
+    ("minilm_int8", 1, 32, 162.3),
+    ("minilm_int8", 1, 128, 188.2),
+    ("minilm_int8", 8, 32, 208.8),
+    ("minilm_int8", 8, 128, 366.9),
+    ("minilm_int8", 4, 256, 402.3),
+    ("minilm_int8", 16, 128, 578.0),
+    ("minilm_int8", 2, 512, 499.6),
+    ("minilm_int8", 32, 64, 543.0),
+    ("minilm_int8", 4, 512, 838.8),
+    ("minilm_fp32", 1, 32, 247.2),
+    ("minilm_fp32", 1, 128, 247.3),
+    ("minilm_fp32", 8, 32, 247.2),
+    ("minilm_fp32", 8, 128, 394.6),
+    ("minilm_fp32", 4, 256, 429.8),
+    ("minilm_fp32", 16, 128, 607.2),
+    ("minilm_fp32", 2, 512, 525.4),
+    ("minilm_fp32", 32, 64, 571.8),
+    ("minilm_fp32", 4, 512, 868.5),
+    ("gpt2m_int8", 1, 32, 163.9),
+    ("gpt2m_int8", 1, 128, 210.6),
+    ("gpt2m_int8", 8, 32, 269.2),
+    ("gpt2m_int8", 8, 128, 608.3),
+    ("gpt2m_int8", 4, 256, 614.6),
+    ("gpt2m_int8", 16, 128, 1063.5),
+    ("gpt2m_int8", 2, 512, 631.5),
+    ("gpt2m_int8", 32, 64, 1056.7),
+    ("gpt2m_int8", 4, 512, 1113.0),
+    ("gpt2m_none", 1, 32, 153.7),
+    ("gpt2m_none", 1, 128, 193.4),
+    ("gpt2m_none", 8, 32, 252.6),
+    ("gpt2m_none", 8, 128, 590.3),
+    ("gpt2m_none", 4, 256, 596.9),
+    ("gpt2m_none", 16, 128, 1046.5),
+    ("gpt2m_none", 2, 512, 614.2),
+    ("gpt2m_none", 32, 64, 1039.5),
+    ("gpt2m_none", 4, 512, 1094.6),
+    ("gpt2m_int8_chunk8", 1, 32, 155.2),
+    ("gpt2m_int8_chunk8", 1, 128, 173.1),
+    ("gpt2m_int8_chunk8", 8, 32, 191.0),
+    ("gpt2m_int8_chunk8", 8, 128, 297.3),
+    ("gpt2m_int8_chunk8", 4, 256, 303.9),
+    ("gpt2m_int8_chunk8", 16, 128, 445.9),
+    ("gpt2m_int8_chunk8", 2, 512, 323.2),
+    ("gpt2m_int8_chunk8", 32, 64, 437.8),
+    ("gpt2m_int8_chunk8", 4, 512, 493.9),
 ]
 
 
@@ -173,15 +175,23 @@ def predict(manifest: Manifest, batch: int, seq_len: int) -> Prediction:
     return predict_figures(ModelFigures.of(manifest), batch, seq_len)
 
 
+def step_terms(f: ModelFigures, batch: int, seq_len: int) -> dict[str, float]:
+    """The byte counts the step factors multiply (what ``benchmarks/calibrate_memory.py`` fits them to)."""
+    tokens = batch * seq_len
+    logits = FLOAT * tokens * f.vocab if f.causal else 0
+    return {"dequantized": FLOAT * f.quantized_bytes,
+            "tokens": FLOAT * f.layers * (9 * f.hidden + 2 * f.intermediate) * tokens,
+            "scores": FLOAT * f.layers * f.heads * batch * seq_len * seq_len,
+            "logits": 0 if f.loss_chunks else logits,
+            "chunked_logits": logits if f.loss_chunks else 0}
+
+
 def predict_figures(f: ModelFigures, batch: int, seq_len: int) -> Prediction:
     """``predict`` from the figures themselves (export-time planning has no manifest yet)."""
-    tokens = batch * seq_len
-    token_bytes = FLOAT * f.layers * (9 * f.hidden + 2 * f.intermediate) * tokens
-    score_bytes = FLOAT * f.layers * f.heads * batch * seq_len * seq_len
-    dequantized = DEQUANT_FACTOR * FLOAT * f.quantized_bytes
-    activations = TOKEN_FACTOR * token_bytes + SCORE_FACTOR * score_bytes
-    logit_factor = CHUNKED_LOGIT_FACTOR if f.loss_chunks else LOGIT_FACTOR
-    logits = logit_factor * FLOAT * tokens * f.vocab if f.causal else 0
+    t = step_terms(f, batch, seq_len)
+    dequantized = DEQUANT_FACTOR * t["dequantized"]
+    activations = TOKEN_FACTOR * t["tokens"] + SCORE_FACTOR * t["scores"]
+    logits = LOGIT_FACTOR * t["logits"] + CHUNKED_LOGIT_FACTOR * t["chunked_logits"]
     step = STEP_BYTES + dequantized + activations + logits
     workspace = max(0.0, FP32_FLOOR_FACTOR * (f.frozen_bytes - f.quantized_bytes) - step)
     return Prediction(

@@ -14,7 +14,7 @@ from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json, sh
 from ..manifest import IGNORE_INDEX, Manifest, load_manifest
 from .backend import TrainingBackend, open_backend
 from .data import Batch, Tokenized, batch_indices, read_examples, split_holdout
-from .memory import MB, current_rss, peak_rss, reuse_freed_memory
+from .memory import MB, current_rss, peak_rss, predictable_memory, reuse_freed_memory
 from .memory_model import loaded_bytes
 from .planner import DEFAULT_MARGIN, BudgetGuard, make_plan, parse_budget
 from .run_dir import RUN_FILE, WARM_START_FILE, read_run, write_adapter, write_run_info
@@ -75,8 +75,10 @@ class Trainer:
         self.show_progress = show_progress
         self.seq_len = config.max_seq_len or self.manifest.max_seq_len
         self.guard = self._plan_memory()  # refuses an impossible budget before anything is loaded
-        if self.guard is None:  # without a budget, speed: the memory model is calibrated without this
+        if self.guard is None:  # glibc's treatment of freed memory (memory.py): speed, or a peak that is predictable
             reuse_freed_memory()
+        else:
+            predictable_memory()
         self.warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
         self.data_sha = sha256_file(config.data) if Path(config.data).is_file() else None
         self.train_set, self.train_pool, self.eval_set, self.eval_pool = self._load_data()
