@@ -19,6 +19,7 @@ or ``python benchmarks/calibrate_memory.py --fit measured.json`` (rows of an ear
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def worker(artifact: str, batch: int, seq: int, threads: int, backend_name: str)
     return {"artifact": Path(artifact).name, "path": str(Path(artifact).resolve()), "backend": backend_name, "batch": batch, "seq": seq, "threads": threads,
             "after_imports_mb": round(after_imports / MB, 1), "after_load_mb": round(after_load / MB, 1),
             "peak_mb": round(peak_rss() / MB, 1),
-            "predicted_mb": round(predict(manifest, batch, seq).total / MB, 1)}
+            "predicted_mb": round(predict(manifest, batch, seq, backend_name).total / MB, 1)}
 
 
 def fit(rows: list[dict]) -> dict[str, float]:
@@ -67,7 +68,7 @@ def fit(rows: list[dict]) -> dict[str, float]:
     from edge_peft.device.memory_model import FLOAT, MB, ModelFigures, step_terms
     from edge_peft.manifest import load_manifest
 
-    figures = {r["path"]: ModelFigures.of(load_manifest(r["path"])) for r in rows}
+    figures = {r["path"]: ModelFigures.of(load_manifest(r["path"]), r.get("backend", "ort")) for r in rows}
     imports = np.array([r["after_imports_mb"] for r in rows]) * MB
     loaded = np.array([r["after_load_mb"] for r in rows]) * MB
     peak = np.array([r["peak_mb"] for r in rows]) * MB
@@ -104,8 +105,6 @@ def main() -> None:
         artifact, batch, seq = args.artifacts[0], *map(int, args.points.split("x"))
         print(json.dumps(worker(artifact, batch, seq, args.threads, args.backend)))
         return
-    import json
-
     if args.fit:
         rows = json.loads(Path(args.fit).read_text())["rows"]
         print(json.dumps(fit(rows), indent=2))

@@ -155,11 +155,11 @@ def main() -> None:
                 row["note"] = result["refused"]
             else:
                 overhead = int(result["overhead_mb"] * MB)  # what the run measured after loading, as it plans
-                fixed = budget == FIXED
+                fixed, backend = budget == FIXED, "portable" if variant == PORTABLE else "ort"
                 plan = make_plan(manifest, parse_budget(budget), 16, 256 if fixed else manifest.max_seq_len,
-                                 micro_batch=8 if fixed else None, overhead=overhead)
+                                 micro_batch=8 if fixed else None, overhead=overhead, backend=backend)
                 micro, seq = plan.micro_batch, plan.seq_len
-                predicted = (predict(manifest, micro, seq).total + overhead) / MB
+                predicted = (predict(manifest, micro, seq, backend).total + overhead) / MB
                 row.update(micro_batch=micro, seq_len=seq, predicted_mb=round(predicted, 1),
                            peak_mb=result["peak_rss_mb"], tokens_per_s=result["tokens_per_s"],
                            error_pct=round(100 * (predicted - result["peak_rss_mb"]) / result["peak_rss_mb"], 1))

@@ -106,7 +106,7 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 @click.option("--lr-ratio-b", default=1.0, show_default=True,
               help="LoRA+: B's learning rate over A's (--variant lora artifacts only).")
 @click.option("--memory-budget", help="Peak RSS the run must stay under, e.g. 512MB: sets micro-batch and max-seq-len.")
-@click.option("--memory-margin", type=float, help="Safety margin on the predicted peak (default 0.1, or the profile's).")
+@click.option("--memory-margin", type=float, help="Safety margin on the predicted peak (default 0.15, or the profile's).")
 @click.option("--device-profile", help="Threads, budget and margin from devices/NAME.toml (see `edge-peft devices`).")
 @click.option("--backend", type=click.Choice(["auto", "ort", "portable"]), default="auto", show_default=True,
               help="auto: ORT's training API where installed, else the portable graphs (plain onnxruntime).")
@@ -165,11 +165,14 @@ def _apply_profile(name: str | None, options: dict) -> None:
 @click.option("--batch-size", default=8, show_default=True, help="Examples per optimizer step.")
 @click.option("--micro-batch-size", type=int, help="Largest micro-batch to consider.")
 @click.option("--max-seq-len", type=int, help="Longest sequence wanted (default: the artifact's).")
-@click.option("--memory-margin", type=float, help="Safety margin on the predicted peak (default 0.1).")
+@click.option("--memory-margin", type=float, help="Safety margin on the predicted peak (default 0.15).")
 @click.option("--device-profile", help="Budget and margin from devices/NAME.toml.")
+@click.option("--backend", type=click.Choice(["auto", "ort", "portable"]), default="auto", show_default=True,
+              help="The training backend to plan for (each has its own memory factors).")
 def plan(artifact: Path, device_profile: str | None, batch_size: int, micro_batch_size: int | None,
          max_seq_len: int | None, **options) -> None:
     """Print the micro-batch, accumulation and sequence length that fit a memory budget, without training."""
+    from .device.backend import resolve_backend
     from .device.planner import make_plan, parse_budget
     from .errors import UserError
     from .manifest import load_manifest
@@ -180,7 +183,7 @@ def plan(artifact: Path, device_profile: str | None, batch_size: int, micro_batc
     manifest = load_manifest(artifact)
     seq_len = min(max_seq_len or manifest.max_seq_len, manifest.max_seq_len)
     chosen = make_plan(manifest, parse_budget(options["memory_budget"]), batch_size, seq_len,
-                       options["memory_margin"], micro_batch_size)
+                       options["memory_margin"], micro_batch_size, backend=resolve_backend(manifest, options["backend"]))
     click.echo("\n".join(chosen.describe()))
 
 

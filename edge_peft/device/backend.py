@@ -107,21 +107,29 @@ class OrtTrainingBackend:
 BACKEND_CHOICES = ("auto", "ort", "portable")
 
 
-def open_backend(artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
-                 backend: str = "auto", provider: str = "CPUExecutionProvider") -> TrainingBackend:
-    """The training backend for ``artifact``: ``auto`` takes ORT's training API where it is installed and the
-    artifact carries its graphs, else the portable graphs. A run's saved state decides when resuming."""
-    from .portable_backend import PortableBackend, is_portable_state
+def resolve_backend(manifest: Manifest, backend: str = "auto", state_path: Path | None = None) -> str:
+    """``ort`` or ``portable``: ``auto`` takes ORT's training API where it is installed and the artifact
+    carries its graphs, else the portable graph; a run's saved state decides when resuming."""
+    from .portable_backend import is_portable_state
 
     if backend not in BACKEND_CHOICES:
         raise UserError(f"--backend {backend} is not supported: use {', '.join(BACKEND_CHOICES)}")
-    if state_path is not None:
+    if state_path is not None and state_path.exists():
         saved = "portable" if is_portable_state(state_path) else "ort"
         if backend not in ("auto", saved):
             raise UserError(f"the run's checkpoint was written by the {saved} backend: resume with --backend {saved}")
-        backend = saved
+        return saved
     if backend == "auto":
-        backend = "ort" if "ort-training" in manifest.backends and training_api_installed() else "portable"
+        return "ort" if "ort-training" in manifest.backends and training_api_installed() else "portable"
+    return backend
+
+
+def open_backend(artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
+                 backend: str = "auto", provider: str = "CPUExecutionProvider") -> TrainingBackend:
+    """The training backend for ``artifact`` (``resolve_backend`` picks which)."""
+    from .portable_backend import PortableBackend
+
+    backend = resolve_backend(manifest, backend, state_path)
     carried = {"ort": "ort-training", "portable": "portable"}[backend]
     if carried not in manifest.backends:
         raise UserError(f"{artifact} carries no {carried} training graphs (it has {', '.join(manifest.backends)}): "

@@ -25,8 +25,10 @@ Calibration (``benchmarks/calibrate_memory.py``, which also holds the fit): each
 process without torch, with glibc set up as for every budgeted run (``memory.predictable_memory``:
 RSS follows the live tensors), that loads the artifact and runs three full steps on random tokens of
 exactly ``B x T`` with 2 threads; the factors below are the least-squares fit (non-negative) of the
-measured high-water marks on this machine (x86-64, Python 3.11, onnxruntime-training-cpu 1.19.2).
-The data points are in ``CALIBRATION``; re-run the script on a new device class and refit.
+measured high-water marks on this machine (x86-64, Python 3.11): one set of factors per training
+backend (``ORT_FACTORS``: onnxruntime-training-cpu 1.19.2; ``PORTABLE_FACTORS``: onnxruntime 1.32), the
+backend being resolved before planning. The data points are in ``CALIBRATION`` and
+``CALIBRATION_PORTABLE``; re-run the script on a new device class and refit.
 """
 
 from __future__ import annotations
@@ -38,17 +40,32 @@ from ..manifest import Manifest
 MB = 1024 * 1024
 FLOAT = 4
 
-# Fit of CALIBRATION by ``calibrate_memory.fit`` (2 threads; thread count was not varied), 2026-11-25:
-RUNTIME_BYTES = int(39.8 * MB)  # RSS after importing edge_peft, numpy, tokenizers and ORT (all 45 runs: 39.7-39.8)
-SESSION_BYTES = int(44.0 * MB)  # load intercept: training session, graphs, kernels
-WEIGHT_LOAD_FACTOR = 1.046  # load slope per checkpoint byte
-STEP_BYTES = int(21.2 * MB)  # step intercept
-DEQUANT_FACTOR = 0.413  # per fp32 byte of the dequantized int8 base
-TOKEN_FACTOR = 1.071  # per byte of the 9h + 2i token activations
-SCORE_FACTOR = 1.169  # per byte of heads x T^2 attention scores
-LOGIT_FACTOR = 3.090  # per byte of B x T x V logits
-CHUNKED_LOGIT_FACTOR = 0.522  # the same with the target-only LM head and loss in 8 chunks
-FP32_FLOOR_FACTOR = 0.8  # a step of an fp32 base never costs less than 0.8 x its weights (MiniLM fp32: 247 MB at 1x32..8x32)
+@dataclass(frozen=True)
+class Factors:
+    """One backend's fitted constants (``benchmarks/calibrate_memory.py --fit``; 2 threads, not varied)."""
+
+    runtime: int  # RSS after importing edge_peft, numpy, tokenizers and onnxruntime
+    session: int  # load intercept: session, graphs, kernels
+    weight_load: float  # load slope per byte of frozen weights and trainable values
+    step: int  # step intercept
+    dequant: float  # per fp32 byte of the dequantized int8 base
+    token: float  # per byte of the 9h + 2i token activations
+    score: float  # per byte of heads x T^2 attention scores
+    logit: float  # per byte of B x T x V logits
+    chunked_logit: float  # the same with the target-only LM head and loss in 8 chunks
+    fp32_floor: float = 0.8  # a step of an fp32 base never costs less than this x its weights
+    dequantized_head: float = 0.0  # per fp32 byte of an int8 causal LM head (vocab x hidden)
+
+
+# Fit of CALIBRATION (ORT training API), 2026-11-25. The fp32 floor: MiniLM fp32 peaked at 247 MB from 1x32 to 8x32.
+ORT_FACTORS = Factors(runtime=int(39.8 * MB), session=int(44.0 * MB), weight_load=1.046, step=int(21.2 * MB),
+                      dequant=0.413, token=1.071, score=1.169, logit=3.090, chunked_logit=0.522)
+# Fit of CALIBRATION_PORTABLE (plain onnxruntime 1.32), 2026-11-25: it keeps the int8 LM head's fp32 copy and the
+# full logits longer (causal LMs cost more than on the ORT API), the rest less; fp32 floor fitted by hand to
+# MiniLM fp32 at 1x32..8x32 (211-218 MB). Error of ``predict`` over its 36 points: -6.2 % .. +8.4 %, mean 2.5 %.
+PORTABLE_FACTORS = Factors(runtime=int(39.6 * MB), session=int(57.4 * MB), weight_load=0.841, step=int(9.0 * MB),
+                           dequant=0.0, token=0.649, score=1.475, logit=4.428, chunked_logit=0.0, fp32_floor=0.4,
+                           dequantized_head=1.126)
 
 # (artifact, B, T, measured peak MB), ORT training API, arena off, ``predictable_memory``, 2 threads, rank 8
 # LoRA-FA. minilm: all-MiniLM-L6-v2 classifier (6 layers, h 384, 12 heads, V 30522); gpt2m: random GPT-2
@@ -104,6 +121,47 @@ CALIBRATION: list[tuple[str, int, int, float]] = [
 ]
 
 
+# The same measurements on the portable backend (``calibrate_memory.py --backend portable``), naive LM loss.
+CALIBRATION_PORTABLE: list[tuple[str, int, int, float]] = [
+    ("minilm_int8", 1, 32, 136.0),
+    ("minilm_int8", 1, 128, 151.2),
+    ("minilm_int8", 8, 32, 158.3),
+    ("minilm_int8", 8, 128, 288.6),
+    ("minilm_int8", 4, 256, 340.8),
+    ("minilm_int8", 16, 128, 442.1),
+    ("minilm_int8", 2, 512, 448.9),
+    ("minilm_int8", 32, 64, 393.7),
+    ("minilm_int8", 4, 512, 765.1),
+    ("minilm_fp32", 1, 32, 211.1),
+    ("minilm_fp32", 1, 128, 213.5),
+    ("minilm_fp32", 8, 32, 217.7),
+    ("minilm_fp32", 8, 128, 328.5),
+    ("minilm_fp32", 4, 256, 381.2),
+    ("minilm_fp32", 16, 128, 481.6),
+    ("minilm_fp32", 2, 512, 490.7),
+    ("minilm_fp32", 32, 64, 433.1),
+    ("minilm_fp32", 4, 512, 801.0),
+    ("gpt2m_int8", 1, 32, 184.8),
+    ("gpt2m_int8", 1, 128, 218.3),
+    ("gpt2m_int8", 8, 32, 290.7),
+    ("gpt2m_int8", 8, 128, 734.4),
+    ("gpt2m_int8", 4, 256, 745.6),
+    ("gpt2m_int8", 16, 128, 1320.5),
+    ("gpt2m_int8", 2, 512, 770.1),
+    ("gpt2m_int8", 32, 64, 1308.7),
+    ("gpt2m_int8", 4, 512, 1392.5),
+    ("gpt2m_none", 1, 32, 150.5),
+    ("gpt2m_none", 1, 128, 198.3),
+    ("gpt2m_none", 8, 32, 269.5),
+    ("gpt2m_none", 8, 128, 713.5),
+    ("gpt2m_none", 4, 256, 724.1),
+    ("gpt2m_none", 16, 128, 1299.2),
+    ("gpt2m_none", 2, 512, 748.8),
+    ("gpt2m_none", 32, 64, 1287.8),
+    ("gpt2m_none", 4, 512, 1371.2),
+]
+
+
 @dataclass(frozen=True)
 class Prediction:
     """Predicted peak RSS of one training step, by component, in bytes."""
@@ -137,9 +195,10 @@ class ModelFigures:
     vocab: int
     causal: bool
     loss_chunks: int = 0  # > 0: target-only, chunked LM head and loss (``exporter/loss_graph.py``)
+    backend: str = "ort"  # which backend trains: ``ort`` or ``portable`` (``backend.resolve_backend``)
 
     @classmethod
-    def of(cls, manifest: Manifest) -> "ModelFigures":
+    def of(cls, manifest: Manifest, backend: str = "ort") -> "ModelFigures":
         mem = manifest.memory
         trainable = mem.get("trainable_values")
         if trainable is None:
@@ -153,8 +212,8 @@ class ModelFigures:
                    layers=manifest.num_layers, hidden=manifest.hidden_size,
                    intermediate=int(mem.get("intermediate_size") or 4 * manifest.hidden_size),
                    heads=manifest.num_heads, vocab=manifest.vocab_size, causal=manifest.task == "causal-lm",
-                   # the portable graphs compute full logits: an artifact carrying them is planned as naive
-                   loss_chunks=0 if "portable" in manifest.backends else int(mem.get("loss_chunks", 0)))
+                   # the portable graph computes full logits
+                   loss_chunks=0 if backend == "portable" else int(mem.get("loss_chunks", 0)), backend=backend)
 
 
 def _prod(shape: list[int]) -> int:
@@ -164,15 +223,20 @@ def _prod(shape: list[int]) -> int:
     return out
 
 
-def loaded_bytes(manifest: Manifest) -> int:
+def factors(backend: str) -> Factors:
+    """The fitted constants of ``backend``."""
+    return PORTABLE_FACTORS if backend == "portable" else ORT_FACTORS
+
+
+def loaded_bytes(manifest: Manifest, backend: str = "ort") -> int:
     """Predicted RSS once the training session is loaded, before the first step."""
-    f = ModelFigures.of(manifest)
-    return int(RUNTIME_BYTES + SESSION_BYTES + WEIGHT_LOAD_FACTOR * (f.frozen_bytes + FLOAT * f.trainable_values))
+    f, k = ModelFigures.of(manifest, backend), factors(backend)
+    return int(k.runtime + k.session + k.weight_load * (f.frozen_bytes + FLOAT * f.trainable_values))
 
 
-def predict(manifest: Manifest, batch: int, seq_len: int) -> Prediction:
-    """Peak RSS of a training step on ``batch`` rows padded to ``seq_len`` tokens."""
-    return predict_figures(ModelFigures.of(manifest), batch, seq_len)
+def predict(manifest: Manifest, batch: int, seq_len: int, backend: str = "ort") -> Prediction:
+    """Peak RSS of a training step on ``batch`` rows padded to ``seq_len`` tokens, on ``backend``."""
+    return predict_figures(ModelFigures.of(manifest, backend), batch, seq_len)
 
 
 def step_terms(f: ModelFigures, batch: int, seq_len: int) -> dict[str, float]:
@@ -183,20 +247,23 @@ def step_terms(f: ModelFigures, batch: int, seq_len: int) -> dict[str, float]:
             "tokens": FLOAT * f.layers * (9 * f.hidden + 2 * f.intermediate) * tokens,
             "scores": FLOAT * f.layers * f.heads * batch * seq_len * seq_len,
             "logits": 0 if f.loss_chunks else logits,
-            "chunked_logits": logits if f.loss_chunks else 0}
+            "chunked_logits": logits if f.loss_chunks else 0,
+            # an int8 LM head dequantized to fp32 for the full logits (the portable graph keeps it for backward)
+            "dequantized_head": FLOAT * f.vocab * f.hidden if f.causal and f.quantized_bytes else 0}
 
 
 def predict_figures(f: ModelFigures, batch: int, seq_len: int) -> Prediction:
     """``predict`` from the figures themselves (export-time planning has no manifest yet)."""
-    t = step_terms(f, batch, seq_len)
-    dequantized = DEQUANT_FACTOR * t["dequantized"]
-    activations = TOKEN_FACTOR * t["tokens"] + SCORE_FACTOR * t["scores"]
-    logits = LOGIT_FACTOR * t["logits"] + CHUNKED_LOGIT_FACTOR * t["chunked_logits"]
-    step = STEP_BYTES + dequantized + activations + logits
-    workspace = max(0.0, FP32_FLOOR_FACTOR * (f.frozen_bytes - f.quantized_bytes) - step)
+    k, t = factors(f.backend), step_terms(f, batch, seq_len)
+    dequantized = k.dequant * t["dequantized"]
+    activations = k.token * t["tokens"] + k.score * t["scores"]
+    logits = k.logit * t["logits"] + k.chunked_logit * t["chunked_logits"]
+    dequantized += k.dequantized_head * t["dequantized_head"]
+    step = k.step + dequantized + activations + logits
+    workspace = max(0.0, k.fp32_floor * (f.frozen_bytes - f.quantized_bytes) - step)
     return Prediction(
-        runtime=int(RUNTIME_BYTES + SESSION_BYTES + STEP_BYTES + workspace),
-        weights=int(WEIGHT_LOAD_FACTOR * (f.frozen_bytes + FLOAT * f.trainable_values)),
+        runtime=int(k.runtime + k.session + k.step + workspace),
+        weights=int(k.weight_load * (f.frozen_bytes + FLOAT * f.trainable_values)),
         optimizer=int(3 * FLOAT * f.trainable_values),
         dequantized=int(dequantized),
         activations=int(activations),

@@ -44,6 +44,7 @@ class Plan:
     requested_seq_len: int
     prediction: Prediction
     overhead: int = 0
+    backend: str = "ort"  # whose memory factors it was planned with
 
     @property
     def accumulation(self) -> int:
@@ -56,7 +57,8 @@ class Plan:
                  f"micro-batch {self.micro_batch} x {self.accumulation} accumulation = batch {self.batch_size}, "
                  f"max-seq-len {self.seq_len}"
                  + (f", {self.overhead / MB:.0f} MB measured overhead" if self.overhead else "")
-                 + (f" (cut from {self.requested_seq_len})" if self.seq_len < self.requested_seq_len else ""),
+                 + (f" (cut from {self.requested_seq_len})" if self.seq_len < self.requested_seq_len else "")
+                 + f", {self.backend} backend",
                  f"predicted peak {p.total / MB:.0f} MB (+{self.margin:.0%} = {p.total * (1 + self.margin) / MB:.0f} MB):"]
         for key, value in p.breakdown().items():
             if key != "total":
@@ -64,34 +66,39 @@ class Plan:
         return lines
 
 
-def _needed(manifest: Manifest, rows: int, width: int, margin: float, overhead: int = 0) -> float:
-    return (predict(manifest, rows, width).total + overhead) * (1 + margin)
+def _needed(manifest: Manifest, rows: int, width: int, margin: float, overhead: int = 0, backend: str = "ort") -> float:
+    return (predict(manifest, rows, width, backend).total + overhead) * (1 + margin)
 
 
 def make_plan(manifest: Manifest, budget: int, batch_size: int, seq_len: int, margin: float = DEFAULT_MARGIN,
-              micro_batch: int | None = None, overhead: int = 0) -> Plan:
-    """The largest micro-batch (up to ``micro_batch`` or ``batch_size``) at the longest sequence that fits.
+              micro_batch: int | None = None, overhead: int = 0, backend: str = "ort") -> Plan:
+    """The largest micro-batch (up to ``micro_batch`` or ``batch_size``) at the longest sequence that fits
+    on ``backend`` (``ort`` or ``portable``: each has its own fitted memory factors).
 
     Raises UserError, with the numbers and the cheapest fix, when micro-batch 1 at the shortest useful
     sequence does not fit either. Uses only the manifest: nothing is loaded.
     """
+    def needed(rows: int, width: int) -> float:
+        return _needed(manifest, rows, width, margin, overhead, backend)
+
     shortest = min(MIN_USEFUL_SEQ_LEN, seq_len)
-    if _needed(manifest, 1, shortest, margin, overhead) > budget:
-        raise UserError(_refusal(manifest, budget, shortest, margin, overhead))
+    if needed(1, shortest) > budget:
+        raise UserError(_refusal(manifest, budget, shortest, margin, overhead, backend))
     width = seq_len
-    if _needed(manifest, 1, width, margin, overhead) > budget:  # longest width that fits at micro-batch 1
+    if needed(1, width) > budget:  # longest width that fits at micro-batch 1
         low, high = shortest, seq_len
         while low < high:
             mid = (low + high + 1) // 2
-            low, high = (mid, high) if _needed(manifest, 1, mid, margin, overhead) <= budget else (low, mid - 1)
+            low, high = (mid, high) if needed(1, mid) <= budget else (low, mid - 1)
         width = low
     limit = min(micro_batch or batch_size, batch_size)
-    rows = max(r for r in range(1, limit + 1) if r == 1 or _needed(manifest, r, width, margin, overhead) <= budget)
-    return Plan(budget, margin, batch_size, rows, width, seq_len, predict(manifest, rows, width), overhead)
+    rows = max(r for r in range(1, limit + 1) if r == 1 or needed(r, width) <= budget)
+    return Plan(budget, margin, batch_size, rows, width, seq_len, predict(manifest, rows, width, backend), overhead,
+                backend)
 
 
-def _refusal(manifest: Manifest, budget: int, shortest: int, margin: float, overhead: int) -> str:
-    p = predict(manifest, 1, shortest)
+def _refusal(manifest: Manifest, budget: int, shortest: int, margin: float, overhead: int, backend: str) -> str:
+    p = predict(manifest, 1, shortest, backend)
     items = {**p.breakdown(), "measured overhead": overhead}
     parts = ", ".join(f"{k} {v / MB:.0f}" for k, v in items.items() if k != "total" and v >= MB / 2)
     fixes = []
@@ -113,7 +120,7 @@ class BudgetGuard:
 
     def fits(self, batch: Batch) -> bool:
         rows, width = batch.input_ids.shape
-        needed = _needed(self.manifest, rows, width, self.plan.margin, self.plan.overhead)
+        needed = _needed(self.manifest, rows, width, self.plan.margin, self.plan.overhead, self.plan.backend)
         return needed + self.correction <= self.plan.budget
 
     def split(self, batch: Batch) -> list[Batch]:
@@ -126,7 +133,8 @@ class BudgetGuard:
 
     def observe(self, parts: list[Batch], peak: int) -> bool:
         """Compare the measured peak RSS with the prediction for the step's largest part; True if corrected."""
-        predicted = max(predict(self.manifest, *p.input_ids.shape).total for p in parts) + self.plan.overhead
+        predicted = max(predict(self.manifest, *p.input_ids.shape, self.plan.backend).total
+                        for p in parts) + self.plan.overhead
         if peak > predicted + self.correction:
             self.correction = peak - predicted
             return True

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
 from ..manifest import IGNORE_INDEX, Manifest, load_manifest
-from .backend import TrainingBackend, open_backend
+from .backend import TrainingBackend, open_backend, resolve_backend
 from .data import Batch, Tokenized, batch_indices, read_examples, split_holdout
 from .memory import MB, current_rss, peak_rss, predictable_memory, reuse_freed_memory
 from .memory_model import loaded_bytes
@@ -74,6 +74,8 @@ class Trainer:
         config.validate(self.manifest)
         self.show_progress = show_progress
         self.seq_len = config.max_seq_len or self.manifest.max_seq_len
+        saved_state = self.out / "checkpoint" / "state" if resume else None
+        self.backend_name = resolve_backend(self.manifest, config.backend, saved_state)  # memory factors differ
         self.guard = self._plan_memory()  # refuses an impossible budget before anything is loaded
         if self.guard is None:  # glibc's treatment of freed memory (memory.py): speed, or a peak that is predictable
             reuse_freed_memory()
@@ -86,7 +88,7 @@ class Trainer:
         self._resumed_hook_state: dict = {}
         state_path = self._prepare_run_dir(resume)
         self.backend: TrainingBackend = open_backend(self.artifact, self.manifest, state_path, config.threads,
-                                                     config.backend, config.execution_provider)
+                                                     self.backend_name, config.execution_provider)
         self.hooks = build_hooks(config, self.manifest, self.backend)
         self.hooks.load_state(self._resumed_hook_state)
         self._replan_on_measured_rss()
@@ -98,7 +100,7 @@ class Trainer:
         if not c.memory_budget:
             return None
         plan = make_plan(self.manifest, parse_budget(c.memory_budget), c.batch_size, self.seq_len,
-                         c.memory_margin, c.micro_batch_size)
+                         c.memory_margin, c.micro_batch_size, backend=self.backend_name)
         c.micro_batch_size, self.seq_len = plan.micro_batch, plan.seq_len
         self._parts: list[Batch] = []
         return BudgetGuard(self.manifest, plan)
@@ -107,13 +109,13 @@ class Trainer:
         """Data and session are loaded: fold what RSS exceeds the prediction by into the plan (re-cut data if needed).
 
         The overhead is recorded in metrics.jsonl with or without a budget."""
-        overhead = max(0, current_rss() - loaded_bytes(self.manifest))
+        overhead = max(0, current_rss() - loaded_bytes(self.manifest, self.backend_name))
         self._memory_note = {"memory_overhead_mb": round(overhead / MB, 1)}
         if self.guard is None:
             return
         old, c = self.guard.plan, self.config
         plan = make_plan(self.manifest, old.budget, c.batch_size, old.requested_seq_len, old.margin,
-                         c.micro_batch_size, overhead)
+                         c.micro_batch_size, overhead, self.backend_name)
         if (plan.micro_batch, plan.seq_len) != (old.micro_batch, old.seq_len):
             self._memory_note.update(memory_replan={"micro_batch": plan.micro_batch, "max_seq_len": plan.seq_len})
         c.micro_batch_size, self.guard.plan = plan.micro_batch, plan

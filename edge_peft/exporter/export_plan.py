@@ -22,10 +22,13 @@ from .layer_selection import AUTO, auto_count, parse_layers
 from .load import LoadedModel, meta_model
 
 PLAN_SEQ_LEN = 256
+BACKENDS = {"ort": ["ort"], "portable": ["portable"], "both": ["ort", "portable"]}  # export --backend -> trainers
 
 
-def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quantize: str) -> ModelFigures:
-    """Memory-model figures of the artifact ``opts`` (with this rank, layers, quantization) would produce."""
+def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quantize: str,
+                  backend: str = "ort") -> ModelFigures:
+    """Memory-model figures of the artifact ``opts`` (with this rank, layers, quantization) would produce,
+    trained on ``backend``."""
     model, config = meta.model, meta.model.config
     num_layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
     best = auto_count(layers)
@@ -56,7 +59,8 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
                         intermediate=int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
                                          or 4 * hidden),
                         heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
-                        vocab=int(config.vocab_size), causal=causal, loss_chunks=opts.loss_chunks if causal else 0)
+                        vocab=int(config.vocab_size), causal=causal,
+                        loss_chunks=opts.loss_chunks if causal and backend == "ort" else 0, backend=backend)
 
 
 def _needed(figures: ModelFigures, seq_len: int, margin: float) -> float:
@@ -85,7 +89,9 @@ def plan_export(model_dir: str | Path, opts, budget: int, margin: float, profile
     smallest = None
     for layers in layer_choices:
         for rank in ranks:
-            figures = model_figures(meta, opts, rank, layers, "int8")
+            # the backend(s) the artifact will carry; with both, the costlier one must fit
+            figures = max((model_figures(meta, opts, rank, layers, "int8", b) for b in BACKENDS[opts.backend]),
+                          key=lambda f: _needed(f, seq_len, margin))
             needed = _needed(figures, seq_len, margin)
             if needed <= budget:
                 plan = {"quantize": "int8", "rank": rank, "layers": layers or "all", "micro_batch": 1,
