@@ -27,6 +27,7 @@ BUDGETS = ["256MB", "512MB", "1024MB", "2048MB"]
 LM_BUDGETS = ["384MB", "512MB", "1024MB"]  # naive vs target-only chunked loss on the causal LM
 LM_LOSSES = {"gpt2 naive": "0", "gpt2 chunked": "8"}  # --loss-chunks
 PORTABLE = "lora-fa portable"  # the portable training-step graph (plain onnxruntime) on the same model
+LM_PORTABLE = "gpt2 portable"  # the causal LM on the portable graph (full logits)
 PORTABLE_BUDGETS = ["512MB", "1024MB"]
 FULL = "full fine-tuning (PyTorch)"
 # The fixed setting (8 x 256) is run under a budget that does not bind, so that it plans and allocates as
@@ -45,7 +46,7 @@ def export(out: Path, variant: str, backend: str = "ort") -> Path:
     return out
 
 
-def export_lm(out: Path, loss_chunks: str) -> Path:
+def export_lm(out: Path, loss_chunks: str, backend: str = "ort") -> Path:
     """The calibration-sized causal LM (random GPT-2: 4 layers, h 256, 30522-token MiniLM vocabulary), int8."""
     if (out / "manifest.json").is_file():
         return out
@@ -63,7 +64,8 @@ def export_lm(out: Path, loss_chunks: str) -> Path:
                                    bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
                                    pad_token_id=0)).save_pretrained(model)
     subprocess.run([sys.executable, "-m", "edge_peft.cli", "export", str(model), "--out", str(out), "--max-seq-len",
-                    "512", "--targets", "c_attn", "--loss-chunks", loss_chunks], check=True, capture_output=True)
+                    "512", "--targets", "c_attn", "--loss-chunks", loss_chunks, "--backend", backend], check=True,
+                   capture_output=True)
     return out
 
 
@@ -132,8 +134,10 @@ def main() -> None:
         settings += [(v, FIXED, FIXED_ARGS) for v in LM_LOSSES]
         settings += [(PORTABLE, b, ["--memory-budget", b, "--backend", "portable"]) for b in PORTABLE_BUDGETS]
         settings += [(PORTABLE, FIXED, FIXED_ARGS + ["--backend", "portable"])]
+        settings += [(LM_PORTABLE, b, ["--memory-budget", b, "--backend", "portable"]) for b in PORTABLE_BUDGETS]
         if args.rows != "all":
-            group = {"lm": set(LM_LOSSES), "portable": {PORTABLE}, "minilm": {"lora-fa", "lora", FULL}}[args.rows]
+            group = {"lm": set(LM_LOSSES), "portable": {PORTABLE, LM_PORTABLE},
+                     "minilm": {"lora-fa", "lora", FULL}}[args.rows]
             settings = [row for row in settings if row[0] in group]
         for n, (variant, budget, extra) in enumerate(settings):
             if variant == FULL:
@@ -144,6 +148,8 @@ def main() -> None:
                 continue
             if variant in LM_LOSSES:
                 artifact = export_lm(root / variant.replace(" ", "-"), LM_LOSSES[variant])
+            elif variant == LM_PORTABLE:
+                artifact = export_lm(root / "gpt2-portable", "0", "portable")
             elif variant == PORTABLE:
                 artifact = export(root / "minilm-int8-portable", "lora-fa", "portable")
             else:
@@ -155,7 +161,7 @@ def main() -> None:
                 row["note"] = result["refused"]
             else:
                 overhead = int(result["overhead_mb"] * MB)  # what the run measured after loading, as it plans
-                fixed, backend = budget == FIXED, "portable" if variant == PORTABLE else "ort"
+                fixed, backend = budget == FIXED, "portable" if variant in (PORTABLE, LM_PORTABLE) else "ort"
                 plan = make_plan(manifest, parse_budget(budget), 16, 256 if fixed else manifest.max_seq_len,
                                  micro_batch=8 if fixed else None, overhead=overhead, backend=backend)
                 micro, seq = plan.micro_batch, plan.seq_len
