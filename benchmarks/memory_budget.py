@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
+from common import peak_rss_mb, print_table, run_worker, write_json  # noqa: E402
 
 BUDGETS = ["256MB", "512MB", "1024MB", "2048MB"]
 LM_BUDGETS = ["384MB", "512MB", "1024MB"]  # naive vs target-only chunked loss on the causal LM
@@ -69,32 +69,30 @@ def export_lm(out: Path, loss_chunks: str, backend: str = "ort") -> Path:
     return out
 
 
-def full_finetune(data: Path, steps: int) -> dict:
-    """PyTorch eager full fine-tuning of MiniLM at 8 x 256 in its own process: peak RSS and tokens/s."""
-    code = f"""
-import json, time, torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from edge_peft.bundled import BBC_LABELS, minilm_dir
-from edge_peft.device.memory import MB, peak_rss
-torch.set_num_threads(2)
-torch.manual_seed(0)
-model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=len(BBC_LABELS))
-tok = AutoTokenizer.from_pretrained(minilm_dir())
-rows = [json.loads(line) for line in open({str(data)!r})][:8]
-batch = tok([r["text"] for r in rows], padding="max_length", truncation=True, max_length=256, return_tensors="pt")
-labels = torch.tensor([BBC_LABELS.index(r["label"]) for r in rows])
-opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-start = time.perf_counter()
-for _ in range({steps}):
-    model(**batch, labels=labels).loss.backward()
-    opt.step()
-    opt.zero_grad()
-print(json.dumps({{"peak_rss_mb": peak_rss() / MB, "tokens_per_s": {steps} * 8 * 256 / (time.perf_counter() - start)}}))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def full_finetune_worker(data: str, steps: int) -> dict:
+    """PyTorch eager full fine-tuning of MiniLM at 8 x 256 (run in its own process): peak RSS and tokens/s."""
+    import time
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edge_peft.bundled import BBC_LABELS, minilm_dir
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=len(BBC_LABELS))
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()][:8]
+    batch = tokenizer([r["text"] for r in rows], padding="max_length", truncation=True, max_length=256,
+                      return_tensors="pt")
+    labels = torch.tensor([BBC_LABELS.index(r["label"]) for r in rows])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"peak_rss_mb": peak_rss_mb(), "tokens_per_s": steps * 8 * 256 / (time.perf_counter() - start)}
 
 
 def train(artifact: Path, data: Path, run: Path, extra: list[str], steps: int) -> dict:
@@ -117,7 +115,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rows", choices=["all", "minilm", "lm", "portable"], default="all", help="Which rows to run.")
     parser.add_argument("--json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # full fine-tuning of this data file
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(full_finetune_worker(args.worker, args.steps)))
+        return
     from edge_peft.bundled import bbc_news_split, write_jsonl
     from edge_peft.device.memory_model import MB, predict
     from edge_peft.device.planner import make_plan, parse_budget
@@ -141,7 +143,7 @@ def main() -> None:
             settings = [row for row in settings if row[0] in group]
         for n, (variant, budget, extra) in enumerate(settings):
             if variant == FULL:
-                result = full_finetune(data, args.steps)
+                result = run_worker(Path(__file__), [str(data), f"--steps={args.steps}"])
                 rows.append({"variant": variant, "budget_mb": budget, "micro_batch": 8, "seq_len": 256,
                              "peak_mb": round(result["peak_rss_mb"], 1), "tokens_per_s": round(result["tokens_per_s"], 1)})
                 print(rows[-1], file=sys.stderr, flush=True)

@@ -51,6 +51,16 @@ def compact(spec: AdapterSpec, tensors: Mapping[str, np.ndarray],
     return out, pattern
 
 
+def keep_channels(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], channels: Mapping[str, list[int]],
+                  meta: dict) -> tuple[dict[str, np.ndarray], dict, dict[str, int] | None]:
+    """Full-rank tensors -> (tensors, file metadata, PEFT ``rank_pattern``) keeping only ``channels``:
+    unchanged (no pattern, no channels metadata) when every channel is kept, else compact."""
+    if all(len(kept) == spec.rank for kept in channels.values()):
+        return dict(tensors), {k: v for k, v in meta.items() if k != CHANNELS_KEY}, None
+    kept, pattern = compact(spec, tensors, channels)
+    return kept, {**meta, CHANNELS_KEY: dict(channels)}, pattern
+
+
 def expand(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], channels: object,
            source: str) -> dict[str, np.ndarray]:
     """A compact file's tensors -> full rank (dropped channels: zero B columns, A from the full tensors' rows).

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..adapters.peft_format import load_adapter, onnx_name, read_metadata, save_adapter
-from ..adapters.ranks import CHANNELS_KEY, compact, prefix_channels, surviving_channels
+from ..adapters.ranks import keep_channels, prefix_channels, surviving_channels
 from ..adapters.spec import AdapterSpec
 from ..errors import UserError
 from ..fileio import atomic_write_json
@@ -31,10 +31,8 @@ def save_run_adapter(run: str | Path, out: str | Path, rank: int | None = None) 
     tensors = load_adapter(source, spec)
     meta = read_metadata((source / "adapter_model.safetensors").read_bytes())
     channels = prefix_channels(spec, rank) if rank is not None else surviving_channels(spec, tensors)
-    if all(len(kept) == spec.rank for kept in channels.values()):
-        return save_adapter(out, spec, tensors, extra_meta=meta)
-    compact_tensors, pattern = compact(spec, tensors, channels)
-    return save_adapter(out, spec, compact_tensors, rank_pattern=pattern, extra_meta={**meta, CHANNELS_KEY: channels})
+    kept, meta, pattern = keep_channels(spec, tensors, channels, meta)
+    return save_adapter(out, spec, kept, rank_pattern=pattern, extra_meta=meta)
 
 
 def load_into_artifact(artifact: str | Path, adapter: str | Path) -> int:

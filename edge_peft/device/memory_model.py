@@ -212,8 +212,7 @@ class ModelFigures:
                    layers=manifest.num_layers, hidden=manifest.hidden_size,
                    intermediate=int(mem.get("intermediate_size") or 4 * manifest.hidden_size),
                    heads=manifest.num_heads, vocab=manifest.vocab_size, causal=manifest.task == "causal-lm",
-                   # the portable graph computes full logits
-                   loss_chunks=0 if backend == "portable" else int(mem.get("loss_chunks", 0)), backend=backend)
+                   loss_chunks=int(mem.get("loss_chunks", 0)), backend=backend)
 
 
 def _prod(shape: list[int]) -> int:
@@ -243,11 +242,12 @@ def step_terms(f: ModelFigures, batch: int, seq_len: int) -> dict[str, float]:
     """The byte counts the step factors multiply (what ``benchmarks/calibrate_memory.py`` fits them to)."""
     tokens = batch * seq_len
     logits = FLOAT * tokens * f.vocab if f.causal else 0
+    chunked = f.loss_chunks and f.backend == "ort"  # the portable graph computes full logits
     return {"dequantized": FLOAT * f.quantized_bytes,
             "tokens": FLOAT * f.layers * (9 * f.hidden + 2 * f.intermediate) * tokens,
             "scores": FLOAT * f.layers * f.heads * batch * seq_len * seq_len,
-            "logits": 0 if f.loss_chunks else logits,
-            "chunked_logits": logits if f.loss_chunks else 0,
+            "logits": 0 if chunked else logits,
+            "chunked_logits": logits if chunked else 0,
             # an int8 LM head dequantized to fp32 for the full logits (the portable graph keeps it for backward)
             "dequantized_head": FLOAT * f.vocab * f.hidden if f.causal and f.quantized_bytes else 0}
 
@@ -255,10 +255,9 @@ def step_terms(f: ModelFigures, batch: int, seq_len: int) -> dict[str, float]:
 def predict_figures(f: ModelFigures, batch: int, seq_len: int) -> Prediction:
     """``predict`` from the figures themselves (export-time planning has no manifest yet)."""
     k, t = factors(f.backend), step_terms(f, batch, seq_len)
-    dequantized = k.dequant * t["dequantized"]
+    dequantized = k.dequant * t["dequantized"] + k.dequantized_head * t["dequantized_head"]
     activations = k.token * t["tokens"] + k.score * t["scores"]
     logits = k.logit * t["logits"] + k.chunked_logit * t["chunked_logits"]
-    dequantized += k.dequantized_head * t["dequantized_head"]
     step = k.step + dequantized + activations + logits
     workspace = max(0.0, k.fp32_floor * (f.frozen_bytes - f.quantized_bytes) - step)
     return Prediction(

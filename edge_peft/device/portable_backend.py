@@ -66,8 +66,7 @@ class PortableBackend:
         inputs = {i.name for i in self._session.get_inputs()}
         self.names = [i.name for i in self._session.get_inputs()
                       if i.name not in BATCH_INPUTS and accumulated(i.name) in inputs]
-        self._state_names = [x for n in self.names for x in (n, *moment_names(n), accumulated(n))]
-        self._outputs = [LOSS, *[updated(x) for x in self._state_names]]
+        self._outputs = [LOSS, *[updated(x) for n in self.names for x in (n, *moment_names(n), accumulated(n))]]
         self._load(state_path or artifact / INITIAL_STATE)
         self._lr = 0.0
         self._pending: dict[str, np.ndarray] | None = None  # outputs of the step's latest micro-batch
@@ -103,7 +102,7 @@ class PortableBackend:
     def start_step(self, lr: float) -> None:
         self._lr, self._pending = lr, None
 
-    def _run(self, batch: Batch, scale: float) -> tuple[float, dict[str, np.ndarray]]:
+    def _run(self, batch: Batch, scale: float, outputs: list[str]) -> tuple[float, dict[str, np.ndarray]]:
         acc = self._pending or {}
         feeds = {"input_ids": batch.input_ids.astype(np.int64), "attention_mask": batch.attention_mask.astype(np.int64),
                  "labels": batch.labels.astype(np.int64), "loss_scale": np.array(scale, dtype=np.float32),
@@ -112,11 +111,11 @@ class PortableBackend:
             m, v = moment_names(n)
             feeds.update({n: self.values[n], m: self.m[n], v: self.v[n],
                           accumulated(n): acc.get(updated(accumulated(n)), self._zeros[n])})
-        loss, *rest = self._session.run(self._outputs, feeds)
-        return float(loss), dict(zip(self._outputs[1:], rest))
+        loss, *rest = self._session.run(outputs, feeds)
+        return float(loss), dict(zip(outputs[1:], rest))
 
     def forward_backward(self, batch: Batch, scale: float = 1.0) -> float:
-        loss, self._pending = self._run(batch, scale)
+        loss, self._pending = self._run(batch, scale, self._outputs)
         return loss
 
     def optimizer_step(self) -> None:
@@ -130,7 +129,7 @@ class PortableBackend:
 
     def eval_loss(self, batch: Batch) -> float:
         """Loss through the step graph (its update is discarded): no second copy of the weights."""
-        return self._run(batch, 1.0)[0]
+        return self._run(batch, 1.0, [LOSS])[0]
 
     # -- tensors by name -----------------------------------------------------------------------
     def trainable(self) -> dict[str, np.ndarray]:

@@ -60,7 +60,7 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
                                          or 4 * hidden),
                         heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
                         vocab=int(config.vocab_size), causal=causal,
-                        loss_chunks=opts.loss_chunks if causal and backend == "ort" else 0, backend=backend)
+                        loss_chunks=opts.loss_chunks if causal else 0, backend=backend)
 
 
 def _needed(figures: ModelFigures, seq_len: int, margin: float) -> float:

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..adapters.peft_format import (CONFIG_NAME, WEIGHTS_NAME, check_tensors, complete_tensors, decode_adapter,
                                     encode_adapter, expand_if_compact, peft_config)
-from ..adapters.ranks import CHANNELS_KEY, compact, prefix_channels, surviving_channels
+from ..adapters.ranks import keep_channels, prefix_channels, surviving_channels
 from ..adapters.spec import AdapterSpec, lora_a_from_seed, lora_key
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json
@@ -157,10 +157,7 @@ def _payload(spec: AdapterSpec, data: bytes, source: str, rank: int | None, drop
                 raise UserError(f"{source}: {lora_key(m.name, 'A')} differs from the A its seed regenerates: "
                                 "push with --full")
     channels = prefix_channels(spec, rank) if rank is not None else surviving_channels(spec, full)
-    if all(len(kept) == spec.rank for kept in channels.values()):
-        kept, meta = full, {k: v for k, v in file_meta.items() if k != CHANNELS_KEY}
-    else:
-        kept, meta = compact(spec, full, channels)[0], {**file_meta, CHANNELS_KEY: channels}
+    kept, meta, _ = keep_channels(spec, full, channels, file_meta)
     if drop_a:
         kept = {k: v for k, v in kept.items() if not k.endswith(".lora_A.weight")}
     return encode_adapter(spec, kept, extra_meta=meta)
