@@ -8,16 +8,21 @@ Configurations (rank R = ``--rank``, each training in its own process, each over
 - nested ranks at 2R (DyLoRA), each saved adapter truncated to k = 1, 2, 4, ..., 2R without retraining;
 - selected layers: rank R on the half of the blocks that ``--layers auto:N``'s gradient probe ranks best.
 
+Seed ``s`` gives every configuration the same data order, so configurations are compared paired by seed:
+the script prints the mean per-seed difference and its standard error for adaptive vs uniform at equal
+final parameters, and for uniform 2R vs R (how much rank matters on this task at all).
+
 Columns: held-out accuracy (mean over seeds), trainable values during training, final adapter values
 (the B entries and head that a push uploads; LoRA-FA's A is regenerated from its seed), the upload's
 bytes (``build_push``: B only, compact channels), the training process's peak RSS and training time.
-Usage: ``python benchmarks/adaptive.py [--json out.json] [--rank 4] [--steps 80] [--seeds 2]``.
+Usage: ``python benchmarks/adaptive.py [--json out.json] [--rank 4] [--steps 80] [--seeds 3]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,6 +77,13 @@ def worker(artifact: str, train: str, test: str, run: str, mode: str, seed: str,
     return {"results": results}
 
 
+def paired(first: dict, second: dict) -> dict:
+    """Mean and standard error (points) of ``first - second`` over seeds (same data order per seed)."""
+    diffs = [100 * (a - b) for a, b in zip(first["accuracy_per_seed"], second["accuracy_per_seed"])]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return {"mean_pt": statistics.fmean(diffs), "se_pt": se, "per_seed_pt": diffs}
+
+
 def export(out: Path, rank: int, extra: list[str]) -> None:
     from edge_peft.bundled import BBC_LABELS, minilm_dir
 
@@ -86,9 +98,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=4, help="R: the uniform rank and the adaptive target.")
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--seeds", type=int, default=2, help="Data orders each configuration is trained with.")
+    parser.add_argument("--seeds", type=int, default=3, help="Data orders each configuration is trained with.")
     parser.add_argument("--per-class-train", type=int, default=60)
-    parser.add_argument("--per-class-test", type=int, default=200)
+    parser.add_argument("--per-class-test", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,6 +142,8 @@ def main() -> None:
                        "train_s": sum(v["train_s"] for v in variants) / len(variants)}
                 rows.append(row)
     by = {row["config"]: row for row in rows}
+    comparisons = {f"adaptive {r2} -> {r} minus uniform rank {r}": paired(by[f"adaptive {r2} -> {r}"], by[f"uniform rank {r}"]),
+                   f"uniform rank {r2} minus uniform rank {r}": paired(by[f"uniform rank {r2}"], by[f"uniform rank {r}"])}
     goals = {
         "adaptive_at_least_uniform": by[f"adaptive {r2} -> {r}"]["accuracy"] >= by[f"uniform rank {r}"]["accuracy"],
         "nested_full_within_1pt": abs(by[f"nested ranks {r2}, saved at k={r2}"]["accuracy"]
@@ -140,8 +154,13 @@ def main() -> None:
     print_table(rows, [("config", "configuration"), ("accuracy", "held-out acc"), ("trainable", "trainable"),
                        ("final_values", "final values"), ("upload_bytes", "upload B"), ("peak_rss_mb", "peak MB"),
                        ("train_s", "train s"), ("ranks", "per-module ranks")])
+    print()
+    for name, c in comparisons.items():
+        se = "" if c["se_pt"] is None else f" (standard error {c['se_pt']:.2f})"
+        print(f"{name}: {c['mean_pt']:+.2f} points{se}, per seed " + " ".join(f"{d:+.1f}" for d in c["per_seed_pt"]))
     print("\ngoals: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in goals.items()))
-    write_json(args.json, {"settings": vars(args) | {"worker": None}, "goals": goals, "results": rows})
+    write_json(args.json, {"settings": vars(args) | {"worker": None}, "goals": goals, "paired": comparisons,
+                           "results": rows})
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ STEP_MODEL = "portable_step.onnx"
 INITIAL_STATE = "portable_init.safetensors"  # the trainable tensors a fresh run starts from
 BATCH_INPUTS = ("input_ids", "attention_mask", "labels", "loss_scale")
 LOSS = "loss"
+BETAS = (0.9, 0.999)  # AdamW's, in the graph's update and wherever the device loop adjusts its moments
 LR, STEP = "lr", "step"
 
 

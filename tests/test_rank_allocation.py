@@ -13,6 +13,7 @@ from conftest import data_for
 from edge_peft.adapters.peft_format import complete_tensors, decode_adapter, expand_if_compact, load_adapter, onnx_name
 from edge_peft.adapters.spec import AdapterSpec, layer_index
 from edge_peft.device.adapter_io import save_run_adapter
+from edge_peft.device.channels import a_name, b_name, zero_channels
 from edge_peft.device.inference import Predictor
 from edge_peft.device.rank_allocation import budget_at
 from edge_peft.device.trainer import TrainConfig, Trainer
@@ -110,6 +111,41 @@ def test_nested_ranks_every_prefix_works_and_more_rank_is_not_worse(artifacts, d
     assert all(loss < base_loss for loss in held_out), (base_loss, held_out)
     assert all(b <= a + 0.02 * base_loss for a, b in zip(held_out, held_out[1:])), held_out
     assert held_out[-1] < held_out[0]
+
+
+@pytest.mark.parametrize("backend_name", ["ort", "portable"])
+def test_held_channels_sit_the_step_out(artifacts, data, tmp_path, backend_name):
+    """Nested ranks' mechanism: held channels add nothing to the forward pass and keep their values."""
+    artifact = artifacts("gpt2", "none", backend="both")
+    config = TrainConfig(data=str(data["lm"]), steps=1, batch_size=8, eval_every=0, threads=1, backend=backend_name)
+    t = Trainer(artifact, config, tmp_path / "run", show_progress=False)
+    (batch, _), = t.micro_batches(0)
+    backend, spec = t.backend, AdapterSpec.from_manifest(t.manifest)
+    rng = np.random.default_rng(0)
+    start = {n: rng.normal(0, 0.05, v.shape).astype(np.float32) for n, v in backend.trainable().items()}
+    held = np.arange(spec.rank) >= 2
+    backend.set_trainable({n: zero_channels(v, n, held) if n.endswith("lora_B.weight") else v for n, v in start.items()})
+    without_held = backend.eval_loss(batch)
+    backend.set_trainable(start)
+    a = a_name(spec.modules[0].name)
+    a_before = backend.frozen(a)
+
+    backend.start_step(1e-2)
+    backend.hold_channels({m.name: held for m in spec.modules})
+    assert backend.forward_backward(batch) == pytest.approx(without_held, rel=1e-5)
+    if backend_name == "ort":  # A's rows are zeroed too, so their gradient is exactly zero
+        grads = backend.gradients([b_name(m.name) for m in spec.modules])
+        assert not any(g[:, held].any() for g in grads.values()) and all(g[:, ~held].any() for g in grads.values())
+    backend.optimizer_step()
+    after = backend.trainable()
+    for m in spec.modules:
+        b = b_name(m.name)
+        np.testing.assert_array_equal(after[b][:, held], start[b][:, held])
+        assert np.all(after[b][:, ~held] != start[b][:, ~held])
+    np.testing.assert_array_equal(backend.frozen(a), a_before)
+    if backend_name == "portable":  # the first step's moments of held channels stay those of a zero gradient
+        assert not any(backend.m[b_name(m.name)][:, held].any() or backend.v[b_name(m.name)][:, held].any()
+                       for m in spec.modules)
 
 
 @pytest.mark.parametrize("variant,decay,ratio", [("lora-fa", 0.5, 1.0), ("lora", 1.0, 4.0)])

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..manifest import Manifest
+from .channels import a_name, b_name, copy_channels, zero_channels
 from .data import Batch
 from .ort_api import quiet_logs, session_options, training_api, training_api_installed
 
@@ -46,6 +47,11 @@ class TrainingBackend(Protocol):
     def gradients(self, names: list[str]) -> dict[str, np.ndarray]:
         """Gradients accumulated so far in this step, by name (read between backward and the update)."""
 
+    def hold_channels(self, inactive: dict[str, np.ndarray]) -> None:
+        """Leave rank channels out of this step (``inactive``: module -> a bool per channel; call before
+        the first ``forward_backward``): they add nothing to the forward pass, keep their values through
+        ``optimizer_step``, and their AdamW moments decay as for a zero gradient."""
+
     def save_state(self, path: Path, include_optimizer: bool = True) -> None:
         """Write the training state (weights, and AdamW moments and step unless told not) to ``path``."""
 
@@ -65,6 +71,7 @@ class OrtTrainingBackend:
                                  os.fspath(artifact / "eval_model.onnx"), session_options=options)
         self.optimizer = api.Optimizer(os.fspath(artifact / "optimizer_model.onnx"), self.module)
         self.names = [name for name, param in self.state.parameters if param.requires_grad]
+        self._held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _inputs(self, batch: Batch, scale: float) -> list[np.ndarray]:
         feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
@@ -81,6 +88,18 @@ class OrtTrainingBackend:
     def optimizer_step(self) -> None:
         self.optimizer.step()
         self.module.lazy_reset_grad()
+        for name, (old, channels) in self._held.items():
+            self.state.parameters[name] = copy_channels(self.state.parameters[name].data, old, name, channels)
+        self._held = {}
+
+    def hold_channels(self, inactive: dict[str, np.ndarray]) -> None:
+        """Zero the channels' rows of A (frozen or not) and columns of B in the checkpoint state: then their
+        contribution and gradients are exactly zero; the update's momentum on them is undone afterwards."""
+        for module, channels in inactive.items():
+            for name in (b_name(module), a_name(module)):
+                old = np.array(self.state.parameters[name].data, copy=True)
+                self._held[name] = (old, channels)
+                self.state.parameters[name] = zero_channels(old, name, channels)
 
     def eval_loss(self, batch: Batch) -> float:
         self.module.eval()

@@ -19,8 +19,9 @@ from safetensors.numpy import load, save
 from ..errors import UserError
 from ..fileio import atomic_write_bytes
 from ..manifest import Manifest
-from ..portable_spec import (BATCH_INPUTS, INITIAL_STATE, LOSS, LR, STEP, STEP_MODEL, accumulated, moment_names,
+from ..portable_spec import (BATCH_INPUTS, BETAS, INITIAL_STATE, LOSS, LR, STEP, STEP_MODEL, accumulated, moment_names,
                              updated)
+from .channels import a_name, b_name, copy_channels, zero_channels
 from .data import Batch
 from .ort_api import onnxruntime_module, quiet_logs, session_options
 
@@ -70,6 +71,7 @@ class PortableBackend:
         self._load(state_path or artifact / INITIAL_STATE)
         self._lr = 0.0
         self._pending: dict[str, np.ndarray] | None = None  # outputs of the step's latest micro-batch
+        self._held: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _load(self, path: Path) -> None:
         try:
@@ -120,12 +122,29 @@ class PortableBackend:
 
     def optimizer_step(self) -> None:
         """Keep the update the step's last micro-batch computed (a step without any target changes nothing)."""
-        if self._pending is not None:
+        stepped = self._pending is not None
+        if stepped:
             for n in self.names:
                 m, v = moment_names(n)
                 self.values[n], self.m[n], self.v[n] = (self._pending[updated(x)] for x in (n, m, v))
             self.step += 1
         self._pending = None
+        for n, (value, m, v, channels) in self._held.items():
+            self.values[n] = copy_channels(self.values[n], value, n, channels)
+            if stepped:
+                self.m[n] = copy_channels(self.m[n], BETAS[0] * m, n, channels)
+                self.v[n] = copy_channels(self.v[n], BETAS[1] * v, n, channels)
+        self._held = {}
+
+    def hold_channels(self, inactive: dict[str, np.ndarray]) -> None:
+        """Zero the channels' B columns (and rows of a trained A) for the step, then put back their values
+        and set their moments to what a zero gradient gives. A frozen A is a constant of the graph, so
+        their (discarded) gradients still count in the step's gradient-clipping norm."""
+        for module, channels in inactive.items():
+            for n in (b_name(module), a_name(module)):
+                if n in self.values:
+                    self._held[n] = (self.values[n], self.m[n], self.v[n], channels)
+                    self.values[n] = zero_channels(self.values[n], n, channels)
 
     def eval_loss(self, batch: Batch) -> float:
         """Loss through the step graph (its update is discarded): no second copy of the weights."""

@@ -3,11 +3,12 @@
 AdaLoRA writes the update as ``P diag(lambda) Q`` and prunes the triplets of lowest importance under
 a global budget. Here the update is ``B A`` with A frozen (LoRA-FA) or trained (LoRA); writing
 ``B = B' diag(lambda)`` shows that a channel's lambda-sensitivity ``|lambda_k dL/dlambda_k|`` equals
-``|sum_j B_jk dL/dB_jk|``, computable from B and its gradient without changing the graph. A channel's
-importance is that plus the mean element sensitivity of its B column (and of its A row when A is
-trained), smoothed as in the paper: ``I_bar = b1 I_bar + (1-b1) I``, ``U_bar = b2 U_bar + (1-b2)|I - I_bar|``,
-score ``I_bar * U_bar``. A pruned channel is a zero column of B (and row of A), re-zeroed after every
-update, so it never comes back.
+``|sum_j B_jk dL/dB_jk|``, computable from B and its gradient without changing the graph. As in the
+paper, every sensitivity ``I = |w dL/dw|`` (of each lambda, each B entry and, when A is trained, each A
+entry) is smoothed on its own, ``I_bar = b1 I_bar + (1-b1) I``, ``U_bar = b2 U_bar + (1-b2)|I - I_bar|``,
+scored ``s = I_bar * U_bar``, and a channel's importance is ``s(lambda_k) + mean_j s(B_jk)
+(+ mean_i s(A_ki))``. A pruned channel is a zero column of B (and row of A), re-zeroed after every
+update, so it never comes back. The smoothed state is checkpointed, so a resumed run prunes the same.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from ..adapters.spec import AdapterSpec
 from ..errors import UserError
 from .backend import TrainingBackend
-from .step_hooks import a_name, b_name
+from .channels import a_name, b_name, zero_channels
 
 
 def budget_at(step: int, total_steps: int, initial: int, target: int, warmup: int, final: int) -> int:
@@ -47,10 +48,9 @@ class AdaptiveRank:
         self.warmup = int(round(warmup_fraction * total_steps))
         self.final = int(round(final_fraction * total_steps))
         self.beta1, self.beta2 = beta1, beta2
-        r = spec.rank
-        self.active = {m: np.ones(r, bool) for m in self.modules}
-        self.i_bar = {m: np.zeros(r) for m in self.modules}
-        self.u_bar = {m: np.zeros(r) for m in self.modules}
+        self.active = {m: np.ones(spec.rank, bool) for m in self.modules}
+        self.i_bar: dict[str, np.ndarray] = {}  # smoothed sensitivity, per element of B (and A) and per lambda
+        self.u_bar: dict[str, np.ndarray] = {}  # its uncertainty
 
     def budget(self, step: int) -> int:
         return budget_at(step, self.total_steps, self.initial, self.target, self.warmup, self.final)
@@ -62,16 +62,33 @@ class AdaptiveRank:
         pass
 
     def after_backward(self, step: int) -> None:
+        lora = self.spec.variant == "lora"
         values = self.backend.trainable()
         grads = self.backend.gradients([b_name(m) for m in self.modules]
-                                       + ([a_name(m) for m in self.modules] if self.spec.variant == "lora" else []))
+                                       + ([a_name(m) for m in self.modules] if lora else []))
         for m in self.modules:
-            b, gb = values[b_name(m)], grads[b_name(m)]
-            score = np.abs((b * gb).sum(axis=0)) + np.abs(b * gb).mean(axis=0)
-            if self.spec.variant == "lora":
-                score = score + np.abs(values[a_name(m)] * grads[a_name(m)]).mean(axis=1)
-            self.i_bar[m] = self.beta1 * self.i_bar[m] + (1 - self.beta1) * score
-            self.u_bar[m] = self.beta2 * self.u_bar[m] + (1 - self.beta2) * np.abs(score - self.i_bar[m])
+            b_sens = values[b_name(m)] * grads[b_name(m)]
+            self._smooth(lambda_name(m), np.abs(b_sens.sum(axis=0)))
+            self._smooth(b_name(m), np.abs(b_sens))
+            if lora:
+                self._smooth(a_name(m), np.abs(values[a_name(m)] * grads[a_name(m)]))
+
+    def _smooth(self, name: str, sensitivity: np.ndarray) -> None:
+        """The paper's EMA of the sensitivity and of its deviation from that EMA."""
+        i_bar = self.i_bar.get(name, np.zeros_like(sensitivity))
+        u_bar = self.u_bar.get(name, np.zeros_like(sensitivity))
+        self.i_bar[name] = i_bar = self.beta1 * i_bar + (1 - self.beta1) * sensitivity
+        self.u_bar[name] = self.beta2 * u_bar + (1 - self.beta2) * np.abs(sensitivity - i_bar)
+
+    def scores(self, module: str) -> np.ndarray:
+        """Each channel's importance: s(lambda_k) + mean_j s(B_jk) (+ mean_i s(A_ki)), with s = I_bar * U_bar."""
+        def s(name: str) -> np.ndarray:
+            return self.i_bar[name] * self.u_bar[name]
+
+        score = s(lambda_name(module)) + s(b_name(module)).mean(axis=0)
+        if self.spec.variant == "lora":
+            score = score + s(a_name(module)).mean(axis=1)
+        return score
 
     def after_update(self, step: int) -> None:
         excess = self.total_rank() - self.budget(step)
@@ -81,8 +98,8 @@ class AdaptiveRank:
 
     def _prune(self, count: int) -> None:
         """Drop the ``count`` active channels of lowest score, never a module's last one."""
-        candidates = sorted((float(self.i_bar[m][k] * self.u_bar[m][k]), m, int(k))
-                            for m in self.modules for k in np.flatnonzero(self.active[m]))
+        scores = {m: self.scores(m) for m in self.modules}
+        candidates = sorted((float(scores[m][k]), m, int(k)) for m in self.modules for k in np.flatnonzero(self.active[m]))
         for _, m, k in candidates:
             if count == 0:
                 break
@@ -95,13 +112,8 @@ class AdaptiveRank:
         for m in self.modules:
             dead = ~self.active[m]
             if dead.any():
-                b = values[b_name(m)].copy()
-                b[:, dead] = 0
-                changed[b_name(m)] = b
-                if self.spec.variant == "lora":
-                    a = values[a_name(m)].copy()
-                    a[dead, :] = 0
-                    changed[a_name(m)] = a
+                for n in [b_name(m)] + ([a_name(m)] if self.spec.variant == "lora" else []):
+                    changed[n] = zero_channels(values[n], n, dead)
         if changed:
             self.backend.set_trainable(changed)
 
@@ -111,28 +123,31 @@ class AdaptiveRank:
     def channels(self) -> dict[str, list[int]]:
         return {m: [int(k) for k in np.flatnonzero(self.active[m])] for m in self.modules}
 
-    def state(self) -> dict:
-        return {"active": {m: a.tolist() for m, a in self.active.items()},
-                "i_bar": {m: v.tolist() for m, v in self.i_bar.items()},
-                "u_bar": {m: v.tolist() for m, v in self.u_bar.items()}}
+    def state(self) -> dict[str, np.ndarray]:
+        return ({f"active/{m}": a for m, a in self.active.items()} | {f"i_bar/{n}": v for n, v in self.i_bar.items()}
+                | {f"u_bar/{n}": v for n, v in self.u_bar.items()})
 
-    def load_state(self, state: dict) -> None:
-        self.active = {m: np.array(v, bool) for m, v in state["active"].items()}
-        self.i_bar = {m: np.array(v) for m, v in state["i_bar"].items()}
-        self.u_bar = {m: np.array(v) for m, v in state["u_bar"].items()}
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+        self.active = {m: a.astype(bool) for m, a in part("active/").items()}
+        self.i_bar, self.u_bar = part("i_bar/"), part("u_bar/")
+
+
+def lambda_name(module: str) -> str:
+    """Key of a channel's lambda-sensitivity in the importance state (lambda itself is folded into B)."""
+    return f"{module}.lambda"
 
 
 class NestedRanks:
     """DyLoRA: each step trains the first ``b`` channels of every module, ``b`` drawn uniformly from
-    1..r (seeded by step, so a resumed run draws the same); the channels past ``b`` are zeroed for the
-    step and restored after it. Any prefix ``k`` is then a working rank-``k`` adapter."""
+    1..r (seeded by step, so a resumed run draws the same). The channels past ``b`` sit the step out
+    (``backend.hold_channels``: no contribution, no update), so any prefix ``k`` is a working rank-``k``
+    adapter."""
 
     def __init__(self, backend: TrainingBackend, spec: AdapterSpec, seed: int):
         self.backend, self.spec, self.seed = backend, spec, seed
-        self.names = [b_name(m.name) for m in spec.modules]
-        if spec.variant == "lora":
-            self.names += [a_name(m.name) for m in spec.modules]
-        self._saved: dict[str, np.ndarray] = {}
         self.prefix = spec.rank
 
     def draw(self, step: int) -> int:
@@ -140,44 +155,21 @@ class NestedRanks:
 
     def before_step(self, step: int) -> None:
         self.prefix = b = self.draw(step)
-        if b == self.spec.rank:
-            return
-        values = self.backend.trainable()
-        self._saved = {n: values[n] for n in self.names}
-        cut = {}
-        for n, v in self._saved.items():
-            v = v.copy()
-            if n.endswith(".lora_B.weight"):
-                v[:, b:] = 0
-            else:
-                v[b:, :] = 0
-            cut[n] = v
-        self.backend.set_trainable(cut)
+        if b < self.spec.rank:
+            past = np.arange(self.spec.rank) >= b
+            self.backend.hold_channels({m.name: past for m in self.spec.modules})
 
     def after_backward(self, step: int) -> None:
+        pass
+
+    def after_update(self, step: int) -> None:
         pass
 
     def metrics(self, step: int) -> dict:
         return {"rank_prefix": self.prefix}
 
-    def after_update(self, step: int) -> None:
-        if not self._saved:
-            return
-        b, values = self.prefix, self.backend.trainable()
-        restored = {}
-        for n, old in self._saved.items():
-            v = values[n].copy()
-            if n.endswith(".lora_B.weight"):
-                v[:, b:] = old[:, b:]
-            else:
-                v[b:, :] = old[b:, :]
-            restored[n] = v
-        self.backend.set_trainable(restored)
-        self._saved = {}
-
-    def state(self) -> dict:
+    def state(self) -> dict[str, np.ndarray]:
         return {}
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
         pass
-

@@ -4,7 +4,8 @@
 run/
   run.json         artifact path, data fingerprint, training options
   manifest.json    copy of the artifact's manifest (so a run is self-describing)
-  checkpoint/      ORT training state (weights + AdamW moments + step) and trainer.json; atomic
+  checkpoint/      backend state (weights + AdamW moments + step), trainer.json and the step hooks'
+                   hooks.safetensors (e.g. adaptive-rank importance); atomic
   adapter/         the current adapter in PEFT format; atomic
   metrics.jsonl    one line per step (loss, lr, tokens/s, RSS) and per evaluation
   summary.json     totals for push: steps, samples, tokens, losses, peak RSS, parent version
@@ -23,6 +24,7 @@ from ..fileio import atomic_write_json
 from ..manifest import Manifest, load_manifest
 
 RUN_FILE = "run.json"
+HOOKS_FILE = "hooks.safetensors"
 WARM_START_FILE = "warm_start.json"
 
 

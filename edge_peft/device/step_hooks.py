@@ -5,7 +5,7 @@ rates work on values the loop reads and writes by name between steps (``backend.
 ``set_trainable()``, ``gradients()``): a dropped rank channel is a zero column of B, a learning-rate
 multiplier rescales a tensor's AdamW update. The loop calls, in order, for every optimizer step:
 ``before_step`` -> forward/backward of all micro-batches -> ``after_backward`` -> optimizer ->
-``after_update``. Hook state goes into the checkpoint, so ``--resume`` continues exactly.
+``after_update``. Hook state (arrays) goes into the checkpoint, so ``--resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from ..adapters.spec import AdapterSpec, layer_index
 from ..errors import UserError
 from .backend import TrainingBackend
+from .channels import a_name, b_name
 
 
 class StepHook(Protocol):
@@ -26,9 +27,9 @@ class StepHook(Protocol):
 
     def after_update(self, step: int) -> None: ...
 
-    def state(self) -> dict: ...
+    def state(self) -> dict[str, np.ndarray]: ...
 
-    def load_state(self, state: dict) -> None: ...
+    def load_state(self, state: dict[str, np.ndarray]) -> None: ...
 
 
 class StepHooks:
@@ -49,8 +50,9 @@ class StepHooks:
         for hook in self.hooks.values():
             hook.after_update(step)
 
-    def state(self) -> dict:
-        return {name: hook.state() for name, hook in self.hooks.items()}
+    def state(self) -> dict[str, np.ndarray]:
+        """All hooks' arrays, keyed ``<hook>/<key>`` (saved as safetensors in the checkpoint)."""
+        return {f"{name}/{key}": value for name, hook in self.hooks.items() for key, value in hook.state().items()}
 
     def metrics(self, step: int) -> dict:
         """What the hooks report for ``metrics.jsonl`` (e.g. the adaptive total rank and its budget)."""
@@ -61,19 +63,12 @@ class StepHooks:
                 out.update(report(step))
         return out
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
         for name, hook in self.hooks.items():
-            if name in state:
-                hook.load_state(state[name])
-
-
-def b_name(module: str) -> str:
-    """ONNX name of a module's B (ONNX names are PEFT keys without the prefix)."""
-    return f"{module}.lora_B.weight"
-
-
-def a_name(module: str) -> str:
-    return f"{module}.lora_A.weight"
+            prefix = f"{name}/"
+            mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if mine:
+                hook.load_state(mine)
 
 
 class LearningRateMultipliers:
@@ -115,10 +110,10 @@ class LearningRateMultipliers:
                                     for k, old in self._before.items()})
         self._before = {}
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, np.ndarray]:
         return {}
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
         pass
 
 

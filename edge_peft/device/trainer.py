@@ -9,6 +9,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from safetensors.numpy import load_file, save
+
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
 from ..manifest import IGNORE_INDEX, Manifest, load_manifest
@@ -17,7 +19,7 @@ from .data import Batch, Tokenized, batch_indices, read_examples, split_holdout
 from .memory import MB, current_rss, peak_rss, predictable_memory, reuse_freed_memory
 from .memory_model import loaded_bytes
 from .planner import DEFAULT_MARGIN, BudgetGuard, make_plan, parse_budget
-from .run_dir import RUN_FILE, WARM_START_FILE, read_run, write_adapter, write_run_info
+from .run_dir import HOOKS_FILE, RUN_FILE, WARM_START_FILE, read_run, write_adapter, write_run_info
 from .schedule import learning_rate
 from .step_hooks import build_hooks
 
@@ -168,7 +170,8 @@ class Trainer:
             trainer_state = json.loads((out / "checkpoint" / "trainer.json").read_text())
             self.start_step = trainer_state["step"]
             self.totals = trainer_state["totals"]
-            self._resumed_hook_state = trainer_state.get("hooks", {})
+            hooks = out / "checkpoint" / HOOKS_FILE
+            self._resumed_hook_state = load_file(hooks) if hooks.is_file() else {}
             self._truncate_metrics(self.start_step)
             return state
         if (out / RUN_FILE).exists():
@@ -236,7 +239,10 @@ class Trainer:
         """Atomically replace checkpoint/, then adapter/ and summary.json."""
         with atomic_directory(self.out / "checkpoint", overwrite=True) as tmp:
             self.backend.save_state(tmp / "state")
-            atomic_write_json(tmp / "trainer.json", {"step": step, "totals": self.totals, "hooks": self.hooks.state()})
+            atomic_write_json(tmp / "trainer.json", {"step": step, "totals": self.totals})
+            hook_state = self.hooks.state()
+            if hook_state:
+                atomic_write_bytes(tmp / HOOKS_FILE, save(hook_state))
         write_adapter(self.out, self.manifest, self.backend.trainable(), {"steps": step})
         warm = self.artifact / WARM_START_FILE
         atomic_write_json(self.out / "summary.json", {

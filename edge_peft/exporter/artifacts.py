@@ -13,6 +13,7 @@ from typing import Iterator
 import onnx
 
 from ..manifest import IGNORE_INDEX
+from ..portable_spec import BETAS
 from . import graph
 from .loss_graph import target_loss_graph
 
@@ -81,7 +82,7 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
         if flatten_width is not None:
             graph.flatten_logits(training, flatten_width)
         loss = _scaled_cross_entropy()
-    optimizer = onnxblock.optim.AdamW(eps=1e-8, weight_decay=weight_decay,
+    optimizer = onnxblock.optim.AdamW(betas=BETAS, eps=1e-8, weight_decay=weight_decay,
                                       clip_grad=onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm > 0 else None)
     with _native_stderr_captured():
         artifacts.generate_artifacts(training, requires_grad=trainable, frozen_params=frozen, loss=loss,

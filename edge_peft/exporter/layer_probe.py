@@ -44,10 +44,10 @@ class GradientProbe:
     def after_update(self, step: int) -> None:
         pass
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, np.ndarray]:
         return {}
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
         pass
 
 

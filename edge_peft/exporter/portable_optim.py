@@ -13,9 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..portable_spec import LR, STEP, accumulated, grad_name, moment_names, updated
+from ..portable_spec import BETAS, LR, STEP, accumulated, grad_name, moment_names, updated
 
-BETAS = (0.9, 0.999)
 EPS = 1e-8
 CLIP_EPS = 1e-6
 PREFIX = "adamw/"  # intermediate values, apart from the gradient half's names
