@@ -14,25 +14,21 @@ def a_name(module: str) -> str:
     return f"{module}.lora_A.weight"
 
 
-def _axis(name: str) -> int:
-    return 1 if name.endswith(".lora_B.weight") else 0
+def _index(name: str, channels: np.ndarray) -> tuple:
+    """Index of the selected channels in B (columns) or A (rows)."""
+    return (slice(None), channels) if name.endswith(".lora_B.weight") else (channels, slice(None))
 
 
 def zero_channels(value: np.ndarray, name: str, channels: np.ndarray) -> np.ndarray:
     """A copy of B or A with the channels selected by ``channels`` (a bool per channel) set to zero."""
     out = value.copy()
-    if _axis(name):
-        out[:, channels] = 0
-    else:
-        out[channels, :] = 0
+    out[_index(name, channels)] = 0
     return out
 
 
 def copy_channels(value: np.ndarray, source: np.ndarray, name: str, channels: np.ndarray) -> np.ndarray:
     """A copy of ``value`` whose selected channels come from ``source``."""
     out = value.copy()
-    if _axis(name):
-        out[:, channels] = source[:, channels]
-    else:
-        out[channels, :] = source[channels, :]
+    index = _index(name, channels)
+    out[index] = source[index]
     return out

@@ -99,7 +99,8 @@ class AdaptiveRank:
     def _prune(self, count: int) -> None:
         """Drop the ``count`` active channels of lowest score, never a module's last one."""
         scores = {m: self.scores(m) for m in self.modules}
-        candidates = sorted((float(scores[m][k]), m, int(k)) for m in self.modules for k in np.flatnonzero(self.active[m]))
+        candidates = sorted((float(scores[m][k]), m, int(k))
+                            for m in self.modules for k in np.flatnonzero(self.active[m]))
         for _, m, k in candidates:
             if count == 0:
                 break
@@ -128,11 +129,10 @@ class AdaptiveRank:
                 | {f"u_bar/{n}": v for n, v in self.u_bar.items()})
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        def part(prefix: str) -> dict[str, np.ndarray]:
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        from .step_hooks import substate  # step_hooks builds these hooks
 
-        self.active = {m: a.astype(bool) for m, a in part("active/").items()}
-        self.i_bar, self.u_bar = part("i_bar/"), part("u_bar/")
+        self.active = {m: a.astype(bool) for m, a in substate(state, "active/").items()}
+        self.i_bar, self.u_bar = substate(state, "i_bar/"), substate(state, "u_bar/")
 
 
 def lambda_name(module: str) -> str:

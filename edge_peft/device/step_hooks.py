@@ -65,10 +65,14 @@ class StepHooks:
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         for name, hook in self.hooks.items():
-            prefix = f"{name}/"
-            mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            mine = substate(state, f"{name}/")
             if mine:
                 hook.load_state(mine)
+
+
+def substate(state: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The arrays of ``state`` under ``prefix``, keyed without it."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 class LearningRateMultipliers:
