@@ -11,7 +11,8 @@ import torch
 from conftest import data_for
 
 from edge_peft.adapters.peft_format import complete_tensors, decode_adapter, expand_if_compact, load_adapter, onnx_name
-from edge_peft.adapters.spec import AdapterSpec, layer_index
+from edge_peft.adapters.ranks import nested_gain
+from edge_peft.adapters.spec import AdapterSpec, layer_index, lora_a_from_seed
 from edge_peft.device.adapter_io import save_run_adapter
 from edge_peft.device.channels import a_name, b_name, zero_channels
 from edge_peft.device.inference import Predictor
@@ -20,6 +21,7 @@ from edge_peft.device.trainer import TrainConfig, Trainer
 from edge_peft.errors import UserError
 from edge_peft.exporter.load import load_model_dir
 from edge_peft.manifest import load_manifest
+from edge_peft.portable_spec import BETAS
 from edge_peft.store.client import build_push
 
 
@@ -114,8 +116,10 @@ def test_nested_ranks_every_prefix_works_and_more_rank_is_not_worse(artifacts, d
 
 
 @pytest.mark.parametrize("backend_name", ["ort", "portable"])
-def test_held_channels_sit_the_step_out(artifacts, data, tmp_path, backend_name):
-    """Nested ranks' mechanism: held channels add nothing to the forward pass and keep their values."""
+def test_gated_step_scales_the_prefix_and_the_rest_sits_out(artifacts, data, tmp_path, backend_name):
+    """Nested ranks' mechanism: at prefix b the first b channels run as if their B were nested_gain(r, b)
+    times larger (so their gradient is that much larger), the channels past b add nothing, get no
+    gradient, keep their values and (portable) get a zero gradient's moments; A is the seeded A again."""
     artifact = artifacts("gpt2", "none", backend="both")
     config = TrainConfig(data=str(data["lm"]), steps=1, batch_size=8, eval_every=0, threads=1, backend=backend_name)
     t = Trainer(artifact, config, tmp_path / "run", show_progress=False)
@@ -123,31 +127,40 @@ def test_held_channels_sit_the_step_out(artifacts, data, tmp_path, backend_name)
     backend, spec = t.backend, AdapterSpec.from_manifest(t.manifest)
     rng = np.random.default_rng(0)
     start = {n: rng.normal(0, 0.05, v.shape).astype(np.float32) for n, v in backend.trainable().items()}
-    held = np.arange(spec.rank) >= 2
-    backend.set_trainable({n: zero_channels(v, n, held) if n.endswith("lora_B.weight") else v
+    b, r = 2, spec.rank
+    gain = np.float32(nested_gain(r, b))
+    past = np.arange(r) >= b
+    backend.set_trainable({n: zero_channels(v, n, past) * gain if n.endswith("lora_B.weight") else v
                            for n, v in start.items()})
-    without_held = backend.eval_loss(batch)
+    backend.start_step(0.0)  # the reference: prefix b's B columns scaled by hand, nothing past b
+    reference = backend.forward_backward(batch)
+    reference_grads = backend.gradients([b_name(m.name) for m in spec.modules])
+    backend.optimizer_step()
     backend.set_trainable(start)
-    a = a_name(spec.modules[0].name)
-    a_before = backend.frozen(a)
+    moments = {n: (backend.m[n].copy(), backend.v[n].copy()) for n in start} if backend_name == "portable" else {}
 
     backend.start_step(1e-2)
-    backend.hold_channels({m.name: held for m in spec.modules})
-    assert backend.forward_backward(batch) == pytest.approx(without_held, rel=1e-5)
-    if backend_name == "ort":  # A's rows are zeroed too, so their gradient is exactly zero
-        grads = backend.gradients([b_name(m.name) for m in spec.modules])
-        assert not any(g[:, held].any() for g in grads.values())
-        assert all(g[:, ~held].any() for g in grads.values())
+    backend.gate_channels({m.name: np.where(past, 0, gain).astype(np.float32) for m in spec.modules})
+    assert backend.forward_backward(batch) == pytest.approx(reference, rel=1e-5)
+    for name, grad in backend.gradients(list(reference_grads)).items():
+        assert not grad[:, past].any()
+        np.testing.assert_allclose(grad[:, ~past], gain * reference_grads[name][:, ~past], rtol=1e-3, atol=1e-7)
     backend.optimizer_step()
     after = backend.trainable()
     for m in spec.modules:
-        b = b_name(m.name)
-        np.testing.assert_array_equal(after[b][:, held], start[b][:, held])
-        assert np.all(after[b][:, ~held] != start[b][:, ~held])
-    np.testing.assert_array_equal(backend.frozen(a), a_before)
-    if backend_name == "portable":  # the first step's moments of held channels stay those of a zero gradient
-        assert not any(backend.m[b_name(m.name)][:, held].any() or backend.v[b_name(m.name)][:, held].any()
-                       for m in spec.modules)
+        name = b_name(m.name)
+        np.testing.assert_array_equal(after[name][:, past], start[name][:, past])
+        assert np.all(after[name][:, ~past] != start[name][:, ~past])
+        if backend_name == "portable":
+            np.testing.assert_allclose(backend.m[name][:, past], BETAS[0] * moments[name][0][:, past], rtol=1e-6)
+            np.testing.assert_allclose(backend.v[name][:, past], BETAS[1] * moments[name][1][:, past], rtol=1e-6)
+    if backend_name == "ort":
+        a = a_name(spec.modules[0].name)
+        np.testing.assert_array_equal(backend.frozen(a), lora_a_from_seed(spec.modules[0].a_seed, r,
+                                                                          spec.modules[0].in_features))
+    fresh = Trainer(artifact, config, tmp_path / "fresh", show_progress=False).backend
+    fresh.set_trainable(after)
+    assert backend.eval_loss(batch) == pytest.approx(fresh.eval_loss(batch), rel=1e-6)  # no gated A left behind
 
 
 @pytest.mark.parametrize("variant,decay,ratio", [("lora-fa", 0.5, 1.0), ("lora", 1.0, 4.0)])

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_peft.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, encode_adapter, load_adapter
+from edge_peft.adapters.ranks import NESTED_KEY, nested_gain
 from edge_peft.adapters.spec import PEFT_PREFIX, AdapterSpec, lora_key
 from edge_peft.store.__main__ import main
 from edge_peft.store.client import build_push
@@ -291,7 +292,9 @@ def test_heterogeneous_ranks_push_compact_and_average_exactly(env, tmp_path):
         pruned[lora_key(m.name, "B")][:, [1, 3]] = 0  # channels an adaptive run dropped
     nested = random_tensors(spec, rng)
     runs = {"phone-a": write_run(tmp_path / "a", manifest, pruned, samples=30),
-            "phone-b": write_run(tmp_path / "b", manifest, nested, samples=10)}
+            "phone-b": write_run(tmp_path / "b", manifest, nested, samples=10, meta={NESTED_KEY: True})}
+    refused = cli("push", str(runs["phone-a"]), "--rank", "2", "--store", server.url, "--token", tokens["phone-a"])
+    assert refused.exit_code == 2 and "trained with --nested-ranks" in refused.output  # its prefixes are no adapter
     assert cli("push", str(runs["phone-a"]), "--store", server.url, "--token", tokens["phone-a"]).exit_code == 0
     b_only, compact = build_push(runs["phone-b"])[2], build_push(runs["phone-b"], rank=2)[2]
     assert len(compact) < 0.6 * len(b_only)  # half the channels: about half the upload
@@ -306,6 +309,7 @@ def test_heterogeneous_ranks_push_compact_and_average_exactly(env, tmp_path):
     truncated = {k: v.copy() for k, v in nested.items()}
     for m in spec.modules:
         truncated[lora_key(m.name, "B")][:, 2:] = 0
+        truncated[lora_key(m.name, "B")] *= np.float32(nested_gain(4, 2))  # the rank-2 adapter's own scale
     for m in spec.modules:
         a, b = lora_key(m.name, "A"), lora_key(m.name, "B")
         expected_update = (30 * pruned[b] @ pruned[a] + 10 * truncated[b] @ truncated[a]) / 40

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..adapters.peft_format import load_adapter, onnx_name, read_metadata, save_adapter
-from ..adapters.ranks import keep_channels, prefix_channels, surviving_channels
+from ..adapters.ranks import keep_channels, nested_prefix, surviving_channels
 from ..adapters.spec import AdapterSpec
 from ..errors import UserError
 from ..fileio import atomic_write_json
@@ -19,7 +19,7 @@ from .run_dir import WARM_START_FILE, read_run
 def save_run_adapter(run: str | Path, out: str | Path, rank: int | None = None) -> Path:
     """Copy a run's current adapter to ``out`` as a PEFT directory (validated on the way).
 
-    ``rank`` keeps the first ``rank`` channels of every module (a nested-rank run's truncation);
+    ``rank`` keeps the rank-``rank`` adapter of a nested-rank run (``ranks.nested_prefix``);
     without it, channels an adaptive-rank run pruned (zero B columns) are left out. Either way the
     file carries per-module ranks in ``rank_pattern`` and loads in PEFT.
     """
@@ -30,7 +30,10 @@ def save_run_adapter(run: str | Path, out: str | Path, rank: int | None = None) 
         raise UserError(f"{run} has no adapter yet (no checkpoint reached): train longer or lower --checkpoint-every")
     tensors = load_adapter(source, spec)
     meta = read_metadata((source / "adapter_model.safetensors").read_bytes())
-    channels = prefix_channels(spec, rank) if rank is not None else surviving_channels(spec, tensors)
+    if rank is not None:
+        tensors, channels, meta = nested_prefix(spec, tensors, meta, rank)
+    else:
+        channels = surviving_channels(spec, tensors)
     kept, meta, pattern = keep_channels(spec, tensors, channels, meta)
     return save_adapter(out, spec, kept, rank_pattern=pattern, extra_meta=meta)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..manifest import Manifest
-from .channels import a_name, b_name, copy_channels, zero_channels
+from .channels import a_name, b_name, gate, ungate
 from .data import Batch
 from .ort_api import quiet_logs, session_options, training_api, training_api_installed
 
@@ -47,10 +47,13 @@ class TrainingBackend(Protocol):
     def gradients(self, names: list[str]) -> dict[str, np.ndarray]:
         """Gradients accumulated so far in this step, by name (read between backward and the update)."""
 
-    def hold_channels(self, inactive: dict[str, np.ndarray]) -> None:
-        """Leave rank channels out of this step (``inactive``: module -> a bool per channel; call before
-        the first ``forward_backward``): they add nothing to the forward pass, keep their values through
-        ``optimizer_step``, and their AdamW moments decay as for a zero gradient."""
+    def gate_channels(self, gains: dict[str, np.ndarray]) -> None:
+        """Scale rank channels for this step (``gains``: module -> a float per channel; call before the
+        first ``forward_backward``): channel k adds ``gains[k]`` times its update to the forward pass, as
+        if the module's ``alpha / r`` were that much larger (exact when A is frozen; a trained A takes
+        its AdamW step on the scaled rows, see ``channels.ungate``). Gain-0 channels sit the step out:
+        they keep their values through ``optimizer_step`` and their AdamW moments decay as for a zero
+        gradient."""
 
     def save_state(self, path: Path, include_optimizer: bool = True) -> None:
         """Write the training state (weights, and AdamW moments and step unless told not) to ``path``."""
@@ -71,7 +74,7 @@ class OrtTrainingBackend:
                                  os.fspath(artifact / "eval_model.onnx"), session_options=options)
         self.optimizer = api.Optimizer(os.fspath(artifact / "optimizer_model.onnx"), self.module)
         self.names = [name for name, param in self.state.parameters if param.requires_grad]
-        self._held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._gated: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # name -> (old, gated, gains)
 
     def _inputs(self, batch: Batch, scale: float) -> list[np.ndarray]:
         feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
@@ -88,18 +91,18 @@ class OrtTrainingBackend:
     def optimizer_step(self) -> None:
         self.optimizer.step()
         self.module.lazy_reset_grad()
-        for name, (old, channels) in self._held.items():
-            self.state.parameters[name] = copy_channels(self.state.parameters[name].data, old, name, channels)
-        self._held = {}
+        for name, (old, gated, gains) in self._gated.items():
+            self.state.parameters[name] = ungate(old, gated, self.state.parameters[name].data, name, gains)
+        self._gated = {}
 
-    def hold_channels(self, inactive: dict[str, np.ndarray]) -> None:
-        """Zero the channels' rows of A (frozen or not) and columns of B in the checkpoint state: then their
-        contribution and gradients are exactly zero; the update's momentum on them is undone afterwards."""
-        for module, channels in inactive.items():
+    def gate_channels(self, gains: dict[str, np.ndarray]) -> None:
+        """Write the gated A (frozen or not: the checkpoint state holds both) and B for the step: gain-0
+        channels then have exactly zero contribution and gradients; ``optimizer_step`` ungates."""
+        for module, g in gains.items():
             for name in (b_name(module), a_name(module)):
                 old = np.array(self.state.parameters[name].data, copy=True)
-                self._held[name] = (old, channels)
-                self.state.parameters[name] = zero_channels(old, name, channels)
+                self._gated[name] = (old, gate(old, name, g), g)
+                self.state.parameters[name] = self._gated[name][1]
 
     def eval_loss(self, batch: Batch) -> float:
         self.module.eval()

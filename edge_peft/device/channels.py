@@ -32,3 +32,18 @@ def copy_channels(value: np.ndarray, source: np.ndarray, name: str, channels: np
     index = _index(name, channels)
     out[index] = source[index]
     return out
+
+
+def gate(value: np.ndarray, name: str, gains: np.ndarray) -> np.ndarray:
+    """The tensor a gated step runs with (``gains``: a float per channel, 0 = sit the step out): B with
+    its gain-0 columns zeroed, A with each row times its channel's gain."""
+    if name.endswith(".lora_B.weight"):
+        return zero_channels(value, name, gains == 0)
+    return value * gains[:, None].astype(value.dtype)
+
+
+def ungate(old: np.ndarray, gated: np.ndarray, stepped: np.ndarray, name: str, gains: np.ndarray) -> np.ndarray:
+    """Values after a gated step: gain-0 channels keep ``old``; B's other columns keep the step's values;
+    A's other rows get the step's change on top of their own values (so a frozen A is ``old`` again)."""
+    out = stepped.copy() if name.endswith(".lora_B.weight") else old + (stepped - gated)
+    return copy_channels(out, old, name, gains == 0)

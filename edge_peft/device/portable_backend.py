@@ -16,12 +16,13 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
+from ..adapters.spec import AdapterSpec, lora_a_from_seed
 from ..errors import UserError
 from ..fileio import atomic_write_bytes
 from ..manifest import Manifest
 from ..portable_spec import (BATCH_INPUTS, BETAS, INITIAL_STATE, LOSS, LR, STEP, STEP_MODEL, accumulated, moment_names,
                              updated)
-from .channels import a_name, b_name, copy_channels, zero_channels
+from .channels import a_name, b_name, copy_channels, gate, ungate
 from .data import Batch
 from .ort_api import onnxruntime_module, quiet_logs, session_options
 
@@ -67,11 +68,14 @@ class PortableBackend:
         inputs = {i.name for i in self._session.get_inputs()}
         self.names = [i.name for i in self._session.get_inputs()
                       if i.name not in BATCH_INPUTS and accumulated(i.name) in inputs]
+        self._overridable = {i.name for i in self._session.get_overridable_initializers()}
         self._outputs = [LOSS, *[updated(x) for n in self.names for x in (n, *moment_names(n), accumulated(n))]]
         self._load(state_path or artifact / INITIAL_STATE)
         self._lr = 0.0
         self._pending: dict[str, np.ndarray] | None = None  # outputs of the step's latest micro-batch
-        self._held: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._gated: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # name -> (old, gated, gains)
+        self._moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # gated tensors' moments before the step
+        self._frozen_feeds: dict[str, np.ndarray] = {}  # gated LoRA-FA A factors, fed in place of the graph's own
 
     def _load(self, path: Path) -> None:
         try:
@@ -113,6 +117,7 @@ class PortableBackend:
             m, v = moment_names(n)
             feeds.update({n: self.values[n], m: self.m[n], v: self.v[n],
                           accumulated(n): acc.get(updated(accumulated(n)), self._zeros[n])})
+        feeds.update(self._frozen_feeds)
         loss, *rest = self._session.run(outputs, feeds)
         return float(loss), dict(zip(outputs[1:], rest))
 
@@ -129,22 +134,34 @@ class PortableBackend:
                 self.values[n], self.m[n], self.v[n] = (self._pending[updated(x)] for x in (n, m, v))
             self.step += 1
         self._pending = None
-        for n, (value, m, v, channels) in self._held.items():
-            self.values[n] = copy_channels(self.values[n], value, n, channels)
+        for n, (old, gated, gains) in self._gated.items():
+            self.values[n] = ungate(old, gated, self.values[n], n, gains)
             if stepped:
-                self.m[n] = copy_channels(self.m[n], BETAS[0] * m, n, channels)
-                self.v[n] = copy_channels(self.v[n], BETAS[1] * v, n, channels)
-        self._held = {}
+                m, v = self._moments[n]
+                self.m[n] = copy_channels(self.m[n], BETAS[0] * m, n, gains == 0)
+                self.v[n] = copy_channels(self.v[n], BETAS[1] * v, n, gains == 0)
+        self._gated, self._moments, self._frozen_feeds = {}, {}, {}
 
-    def hold_channels(self, inactive: dict[str, np.ndarray]) -> None:
-        """Zero the channels' B columns (and rows of a trained A) for the step, then put back their values
-        and set their moments to what a zero gradient gives. A frozen A is a constant of the graph, so
-        their (discarded) gradients still count in the step's gradient-clipping norm."""
-        for module, channels in inactive.items():
+    def gate_channels(self, gains: dict[str, np.ndarray]) -> None:
+        """Gate the trained B (and A) in place for the step, and feed a gated copy of a frozen A (a graph
+        input whose default is the seeded A); ``optimizer_step`` ungates and gives gain-0 channels the
+        moments of a zero gradient."""
+        for module, g in gains.items():
             for n in (b_name(module), a_name(module)):
                 if n in self.values:
-                    self._held[n] = (self.values[n], self.m[n], self.v[n], channels)
-                    self.values[n] = zero_channels(self.values[n], n, channels)
+                    self._gated[n] = (self.values[n], gate(self.values[n], n, g), g)
+                    self._moments[n] = (self.m[n], self.v[n])
+                    self.values[n] = self._gated[n][1]
+                else:
+                    self._frozen_feeds[n] = gate(self._seeded_a(n), n, g)
+
+    def _seeded_a(self, name: str) -> np.ndarray:
+        """A frozen LoRA-FA A as exported (regenerated from its seed), if the graph lets the loop feed it."""
+        if name not in self._overridable:
+            raise UserError(f"{self.artifact / STEP_MODEL} does not let the loop scale rank channels ({name} is a "
+                            "constant): re-export the artifact with this version of edge-peft")
+        module = next(m for m in AdapterSpec.from_manifest(self.manifest).modules if a_name(m.name) == name)
+        return lora_a_from_seed(module.a_seed, module.rank, module.in_features)
 
     def eval_loss(self, batch: Batch) -> float:
         """Loss through the step graph (its update is discarded): no second copy of the weights."""

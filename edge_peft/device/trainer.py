@@ -11,6 +11,7 @@ from pathlib import Path
 
 from safetensors.numpy import load_file, save
 
+from ..adapters.ranks import NESTED_KEY
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
 from ..manifest import IGNORE_INDEX, Manifest, load_manifest
@@ -243,7 +244,8 @@ class Trainer:
             hook_state = self.hooks.state()
             if hook_state:
                 atomic_write_bytes(tmp / HOOKS_FILE, save(hook_state))
-        write_adapter(self.out, self.manifest, self.backend.trainable(), {"steps": step})
+        write_adapter(self.out, self.manifest, self.backend.trainable(),
+                      {"steps": step} | ({NESTED_KEY: True} if self.config.nested_ranks else {}))
         warm = self.artifact / WARM_START_FILE
         atomic_write_json(self.out / "summary.json", {
             "steps": step, "samples": self.totals["samples"], "tokens": self.totals["tokens"],

@@ -143,10 +143,12 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
     """Turn the frozen graph inputs into named initializers (exported as inputs so that the exporter's
-    optimizer cannot fold their transposes into fp32 copies); inputs no node reads are dropped."""
+    optimizer cannot fold their transposes into fp32 copies); inputs no node reads are dropped. LoRA-FA's
+    A factors stay inputs too, with their initializers as defaults, so the device loop can feed scaled
+    copies for a step (``PortableBackend.gate_channels``: nested ranks)."""
     graph = proto.graph
     used = {name for node in graph.node for name in node.input}
-    kept = [i for i in graph.input if i.name not in values]
+    kept = [i for i in graph.input if i.name not in values or (i.name.endswith(".lora_A.weight") and i.name in used)]
     del graph.input[:]
     graph.input.extend(kept)
     graph.initializer.extend(onnx.numpy_helper.from_array(np.ascontiguousarray(v), name)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..adapters.peft_format import (CONFIG_NAME, WEIGHTS_NAME, check_tensors, complete_tensors, decode_adapter,
                                     encode_adapter, expand_if_compact, peft_config)
-from ..adapters.ranks import keep_channels, prefix_channels, surviving_channels
+from ..adapters.ranks import keep_channels, nested_prefix, surviving_channels
 from ..adapters.spec import AdapterSpec, lora_a_from_seed, lora_key
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json
@@ -117,8 +117,8 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
 
     ``b_only`` (default: True for LoRA-FA) drops the A factors, which the store regenerates from their seeds,
     and sends only the channels that carry an update (an adaptive-rank run's survivors, compact).
-    ``rank`` sends only the first ``rank`` channels of each module (a nested-rank run's truncation: a
-    smaller upload). The store expands compact pushes to the full rank with zero columns.
+    ``rank`` sends only a nested-rank run's rank-``rank`` adapter (its first ``rank`` channels, see
+    ``ranks.nested_prefix``: a smaller upload). The store expands compact pushes to the full rank with zero columns.
     """
     run = Path(run_dir)
     spec = AdapterSpec.from_manifest(load_manifest(run))
@@ -143,7 +143,7 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
 
 
 def _payload(spec: AdapterSpec, data: bytes, source: str, rank: int | None, drop_a: bool) -> bytes:
-    """The adapter to upload: the first ``rank`` channels of every module, or (``rank`` None) the surviving
+    """The adapter to upload: a nested-rank run's rank-``rank`` adapter, or (``rank`` None) the surviving
     ones, compact when fewer than all; without the seeded A when ``drop_a``."""
     if drop_a and spec.variant != "lora-fa":
         raise UserError(f"{source} is a {spec.variant!r} adapter whose A is trained: push it with --full")
@@ -156,7 +156,10 @@ def _payload(spec: AdapterSpec, data: bytes, source: str, rank: int | None, drop
             if not np.array_equal(full[lora_key(m.name, "A")], lora_a_from_seed(m.a_seed, m.rank, m.in_features)):
                 raise UserError(f"{source}: {lora_key(m.name, 'A')} differs from the A its seed regenerates: "
                                 "push with --full")
-    channels = prefix_channels(spec, rank) if rank is not None else surviving_channels(spec, full)
+    if rank is not None:
+        full, channels, file_meta = nested_prefix(spec, full, file_meta, rank)
+    else:
+        channels = surviving_channels(spec, full)
     kept, meta, _ = keep_channels(spec, full, channels, file_meta)
     if drop_a:
         kept = {k: v for k, v in kept.items() if not k.endswith(".lora_A.weight")}

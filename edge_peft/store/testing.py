@@ -46,12 +46,13 @@ def random_tensors(spec: AdapterSpec, rng: np.random.Generator, scale: float = 0
 
 
 def write_run(run_dir: str | os.PathLike, manifest: Manifest, tensors: dict[str, np.ndarray], samples: int,
-              steps: int = 10, parent: dict | None = None) -> Path:
-    """A run directory as `edge-peft train` writes it: manifest.json, adapter/, summary.json."""
+              steps: int = 10, parent: dict | None = None, meta: dict | None = None) -> Path:
+    """A run directory as `edge-peft train` writes it: manifest.json, adapter/ (with ``meta`` in its
+    edge-peft metadata), summary.json."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     manifest.save(run)
-    save_adapter(run / "adapter", AdapterSpec.from_manifest(manifest), tensors)
+    save_adapter(run / "adapter", AdapterSpec.from_manifest(manifest), tensors, extra_meta=meta)
     summary = {"steps": steps, "samples": samples, "tokens": samples * 64, "final_loss": 1.5, "eval_loss": None,
                "peak_rss_mb": 512.0, "parent": parent}
     (run / "summary.json").write_text(json.dumps(summary))
