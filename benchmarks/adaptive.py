@@ -10,7 +10,8 @@ Configurations (rank R = ``--rank``, each training in its own process, each over
 
 Seed ``s`` gives every configuration the same data order, so configurations are compared paired by seed:
 the script prints the mean per-seed difference and its standard error for adaptive vs uniform at equal
-final parameters, and for uniform 2R vs R (how much rank matters on this task at all).
+final parameters, for uniform 2R vs R (how much rank matters on this task at all), and for the nested
+adapter at full rank vs uniform 2R.
 
 Columns: held-out accuracy (mean over seeds), trainable values during training, final adapter values
 (the B entries and head that a push uploads; LoRA-FA's A is regenerated from its seed), the upload's
@@ -145,7 +146,8 @@ def main() -> None:
     uniform, double, adaptive = by[f"uniform rank {r}"], by[f"uniform rank {r2}"], by[f"adaptive {r2} -> {r}"]
     nested_full = by[f"nested ranks {r2}, saved at k={r2}"]
     comparisons = {f"adaptive {r2} -> {r} minus uniform rank {r}": paired(adaptive, uniform),
-                   f"uniform rank {r2} minus uniform rank {r}": paired(double, uniform)}
+                   f"uniform rank {r2} minus uniform rank {r}": paired(double, uniform),
+                   f"nested ranks {r2} at k={r2} minus uniform rank {r2}": paired(nested_full, double)}
     goals = {
         "adaptive_at_least_uniform": adaptive["accuracy"] >= uniform["accuracy"],
         "nested_full_within_1pt": abs(nested_full["accuracy"] - double["accuracy"]) <= 0.01,

@@ -234,7 +234,8 @@ def adapter() -> None:
 @adapter.command("save")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--rank", type=int, help="Keep only the first RANK channels of each module (nested-rank runs).")
+@click.option("--rank", type=int,
+              help="Write the rank-RANK adapter of a run trained with --nested-ranks (its first RANK channels).")
 def adapter_save(run: Path, out: Path, rank: int | None) -> None:
     """Write RUN's adapter as adapter_config.json + adapter_model.safetensors."""
     from .device.adapter_io import save_run_adapter

@@ -96,8 +96,9 @@ def test_adaptive_run_saves_only_surviving_channels_and_peft_loads_them(models, 
         np.testing.assert_array_equal(restored[key], value)
 
 
-def test_nested_ranks_every_prefix_works_and_more_rank_is_not_worse(artifacts, data, tmp_path):
-    artifact = artifacts("gpt2", "none", rank=8)
+@pytest.mark.parametrize("variant", ["lora-fa", "lora"])
+def test_nested_ranks_every_prefix_works_and_more_rank_is_not_worse(artifacts, data, tmp_path, variant):
+    artifact = artifacts("gpt2", "none", rank=8, variant=variant)
     t = trainer(artifact, data["lm"], tmp_path / "run", steps=60, lr=5e-3, nested_ranks=True, eval_fraction=0.2)
     base_loss = t.evaluate()
     t.run()

@@ -167,7 +167,7 @@ def _print_ack(entry, ack: dict) -> None:
 @click.option("--b-only/--full", default=None,
               help="Send only B (LoRA-FA default; the store regenerates A from the seeds) or the full file.")
 @click.option("--rank", type=click.IntRange(min=1),
-              help="Send only the first RANK channels of each module (nested-rank runs): a smaller upload.")
+              help="Send the rank-RANK adapter of a run trained with --nested-ranks: a smaller upload.")
 def push(run_dir: Path, store_url: str | None, token: str | None, device: str | None, b_only: bool | None,
          rank: int | None) -> None:
     """Push RUN_DIR's adapter; when the store is unreachable, queue it in RUN_DIR/outbox for `sync`."""
