@@ -6,8 +6,10 @@ trained on the same BBC News text: at each budget, the micro-batch x sequence ea
 
 Each budget (and the LoRA-FA vs LoRA pair at one fixed setting) trains in its own process through
 ``edge-peft train``; the measured peak is that process's VmHWM. "predicted" is the memory model plus the
-overhead the run measured after loading (tokenizer and data: what the trainer plans with). Full fine-tuning is not a mode of the
-exporter, so it has no row. tokens/s on a shared machine are indicative only.
+overhead the run measured after loading (tokenizer and data: what the trainer plans with). Full fine-tuning is
+not a mode of the exporter, so it has no row. tokens/s on a shared machine are indicative only. Budgeted runs
+start with malloc's huge pages on where they apply (``memory.huge_pages_env``; the "huge pages" column says
+whether they were): ``benchmarks/huge_pages.py`` compares on and off.
 Usage: ``python benchmarks/memory_budget.py [--artifact-dir DIR] [--json out.json]``.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -95,11 +98,12 @@ def full_finetune_worker(data: str, steps: int) -> dict:
     return {"peak_rss_mb": peak_rss_mb(), "tokens_per_s": steps * 8 * 256 / (time.perf_counter() - start)}
 
 
-def train(artifact: Path, data: Path, run: Path, extra: list[str], steps: int) -> dict:
-    """One ``edge-peft train`` process; returns its summary plus the plan it chose."""
+def train(artifact: Path, data: Path, run: Path, extra: list[str], steps: int, env: dict | None = None) -> dict:
+    """One ``edge-peft train`` process (``env`` added to its environment); returns its summary plus the plan."""
     proc = subprocess.run([sys.executable, "-m", "edge_peft.cli", "train", str(artifact), "--data", str(data),
                            "--out", str(run), "--steps", str(steps), "--batch-size", "16", "--eval-every", "0",
-                           "--threads", "2", "--quiet", *extra], capture_output=True, text=True)
+                           "--threads", "2", "--quiet", *extra], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if proc.returncode == 2:
         return {"refused": proc.stderr.strip().removeprefix("error: ")}
     if proc.returncode != 0:
@@ -158,7 +162,7 @@ def main() -> None:
                 artifact = export(root / f"minilm-int8-{variant}", variant)
             manifest = load_manifest(artifact)
             result = train(artifact, data, tmp / f"run{n}", extra, args.steps)
-            row = {"variant": variant, "budget_mb": budget}
+            row = {"variant": variant, "budget_mb": budget, "huge_pages": result.get("huge_pages")}
             if "refused" in result:
                 row["note"] = result["refused"]
             else:
@@ -176,7 +180,8 @@ def main() -> None:
             print(row, file=sys.stderr, flush=True)
     print_table(rows, [("variant", "variant"), ("budget_mb", "budget"), ("micro_batch", "micro"), ("seq_len", "seq"),
                        ("predicted_mb", "predicted MB"), ("peak_mb", "measured MB"), ("error_pct", "error %"),
-                       ("within_budget", "<= budget"), ("tokens_per_s", "tokens/s"), ("note", "note")])
+                       ("within_budget", "<= budget"), ("tokens_per_s", "tokens/s"), ("huge_pages", "huge pages"),
+                       ("note", "note")])
     if args.json and args.rows != "all" and Path(args.json).is_file():  # keep the other groups' rows
         ran = {row["variant"] for row in rows}
         rows = [r for r in json.loads(Path(args.json).read_text())["rows"] if r["variant"] not in ran] + rows

@@ -112,17 +112,36 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
               help="auto: ORT's training API where installed, else the portable graphs (plain onnxruntime).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(artifact: Path, out: Path, resume: bool, quiet: bool, device_profile: str | None, **options) -> None:
+@click.pass_context
+def train(ctx: click.Context, artifact: Path, out: Path, resume: bool, quiet: bool, device_profile: str | None,
+          **options) -> None:
     """Fine-tune the adapters of ARTIFACT on local data (no torch needed)."""
     from .device.trainer import TrainConfig, Trainer
 
     _apply_profile(device_profile, options)
+    if options["memory_budget"]:
+        _restart_with_huge_pages(ctx)
     summary = Trainer(artifact, TrainConfig(**options), out, resume=resume, show_progress=not quiet).run()
     eval_loss = summary["eval_loss"]
     click.echo(f"trained {summary['steps']} steps: loss {summary['final_loss']:.4f}"
                + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
                + f", {summary['tokens_per_s']:.0f} tokens/s, peak RSS {summary['peak_rss_mb']:.0f} MB; "
                f"adapter in {out / 'adapter'}")
+
+
+def _restart_with_huge_pages(ctx: click.Context) -> None:
+    """Re-execute this command line with malloc's huge pages on (``memory.huge_pages_env``: read only at
+    process start) where they apply; only for a real command line, never for an in-process call."""
+    import os
+
+    from .device.memory import huge_pages_env
+
+    argv = (ctx.find_root().obj or {}).get("argv")
+    env = huge_pages_env(os.environ)
+    if argv and env:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "edge_peft.cli", *argv], env)
 
 
 def _plan_export(model_dir: Path, opts, memory_budget: str | None, device_profile: str | None):
@@ -291,7 +310,8 @@ _register_optional_commands()
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:
-        main_group.main(args=argv, standalone_mode=False)
+        command_line = argv is None or list(argv) == sys.argv[1:]  # else an in-process call (tests, scripts)
+        main_group.main(args=argv, standalone_mode=False, obj={"argv": sys.argv[1:] if command_line else None})
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USER_ERROR)

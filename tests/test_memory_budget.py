@@ -11,6 +11,7 @@ from test_process import cli
 
 from edge_peft.device import backend as backend_module
 from edge_peft.device.data import Batch
+from edge_peft.device.memory import huge_pages_env
 from edge_peft.device.memory_model import MB, predict
 from edge_peft.device.planner import BudgetGuard, make_plan, parse_budget
 from edge_peft.device.profiles import list_profiles, load_profile
@@ -112,6 +113,22 @@ def test_tight_budget_run_stays_under_it(lm_artifact, long_data, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(r["peak_rss_mb"] <= BUDGET_MB for r in records)
     assert records[0]["memory_overhead_mb"] >= 0  # measured once data and session are loaded
+    assert summary["huge_pages"] == (huge_pages_env({}) is not None)  # the budget held with them on
+
+
+@pytest.mark.skipif(huge_pages_env({}) is None, reason="no glibc or no 2 MiB transparent huge pages here")
+@pytest.mark.parametrize("budget,env,expected", [("512MB", {}, True), (None, {}, False),
+                                                 ("512MB", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, False)])
+def test_budgeted_runs_restart_with_huge_pages_unless_told_not(lm_artifact, data, tmp_path, budget, env, expected):
+    import os
+
+    run = tmp_path / "run"
+    proc = cli("train", lm_artifact, "--data", data["lm"], "--out", run, "--steps", "2", "--batch-size", "4",
+               "--eval-every", "0", "--quiet", *(["--memory-budget", budget] if budget else []),
+               env={**os.environ, **env})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads((run / "summary.json").read_text())["huge_pages"] is expected
 
 
 def test_profiles_load_and_list():

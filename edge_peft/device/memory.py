@@ -7,6 +7,8 @@ import ctypes.util
 import os
 import resource
 import sys
+from pathlib import Path
+from typing import Mapping
 
 MB = 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -58,6 +60,41 @@ def reuse_freed_memory() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
+_THP = Path("/sys/kernel/mm/transparent_hugepage")
+
+
+def huge_pages_env(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """``environ`` plus glibc's tunable that backs malloc's mapped blocks with 2 MiB huge pages, or None
+    where it does not apply: not Linux/glibc, transparent huge pages off or not 2 MiB (a 16 KiB-page kernel,
+    as on some Raspberry Pi 5 images, has 32 MiB ones, which would swell small mappings), or the user set
+    the tunable already (``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` opts out). A tunable is read when the
+    process starts, so ``edge-peft train`` re-executes itself with it (``cli.train``).
+
+    For budgeted runs: ``predictable_memory`` maps every activation-sized block on its own, so every step
+    page-faults its activations in afresh; with huge pages that is 512 times fewer faults. Measured side
+    by side in ``benchmarks/huge_pages.py`` (numbers in the README); peaks rose 0-2 %, and
+    ``benchmarks/memory_budget.py`` (run with them on) keeps every row within 6 % of the memory model,
+    whose fit was made without them.
+    """
+    if _mallopt() is None or HUGETLB_TUNABLE in environ.get("GLIBC_TUNABLES", ""):
+        return None
+    try:
+        mode = (_THP / "enabled").read_text()
+        size = int((_THP / "hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return None
+    if "[never]" in mode or size != 2 * MB:
+        return None
+    tunables = ":".join(t for t in (environ.get("GLIBC_TUNABLES", ""), f"{HUGETLB_TUNABLE}=1") if t)
+    return {**environ, "GLIBC_TUNABLES": tunables}
+
+
+def huge_pages_active() -> bool:
+    """Whether this process started with malloc's huge pages on (``huge_pages_env``)."""
+    return f"{HUGETLB_TUNABLE}=1" in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def current_rss() -> int:

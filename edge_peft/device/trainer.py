@@ -17,7 +17,7 @@ from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json, sh
 from ..manifest import IGNORE_INDEX, Manifest, load_manifest
 from .backend import TrainingBackend, open_backend, resolve_backend
 from .data import Batch, Tokenized, batch_indices, read_examples, split_holdout
-from .memory import MB, current_rss, peak_rss, predictable_memory, reuse_freed_memory
+from .memory import MB, current_rss, huge_pages_active, peak_rss, predictable_memory, reuse_freed_memory
 from .memory_model import loaded_bytes
 from .planner import DEFAULT_MARGIN, BudgetGuard, make_plan, parse_budget
 from .run_dir import HOOKS_FILE, RUN_FILE, WARM_START_FILE, read_run, write_adapter, write_run_info
@@ -251,7 +251,7 @@ class Trainer:
             "steps": step, "samples": self.totals["samples"], "tokens": self.totals["tokens"],
             "final_loss": last_loss, "eval_loss": eval_loss, "peak_rss_mb": round(peak_rss() / MB, 1),
             "tokens_per_s": round(self.totals["tokens"] / max(self.totals["wall_s"], 1e-9), 1),
-            "wall_s": round(self.totals["wall_s"], 2),
+            "wall_s": round(self.totals["wall_s"], 2), "huge_pages": huge_pages_active(),
             "parent": json.loads(warm.read_text()) if warm.is_file() else None,
         })
 
