@@ -26,9 +26,10 @@ process without torch, with glibc set up as for every budgeted run (``memory.pre
 RSS follows the live tensors) but without the huge pages budgeted runs now start with
 (``memory.huge_pages_env``: 0.4-1.8 % more peak, measured; the budget benchmark stays within 6 %),
 that loads the artifact and runs three full steps on random tokens of exactly ``B x T`` with 2 threads;
-the factors below are the least-squares fit (non-negative) of the measured high-water marks on this machine (x86-64, Python 3.11): one set of factors per training
-backend (``ORT_FACTORS``: onnxruntime-training-cpu 1.19.2; ``PORTABLE_FACTORS``: onnxruntime 1.32), the
-backend being resolved before planning. The data points are in ``CALIBRATION`` and
+the factors below are the least-squares fit (non-negative) of the measured high-water marks on this
+machine (x86-64, Python 3.11): one set of factors per training backend (``ORT_FACTORS``:
+onnxruntime-training-cpu 1.19.2; ``PORTABLE_FACTORS``: onnxruntime 1.32), the backend being resolved
+before planning. The data points are in ``CALIBRATION`` and
 ``CALIBRATION_PORTABLE``; re-run the script on a new device class and refit.
 """
 
