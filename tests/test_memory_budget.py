@@ -116,6 +116,27 @@ def test_tight_budget_run_stays_under_it(lm_artifact, long_data, tmp_path):
     assert summary["huge_pages"] == (huge_pages_env({}) is not None)  # the budget held with them on
 
 
+@pytest.mark.parametrize("mode,size,env,expected", [
+    ("always [madvise] never", 2 * MB, {}, "glibc.malloc.hugetlb=1"),
+    ("[always] madvise never", 2 * MB, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ("always madvise [never]", 2 * MB, {}, None),
+    ("always [madvise] never", 32 * MB, {}, None),  # a 16 KiB-page kernel (some Raspberry Pi 5 images)
+    ("always [madvise] never", 2 * MB, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, None),  # the user's opt-out
+])
+def test_huge_pages_only_where_they_are_2_mib_and_wanted(tmp_path, monkeypatch, mode, size, env, expected):
+    from edge_peft.device import memory
+
+    if memory._mallopt() is None:
+        pytest.skip("no glibc here")
+    (tmp_path / "enabled").write_text(mode + "\n")
+    (tmp_path / "hpage_pmd_size").write_text(f"{size}\n")
+    monkeypatch.setattr(memory, "_THP", tmp_path)
+    result = huge_pages_env({"PATH": "/bin", **env})
+    assert (result and result["GLIBC_TUNABLES"]) == expected
+    assert result is None or result["PATH"] == "/bin"
+
+
 @pytest.mark.skipif(huge_pages_env({}) is None, reason="no glibc or no 2 MiB transparent huge pages here")
 @pytest.mark.parametrize("budget,env,expected", [("512MB", {}, True), (None, {}, False),
                                                  ("512MB", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, False)])
