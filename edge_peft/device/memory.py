@@ -77,7 +77,8 @@ def huge_pages_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     page-faults its activations in afresh; with huge pages that is 512 times fewer faults. Measured side
     by side in ``benchmarks/huge_pages.py`` (numbers in the README); peaks rose 0-2 %, and
     ``benchmarks/memory_budget.py`` (run with them on) keeps every row within 6 % of the memory model,
-    whose fit was made without them.
+    whose fit was made without them. Not for runs without a budget: those keep freed pages resident
+    (``reuse_freed_memory``), and huge pages made them 15 % slower with 17 % more peak (MiniLM 8 x 256).
     """
     if _mallopt() is None or HUGETLB_TUNABLE in environ.get("GLIBC_TUNABLES", ""):
         return None
