@@ -45,5 +45,5 @@ def gate(value: np.ndarray, name: str, gains: np.ndarray) -> np.ndarray:
 def ungate(old: np.ndarray, gated: np.ndarray, stepped: np.ndarray, name: str, gains: np.ndarray) -> np.ndarray:
     """Values after a gated step: gain-0 channels keep ``old``; B's other columns keep the step's values;
     A's other rows get the step's change on top of their own values (so a frozen A is ``old`` again)."""
-    out = stepped.copy() if name.endswith(".lora_B.weight") else old + (stepped - gated)
+    out = stepped if name.endswith(".lora_B.weight") else old + (stepped - gated)  # copy_channels copies
     return copy_channels(out, old, name, gains == 0)

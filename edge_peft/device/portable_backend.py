@@ -76,7 +76,7 @@ class PortableBackend:
         self._gated: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # name -> (old, gated, gains)
         self._moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # gated tensors' moments before the step
         self._frozen_feeds: dict[str, np.ndarray] = {}  # gated LoRA-FA A factors, fed in place of the graph's own
-        self._seeded: dict[str, np.ndarray] = {}  # the seeded A factors gating has needed so far
+        self._seeded: dict[str, np.ndarray] = {}  # LoRA-FA's seeded A factors, once gating needs them
 
     def _load(self, path: Path) -> None:
         try:
@@ -161,9 +161,9 @@ class PortableBackend:
         if name not in self._overridable:
             raise UserError(f"{self.artifact / STEP_MODEL} does not let the loop scale rank channels ({name} is a "
                             "constant): re-export the artifact with this version of edge-peft")
-        if name not in self._seeded:
-            module = next(m for m in AdapterSpec.from_manifest(self.manifest).modules if a_name(m.name) == name)
-            self._seeded[name] = lora_a_from_seed(module.a_seed, module.rank, module.in_features)
+        if not self._seeded:  # every module is gated together: regenerate them all once
+            self._seeded = {a_name(m.name): lora_a_from_seed(m.a_seed, m.rank, m.in_features)
+                            for m in AdapterSpec.from_manifest(self.manifest).modules}
         return self._seeded[name]
 
     def eval_loss(self, batch: Batch) -> float:
