@@ -51,14 +51,14 @@ def upload(run: str, rank: int | None) -> tuple[int, int]:
 def worker(artifact: str, train: str, test: str, run: str, mode: str, seed: str, args) -> dict:
     from edge_peft.device.adapter_io import save_run_adapter
     from edge_peft.device.inference import Predictor, accuracy
-    from edge_peft.device.trainer import TrainConfig, Trainer
+    from edge_peft.device.trainer import TrainConfig, open_run
 
     options = {"adaptive": {"adaptive_rank": True, "target_rank": args.rank},
                "nested": {"nested_ranks": True}}.get(mode, {})
     start = time.perf_counter()
     config = TrainConfig(data=train, steps=args.steps, batch_size=8, lr=args.lr, eval_fraction=0.0, eval_every=0,
                          checkpoint_every=0, threads=args.threads, seed=int(seed), **options)
-    trainer = Trainer(artifact, config, run, show_progress=False)
+    trainer = open_run(artifact, config, run)
     trainable = int(sum(v.size for v in trainer.backend.trainable().values()))
     trainer.run()
     train_s, rss = time.perf_counter() - start, peak_rss_mb()

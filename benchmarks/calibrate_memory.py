@@ -36,16 +36,16 @@ def worker(artifact: str, batch: int, seq: int, threads: int, backend_name: str)
 
     import edge_peft.cli  # noqa: F401
     import edge_peft.device.trainer  # noqa: F401
-    from edge_peft.device.backend import open_backend
+    from edge_peft.backends import open_backend
     from edge_peft.device.data import Batch
     from edge_peft.device.memory import MB, current_rss, peak_rss, predictable_memory
     from edge_peft.device.memory_model import predict
-    from edge_peft.manifest import load_manifest
+    from edge_peft.artifact.manifest import load_manifest
 
     predictable_memory()  # as every budgeted run
     after_imports = current_rss()
     manifest = load_manifest(artifact)
-    backend = open_backend(Path(artifact), manifest, threads=threads, backend=backend_name)
+    backend = open_backend(Path(artifact), manifest, threads=threads, choice=backend_name)
     after_load = current_rss()
     rng = np.random.default_rng(0)
     ids = rng.integers(5, manifest.vocab_size, size=(batch, seq), dtype=np.int64)
@@ -66,7 +66,7 @@ def fit(rows: list[dict]) -> dict[str, float]:
     import numpy as np
 
     from edge_peft.device.memory_model import FLOAT, MB, ModelFigures, step_terms
-    from edge_peft.manifest import load_manifest
+    from edge_peft.artifact.manifest import load_manifest
 
     figures = {r["path"]: ModelFigures.of(load_manifest(r["path"]), r.get("backend", "ort")) for r in rows}
     imports = np.array([r["after_imports_mb"] for r in rows]) * MB

@@ -127,7 +127,7 @@ def main() -> None:
     from edge_peft.bundled import bbc_news_split, write_jsonl
     from edge_peft.device.memory_model import MB, predict
     from edge_peft.device.planner import make_plan, parse_budget
-    from edge_peft.manifest import load_manifest
+    from edge_peft.artifact.manifest import load_manifest
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -168,8 +168,8 @@ def main() -> None:
             else:
                 overhead = int(result["overhead_mb"] * MB)  # what the run measured after loading, as it plans
                 fixed, backend = budget == FIXED, "portable" if variant in (PORTABLE, LM_PORTABLE) else "ort"
-                plan = make_plan(manifest, parse_budget(budget), 16, 256 if fixed else manifest.max_seq_len,
-                                 micro_batch=8 if fixed else None, overhead=overhead, backend=backend)
+                plan = make_plan(manifest, parse_budget(budget), 16, 256 if fixed else manifest.max_seq_len, backend,
+                                 micro_batch=8 if fixed else None, overhead=overhead)
                 micro, seq = plan.micro_batch, plan.seq_len
                 predicted = (predict(manifest, micro, seq, backend).total + overhead) / MB
                 row.update(micro_batch=micro, seq_len=seq, predicted_mb=round(predicted, 1),

@@ -45,12 +45,12 @@ def base_worker(artifact: str, test: str, args) -> dict:
 def edge_worker(artifact: str, train: str, test: str, run: str, args) -> dict:
     """The device loop (no torch in this process), then held-out accuracy from the inference model."""
     from edge_peft.device.inference import Predictor, accuracy
-    from edge_peft.device.trainer import TrainConfig, Trainer
+    from edge_peft.device.trainer import TrainConfig, open_run
 
     start = time.perf_counter()
     config = TrainConfig(data=train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_fraction=0.0,
                          eval_every=0, checkpoint_every=0, seed=args.seed, threads=args.threads)
-    Trainer(artifact, config, run, show_progress=False).run()
+    open_run(artifact, config, run).run()
     train_s = time.perf_counter() - start
     acc = accuracy(Predictor(run, threads=args.threads), read_rows(test))
     assert "torch" not in sys.modules, "the device loop imported torch"
@@ -69,7 +69,7 @@ def reference_worker(artifact: str, train: str, test: str, optimizer_kind: str, 
     from edge_peft.device.data import Tokenized, batch_indices, read_examples, split_holdout
     from edge_peft.device.schedule import learning_rate
     from edge_peft.exporter.load import load_model_dir
-    from edge_peft.manifest import load_manifest
+    from edge_peft.artifact.manifest import load_manifest
 
     torch.set_num_threads(args.threads)
     manifest = load_manifest(artifact)
@@ -77,7 +77,7 @@ def reference_worker(artifact: str, train: str, test: str, optimizer_kind: str, 
     tokenizer.no_padding()
     tokenizer.no_truncation()
     start = time.perf_counter()
-    model = load_model_dir(minilm_dir(), manifest.labels, init_seed=manifest.seed).model  # same head init
+    model = load_model_dir(minilm_dir(), manifest.labels, init_seed=manifest.adapter.seed).model  # same head init
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
                                              lora_dropout=0.0, modules_to_save=["classifier"]))
     model.train()

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 
 from edge_peft.adapters.peft_format import encode_adapter
-from edge_peft.adapters.spec import AdapterSpec, lora_key
+from edge_peft.artifact.names import lora_key
 from edge_peft.store.service import AdapterStore, content_digest, utc_now
 from edge_peft.store.storage import NewVersion
 from edge_peft.store.local_server import StoreServer
@@ -94,7 +94,7 @@ def pct(values: list[float], q: float) -> float:
 def run_phase(name: str, server: StoreServer, store: AdapterStore, tokens: dict[str, str], requests: int,
               seconds: float) -> dict:
     manifest = make_manifest(**SIZES[name], fingerprint="sha256:" + hashlib.sha256(name.encode()).hexdigest())
-    spec = AdapterSpec.from_manifest(manifest)
+    spec = manifest.adapter
     full = random_tensors(spec, np.random.default_rng(0))
     b = {lora_key(m.name, "B"): full[lora_key(m.name, "B")] for m in spec.modules}
     stats = PhaseStats()
@@ -122,7 +122,7 @@ def run_phase(name: str, server: StoreServer, store: AdapterStore, tokens: dict[
 def aggregate_phase(server: StoreServer, store: AdapterStore, admin: str, count: int, size: str) -> dict:
     """Store ``count`` device versions directly (setup, not timed), then time POST .../aggregates."""
     manifest = make_manifest(**SIZES[size], fingerprint="sha256:" + hashlib.sha256(f"agg-{size}".encode()).hexdigest())
-    spec = AdapterSpec.from_manifest(manifest)
+    spec = manifest.adapter
     full = random_tensors(spec, np.random.default_rng(1))
     b = {lora_key(m.name, "B"): full[lora_key(m.name, "B")] for m in spec.modules}
     t0 = time.perf_counter()

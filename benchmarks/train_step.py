@@ -32,14 +32,14 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0):
 
 def edge_worker(artifact: str, args, backend_name: str = "ort") -> dict:
     """An edge-peft backend (ORT training API or portable graphs): forward+backward+AdamW per step, no torch."""
-    from edge_peft.device.backend import open_backend
+    from edge_peft.backends import open_backend
     from edge_peft.device.data import Batch
     from edge_peft.device.memory import reuse_freed_memory
-    from edge_peft.manifest import load_manifest
+    from edge_peft.artifact.manifest import load_manifest
 
     reuse_freed_memory()  # as `edge-peft train` does without a memory budget
     manifest = load_manifest(artifact)
-    backend = open_backend(Path(artifact), manifest, threads=args.threads, backend=backend_name)
+    backend = open_backend(Path(artifact), manifest, threads=args.threads, choice=backend_name)
     batch = Batch(*random_batch(args.batch_size, args.seq_len, manifest.vocab_size))
     return timed(lambda: (backend.start_step(1e-3), backend.forward_backward(batch), backend.optimizer_step()), args)
 

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import click
 
+from .artifact.manifest import QUANTIZATIONS
+from .backends.names import EXPORT_CHOICES, ORT, TRAIN_CHOICES
 from .errors import UserError
+from .variants import DEFAULT as DEFAULT_VARIANT
+from .variants import REGISTRY as VARIANTS
 
 EXIT_USER_ERROR = 2
 
@@ -19,9 +23,9 @@ def main_group() -> None:
 
 
 def _blocks(manifest) -> set[int]:
-    from .adapters.spec import layer_index
+    from .artifact.names import layer_index
 
-    return {layer_index(m.name) for m in manifest.modules}
+    return {layer_index(m.name) for m in manifest.adapter.modules}
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -33,10 +37,10 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--rank", default=8, show_default=True, help="LoRA rank r.")
 @click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scaling alpha/r).")
-@click.option("--quantize", type=click.Choice(["none", "int8"]), default="int8", show_default=True,
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="int8", show_default=True,
               help="Storage of the frozen base weights.")
-@click.option("--variant", type=click.Choice(["lora-fa", "lora"]), default="lora-fa", show_default=True,
-              help="lora-fa: A frozen from a seed, B trained. lora: both trained.")
+@click.option("--variant", type=click.Choice(list(VARIANTS)), default=DEFAULT_VARIANT, show_default=True,
+              help="; ".join(f"{name}: {v.description}" for name, v in VARIANTS.items()) + ".")
 @click.option("--targets", help="Comma-separated module names to adapt (default: the family's recipe in export/).")
 @click.option("--labels", help="Comma-separated class names for a new classification head.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the frozen A matrices (recorded in the manifest).")
@@ -52,7 +56,7 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--device-profile", help="Plan for the budget and margin of devices/NAME.toml (see `edge-peft devices`).")
 @click.option("--loss-chunks", default=8, show_default=True,
               help="Causal LMs: LM head and loss on target tokens only, in this many chunks (0: naive full logits).")
-@click.option("--backend", type=click.Choice(["ort", "portable", "both"]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice(list(EXPORT_CHOICES)), default=ORT, show_default=True,
               help="Training graphs to write: ORT's training API, the portable ones (plain onnxruntime), or both.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, variant: str, targets: str | None,
@@ -108,7 +112,7 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 @click.option("--memory-budget", help="Peak RSS the run must stay under, e.g. 512MB: sets micro-batch and max-seq-len.")
 @click.option("--memory-margin", type=float, help="Safety margin on the predicted peak (default 0.15, or the profile's).")
 @click.option("--device-profile", help="Threads, budget and margin from devices/NAME.toml (see `edge-peft devices`).")
-@click.option("--backend", type=click.Choice(["auto", "ort", "portable"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(TRAIN_CHOICES), default="auto", show_default=True,
               help="auto: ORT's training API where installed, else the portable graphs (plain onnxruntime).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -116,12 +120,14 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 def train(ctx: click.Context, artifact: Path, out: Path, resume: bool, quiet: bool, device_profile: str | None,
           **options) -> None:
     """Fine-tune the adapters of ARTIFACT on local data (no torch needed)."""
-    from .device.trainer import TrainConfig, Trainer
+    from .device.memory import configure_allocator
+    from .device.trainer import TrainConfig, open_run
 
     _apply_profile(device_profile, options)
     if options["memory_budget"]:
         _restart_with_huge_pages(ctx)
-    summary = Trainer(artifact, TrainConfig(**options), out, resume=resume, show_progress=not quiet).run()
+    configure_allocator(budgeted=bool(options["memory_budget"]))
+    summary = open_run(artifact, TrainConfig(**options), out, resume=resume).run(progress=not quiet)
     eval_loss = summary["eval_loss"]
     click.echo(f"trained {summary['steps']} steps: loss {summary['final_loss']:.4f}"
                + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
@@ -186,15 +192,14 @@ def _apply_profile(name: str | None, options: dict) -> None:
 @click.option("--max-seq-len", type=int, help="Longest sequence wanted (default: the artifact's).")
 @click.option("--memory-margin", type=float, help="Safety margin on the predicted peak (default 0.15).")
 @click.option("--device-profile", help="Budget and margin from devices/NAME.toml.")
-@click.option("--backend", type=click.Choice(["auto", "ort", "portable"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(TRAIN_CHOICES), default="auto", show_default=True,
               help="The training backend to plan for (each has its own memory factors).")
 def plan(artifact: Path, device_profile: str | None, batch_size: int, micro_batch_size: int | None,
          max_seq_len: int | None, **options) -> None:
     """Print the micro-batch, accumulation and sequence length that fit a memory budget, without training."""
-    from .device.backend import resolve_backend
+    from .artifact.manifest import load_manifest
+    from .backends import resolve
     from .device.planner import make_plan, parse_budget
-    from .errors import UserError
-    from .manifest import load_manifest
 
     _apply_profile(device_profile, options)
     if not options.get("memory_budget"):
@@ -202,7 +207,7 @@ def plan(artifact: Path, device_profile: str | None, batch_size: int, micro_batc
     manifest = load_manifest(artifact)
     seq_len = min(max_seq_len or manifest.max_seq_len, manifest.max_seq_len)
     chosen = make_plan(manifest, parse_budget(options["memory_budget"]), batch_size, seq_len,
-                       options["memory_margin"], micro_batch_size, backend=resolve_backend(manifest, options["backend"]))
+                       resolve(manifest, options["backend"]), options["memory_margin"], micro_batch_size)
     click.echo("\n".join(chosen.describe()))
 
 
@@ -279,7 +284,8 @@ def adapter_load(artifact: Path, adapter_dir: Path) -> None:
 @click.option("--steps", default=60, show_default=True, help="Training steps.")
 @click.option("--per-class-train", default=40, show_default=True, help="Training articles per topic.")
 @click.option("--per-class-test", default=40, show_default=True, help="Held-out articles per topic.")
-@click.option("--quantize", type=click.Choice(["none", "int8"]), default="int8", show_default=True)
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="int8", show_default=True,
+              help="Storage of the frozen base weights.")
 @click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: all cores).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the numbers as JSON here.")
 def demo(workdir: Path, json_path: Path | None, **settings) -> None:

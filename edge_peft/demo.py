@@ -32,10 +32,9 @@ class DemoSettings:
 
 def run_demo(workdir: Path, settings: DemoSettings, with_store: bool = True) -> dict:
     """Run every stage in ``workdir`` (replaced if present); returns the measured numbers."""
+    from . import export, train
     from .device.adapter_io import save_run_adapter
     from .device.inference import Predictor, accuracy
-    from .device.trainer import TrainConfig, Trainer
-    from .exporter.pipeline import ExportOptions, export_artifact
 
     s = settings
     if workdir.exists():
@@ -48,17 +47,17 @@ def run_demo(workdir: Path, settings: DemoSettings, with_store: bool = True) -> 
 
     click.echo(f"[export] all-MiniLM-L6-v2 -> LoRA-FA rank {s.rank}, {s.quantize} base")
     artifact = workdir / "artifact"
-    manifest = export_artifact(minilm_dir(), artifact, ExportOptions(
-        rank=s.rank, alpha=2.0 * s.rank, quantize=s.quantize, labels=BBC_LABELS, max_seq_len=s.max_seq_len))
+    manifest = export(minilm_dir(), artifact, quiet=False, rank=s.rank, alpha=2.0 * s.rank, quantize=s.quantize,
+                      labels=BBC_LABELS, max_seq_len=s.max_seq_len)
     before = accuracy(Predictor(artifact, threads=s.threads), test_rows)
     click.echo(f"[before] held-out accuracy {before:.1%} (untrained head, zero adapters)")
 
     click.echo(f"[train] {s.steps} steps x {s.batch_size} articles on the device loop (no torch)")
     run = workdir / "run"
     start = time.perf_counter()
-    summary = Trainer(artifact, TrainConfig(data=str(train_file), steps=s.steps, batch_size=s.batch_size, lr=s.lr,
-                                            max_seq_len=s.max_seq_len, eval_fraction=0.0, eval_every=0,
-                                            checkpoint_every=20, threads=s.threads), run).run()
+    summary = train(artifact, train_file, run, progress=True, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+                    max_seq_len=s.max_seq_len, eval_fraction=0.0, eval_every=0, checkpoint_every=20,
+                    threads=s.threads)
     train_s = time.perf_counter() - start
     predictor = Predictor(run, threads=s.threads)
     after = accuracy(predictor, test_rows)
@@ -67,7 +66,7 @@ def run_demo(workdir: Path, settings: DemoSettings, with_store: bool = True) -> 
         click.echo(f"    {label:<13} p={prob:.2f} (true: {row['label']:<13}) {row['text'][:60]}...")
     adapter = save_run_adapter(run, workdir / "adapter")
     click.echo(f"[adapter] PEFT adapter in {adapter}")
-    result = {"base_fingerprint": manifest.base_fingerprint, "before_accuracy": before, "after_accuracy": after,
+    result = {"base_fingerprint": manifest.fingerprint, "before_accuracy": before, "after_accuracy": after,
               "steps": summary["steps"], "train_s": round(train_s, 1), "tokens_per_s": summary["tokens_per_s"],
               "peak_rss_mb": summary["peak_rss_mb"], "adapter": str(adapter)}
     if with_store:

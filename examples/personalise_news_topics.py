@@ -12,11 +12,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import edge_peft
 from edge_peft.bundled import BBC_LABELS, bbc_news_split, minilm_dir, write_jsonl
-from edge_peft.device.adapter_io import save_run_adapter
-from edge_peft.device.inference import Predictor, accuracy
-from edge_peft.device.trainer import TrainConfig, Trainer
-from edge_peft.exporter.pipeline import ExportOptions, export_artifact
+from edge_peft.device.inference import accuracy
 
 work = Path(tempfile.mkdtemp(prefix="edge-peft-example-"))
 
@@ -26,17 +24,15 @@ train_file = write_jsonl(work / "my-articles.jsonl", user_articles)
 
 # 2. Workstation: export the base model with an int8 base, LoRA-FA adapters and a new topic head.
 artifact = work / "artifact"
-export_artifact(minilm_dir(), artifact, ExportOptions(rank=8, alpha=16, quantize="int8", labels=BBC_LABELS,
-                                                      max_seq_len=128))
+edge_peft.export(minilm_dir(), artifact, rank=8, alpha=16, quantize="int8", labels=BBC_LABELS, max_seq_len=128)
 
 # 3. Device: before training, the head is untrained, so predictions are near chance.
-before = Predictor(artifact)
+before = edge_peft.Predictor(artifact)
 
 # 4. Device: train only the adapters and the head on the user's 60 articles (no torch involved).
 run = work / "run"
-summary = Trainer(artifact, TrainConfig(data=str(train_file), steps=40, batch_size=8, lr=5e-3, eval_fraction=0.0,
-                                        eval_every=0), run).run()
-after = Predictor(run)
+summary = edge_peft.train(artifact, train_file, run, steps=40, batch_size=8, lr=5e-3, eval_fraction=0.0, eval_every=0)
+after = edge_peft.Predictor(run)
 
 # 5. Compare on headlines (the first sentence of unseen articles).
 headlines = [{"text": row["text"].split(".")[0], "label": row["label"]} for row in unseen]
@@ -49,4 +45,4 @@ print(f"\nheadline accuracy on {len(headlines)} unseen articles: "
       f"({summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, peak RSS {summary['peak_rss_mb']:.0f} MB)")
 
 # 6. Hand the personal adapter out in the Hugging Face PEFT format (PeftModel.from_pretrained loads it).
-print(f"PEFT adapter: {save_run_adapter(run, work / 'my-adapter')}")
+print(f"PEFT adapter: {edge_peft.save_adapter(run, work / 'my-adapter')}")

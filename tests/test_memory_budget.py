@@ -9,15 +9,15 @@ import pytest
 import toy
 from test_process import cli
 
-from edge_peft.device import backend as backend_module
+from edge_peft.backends import ort as backend_module
 from edge_peft.device.data import Batch
 from edge_peft.device.memory import huge_pages_env
 from edge_peft.device.memory_model import MB, predict
 from edge_peft.device.planner import BudgetGuard, make_plan, parse_budget
 from edge_peft.device.profiles import list_profiles, load_profile
-from edge_peft.device.trainer import TrainConfig, Trainer
+from edge_peft.device.trainer import TrainConfig, open_run
 from edge_peft.errors import UserError
-from edge_peft.manifest import load_manifest
+from edge_peft.artifact.manifest import load_manifest
 
 BUDGET_MB = 170  # micro-batch 8 x 256 needs about 220 MB with the margin: the plan must cut it
 
@@ -61,7 +61,7 @@ def test_impossible_budget_is_refused_before_the_model_loads(lm_artifact, long_d
     monkeypatch.setattr(backend_module.OrtTrainingBackend, "__init__", never)
     config = TrainConfig(data=str(long_data), memory_budget="100MB")
     with pytest.raises(UserError) as caught:
-        Trainer(lm_artifact, config, tmp_path / "run", show_progress=False)
+        open_run(lm_artifact, config, tmp_path / "run")
     message = str(caught.value)
     assert message.startswith("--memory-budget 100 MB cannot be met: micro-batch 1 at 32 tokens needs ")
     assert "try a --memory-budget of at least" in message and "\n" not in message
@@ -78,19 +78,19 @@ def test_impossible_budget_on_the_command_line(artifacts, tmp_path):
 def test_plan_fits_and_cuts_the_sequence_when_needed(lm_artifact):
     manifest = load_manifest(lm_artifact)
     budget = BUDGET_MB * MB
-    plan = make_plan(manifest, budget, batch_size=8, seq_len=256)
+    plan = make_plan(manifest, budget, batch_size=8, seq_len=256, backend="ort")
     factor = 1 + plan.margin
-    assert predict(manifest, plan.micro_batch, plan.seq_len).total * factor <= budget
+    assert predict(manifest, plan.micro_batch, plan.seq_len, "ort").total * factor <= budget
     assert plan.micro_batch < 8 and plan.accumulation * plan.micro_batch >= 8
-    assert predict(manifest, plan.micro_batch + 1, plan.seq_len).total * factor > budget
-    short = make_plan(manifest, 135 * MB, batch_size=8, seq_len=256)
+    assert predict(manifest, plan.micro_batch + 1, plan.seq_len, "ort").total * factor > budget
+    short = make_plan(manifest, 135 * MB, batch_size=8, seq_len=256, backend="ort")
     assert short.micro_batch == 1 and 32 <= short.seq_len < 256
     assert "cut from 256" in short.describe()[0]
 
 
 def test_guard_splits_a_batch_that_does_not_fit(lm_artifact):
     manifest = load_manifest(lm_artifact)
-    plan = make_plan(manifest, BUDGET_MB * MB, batch_size=8, seq_len=256)
+    plan = make_plan(manifest, BUDGET_MB * MB, batch_size=8, seq_len=256, backend="ort")
     guard = BudgetGuard(manifest, plan)
     ids = np.ones((8, 256), dtype=np.int64)
     parts = guard.split(Batch(ids, np.ones_like(ids), ids.copy()))
@@ -108,8 +108,9 @@ def test_tight_budget_run_stays_under_it(lm_artifact, long_data, tmp_path):
     assert proc.returncode == 0, err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["peak_rss_mb"] <= BUDGET_MB, summary  # VmHWM: the high-water mark of the whole process
-    config = json.loads((run / "run.json").read_text())["config"]
-    assert config["memory_budget"] == f"{BUDGET_MB}MB" and config["micro_batch_size"] < 8
+    info = json.loads((run / "run.json").read_text())
+    assert info["config"]["memory_budget"] == f"{BUDGET_MB}MB" and info["config"]["micro_batch_size"] is None
+    assert info["plan"]["micro_batch"] < 8 and info["plan"]["budget_mb"] == BUDGET_MB  # the plan, beside the options
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(r["peak_rss_mb"] <= BUDGET_MB for r in records)
     assert records[0]["memory_overhead_mb"] >= 0  # measured once data and session are loaded
@@ -195,11 +196,11 @@ def test_export_plan_fits_and_is_recorded(models, tmp_path):
     opts = plan_export(models["gpt2"], ExportOptions(rank=4, quantize="none", max_seq_len=64,
                                                      targets=toy.TARGETS["gpt2"]), budget, 0.15, "cpu")
     manifest = export_artifact(models["gpt2"], tmp_path / "artifact", opts, quiet=True)
-    chosen = manifest.memory["export_plan"]
-    assert manifest.quantization == chosen["quantize"] == "int8" and manifest.rank == chosen["rank"]
-    assert manifest.memory["budget_mb"] == 200 and manifest.memory["margin"] == 0.15
-    assert manifest.memory["profile"] == "cpu" and chosen["seq_len"] == min(PLAN_SEQ_LEN, 64)
-    assert predict(manifest, 1, chosen["seq_len"]).total * 1.15 <= budget  # the real artifact fits too
+    chosen = manifest.memory.export_plan
+    assert manifest.quantization == chosen["quantize"] == "int8" and manifest.adapter.rank == chosen["rank"]
+    assert manifest.memory.budget_mb == 200 and manifest.memory.margin == 0.15
+    assert manifest.memory.profile == "cpu" and chosen["seq_len"] == min(PLAN_SEQ_LEN, 64)
+    assert predict(manifest, 1, chosen["seq_len"], "ort").total * 1.15 <= budget  # the real artifact fits too
 
 
 def test_impossible_export_budget_is_refused_before_export(models, tmp_path, monkeypatch, capsys):

@@ -17,14 +17,15 @@ from test_reference import hf_adamw_step, reference_model
 from test_training import losses, train
 
 from edge_peft.device.adapter_io import save_run_adapter
-from edge_peft.device.backend import open_backend
+from edge_peft.backends import open_backend
 from edge_peft.device.inference import Predictor
-from edge_peft.device.portable_backend import initial_trainable
-from edge_peft.device.trainer import TrainConfig, Trainer
+from edge_peft.backends.portable import PortableBackend
+from edge_peft.device.trainer import TrainConfig, open_run
 from edge_peft.errors import UserError
 from edge_peft.exporter.load import load_model_dir
-from edge_peft.manifest import IGNORE_INDEX, load_manifest
-from edge_peft.portable_spec import LR, STEP, STEP_MODEL, accumulated, moment_names, updated
+from edge_peft.artifact.manifest import IGNORE_INDEX, load_manifest
+from edge_peft.artifact.files import PORTABLE_STEP_MODEL as STEP_MODEL
+from edge_peft.artifact.names import LR, STEP, accumulated, moment_names, updated
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTABLE_PYTHON = Path(os.environ.get("EDGE_PEFT_PORTABLE_VENV", ROOT / ".venv-portable")) / "bin" / "python"
@@ -54,7 +55,7 @@ def test_portable_loss_falls_and_touches_only_adapters(artifacts, data, tmp_path
     assert {p.name: _sha(p) for p in artifact.iterdir() if p.is_file()} == before  # the artifact is read-only
 
     proto = onnx.load(str(artifact / STEP_MODEL))  # one graph: batch + state in, loss + new state out
-    trainable = list(initial_trainable(artifact))
+    trainable = list(PortableBackend.initial_trainable(artifact, load_manifest(artifact)))
     inputs, outputs = {i.name for i in proto.graph.input}, {o.name for o in proto.graph.output}
     state = [x for n in trainable for x in (n, *moment_names(n), accumulated(n))]
     assert {"input_ids", "attention_mask", "labels", LR, STEP, *state} <= inputs
@@ -84,12 +85,12 @@ def test_first_losses_match_pytorch(models, artifacts, data, tmp_path):
     artifact, steps = artifacts("gpt2", "none", backend="both"), 5
     ours = train(artifact, data["lm"], tmp_path / "run", steps=steps, threads=1, backend="portable")
     config = TrainConfig(data=str(data["lm"]), steps=steps, batch_size=8, lr=1e-2, eval_every=0, threads=1)
-    batches = Trainer(artifact, config, tmp_path / "batches", show_progress=False)
+    batches = open_run(artifact, config, tmp_path / "batches")
     model, params, _ = reference_model(models["gpt2"], artifact)
     adam: dict = {}
     expected = []
     for step in range(steps):
-        (batch, _), = batches.micro_batches(step)
+        batch, = batches.micro_batches(step)
         logits = model(input_ids=torch.from_numpy(batch.input_ids),
                        attention_mask=torch.from_numpy(batch.attention_mask)).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -128,22 +129,22 @@ def test_resume_continues_exactly(artifacts, data, tmp_path):
     config = TrainConfig(data=str(data["lm"]), steps=8, batch_size=8, lr=1e-2, eval_every=0, checkpoint_every=4,
                          threads=1)
     stopped = tmp_path / "stopped"
-    trainer = Trainer(artifact, config, stopped, show_progress=False)
+    trainer = open_run(artifact, config, stopped)
     for step in range(4):
         trainer.train_step(step)
     trainer.checkpoint(4, 0.0, None)
     metrics = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[:4]
     (stopped / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics))
-    Trainer(artifact, config, stopped, resume=True, show_progress=False).run()
+    open_run(artifact, config, stopped, resume=True).run()
     np.testing.assert_allclose(losses(stopped), straight, rtol=1e-6)
     with pytest.raises(UserError, match="--backend portable"):
-        open_backend(artifact, load_manifest(artifact), stopped / "checkpoint" / "state", backend="ort")
+        open_backend(artifact, load_manifest(artifact), stopped / "checkpoint" / "state", choice="ort")
 
 
 def test_auto_refuses_an_artifact_without_usable_graphs(artifacts, tmp_path):
     artifact = artifacts("gpt2", "int8", backend="portable")
     with pytest.raises(UserError, match="re-export with `edge-peft export --backend ort`"):
-        open_backend(artifact, load_manifest(artifact), backend="ort")
+        open_backend(artifact, load_manifest(artifact), choice="ort")
 
 
 PORTABLE_CHECK = """

@@ -11,28 +11,31 @@ import torch
 from click.testing import CliRunner
 from conftest import data_for
 
-from edge_peft.adapters.peft_format import complete_tensors, decode_adapter, expand_if_compact, load_adapter, onnx_name
+from edge_peft.adapters.peft_format import complete_tensors, decode_adapter, expand_if_compact, load_adapter
+from edge_peft.artifact.names import onnx_name
 from edge_peft.adapters.ranks import nested_gain
-from edge_peft.adapters.spec import AdapterSpec, layer_index, lora_a_from_seed
+from edge_peft.artifact.names import layer_index
+from edge_peft.variants import lora_a_from_seed
 from edge_peft.device.adapter_io import save_run_adapter
-from edge_peft.device.channels import a_name, b_name, zero_channels
+from edge_peft.adapters.channels import zero_channels
+from edge_peft.artifact.names import a_name, b_name
 from edge_peft.device.inference import Predictor
-from edge_peft.device.rank_allocation import budget_at
-from edge_peft.device.trainer import TrainConfig, Trainer
+from edge_peft.device.hooks.adaptive_rank import budget_at
+from edge_peft.device.trainer import TrainConfig, TrainingRun, open_run
 from edge_peft.errors import UserError
 from edge_peft.exporter.load import load_model_dir
-from edge_peft.manifest import load_manifest
-from edge_peft.portable_spec import BETAS
+from edge_peft.artifact.manifest import load_manifest
+from edge_peft.artifact.manifest import ADAMW_BETAS as BETAS
 from edge_peft.store.__main__ import main as store_main
 from edge_peft.store.client import build_push
 from edge_peft.store.local_server import StoreServer
 from edge_peft.store.service import AdapterStore
 
 
-def trainer(artifact, data_path, out, steps, **kw) -> Trainer:
+def trainer(artifact, data_path, out, steps, **kw) -> TrainingRun:
     config = TrainConfig(data=str(data_path), steps=steps, batch_size=8, lr=kw.pop("lr", 1e-2), eval_every=0,
                          checkpoint_every=steps, threads=2, **kw)
-    return Trainer(artifact, config, out, show_progress=False)
+    return open_run(artifact, config, out)
 
 
 def test_budget_schedule_is_flat_then_cubic_then_target():
@@ -46,7 +49,7 @@ def test_budget_schedule_is_flat_then_cubic_then_target():
 def test_adaptive_rank_follows_the_budget_and_pruned_channels_stay_zero(artifacts, data, tmp_path):
     artifact = artifacts("gpt2", "int8")
     t = trainer(artifact, data["lm"], tmp_path / "run", steps=30, adaptive_rank=True, target_rank=2)
-    hook = t.hooks.hooks["adaptive_rank"]
+    hook = t.hooks["adaptive_rank"]
     pruned: dict[str, set[int]] = {}
     for step in range(30):
         t.train_step(step)
@@ -70,9 +73,9 @@ def test_adaptive_run_saves_only_surviving_channels_and_peft_loads_them(models, 
     artifact = artifacts("bert", "none", backend=backend)
     config = TrainConfig(data=str(data_for("bert", data)), steps=20, batch_size=8, lr=1e-2, eval_every=0,
                          checkpoint_every=20, adaptive_rank=True, target_rank=2, backend=backend)
-    Trainer(artifact, config, tmp_path / "run", show_progress=False).run()
+    open_run(artifact, config, tmp_path / "run").run()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["total_rank"] == records[-1]["rank_budget"] == 2 * len(load_manifest(artifact).modules)
+    assert records[-1]["total_rank"] == records[-1]["rank_budget"] == 2 * len(load_manifest(artifact).adapter.modules)
 
     adapter = save_run_adapter(tmp_path / "run", tmp_path / "adapter")
     config_json = json.loads((adapter / "adapter_config.json").read_text())
@@ -90,7 +93,7 @@ def test_adaptive_run_saves_only_surviving_channels_and_peft_loads_them(models, 
     # the push sends only the survivors' B columns, and expands back to the run's exact adapter
     _, _, payload = build_push(tmp_path / "run")
     sent, meta = decode_adapter(payload)
-    spec = AdapterSpec.from_manifest(manifest)
+    spec = manifest.adapter
     assert sum(v.shape[1] for k, v in sent.items() if k.endswith("lora_B.weight")) == records[-1]["total_rank"]
     assert not any(k.endswith("lora_A.weight") for k in sent)
     restored = complete_tensors(spec, expand_if_compact(spec, sent, meta, "push"))
@@ -106,7 +109,7 @@ def test_nested_ranks_every_prefix_works_and_more_rank_is_not_worse(artifacts, d
     t = trainer(artifact, data["lm"], tmp_path / "run", steps=60, lr=5e-3, nested_ranks=True, eval_fraction=0.2)
     base_loss = t.evaluate()
     t.run()
-    spec = AdapterSpec.from_manifest(t.manifest)
+    spec = t.manifest.adapter
     held_out = []
     for k in range(1, spec.rank + 1):
         adapter = save_run_adapter(tmp_path / "run", tmp_path / f"rank{k}", rank=k)
@@ -127,9 +130,9 @@ def test_gated_step_scales_the_prefix_and_the_rest_sits_out(artifacts, data, tmp
     gradient, keep their values and (portable) get a zero gradient's moments; A is the seeded A again."""
     artifact = artifacts("gpt2", "none", backend="both")
     config = TrainConfig(data=str(data["lm"]), steps=1, batch_size=8, eval_every=0, threads=1, backend=backend_name)
-    t = Trainer(artifact, config, tmp_path / "run", show_progress=False)
-    (batch, _), = t.micro_batches(0)
-    backend, spec = t.backend, AdapterSpec.from_manifest(t.manifest)
+    t = open_run(artifact, config, tmp_path / "run")
+    batch, = t.micro_batches(0)
+    backend, spec = t.backend, t.manifest.adapter
     rng = np.random.default_rng(0)
     start = {n: rng.normal(0, 0.05, v.shape).astype(np.float32) for n, v in backend.trainable().items()}
     b, r = 2, spec.rank
@@ -163,7 +166,7 @@ def test_gated_step_scales_the_prefix_and_the_rest_sits_out(artifacts, data, tmp
         a = a_name(spec.modules[0].name)
         np.testing.assert_array_equal(backend.frozen(a), lora_a_from_seed(spec.modules[0].a_seed, r,
                                                                           spec.modules[0].in_features))
-    fresh = Trainer(artifact, config, tmp_path / "fresh", show_progress=False).backend
+    fresh = open_run(artifact, config, tmp_path / "fresh").backend
     fresh.set_trainable(after)
     assert backend.eval_loss(batch) == pytest.approx(fresh.eval_loss(batch), rel=1e-6)  # no gated A left behind
 
@@ -213,14 +216,14 @@ def test_adaptive_state_survives_a_resume(artifacts, data, tmp_path):
     def config():
         return TrainConfig(data=str(data["lm"]), steps=20, batch_size=8, lr=1e-2, eval_every=0, threads=2, **kw)
 
-    Trainer(artifact, config(), tmp_path / "straight", show_progress=False).run()
-    first = Trainer(artifact, config(), tmp_path / "resumed", show_progress=False)
+    open_run(artifact, config(), tmp_path / "straight").run()
+    first = open_run(artifact, config(), tmp_path / "resumed")
     for step in range(10):
         first.train_step(step)
     first.checkpoint(10, 0.0, None)
     del first
-    Trainer(artifact, config(), tmp_path / "resumed", resume=True, show_progress=False).run()
-    spec = AdapterSpec.from_manifest(load_manifest(artifact))
+    open_run(artifact, config(), tmp_path / "resumed", resume=True).run()
+    spec = load_manifest(artifact).adapter
     straight = load_adapter(tmp_path / "straight" / "adapter", spec)
     resumed = load_adapter(tmp_path / "resumed" / "adapter", spec)
     for key, value in straight.items():
@@ -247,11 +250,11 @@ def test_export_adapts_only_the_chosen_layers_and_auto_probes_the_data(models, d
     opts = ExportOptions(rank=4, alpha=8, quantize="int8", max_seq_len=32, targets=toy.TARGETS.get("gpt2"))
     manifest = export_artifact(models["gpt2"], tmp_path / "top", replace(opts, layers="top:1"), quiet=True)
     depth = manifest.num_layers
-    assert {layer_index(m.name) for m in manifest.modules} == {depth - 1}
+    assert {layer_index(m.name) for m in manifest.adapter.modules} == {depth - 1}
     manifest = export_best_layers(models["gpt2"], tmp_path / "auto", opts, 1, data["lm"], steps=3)
     probe = json.loads((tmp_path / "auto" / "layer_probe.json").read_text())
     best = max(probe["importance"], key=lambda b: probe["importance"][b])
-    assert {layer_index(m.name) for m in manifest.modules} == {int(best)} == set(probe["chosen"])
+    assert {layer_index(m.name) for m in manifest.adapter.modules} == {int(best)} == set(probe["chosen"])
     assert len(probe["importance"]) == depth and all(v > 0 for v in probe["importance"].values())
     with pytest.raises(UserError, match="--probe-data"):
         export_best_layers(models["gpt2"], tmp_path / "x", opts, 1, None)
@@ -262,7 +265,7 @@ def test_truncated_nested_push_pulls_back_identical(artifacts, data, tmp_path):
     (the store keeps adapters at full rank, so the pulled file has zero B columns past 2: the same tensors)."""
     artifact = artifacts("gpt2", "none", rank=4)
     trainer(artifact, data["lm"], tmp_path / "run", steps=6, nested_ranks=True).run()
-    spec = AdapterSpec.from_manifest(load_manifest(artifact))
+    spec = load_manifest(artifact).adapter
     saved = load_adapter(save_run_adapter(tmp_path / "run", tmp_path / "rank2", rank=2), spec)
     store, _ = AdapterStore.open(tmp_path / "store")
     token = store.add_device("phone")

@@ -13,7 +13,7 @@ from edge_peft.errors import UserError
 
 def test_int8_training_raises_held_out_accuracy_well_above_noise(tmp_path):
     from edge_peft.device.inference import Predictor, accuracy
-    from edge_peft.device.trainer import TrainConfig, Trainer
+    from edge_peft.device.trainer import TrainConfig, open_run
     from edge_peft.exporter.pipeline import ExportOptions, export_artifact
 
     train_rows, test_rows = bbc_news_split(per_class_train=16, per_class_test=20, seed=1)
@@ -22,8 +22,8 @@ def test_int8_training_raises_held_out_accuracy_well_above_noise(tmp_path):
     export_artifact(minilm_dir(), artifact, ExportOptions(rank=4, alpha=8, quantize="int8", labels=BBC_LABELS,
                                                            max_seq_len=64), quiet=True)
     before = accuracy(Predictor(artifact), test_rows)
-    Trainer(artifact, TrainConfig(data=str(train), steps=30, batch_size=8, lr=5e-3, eval_fraction=0.0, eval_every=0,
-                                  checkpoint_every=0), tmp_path / "run", show_progress=False).run()
+    open_run(artifact, TrainConfig(data=str(train), steps=30, batch_size=8, lr=5e-3, eval_fraction=0.0, eval_every=0,
+                                   checkpoint_every=0), tmp_path / "run").run()
     after = accuracy(Predictor(tmp_path / "run"), test_rows)
     # 100 held-out articles, 5 balanced topics: chance is 20 % and one standard error about 4-5 points.
     assert after >= before + 0.30, (before, after)

@@ -10,21 +10,21 @@ import torch
 from conftest import data_for
 from test_training import losses, train
 
-from edge_peft.adapters.inject import inject_lora
+from edge_peft.exporter.inject import inject_adapters
 from edge_peft.device.adapter_io import save_run_adapter
 from edge_peft.device.inference import Predictor
-from edge_peft.device.ort_api import training_api
-from edge_peft.device.trainer import TrainConfig, Trainer
+from edge_peft.backends.runtime import training_api
+from edge_peft.device.trainer import TrainConfig, open_run
 from edge_peft.exporter.load import load_model_dir
-from edge_peft.manifest import IGNORE_INDEX, load_manifest
+from edge_peft.artifact.manifest import IGNORE_INDEX, load_manifest
 
 
 def reference_model(model_dir, artifact):
     """The torch model with the same LoRA-FA adapters and the artifact's initial trainable values."""
     manifest = load_manifest(artifact)
     model = load_model_dir(model_dir, manifest.labels or None).model
-    inject_lora(model, [m.name for m in manifest.modules], manifest.rank, manifest.alpha, manifest.seed,
-                train_a=manifest.variant == "lora")
+    spec = manifest.adapter
+    inject_adapters(model, [m.name for m in spec.modules], spec.kind, spec.rank, spec.alpha, spec.seed)
     state = training_api().CheckpointState.load_checkpoint(os.fspath(artifact / "checkpoint"))
     params = dict(model.named_parameters())
     trainable = []
@@ -58,12 +58,12 @@ def test_first_losses_match_pytorch(kind, models, artifacts, data, tmp_path):
 
     config = TrainConfig(data=str(data_for(kind, data)), steps=steps, batch_size=8, lr=1e-2, eval_every=0,
                          checkpoint_every=steps, threads=1)
-    batches = Trainer(artifact, config, tmp_path / "batches", show_progress=False)
+    batches = open_run(artifact, config, tmp_path / "batches")
     model, params, manifest = reference_model(models[kind], artifact)
     adam: dict = {}
     ref_losses = []
     for step in range(steps):
-        (batch, _), = batches.micro_batches(step)
+        batch, = batches.micro_batches(step)
         out = model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=torch.from_numpy(batch.attention_mask))
         logits = out.logits.reshape(-1, out.logits.shape[-1])
         loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch.labels.reshape(-1)),

@@ -11,7 +11,6 @@ import httpx
 import numpy as np
 
 from edge_peft.adapters.peft_format import decode_adapter, encode_adapter
-from edge_peft.adapters.spec import AdapterSpec
 from edge_peft.store.service import AdapterStore, content_digest
 from edge_peft.store.local_server import StoreServer
 from edge_peft.store.testing import make_manifest, random_tensors
@@ -33,7 +32,7 @@ def test_sigkill_mid_upload_leaves_only_complete_acknowledged_versions(tmp_path)
     store, _ = AdapterStore.open(data_dir)
     tokens = {d: store.add_device(d) for d in DEVICES}
     manifest = make_manifest(layers=4, hidden=512, rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-    spec = AdapterSpec.from_manifest(manifest)
+    spec = manifest.adapter
     adapters = {d: [random_tensors(spec, np.random.default_rng([i, k])) for k in range(PER_DEVICE)]
                 for i, d in enumerate(DEVICES)}
     url_of = lambda server, d: f"{server.url}/v1/bases/{spec.base_fingerprint}/devices/{d}/versions"

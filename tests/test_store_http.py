@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge_peft.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, encode_adapter, load_adapter
+from edge_peft.artifact.files import ADAPTER_CONFIG as CONFIG_NAME
+from edge_peft.artifact.files import ADAPTER_WEIGHTS as WEIGHTS_NAME
+from edge_peft.adapters.peft_format import encode_adapter, load_adapter
 from edge_peft.adapters.ranks import NESTED_KEY, nested_gain
-from edge_peft.adapters.spec import PEFT_PREFIX, AdapterSpec, lora_key
+from edge_peft.artifact.names import PEFT_PREFIX, lora_key
 from edge_peft.store.__main__ import main
 from edge_peft.store.client import build_push
 from edge_peft.store.service import AdapterStore
@@ -64,7 +66,7 @@ def test_openapi_docs_are_served(env):
 def test_push_pull_round_trip_is_identical_and_loadable(env, tmp_path, mode):
     server, _, tokens = env
     manifest = make_manifest(labels=3, fingerprint="sha256:" + "1" * 64)
-    spec = AdapterSpec.from_manifest(manifest)
+    spec = manifest.adapter
     tensors = random_tensors(spec, np.random.default_rng(len(mode)))
     run = write_run(tmp_path / "run", manifest, tensors, samples=40)
     before = version_count(server.data_dir)
@@ -72,7 +74,7 @@ def test_push_pull_round_trip_is_identical_and_loadable(env, tmp_path, mode):
     assert result.exit_code == 0, result.output
     assert "pushed version" in result.output and version_count(server.data_dir) == before + 1
     out = tmp_path / "pulled"
-    result = cli("pull", "--store", server.url, "--token", tokens["phone-1"], "--base", manifest.base_fingerprint,
+    result = cli("pull", "--store", server.url, "--token", tokens["phone-1"], "--base", manifest.fingerprint,
                  "--device", "phone-1", "--out", str(out))
     assert result.exit_code == 0, result.output
     if mode == "--full":  # B-only: the store rebuilds A and re-encodes, so only the tensors are identical
@@ -95,17 +97,17 @@ def test_push_pull_round_trip_is_identical_and_loadable(env, tmp_path, mode):
 def test_pull_answers_304_when_the_etag_matches(env, tmp_path):
     server, _, tokens = env
     manifest = make_manifest(fingerprint="sha256:" + "2" * 64)
-    spec = AdapterSpec.from_manifest(manifest)
+    spec = manifest.adapter
     run = write_run(tmp_path / "run", manifest, random_tensors(spec, np.random.default_rng(5)), samples=8)
     assert cli("push", str(run), "--store", server.url, "--token", tokens["phone-2"]).exit_code == 0
-    url = f"{server.url}/v1/bases/{manifest.base_fingerprint}/devices/phone-2/versions/latest"
+    url = f"{server.url}/v1/bases/{manifest.fingerprint}/devices/phone-2/versions/latest"
     auth = {"Authorization": f"Bearer {tokens['phone-2']}"}
     first = httpx.get(url, headers=auth)
     assert first.status_code == 200 and first.headers["ETag"] == f'"{hashlib.sha256(first.content).hexdigest()}"'
     again = httpx.get(url, headers={**auth, "If-None-Match": first.headers["ETag"]})
     assert again.status_code == 304 and again.content == b""
     out = tmp_path / "out"
-    args = ("pull", "--store", server.url, "--token", tokens["phone-2"], "--base", manifest.base_fingerprint,
+    args = ("pull", "--store", server.url, "--token", tokens["phone-2"], "--base", manifest.fingerprint,
             "--device", "phone-2", "--out", str(out))
     assert "pulled device phone-2 version 1" in cli(*args).output
     assert "up to date" in cli(*args).output
@@ -123,10 +125,10 @@ class Push:
 
     def __init__(self, server: StoreServer, token: str, seed: int) -> None:
         self.manifest = make_manifest(fingerprint="sha256:" + "3" * 64)
-        self.spec = AdapterSpec.from_manifest(self.manifest)
+        self.spec = self.manifest.adapter
         self.tensors = random_tensors(self.spec, np.random.default_rng(seed))
         self.device, self.token, self.server = "phone-1", token, server
-        self.fingerprint = self.manifest.base_fingerprint
+        self.fingerprint = self.manifest.fingerprint
 
     def data(self) -> bytes:
         return encode_adapter(self.spec, self.tensors)
@@ -229,7 +231,7 @@ def test_admin_actions_need_the_admin_token(env):
 def test_aggregate_is_the_sample_weighted_mean_of_each_devices_latest(env, tmp_path):
     server, admin, tokens = env
     manifest = make_manifest(layers=3, labels=4, fingerprint="sha256:" + "4" * 64)
-    spec = AdapterSpec.from_manifest(manifest)
+    spec = manifest.adapter
     rng = np.random.default_rng(11)
     samples = {"phone-a": 10, "phone-b": 30, "phone-c": 60}
     stale = write_run(tmp_path / "stale", manifest, random_tensors(spec, rng), samples=1000)
@@ -239,13 +241,13 @@ def test_aggregate_is_the_sample_weighted_mean_of_each_devices_latest(env, tmp_p
         latest[device] = random_tensors(spec, rng)
         run = write_run(tmp_path / device, manifest, latest[device], samples=n)
         assert cli("push", str(run), "--store", server.url, "--token", tokens[device]).exit_code == 0
-    agg = ("store", "aggregate", "--base", manifest.base_fingerprint, "--store", server.url)
+    agg = ("store", "aggregate", "--base", manifest.fingerprint, "--store", server.url)
     assert cli(*agg, "--admin-token", tokens["phone-a"]).exit_code == 2  # a device token cannot aggregate
     result = cli(*agg, "--admin-token", admin)
     assert result.exit_code == 0 and "global version 1: 3 device(s), 100 samples" in result.output, result.output
     assert "nothing new" in cli(*agg, "--admin-token", admin).output
     out = tmp_path / "global"
-    result = cli("pull", "--store", server.url, "--token", tokens["phone-b"], "--base", manifest.base_fingerprint,
+    result = cli("pull", "--store", server.url, "--token", tokens["phone-b"], "--base", manifest.fingerprint,
                  "--global", "--out", str(out))
     assert result.exit_code == 0, result.output
     merged = load_adapter(out, spec)
@@ -269,12 +271,12 @@ def test_aggregate_is_the_sample_weighted_mean_of_each_devices_latest(env, tmp_p
 def test_plain_lora_adapters_are_stored_but_not_averaged(env, tmp_path):
     server, admin, tokens = env
     manifest = make_manifest(variant="lora", fingerprint="sha256:" + "5" * 64)
-    spec = AdapterSpec.from_manifest(manifest)
+    spec = manifest.adapter
     run = write_run(tmp_path / "run", manifest, random_tensors(spec, np.random.default_rng(3)), samples=3)
     assert cli("push", str(run), "--store", server.url, "--token", tokens["tablet-1"], "--b-only").exit_code == 2
     assert cli("push", str(run), "--store", server.url, "--token", tokens["tablet-1"]).exit_code == 0
     before = snapshot(server.data_dir)
-    result = cli("store", "aggregate", "--base", manifest.base_fingerprint, "--store", server.url, "--admin-token", admin)
+    result = cli("store", "aggregate", "--base", manifest.fingerprint, "--store", server.url, "--admin-token", admin)
     assert result.exit_code == 2 and "not the average of their updates" in result.output
     assert snapshot(server.data_dir) == before
 
@@ -285,7 +287,7 @@ def test_heterogeneous_ranks_push_compact_and_average_exactly(env, tmp_path):
     average of the weight updates B·A because every LoRA-FA device shares every row of A."""
     server, admin, tokens = env
     manifest = make_manifest(layers=2, hidden=256, rank=4, fingerprint="sha256:" + "6" * 64)
-    spec = AdapterSpec.from_manifest(manifest)
+    spec = manifest.adapter
     rng = np.random.default_rng(5)
     pruned = random_tensors(spec, rng)
     for m in spec.modules:
@@ -300,10 +302,10 @@ def test_heterogeneous_ranks_push_compact_and_average_exactly(env, tmp_path):
     assert len(compact) < 0.6 * len(b_only)  # half the channels: about half the upload
     result = cli("push", str(runs["phone-b"]), "--rank", "2", "--store", server.url, "--token", tokens["phone-b"])
     assert result.exit_code == 0, result.output
-    result = cli("store", "aggregate", "--base", manifest.base_fingerprint, "--store", server.url, "--admin-token", admin)
+    result = cli("store", "aggregate", "--base", manifest.fingerprint, "--store", server.url, "--admin-token", admin)
     assert result.exit_code == 0, result.output
     out = tmp_path / "global"
-    assert cli("pull", "--store", server.url, "--token", tokens["phone-a"], "--base", manifest.base_fingerprint,
+    assert cli("pull", "--store", server.url, "--token", tokens["phone-a"], "--base", manifest.fingerprint,
                "--global", "--out", str(out)).exit_code == 0
     merged = load_adapter(out, spec)
     truncated = {k: v.copy() for k, v in nested.items()}

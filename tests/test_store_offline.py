@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge_peft.adapters.spec import AdapterSpec
 from edge_peft.store import client
 from edge_peft.store.__main__ import main
 from edge_peft.store.service import AdapterStore
@@ -29,7 +28,7 @@ def test_push_while_down_then_sync_delivers_exactly_once(tmp_path):
     store, _ = AdapterStore.open(data_dir)
     token = store.add_device("phone-17")
     manifest = make_manifest()
-    spec = AdapterSpec.from_manifest(manifest)
+    spec = manifest.adapter
     rng = np.random.default_rng(0)
     runs = [write_run(tmp_path / f"run{i}", manifest, random_tensors(spec, rng), samples=10 + i) for i in range(2)]
     # Both adapters queue in one run directory's outbox (a run pushed twice after more training).
@@ -70,19 +69,19 @@ def test_refused_entry_stays_queued(tmp_path):
     store, _ = AdapterStore.open(data_dir)
     token = store.add_device("phone-1")
     manifest = make_manifest()
-    run = write_run(tmp_path / "run", manifest, random_tensors(AdapterSpec.from_manifest(manifest),
+    run = write_run(tmp_path / "run", manifest, random_tensors(manifest.adapter,
                                                                np.random.default_rng(1)), samples=5)
     with StoreServer(data_dir) as server:
         result = cli("push", str(run), "--store", server.url, "--token", token.split(".")[0] + ".wrong")
         assert result.exit_code == 2 and "401" in result.output and "stays queued" in result.output
         assert len(entries(run)) == 1
         assert cli("sync", str(run), "--token", token).exit_code == 0
-        assert entries(run) == [] and len(store.metadata.versions(manifest.base_fingerprint)) == 1
+        assert entries(run) == [] and len(store.metadata.versions(manifest.fingerprint)) == 1
 
 
 def test_sync_backoff_doubles_and_is_bounded(tmp_path):
     manifest = make_manifest()
-    run = write_run(tmp_path / "run", manifest, random_tensors(AdapterSpec.from_manifest(manifest),
+    run = write_run(tmp_path / "run", manifest, random_tensors(manifest.adapter,
                                                                np.random.default_rng(2)), samples=5)
     url = f"http://127.0.0.1:{free_port()}"
     base, meta, data = client.build_push(run)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from edge_peft.adapters.peft_format import decode_adapter, encode_adapter
-from edge_peft.adapters.spec import AdapterSpec, lora_a_from_seed, lora_key
+from edge_peft.artifact.names import lora_key
+from edge_peft.variants import lora_a_from_seed
 from edge_peft.errors import UserError
 from edge_peft.store import db
 from edge_peft.store.aggregate import FederatedAverage
@@ -24,7 +25,7 @@ from edge_peft.store.wire import decode_push, encode_push
 
 
 def spec_of(**kw) -> AdapterSpec:
-    return AdapterSpec.from_manifest(make_manifest(**kw))
+    return make_manifest(**kw).adapter
 
 
 def push_meta(spec: AdapterSpec, data: bytes, samples: int = 10) -> dict:

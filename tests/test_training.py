@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import data_for
 
-from edge_peft.device.ort_api import training_api
-from edge_peft.device.trainer import TrainConfig, Trainer
+from edge_peft.backends.runtime import training_api
+from edge_peft.device.trainer import TrainConfig, open_run
 
 
 def losses(run) -> list[float]:
@@ -20,7 +20,7 @@ def losses(run) -> list[float]:
 def train(artifact, data_path, out, steps=30, **kw) -> list[float]:
     config = TrainConfig(data=str(data_path), steps=steps, batch_size=8, lr=kw.pop("lr", 1e-2), eval_every=0,
                          checkpoint_every=kw.pop("checkpoint_every", steps), threads=kw.pop("threads", 2), **kw)
-    Trainer(artifact, config, out, show_progress=False).run()
+    open_run(artifact, config, out).run()
     return losses(out)
 
 

@@ -1,1 +1,1 @@
-"""Adapters: the torch-side LoRA layers (``layer``/``inject``) and the numpy-side PEFT format."""
+"""Adapters on the numpy side (no torch): PEFT-format I/O, rank channels, compact files."""

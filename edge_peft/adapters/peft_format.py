@@ -13,12 +13,11 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load
 
+from ..artifact.adapter_section import AdapterSpec
+from ..artifact.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes
-from .spec import PEFT_PREFIX, AdapterSpec, lora_a_from_seed, lora_key
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_KEY = "edge_peft"
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
 
@@ -42,7 +41,7 @@ def peft_config(spec: AdapterSpec, rank_pattern: Mapping[str, int] | None = None
         "init_lora_weights": True,
         "inference_mode": True,
         "use_rslora": False,
-        "use_dora": False,
+        **spec.kind.peft_options(),
         "base_model_name_or_path": None,
     }
 
@@ -87,15 +86,15 @@ def read_metadata(data: bytes) -> dict:
         return {}
 
 
-def check_tensors(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], source: str, require_a: bool = True) -> None:
-    """Refuse tensors whose names, shapes, dtypes or values do not fit ``spec``."""
-    expected = spec.expected_shapes(with_a=True)
+def check_tensors(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], source: str, complete: bool = False) -> None:
+    """Refuse tensors whose names, shapes, dtypes or values do not fit ``spec`` (a seeded A may be left out
+    unless ``complete``)."""
+    expected = spec.expected_shapes(with_frozen=True)
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
         raise UserError(f"{source} has tensors this base does not have ({', '.join(unknown[:3])}...): "
                         "it was trained for another model or targets")
-    needed = spec.expected_shapes(with_a=require_a)
-    missing = sorted(set(needed) - set(tensors))
+    missing = sorted(set(spec.expected_shapes(with_frozen=complete)) - set(tensors))
     if missing:
         raise UserError(f"{source} lacks {len(missing)} tensors (e.g. {missing[0]}): save the adapter again from a full run")
     for key, arr in tensors.items():
@@ -109,15 +108,8 @@ def check_tensors(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], source: 
 
 
 def complete_tensors(spec: AdapterSpec, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Fill in any LoRA-FA ``A`` left out of a B-only adapter by regenerating it from its seed."""
-    full = dict(tensors)
-    for m in spec.modules:
-        key = lora_key(m.name, "A")
-        if key not in full:
-            if spec.variant != "lora-fa":
-                raise UserError(f"adapter lacks {key}: only LoRA-FA adapters may omit A")
-            full[key] = lora_a_from_seed(m.a_seed, m.rank, m.in_features)
-    return full
+    """Fill in every seeded A left out of an adapter by regenerating it from its seed."""
+    return spec.kind.complete(spec.modules, tensors)
 
 
 def save_adapter(out_dir: str | Path, spec: AdapterSpec, tensors: Mapping[str, np.ndarray],
@@ -126,15 +118,15 @@ def save_adapter(out_dir: str | Path, spec: AdapterSpec, tensors: Mapping[str, n
     """Write a PEFT adapter directory atomically; return its path."""
     out = Path(out_dir)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        atomic_write_bytes(tmp / WEIGHTS_NAME, encode_adapter(spec, tensors, extra_meta))
-        atomic_write_bytes(tmp / CONFIG_NAME, (json.dumps(peft_config(spec, rank_pattern), indent=2) + "\n").encode())
+        atomic_write_bytes(tmp / ADAPTER_WEIGHTS, encode_adapter(spec, tensors, extra_meta))
+        atomic_write_bytes(tmp / ADAPTER_CONFIG, (json.dumps(peft_config(spec, rank_pattern), indent=2) + "\n").encode())
     return out
 
 
 def load_adapter(adapter_dir: str | Path, spec: AdapterSpec) -> dict[str, np.ndarray]:
     """Read a PEFT adapter for ``spec``'s base; refuse another base or wrong shapes. Returns full tensors."""
     adapter_dir = Path(adapter_dir)
-    weights = adapter_dir / WEIGHTS_NAME
+    weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise UserError(f"{weights} is missing: pass a directory written by `edge-peft adapter save` or PEFT's save_pretrained")
     data = weights.read_bytes()
@@ -145,7 +137,7 @@ def load_adapter(adapter_dir: str | Path, spec: AdapterSpec) -> dict[str, np.nda
                         f"{spec.base_fingerprint[:19]}...: use an adapter trained on the same base model")
     tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
     tensors = expand_if_compact(spec, tensors, meta, str(weights))
-    check_tensors(spec, tensors, str(weights), require_a=spec.variant != "lora-fa")
+    check_tensors(spec, tensors, str(weights))
     return complete_tensors(spec, tensors)
 
 
@@ -154,13 +146,3 @@ def expand_if_compact(spec: AdapterSpec, tensors: dict[str, np.ndarray], meta: d
     from .ranks import CHANNELS_KEY, expand
 
     return expand(spec, tensors, meta[CHANNELS_KEY], source) if CHANNELS_KEY in meta else tensors
-
-
-def onnx_name(peft_key: str) -> str:
-    """Name of a trainable tensor inside the ONNX graphs (PEFT key without the prefix)."""
-    return peft_key[len(PEFT_PREFIX):] if peft_key.startswith(PEFT_PREFIX) else peft_key
-
-
-def peft_name(onnx_key: str) -> str:
-    """PEFT safetensors key of an ONNX tensor name."""
-    return PEFT_PREFIX + onnx_key

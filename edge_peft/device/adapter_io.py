@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from ..adapters.peft_format import load_adapter, onnx_name, read_metadata, save_adapter
+from ..adapters.peft_format import load_adapter, read_metadata, save_adapter
 from ..adapters.ranks import keep_channels, nested_prefix, surviving_channels
-from ..adapters.spec import AdapterSpec
+from ..artifact.files import ADAPTER, ADAPTER_WEIGHTS, WARM_START
+from ..artifact.manifest import load_manifest
+from ..artifact.names import onnx_name
+from ..backends import write_initial_trainable
 from ..errors import UserError
 from ..fileio import atomic_write_json
-from ..manifest import load_manifest
-from .backend import OrtTrainingBackend
-from .portable_backend import write_initial_trainable
-from .run_dir import WARM_START_FILE, read_run
+from .run_dir import read_run
 
 
 def save_run_adapter(run: str | Path, out: str | Path, rank: int | None = None) -> Path:
@@ -24,12 +23,12 @@ def save_run_adapter(run: str | Path, out: str | Path, rank: int | None = None) 
     file carries per-module ranks in ``rank_pattern`` and loads in PEFT.
     """
     _, manifest = read_run(run)
-    spec = AdapterSpec.from_manifest(manifest)
-    source = Path(run) / "adapter"
+    spec = manifest.adapter
+    source = Path(run) / ADAPTER
     if not source.is_dir():
         raise UserError(f"{run} has no adapter yet (no checkpoint reached): train longer or lower --checkpoint-every")
     tensors = load_adapter(source, spec)
-    meta = read_metadata((source / "adapter_model.safetensors").read_bytes())
+    meta = read_metadata((source / ADAPTER_WEIGHTS).read_bytes())
     if rank is not None:
         tensors, channels, meta = nested_prefix(spec, tensors, meta, rank)
     else:
@@ -46,20 +45,8 @@ def load_into_artifact(artifact: str | Path, adapter: str | Path) -> int:
     """
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
-    spec = AdapterSpec.from_manifest(manifest)
-    tensors = {onnx_name(k): v for k, v in load_adapter(adapter, spec).items()}
-    names: list[str] = []
-    if "ort-training" in manifest.backends:
-        # Parameters are written through a live training session: writing into a bare loaded
-        # CheckpointState crashes ORT 1.19.2.
-        backend = OrtTrainingBackend(artifact, manifest, threads=1)
-        names = [n for n in backend.names if n in tensors]
-        backend.set_trainable({n: tensors[n] for n in names})
-        tmp = artifact / ".checkpoint.tmp"
-        backend.save_state(tmp, include_optimizer=False)
-        os.replace(tmp, artifact / "checkpoint")
-    if "portable" in manifest.backends:
-        names = write_initial_trainable(artifact, tensors)
-    meta = read_metadata((Path(adapter) / "adapter_model.safetensors").read_bytes())
-    atomic_write_json(artifact / WARM_START_FILE, meta.get("store") or {"adapter": str(Path(adapter).resolve())})
+    tensors = {onnx_name(k): v for k, v in load_adapter(adapter, manifest.adapter).items()}
+    names = write_initial_trainable(artifact, manifest, tensors)
+    meta = read_metadata((Path(adapter) / ADAPTER_WEIGHTS).read_bytes())
+    atomic_write_json(artifact / WARM_START, meta.get("store") or {"adapter": str(Path(adapter).resolve())})
     return len(names)

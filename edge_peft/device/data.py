@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..manifest import IGNORE_INDEX
+from ..artifact.manifest import IGNORE_INDEX
 
 
 @dataclass

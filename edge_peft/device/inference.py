@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters.peft_format import load_adapter, onnx_name
-from ..adapters.spec import AdapterSpec
+from ..adapters.peft_format import load_adapter
+from ..artifact.files import ADAPTER, INFERENCE_MODEL, TOKENIZER
+from ..artifact.manifest import Manifest, load_manifest
+from ..artifact.names import ATTENTION_MASK, INFERENCE_INPUTS, INPUT_IDS, LOGITS, onnx_name
+from ..backends import initial_trainable
+from ..backends.runtime import onnxruntime_module, quiet_logs, session_options
 from ..errors import UserError
-from ..manifest import Manifest, load_manifest
-from .ort_api import onnxruntime_module, quiet_logs, session_options
-from .run_dir import RUN_FILE, artifact_of
-
-INFERENCE_MODEL = "inference_model.onnx"
+from .run_dir import artifact_of, is_run
 
 
 class Predictor:
@@ -23,37 +23,29 @@ class Predictor:
         onnxruntime = onnxruntime_module()
         quiet_logs()
         source = Path(source)
-        self.artifact = artifact_of(source) if (source / RUN_FILE).is_file() else source
+        self.artifact = artifact_of(source) if is_run(source) else source
         self.manifest: Manifest = load_manifest(self.artifact)
-        if adapter is None and (source / RUN_FILE).is_file():
-            adapter = source / "adapter"
+        if adapter is None and is_run(source):
+            adapter = source / ADAPTER
         self.session = onnxruntime.InferenceSession(str(self.artifact / INFERENCE_MODEL), session_options(threads),
                                                     providers=["CPUExecutionProvider"])
-        wanted = {i.name for i in self.session.get_inputs()} - {"input_ids", "attention_mask"}
+        wanted = {i.name for i in self.session.get_inputs()} - set(INFERENCE_INPUTS)
         tensors = self._adapter_tensors(adapter)
         self.feeds = {name: tensors[name] for name in wanted}
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(self.artifact / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(self.artifact / TOKENIZER))
         self.tokenizer.no_padding()
 
     def _adapter_tensors(self, adapter: str | Path | None) -> dict[str, np.ndarray]:
         """ONNX-named tensors of the adapter, or the artifact's initial ones (zero B, head from export)."""
-        spec = AdapterSpec.from_manifest(self.manifest)
         if adapter is not None and Path(adapter).exists():
-            return {onnx_name(k): v for k, v in load_adapter(adapter, spec).items()}
-        from .ort_api import training_api, training_api_installed
-
-        if "ort-training" not in self.manifest.backends or not training_api_installed():
-            from .portable_backend import initial_trainable
-
-            return initial_trainable(self.artifact)
-        state = training_api().CheckpointState.load_checkpoint(str(self.artifact / "checkpoint"))
-        return {name: np.array(p.data) for name, p in state.parameters if p.requires_grad}
+            return {onnx_name(k): v for k, v in load_adapter(adapter, self.manifest.adapter).items()}
+        return initial_trainable(self.artifact, self.manifest)
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **self.feeds}
-        return self.session.run(["logits"], feeds)[0]
+        feeds = {INPUT_IDS: input_ids.astype(np.int64), ATTENTION_MASK: attention_mask.astype(np.int64), **self.feeds}
+        return self.session.run([LOGITS], feeds)[0]
 
     def classify(self, texts: list[str], batch_size: int = 16) -> list[tuple[str, float]]:
         """(label, probability) per text."""

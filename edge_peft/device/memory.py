@@ -27,16 +27,21 @@ def _mallopt():
         return None
 
 
+def configure_allocator(budgeted: bool) -> bool:
+    """Set glibc up for a training process, once, before it loads anything (True if applied): a budgeted
+    run needs a predictable peak (``predictable_memory``), an unbudgeted one speed (``reuse_freed_memory``)."""
+    return predictable_memory() if budgeted else reuse_freed_memory()
+
+
 def predictable_memory() -> bool:
     """Make RSS follow the live tensors (no-op where glibc is absent; True if applied). For budgeted runs.
 
     glibc's mmap threshold is dynamic: it rises to the size of the largest block freed so far (up to
-    32 MB), after which such blocks come from the heap, whose freed holes stay resident and fragment.
-    The same run then peaked at 559 MB or 668 MB (MiniLM int8, 2 x 512) depending on the order of frees.
-    A fixed 1 MB threshold maps every activation-sized block on its own and unmaps it when freed: the
-    peak is the live tensors, linear in micro-batch x sequence, and 13-27 % lower (MiniLM int8: 8 x 128
-    417 -> 362 MB, 8 x 256 884 -> 644 MB, 2 x 512 673 -> 492 MB), at the cost of page faults on every
-    step. The memory model (``memory_model.py``) is calibrated under this setting.
+    32 MB), after which such blocks come from the heap, whose freed holes stay resident and fragment,
+    so the same run's peak depends on the order of frees. A fixed 1 MB threshold maps every
+    activation-sized block on its own and unmaps it when freed: the peak is the live tensors, linear in
+    micro-batch x sequence, at the cost of page faults on every step. The memory model
+    (``memory_model.py``) is calibrated under this setting (measurements: ``docs/memory.md``).
     """
     mallopt = _mallopt()
     return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, PREDICTABLE_MMAP_THRESHOLD))
@@ -47,14 +52,11 @@ def reuse_freed_memory() -> bool:
 
     By default glibc returns the top of the heap to the kernel whenever more than about twice its
     (dynamic) mmap threshold is free, and unmaps every block above that threshold on ``free``: each step's
-    activations, freed at the end of the step, are page-faulted in afresh by the next. With the training
-    sessions' arena off (``backend.py``) that cost 25-32 % of tokens/s on MiniLM (8 x 128, 16 x 128,
-    2 x 512, 3 x 512; ``benchmarks/train_step.py``). A fixed 32 MB mmap threshold and no trimming keep
-    those pages resident; the peak grew by 1-2 % at those sizes (measured the same way), because the
-    peak already held them. But a causal LM with full logits (tensors near 32 MB) fragmented the
-    untrimmed heap: +24 % peak at 1 x 315 tokens, past a 384 MB budget (``benchmarks/memory_budget.py``).
-    So the trainer applies it only to runs without a memory budget; budgeted runs use
-    ``predictable_memory``, under which the memory model is calibrated.
+    activations, freed at the end of the step, are page-faulted in afresh by the next (the training
+    sessions' arena is off, ``backends/``). A fixed 32 MB mmap threshold and no trimming keep those pages
+    resident. But a causal LM with full logits (tensors near 32 MB) fragments the untrimmed heap, so
+    only runs without a memory budget use it; budgeted runs use ``predictable_memory``, under which the
+    memory model is calibrated (measurements: ``docs/memory.md``).
     """
     mallopt = _mallopt()
     if mallopt is None:
@@ -74,11 +76,9 @@ def huge_pages_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     process starts, so ``edge-peft train`` re-executes itself with it (``cli.train``).
 
     For budgeted runs: ``predictable_memory`` maps every activation-sized block on its own, so every step
-    page-faults its activations in afresh; with huge pages that is 512 times fewer faults. Measured side
-    by side in ``benchmarks/huge_pages.py`` (numbers in the README); peaks rose 0-2 %, and
-    ``benchmarks/memory_budget.py`` (run with them on) keeps every row within 6 % of the memory model,
-    whose fit was made without them. Not for runs without a budget: those keep freed pages resident
-    (``reuse_freed_memory``), and huge pages made them 15 % slower with 17 % more peak (MiniLM 8 x 256).
+    page-faults its activations in afresh; with huge pages that is 512 times fewer faults. Not for runs
+    without a budget: those keep freed pages resident (``reuse_freed_memory``), where huge pages cost
+    speed and peak. Measured side by side in ``benchmarks/huge_pages.py`` (``docs/memory.md``).
     """
     if _mallopt() is None or HUGETLB_TUNABLE in environ.get("GLIBC_TUNABLES", ""):
         return None

@@ -1,10 +1,9 @@
 """Turn ``--memory-budget`` into a plan before a run (micro-batch, accumulation, sequence length) and keep it during one.
 
 A plan fits when ``(predicted peak + overhead) x (1 + margin) <= budget``. ``overhead`` is what the
-run measures beyond the model once data and session are loaded (tokenizer, tokenized data: +28 MB
-for MiniLM on 100 BBC articles); the margin covers the model's error (-1.6 % worst under-prediction in
-``memory_model.CALIBRATION``, -4.9 % in a real training process, ``benchmarks/memory_budget.py``) about
-three times over. Budgeted runs allocate with ``memory.predictable_memory``, the setting it was fitted in.
+run measures beyond the model once data and session are loaded (tokenizer, tokenized data); the
+margin covers the model's measured error several times over (``docs/memory.md``). Budgeted runs
+allocate with ``memory.predictable_memory``, the setting the model was fitted in.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..manifest import Manifest
+from ..artifact.manifest import Manifest
 from .data import Batch
 from .memory_model import MB, Prediction, predict
 
@@ -43,8 +42,8 @@ class Plan:
     seq_len: int
     requested_seq_len: int
     prediction: Prediction
+    backend: str  # whose memory factors it was planned with
     overhead: int = 0
-    backend: str = "ort"  # whose memory factors it was planned with
 
     @property
     def accumulation(self) -> int:
@@ -66,14 +65,14 @@ class Plan:
         return lines
 
 
-def _needed(manifest: Manifest, rows: int, width: int, margin: float, overhead: int = 0, backend: str = "ort") -> float:
+def _needed(manifest: Manifest, rows: int, width: int, margin: float, overhead: int, backend: str) -> float:
     return (predict(manifest, rows, width, backend).total + overhead) * (1 + margin)
 
 
-def make_plan(manifest: Manifest, budget: int, batch_size: int, seq_len: int, margin: float = DEFAULT_MARGIN,
-              micro_batch: int | None = None, overhead: int = 0, backend: str = "ort") -> Plan:
+def make_plan(manifest: Manifest, budget: int, batch_size: int, seq_len: int, backend: str,
+              margin: float = DEFAULT_MARGIN, micro_batch: int | None = None, overhead: int = 0) -> Plan:
     """The largest micro-batch (up to ``micro_batch`` or ``batch_size``) at the longest sequence that fits
-    on ``backend`` (``ort`` or ``portable``: each has its own fitted memory factors).
+    when ``backend`` trains (each backend has its own fitted memory factors).
 
     Raises UserError, with the numbers and the cheapest fix, when micro-batch 1 at the shortest useful
     sequence does not fit either. Uses only the manifest: nothing is loaded.
@@ -93,8 +92,8 @@ def make_plan(manifest: Manifest, budget: int, batch_size: int, seq_len: int, ma
         width = low
     limit = min(micro_batch or batch_size, batch_size)
     rows = max(r for r in range(1, limit + 1) if r == 1 or needed(r, width) <= budget)
-    return Plan(budget, margin, batch_size, rows, width, seq_len, predict(manifest, rows, width, backend), overhead,
-                backend)
+    return Plan(budget, margin, batch_size, rows, width, seq_len, predict(manifest, rows, width, backend), backend,
+                overhead)
 
 
 def _refusal(manifest: Manifest, budget: int, shortest: int, margin: float, overhead: int, backend: str) -> str:

@@ -11,13 +11,13 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
+from ..backends.names import AUTO, TRAIN_CHOICES
 from ..datafiles import data_dir
 from ..errors import UserError
 from .planner import parse_budget
 
 CPU_PROVIDER = "CPUExecutionProvider"
 _KEYS = {"description": str, "threads": int, "execution_provider": str, "memory_budget": str, "margin": float}
-BACKENDS = ("auto", "ort", "portable")  # optional key ``backend`` (default auto): the training backend to use
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class DeviceProfile:
     execution_provider: str
     memory_budget: str
     margin: float
-    backend: str = "auto"
+    backend: str = AUTO  # optional key: the training backend to use
 
 
 def list_profiles() -> list[DeviceProfile]:
@@ -54,8 +54,8 @@ def _validate(name: str, raw: dict, path: Path) -> DeviceProfile:
     for key in raw:
         if key not in _KEYS and key != "backend":
             raise UserError(f"{path}: unknown key {key!r}: allowed keys are {', '.join(_KEYS)}, backend")
-    if raw.get("backend", "auto") not in BACKENDS:
-        raise UserError(f"{path}: key 'backend' must be one of {', '.join(BACKENDS)}, got {raw['backend']!r}")
+    if raw.get("backend", AUTO) not in TRAIN_CHOICES:
+        raise UserError(f"{path}: key 'backend' must be one of {', '.join(TRAIN_CHOICES)}, got {raw['backend']!r}")
     for key, kind in _KEYS.items():
         value = raw.get(key)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -76,7 +76,7 @@ def _validate(name: str, raw: dict, path: Path) -> DeviceProfile:
 
 def resolve_provider(profile: DeviceProfile) -> str:
     """The profile's execution provider if this ONNX Runtime has it, else CPU with a warning on stderr."""
-    from .ort_api import onnxruntime_module
+    from ..backends.runtime import onnxruntime_module
 
     if profile.execution_provider in onnxruntime_module().get_available_providers():
         return profile.execution_provider

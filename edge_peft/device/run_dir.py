@@ -1,51 +1,64 @@
 """The run directory that ``edge-peft train`` writes and ``generate``/``adapter save``/``push`` read.
 
-```
-run/
-  run.json         artifact path, data fingerprint, training options
-  manifest.json    copy of the artifact's manifest (so a run is self-describing)
-  checkpoint/      backend state (weights + AdamW moments + step), trainer.json and the step hooks'
-                   hooks.safetensors (e.g. adaptive-rank importance); atomic
-  adapter/         the current adapter in PEFT format; atomic
-  metrics.jsonl    one line per step (loss, lr, tokens/s, RSS) and per evaluation
-  summary.json     totals for push: steps, samples, tokens, losses, peak RSS, parent version
-```
+The layout is in ``artifact/files.py``. Every file is replaced atomically; ``checkpoint/`` as a whole.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapters.peft_format import save_adapter
-from ..adapters.spec import AdapterSpec
+import numpy as np
+from safetensors.numpy import load_file, save
+
+from ..adapters.peft_format import complete_tensors, save_adapter
+from ..artifact.files import (ADAPTER, CHECKPOINT, CHECKPOINT_HOOKS, CHECKPOINT_STATE, CHECKPOINT_TRAINER, MANIFEST,
+                              METRICS, RUN_INFO, SUMMARY, WARM_START)
+from ..artifact.manifest import Manifest, load_manifest
+from ..artifact.names import peft_key
+from ..backends import TrainingBackend
 from ..errors import UserError
-from ..fileio import atomic_write_json
-from ..manifest import Manifest, load_manifest
-
-RUN_FILE = "run.json"
-HOOKS_FILE = "hooks.safetensors"
-WARM_START_FILE = "warm_start.json"
+from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json
 
 
-def adapter_tensors_to_peft(trainable: dict, spec: AdapterSpec) -> dict:
-    """ONNX-named trainable tensors -> full PEFT-keyed tensors (LoRA-FA A regenerated from its seed)."""
-    from ..adapters.peft_format import complete_tensors, peft_name
+@dataclass
+class Totals:
+    """What a run has done so far (checkpointed, so a resumed run continues the counts)."""
 
-    return complete_tensors(spec, {peft_name(k): v for k, v in trainable.items()})
+    samples: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
 
 
-def write_adapter(run: Path, manifest: Manifest, trainable: dict, meta: dict | None = None) -> Path:
-    spec = AdapterSpec.from_manifest(manifest)
-    return save_adapter(run / "adapter", spec, adapter_tensors_to_peft(trainable, spec), extra_meta=meta)
+@dataclass
+class Checkpoint:
+    """A run's last checkpoint: the step it ends, its totals, the backend state file and the hooks' arrays."""
+
+    step: int
+    totals: Totals
+    state: Path
+    hooks: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def create_run(out: Path, artifact: Path, info: dict) -> None:
+    """Make a new run directory: the artifact's manifest and ``run.json``; refuse to reuse one."""
+    if (out / RUN_INFO).exists():
+        raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(artifact / MANIFEST, out / MANIFEST)
+    write_run_info(out, info)
 
 
 def read_run(run: str | Path) -> tuple[dict, Manifest]:
     """run.json and the manifest of a run directory, with one-line errors."""
     run = Path(run)
-    path = run / RUN_FILE
+    path = run / RUN_INFO
     if not path.is_file():
-        raise UserError(f"{run} is not a training run ({RUN_FILE} missing): pass the --out directory of `edge-peft train`")
+        raise UserError(f"{run} is not a training run ({RUN_INFO} missing): pass the --out directory of `edge-peft train`")
     try:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -53,14 +66,68 @@ def read_run(run: str | Path) -> tuple[dict, Manifest]:
     return info, load_manifest(run)
 
 
+def write_run_info(run: Path, info: dict) -> None:
+    atomic_write_json(run / RUN_INFO, info)
+
+
 def artifact_of(run: str | Path) -> Path:
     """The artifact directory a run was trained from."""
     info, _ = read_run(run)
     artifact = Path(info["artifact"])
-    if not (artifact / "manifest.json").is_file():
+    if not (artifact / MANIFEST).is_file():
         raise UserError(f"the artifact {artifact} of run {run} is gone: restore it or pass the artifact directly")
     return artifact
 
 
-def write_run_info(run: Path, info: dict) -> None:
-    atomic_write_json(run / RUN_FILE, info)
+def is_run(path: Path) -> bool:
+    return (path / RUN_INFO).is_file()
+
+
+def read_checkpoint(run: Path) -> Checkpoint:
+    """The run's last checkpoint, with a one-line error when there is none."""
+    folder = run / CHECKPOINT
+    if not (folder / CHECKPOINT_STATE).is_file():
+        raise UserError(f"{run} has no checkpoint yet: start it again without --resume")
+    trainer = json.loads((folder / CHECKPOINT_TRAINER).read_text())
+    hooks = folder / CHECKPOINT_HOOKS
+    return Checkpoint(trainer["step"], Totals(**trainer["totals"]), folder / CHECKPOINT_STATE,
+                      load_file(hooks) if hooks.is_file() else {})
+
+
+def write_checkpoint(run: Path, backend: TrainingBackend, step: int, totals: Totals,
+                     hook_state: dict[str, np.ndarray]) -> None:
+    """Atomically replace ``checkpoint/`` with the backend state, the step and totals, and the hooks' arrays."""
+    with atomic_directory(run / CHECKPOINT, overwrite=True) as tmp:
+        backend.save_state(tmp / CHECKPOINT_STATE)
+        atomic_write_json(tmp / CHECKPOINT_TRAINER, {"step": step, "totals": totals.__dict__})
+        if hook_state:
+            atomic_write_bytes(tmp / CHECKPOINT_HOOKS, save(hook_state))
+
+
+def write_adapter(run: Path, manifest: Manifest, trainable: dict, meta: dict | None = None) -> Path:
+    """The run's current adapter in PEFT format (seeded A regenerated)."""
+    spec = manifest.adapter
+    tensors = complete_tensors(spec, {peft_key(k): v for k, v in trainable.items()})
+    return save_adapter(run / ADAPTER, spec, tensors, extra_meta=meta)
+
+
+def write_summary(run: Path, summary: dict) -> None:
+    atomic_write_json(run / SUMMARY, summary)
+
+
+def read_summary(run: Path) -> dict:
+    return json.loads((run / SUMMARY).read_text())
+
+
+def warm_start_of(artifact: Path) -> dict | None:
+    """What ``adapter load`` warm-started ``artifact`` from (the parent of its runs' adapters), if anything."""
+    path = artifact / WARM_START
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def truncate_metrics(run: Path, step: int) -> None:
+    """Drop metric lines of steps at or after ``step`` (a resumed run writes them again)."""
+    path = run / METRICS
+    if path.is_file():
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
+        atomic_write_bytes(path, "".join(ln + "\n" for ln in kept).encode())

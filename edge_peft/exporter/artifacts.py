@@ -12,16 +12,11 @@ from typing import Iterator
 
 import onnx
 
-from ..manifest import IGNORE_INDEX
-from ..portable_spec import BETAS
+from ..artifact.files import INFERENCE_MODEL
+from ..artifact.manifest import ADAMW_BETAS, IGNORE_INDEX
+from ..artifact.names import LABELS, LOSS_SCALE
 from . import graph
 from .loss_graph import target_loss_graph
-
-TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
-INFERENCE_MODEL = "inference_model.onnx"
-
-
-LOSS_SCALE = "loss_scale"
 
 
 def _scaled_cross_entropy():
@@ -39,7 +34,7 @@ def _scaled_cross_entropy():
             self._mul = onnxblock.blocks.Mul()
 
         def build(self, logits_name: str) -> str:
-            loss = self._ce(logits_name, "labels")
+            loss = self._ce(logits_name, LABELS)
             self.base.graph.input.append(onnx.helper.make_tensor_value_info(LOSS_SCALE, onnx.TensorProto.FLOAT, []))
             return self._mul(loss, LOSS_SCALE)
 
@@ -82,7 +77,7 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
         if flatten_width is not None:
             graph.flatten_logits(training, flatten_width)
         loss = _scaled_cross_entropy()
-    optimizer = onnxblock.optim.AdamW(betas=BETAS, eps=1e-8, weight_decay=weight_decay,
+    optimizer = onnxblock.optim.AdamW(betas=ADAMW_BETAS, eps=1e-8, weight_decay=weight_decay,
                                       clip_grad=onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm > 0 else None)
     with _native_stderr_captured():
         artifacts.generate_artifacts(training, requires_grad=trainable, frozen_params=frozen, loss=loss,

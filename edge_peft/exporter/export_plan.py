@@ -12,21 +12,26 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..adapters.inject import find_targets
-from ..adapters.layer import linear_shape
+import numpy as np
+
+from ..artifact.adapter_section import AdapterModule
+from ..backends import backend_class
+from ..backends.names import EXPORT_CHOICES, ORT
 from ..device.memory_model import FLOAT, MB, ModelFigures, predict_figures
 from ..device.planner import MIN_USEFUL_SEQ_LEN
 from ..errors import UserError
+from ..variants import get_variant
+from .adapter_layers import linear_shape
 from .graph import INT8_MIN_ELEMENTS
+from .inject import find_targets
 from .layer_selection import AUTO, auto_count, parse_layers
 from .load import LoadedModel, meta_model
 
 PLAN_SEQ_LEN = 256
-BACKENDS = {"ort": ["ort"], "portable": ["portable"], "both": ["ort", "portable"]}  # export --backend -> trainers
 
 
 def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quantize: str,
-                  backend: str = "ort") -> ModelFigures:
+                  backend: str = ORT) -> ModelFigures:
     """Memory-model figures of the artifact ``opts`` (with this rank, layers, quantization) would produce,
     trained on ``backend``."""
     model, config = meta.model, meta.model.config
@@ -38,7 +43,11 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
     names = find_targets(model, list(opts.targets or meta.recipe.targets), chosen)
     shapes = [linear_shape(model.get_submodule(n)) for n in names]
     head = tuple(f"{h}." for h in meta.recipe.head)
-    trainable = sum(rank * (out + (inp if opts.variant == "lora" else 0)) for inp, out in shapes)
+    variant = get_variant(opts.variant)
+    modules = [AdapterModule(n, inp, out, rank, 0) for n, (inp, out) in zip(names, shapes)]
+    tensors = {name: shape for m in modules for name, shape in variant.tensor_shapes(m).items()}
+    trained = {name for m in modules for name in variant.trained(m)}
+    trainable = sum(int(np.prod(shape)) for name, shape in tensors.items() if name in trained)
     frozen = quantized = 0
     for name, p in model.named_parameters():
         if name.startswith(head):
@@ -51,16 +60,15 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
     embeddings = model.get_input_embeddings().weight
     if quantize == "int8" and causal and model.get_output_embeddings().weight is embeddings:
         quantized += embeddings.numel()  # the tied head's transposed int8 copy (graph.quantize_int8)
-    if opts.variant != "lora":
-        frozen += FLOAT * rank * sum(inp for inp, _ in shapes)  # the frozen A matrices
+    frozen += sum(FLOAT * int(np.prod(shape)) for name, shape in tensors.items() if name not in trained)  # frozen A
     hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
     return ModelFigures(frozen_bytes=frozen + quantized, quantized_bytes=quantized, trainable_values=trainable,
                         layers=num_layers, hidden=hidden,
                         intermediate=int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
                                          or 4 * hidden),
                         heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
-                        vocab=int(config.vocab_size), causal=causal,
-                        loss_chunks=opts.loss_chunks if causal else 0, backend=backend)
+                        vocab=int(config.vocab_size), causal=causal, backend=backend,
+                        chunked_loss=backend_class(backend).chunked_loss(opts.loss_chunks if causal else 0))
 
 
 def _needed(figures: ModelFigures, seq_len: int, margin: float) -> float:
@@ -90,7 +98,7 @@ def plan_export(model_dir: str | Path, opts, budget: int, margin: float, profile
     for layers in layer_choices:
         for rank in ranks:
             # the backend(s) the artifact will carry; with both, the costlier one must fit
-            figures = max((model_figures(meta, opts, rank, layers, "int8", b) for b in BACKENDS[opts.backend]),
+            figures = max((model_figures(meta, opts, rank, layers, "int8", b) for b in EXPORT_CHOICES[opts.backend]),
                           key=lambda f: _needed(f, seq_len, margin))
             needed = _needed(figures, seq_len, margin)
             if needed <= budget:

@@ -190,6 +190,14 @@ def nbytes(proto: onnx.ModelProto, names: list[str]) -> int:
     return sum(numpy_helper.to_array(i).nbytes for i in proto.graph.initializer if i.name in wanted)
 
 
+def quantized_nbytes(proto: onnx.ModelProto) -> int:
+    """Storage bytes of the int8 weights ``quantize_int8`` wrote and of their fp32 scales."""
+    inits = proto.graph.initializer
+    int8 = [i for i in inits if i.data_type == TensorProto.INT8]
+    scales = {f"{i.name.removesuffix('.T.int8').removesuffix('.int8')}.scale" for i in int8}
+    return sum(numpy_helper.to_array(i).nbytes for i in int8) + nbytes(proto, sorted(scales))
+
+
 def expose_layernorm_stats(proto: onnx.ModelProto) -> None:
     """Give every LayerNormalization its optional Mean/InvStdDev outputs: ORT's gradient builder needs them."""
     for k, node in enumerate(proto.graph.node):

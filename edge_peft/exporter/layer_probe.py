@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters.spec import layer_index
-from ..device.trainer import TrainConfig, Trainer
+from ..artifact.files import LAYER_PROBE
+from ..artifact.manifest import Manifest
+from ..artifact.names import is_b, layer_index
+from ..device.trainer import TrainConfig, open_run
 from ..errors import UserError
 from ..fileio import atomic_write_json
-from ..manifest import Manifest
 from .pipeline import ExportOptions, export_artifact
 
 
@@ -28,7 +29,7 @@ class GradientProbe:
 
     def __init__(self, backend):
         self.backend = backend
-        self.names = [n for n in backend.names if n.endswith(".lora_B.weight")]
+        self.names = [n for n in backend.names if is_b(n)]
         self.scores: dict[int, float] = {}
         self.steps = 0
 
@@ -59,11 +60,10 @@ def probe_layers(model_dir: str | Path, data: str | Path, opts: ExportOptions, s
         export_artifact(model_dir, work / "artifact", replace(opts, layers=None), quiet=True)
         config = TrainConfig(data=str(data), steps=steps, batch_size=batch_size, lr=1e-3, eval_fraction=0.0,
                              eval_every=0, checkpoint_every=0)
-        trainer = Trainer(work / "artifact", config, work / "run", show_progress=False)
-        probe = GradientProbe(trainer.backend)
-        trainer.hooks.hooks["probe"] = probe
+        run = open_run(work / "artifact", config, work / "run", extra_hooks={"probe": GradientProbe})
+        probe = run.hooks["probe"]
         for step in range(steps):
-            trainer.train_step(step)
+            run.train_step(step)
         return {block: score / probe.steps for block, score in sorted(probe.scores.items())}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -79,6 +79,6 @@ def export_best_layers(model_dir: str | Path, out: str | Path, opts: ExportOptio
         raise UserError(f"--layers auto:{count} asks for more blocks than the model's {len(scores)}")
     best = sorted(sorted(scores, key=lambda b: -scores[b])[:count])
     manifest = export_artifact(model_dir, out, replace(opts, layers=",".join(map(str, best))), overwrite=overwrite)
-    atomic_write_json(Path(out) / "layer_probe.json", {"steps": steps, "importance": {str(b): s for b, s in scores.items()},
+    atomic_write_json(Path(out) / LAYER_PROBE, {"steps": steps, "importance": {str(b): s for b, s in scores.items()},
                                                        "chosen": best})
     return manifest

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..manifest import IGNORE_INDEX
+from ..artifact.manifest import IGNORE_INDEX
 
 LOSS_CHUNKS = 8
 TARGET_LOSS = "target_loss"

@@ -7,13 +7,20 @@ from pathlib import Path
 
 import onnxruntime
 
-from ..adapters.inject import find_targets, inject_lora
+from ..artifact.adapter_section import AdapterSpec, ExtraTensor
+from ..artifact.files import TOKENIZER
+from ..artifact.manifest import QUANTIZATIONS, Manifest
+from ..artifact.memory_section import MemoryFigures
+from ..artifact.names import BATCH_INPUTS, is_a
+from ..backends.names import EXPORT_CHOICES, ORT, PORTABLE
 from ..errors import UserError
 from ..fileio import atomic_directory
-from ..manifest import TRAINING_INPUTS, ExtraTensor, Manifest
 from ..progress import Stages
+from ..variants import DEFAULT as DEFAULT_VARIANT
+from ..variants import get_variant
 from . import graph
 from .artifacts import write_inference_model, write_training_artifacts
+from .inject import find_targets, inject_adapters
 from .layer_selection import parse_layers
 from .load import fingerprint, load_model_dir
 from .loss_graph import LOSS_CHUNKS
@@ -21,7 +28,6 @@ from .portable import write_portable_artifacts
 from .to_onnx import OPSET, export_logits_model
 
 WRAPPER_PREFIX = "model."
-EXPORT_BACKENDS = {"ort": ["ort-training"], "portable": ["portable"], "both": ["ort-training", "portable"]}
 
 
 @dataclass
@@ -29,7 +35,7 @@ class ExportOptions:
     rank: int = 8
     alpha: float = 16.0
     quantize: str = "int8"
-    variant: str = "lora-fa"
+    variant: str = DEFAULT_VARIANT
     targets: list[str] | None = None
     layers: str | None = None  # see layer_selection: 0,2,4-6 | top:N | bottom:N
     seed: int = 0
@@ -37,8 +43,8 @@ class ExportOptions:
     labels: list[str] | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    memory: dict = field(default_factory=dict)
-    backend: str = "ort"  # ort | portable | both: which training graphs the artifact carries
+    memory: dict = field(default_factory=dict)  # what an export plan adds to the memory section
+    backend: str = ORT  # a key of backends.names.EXPORT_CHOICES: which training graphs the artifact carries
     loss_chunks: int = LOSS_CHUNKS  # causal LMs: target-only LM head and loss in this many chunks (0: naive full logits)
 
 
@@ -47,26 +53,27 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
     """HF model dir -> artifact dir (manifest, ORT training artifacts, inference model, tokenizer)."""
     if opts.rank <= 0:
         raise UserError(f"--rank {opts.rank} must be a positive integer (typical: 4, 8, 16)")
-    if opts.quantize not in ("none", "int8"):
-        raise UserError(f"--quantize {opts.quantize} is not supported: use none or int8")
-    if opts.backend not in EXPORT_BACKENDS:
-        raise UserError(f"--backend {opts.backend} is not supported: use {', '.join(EXPORT_BACKENDS)}")
-    backends = EXPORT_BACKENDS[opts.backend]
+    if opts.quantize not in QUANTIZATIONS:
+        raise UserError(f"--quantize {opts.quantize} is not supported: use {' or '.join(QUANTIZATIONS)}")
+    if opts.backend not in EXPORT_CHOICES:
+        raise UserError(f"--backend {opts.backend} is not supported: use {', '.join(EXPORT_CHOICES)}")
+    variant = get_variant(opts.variant)
+    backends = EXPORT_CHOICES[opts.backend]
     stages = Stages(5 + len(backends), quiet)
     with stages.stage(f"loading {model_dir}"):
         loaded = load_model_dir(model_dir, opts.labels, init_seed=opts.seed)
         model, recipe = loaded.model, loaded.recipe
         head_prefixes = tuple(f"{h}." for h in recipe.head)
         base_fp = fingerprint(model, exclude_prefixes=head_prefixes)
-    with stages.stage("injecting LoRA-FA adapters" if opts.variant == "lora-fa" else "injecting LoRA adapters"):
+    with stages.stage(f"injecting {variant.title} adapters"):
         targets = list(opts.targets or recipe.targets)
         layers = parse_layers(opts.layers, _num_layers(model.config)) if opts.layers else None
         names = find_targets(model, targets, layers)
-        modules = inject_lora(model, names, opts.rank, opts.alpha, opts.seed, train_a=opts.variant == "lora")
-        trainable_params = {n: p for n, p in model.named_parameters() if ".lora_B." in n
-                            or (opts.variant == "lora" and ".lora_A." in n) or n.startswith(head_prefixes)}
-        for p in trainable_params.values():
-            p.requires_grad_(True)
+        modules = inject_adapters(model, names, variant, opts.rank, opts.alpha, opts.seed)
+        for n, p in model.named_parameters():
+            if n.startswith(head_prefixes):
+                p.requires_grad_(True)
+        trainable_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         heads = [ExtraTensor(n, list(p.shape)) for n, p in trainable_params.items() if n.startswith(head_prefixes)]
     config = model.config
     causal = loaded.task == "causal-lm"
@@ -82,26 +89,33 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                 raise RuntimeError(f"trainable tensors lost in export: {sorted(missing)[:3]}")
         with stages.stage("quantizing base weights to int8" if opts.quantize == "int8" else "preparing base weights"):
             frozen = set(graph.weight_names(proto)) - set(trainable)
-            frozen_base = {n for n in frozen if not n.endswith(".lora_A.weight")}
+            frozen_base = {n for n in frozen if not is_a(n)}  # a frozen A stays fp32: it is the adapter's
             folded = graph.fold_transposes(proto, frozen_base)
             frozen_base = (frozen_base - set(folded)) | set(folded.values())
             if opts.quantize == "int8":
                 graph.quantize_int8(proto, frozen_base)
             frozen_list = [n for n in graph.weight_names(proto) if n not in set(trainable)]
-        if "ort-training" in backends:
+        if ORT in backends:
             with stages.stage("generating ORT training artifacts"):
                 write_training_artifacts(proto, trainable, frozen_list, tmp, opts.weight_decay, opts.max_grad_norm,
                                          flatten_width=config.vocab_size if causal else None,
                                          loss_chunks=opts.loss_chunks, hidden_size=_hidden_size(config))
-        if "portable" in backends:
+        if PORTABLE in backends:
             with stages.stage("exporting the portable training graphs"):
                 write_portable_artifacts(model, causal, trainable, opts.quantize == "int8", opts.max_seq_len,
                                          opts.weight_decay, opts.max_grad_norm, tmp)
         with stages.stage("writing inference model, tokenizer and manifest"):
             write_inference_model(proto, trainable, tmp)
-            loaded.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-            manifest = _manifest(loaded, config, opts, targets, modules, heads, base_fp, graph.nbytes(proto, frozen_list))
-            manifest.backends = list(backends)
+            loaded.tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER))
+            spec = AdapterSpec(base_fingerprint=base_fp, model_type=config.model_type,
+                               architecture=type(loaded.model).__name__, task=loaded.task, variant=variant.name,
+                               rank=opts.rank, alpha=float(opts.alpha), seed=opts.seed, target_modules=targets,
+                               modules=modules, modules_to_save=heads)
+            memory = MemoryFigures(
+                frozen_bytes=graph.nbytes(proto, frozen_list), quantized_bytes=graph.quantized_nbytes(proto),
+                trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
+                loss_chunks=opts.loss_chunks if causal else 0, **opts.memory)
+            manifest = _manifest(loaded, config, opts, spec, memory, backends)
             manifest.save(tmp)
     return manifest
 
@@ -114,36 +128,29 @@ def _hidden_size(config) -> int:
     return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
-def _manifest(loaded, config, opts: ExportOptions, targets, modules, heads, base_fp, frozen_bytes: int) -> Manifest:
+def _intermediate_size(config) -> int:
+    return int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * _hidden_size(config))
+
+
+def _manifest(loaded, config, opts: ExportOptions, spec: AdapterSpec, memory: MemoryFigures,
+              backends: list[str]) -> Manifest:
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or opts.max_seq_len
     return Manifest(
-        base_fingerprint=base_fp,
-        model_type=config.model_type,
-        architecture=type(loaded.model).__name__,
-        task=loaded.task,
-        variant=opts.variant,
-        rank=opts.rank,
-        alpha=float(opts.alpha),
-        seed=opts.seed,
-        target_modules=targets,
-        modules=modules,
+        adapter=spec,
         quantization=opts.quantize,
         max_seq_len=min(opts.max_seq_len, int(limit)),
         vocab_size=int(config.vocab_size),
         hidden_size=_hidden_size(config),
         num_layers=_num_layers(config),
         num_heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
-        input_names=TRAINING_INPUTS,
+        input_names=list(BATCH_INPUTS),
         opset=OPSET,
         ort_version=onnxruntime.__version__,
+        memory=memory,
+        backends=list(backends),
         labels=loaded.labels,
-        modules_to_save=heads,
         pad_token_id=int(pad),
         eos_token_id=tok.eos_token_id,
-        memory={"frozen_weight_bytes": frozen_bytes, "intermediate_size": int(
-            getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size),
-            "loss_chunks": opts.loss_chunks if loaded.task == "causal-lm" else 0,
-            **opts.memory},
     )

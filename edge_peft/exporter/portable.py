@@ -28,9 +28,10 @@ from safetensors.numpy import save as save_safetensors
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
+from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_STEP_MODEL
+from ..artifact.manifest import IGNORE_INDEX
+from ..artifact.names import BATCH_INPUTS, LOSS, grad_name, is_a
 from ..fileio import atomic_write_bytes
-from ..manifest import IGNORE_INDEX
-from ..portable_spec import BATCH_INPUTS, INITIAL_STATE, LOSS, STEP_MODEL, grad_name
 from . import graph
 from .portable_optim import append_update
 
@@ -148,7 +149,7 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
     copies for a step (``PortableBackend.gate_channels``: nested ranks)."""
     graph = proto.graph
     used = {name for node in graph.node for name in node.input}
-    kept = [i for i in graph.input if i.name not in values or (i.name.endswith(".lora_A.weight") and i.name in used)]
+    kept = [i for i in graph.input if i.name not in values or (is_a(i.name) and i.name in used)]
     del graph.input[:]
     graph.input.extend(kept)
     graph.initializer.extend(onnx.numpy_helper.from_array(np.ascontiguousarray(v), name)
@@ -165,7 +166,7 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     proto = export_gradient_model(model, causal, trainable, max_seq_len)
     params = dict(model.named_parameters())
     frozen = set(params) - set(trainable)
-    base = {i.name for i in proto.graph.initializer if i.name in frozen and not i.name.endswith(".lora_A.weight")}
+    base = {i.name for i in proto.graph.initializer if i.name in frozen and not is_a(i.name)}
     folded = graph.fold_transposes(proto, base)
     base = (base - set(folded)) | set(folded.values())
     if quantize:
@@ -173,9 +174,9 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
         _transpose_before_dequantize(proto)
     shapes = {name: list(params[name].shape) for name in trainable}
     append_update(proto.graph, shapes, weight_decay, max_grad_norm)
-    _save(proto, out / STEP_MODEL)
+    _save(proto, out / PORTABLE_STEP_MODEL)
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
-    atomic_write_bytes(out / INITIAL_STATE, save_safetensors(values))
+    atomic_write_bytes(out / PORTABLE_INITIAL_STATE, save_safetensors(values))
 
 
 def _transpose_before_dequantize(proto: onnx.ModelProto) -> None:

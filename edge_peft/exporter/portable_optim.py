@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..portable_spec import BETAS, LR, STEP, accumulated, grad_name, moment_names, updated
+from ..artifact.manifest import ADAMW_BETAS
+from ..artifact.names import LR, STEP, accumulated, grad_name, moment_names, updated
 
 EPS = 1e-8
 CLIP_EPS = 1e-6
@@ -32,7 +33,7 @@ def append_update(graph: onnx.GraphProto, shapes: dict[str, list[int]], weight_d
     del graph.output[:]
     graph.output.extend(kept)
     nodes: list[onnx.NodeProto] = []
-    consts = {"b1": BETAS[0], "b2": BETAS[1], "1-b1": 1 - BETAS[0], "1-b2": 1 - BETAS[1], "one": 1.0, "eps": EPS,
+    consts = {"b1": ADAMW_BETAS[0], "b2": ADAMW_BETAS[1], "1-b1": 1 - ADAMW_BETAS[0], "1-b2": 1 - ADAMW_BETAS[1], "one": 1.0, "eps": EPS,
               "clip_eps": CLIP_EPS, "max_norm": max_grad_norm, "wd": weight_decay}
     graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), f"{PREFIX}{k}") for k, v in consts.items())
     c = {k: f"{PREFIX}{k}" for k in consts}

@@ -1,8 +1,9 @@
-"""Sample-weighted federated averaging of LoRA-FA adapters.
+"""Sample-weighted federated averaging of adapters whose variant averages exactly.
 
 Every LoRA-FA device shares the same frozen A (regenerated from its seed), so the mean of the B
 factors gives exactly the mean of the weight updates: sum_i w_i (s B_i A) = s (sum_i w_i B_i) A.
-Plain LoRA trains A too, and the mean of products is not the product of means: refused outright.
+Variants that train A (LoRA, DoRA) do not: the mean of products is not the product of means, and
+each refuses (``Variant.exact_average``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from ..adapters.peft_format import complete_tensors
-from ..adapters.spec import AdapterSpec
+from ..artifact.adapter_section import AdapterSpec
 from ..errors import UserError
 
 
@@ -20,16 +21,16 @@ class FederatedAverage:
     """Running sample-weighted mean over adapters added one at a time (memory: one adapter plus the sum)."""
 
     def __init__(self, spec: AdapterSpec) -> None:
-        _require_lora_fa(spec)
+        _require_exact(spec)
         self.spec = spec
-        self.a_keys = set(spec.expected_shapes(with_a=True)) - set(spec.expected_shapes(with_a=False))
+        self.a_keys = set(spec.expected_shapes()) - set(spec.expected_shapes(with_frozen=False))
         self.sums: dict[str, np.ndarray] = {}
         self.samples = 0
         self.count = 0
 
     def add(self, spec: AdapterSpec, tensors: Mapping[str, np.ndarray], samples: int, source: str) -> None:
         """Add one adapter trained on ``samples`` samples; refuse one that cannot be averaged exactly."""
-        _require_lora_fa(spec)
+        _require_exact(spec)
         if spec.compatibility_key() != self.spec.compatibility_key():
             raise UserError(f"{source} has other A seeds, ranks, targets or alpha than the first adapter: "
                             "only adapters exported from the same artifact can be averaged")
@@ -57,7 +58,7 @@ class FederatedAverage:
         return complete_tensors(self.spec, mean)
 
 
-def _require_lora_fa(spec: AdapterSpec) -> None:
-    if spec.variant != "lora-fa":
-        raise UserError(f"adapters of variant {spec.variant!r} train A, so averaging A and B separately is not the "
-                        "average of their updates B·A: export with --variant lora-fa for federated averaging")
+def _require_exact(spec: AdapterSpec) -> None:
+    if not spec.kind.exact_average:
+        raise UserError(f"adapters of variant {spec.variant!r} cannot be averaged exactly: {spec.kind.inexact_because}: "
+                        "export with --variant lora-fa for federated averaging")

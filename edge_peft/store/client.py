@@ -20,19 +20,19 @@ from typing import Any, Callable
 import httpx
 import numpy as np
 
-from ..adapters.peft_format import (CONFIG_NAME, WEIGHTS_NAME, check_tensors, complete_tensors, decode_adapter,
-                                    encode_adapter, expand_if_compact, peft_config)
+from ..adapters.peft_format import (check_tensors, complete_tensors, decode_adapter, encode_adapter, expand_if_compact,
+                                    peft_config)
 from ..adapters.ranks import keep_channels, nested_prefix, surviving_channels
-from ..adapters.spec import AdapterSpec, lora_a_from_seed, lora_key
+from ..artifact.adapter_section import AdapterSpec
+from ..artifact.files import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, OUTBOX, SUMMARY
+from ..artifact.manifest import load_manifest
+from ..artifact.names import is_a
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json
-from ..manifest import load_manifest
 from .wire import PUSH_MEDIA_TYPE, encode_push
 
-OUTBOX = "outbox"
 ENTRY_META = "push.json"
 PULLED_NAME = "pulled.json"
-SUMMARY_NAME = "summary.json"
 TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
 
 
@@ -121,16 +121,16 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
     ``ranks.nested_prefix``: a smaller upload). The store expands compact pushes to the full rank with zero columns.
     """
     run = Path(run_dir)
-    spec = AdapterSpec.from_manifest(load_manifest(run))
-    weights = run / "adapter" / WEIGHTS_NAME
+    spec = load_manifest(run).adapter
+    weights = run / ADAPTER / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise UserError(f"{weights} is missing: pass a run directory written by `edge-peft train`")
     data = weights.read_bytes()
     if b_only is None:
-        b_only = spec.variant == "lora-fa"
+        b_only = not spec.kind.trains_a
     if b_only or rank is not None:
         data = _payload(spec, data, str(weights), rank, drop_a=b_only)
-    summary = _read_summary(run / SUMMARY_NAME)
+    summary = _read_summary(run / SUMMARY)
     meta = {
         "spec": spec.to_dict(),
         "samples": summary["samples"],
@@ -145,24 +145,21 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
 def _payload(spec: AdapterSpec, data: bytes, source: str, rank: int | None, drop_a: bool) -> bytes:
     """The adapter to upload: a nested-rank run's rank-``rank`` adapter, or (``rank`` None) the surviving
     ones, compact when fewer than all; without the seeded A when ``drop_a``."""
-    if drop_a and spec.variant != "lora-fa":
+    if drop_a and spec.kind.trains_a:
         raise UserError(f"{source} is a {spec.variant!r} adapter whose A is trained: push it with --full")
     tensors, file_meta = decode_adapter(data, source)
     expanded = expand_if_compact(spec, tensors, file_meta, source)
-    check_tensors(spec, expanded, source, require_a=False)
+    check_tensors(spec, expanded, source)
     full = complete_tensors(spec, expanded)
     if drop_a:
-        for m in spec.modules:
-            if not np.array_equal(full[lora_key(m.name, "A")], lora_a_from_seed(m.a_seed, m.rank, m.in_features)):
-                raise UserError(f"{source}: {lora_key(m.name, 'A')} differs from the A its seed regenerates: "
-                                "push with --full")
+        spec.kind.check_seeded(spec.modules, full, source)
     if rank is not None:
         full, channels, file_meta = nested_prefix(spec, full, file_meta, rank)
     else:
         channels = surviving_channels(spec, full)
     kept, meta, _ = keep_channels(spec, full, channels, file_meta)
     if drop_a:
-        kept = {k: v for k, v in kept.items() if not k.endswith(".lora_A.weight")}
+        kept = {k: v for k, v in kept.items() if not is_a(k)}
     return encode_adapter(spec, kept, extra_meta=meta)
 
 
@@ -190,7 +187,7 @@ class OutboxEntry:
     store: str | None
 
     def adapter(self) -> bytes:
-        return (self.path / WEIGHTS_NAME).read_bytes()
+        return (self.path / ADAPTER_WEIGHTS).read_bytes()
 
 
 def enqueue(run_dir: str | os.PathLike, base: str, meta: dict[str, Any], adapter: bytes,
@@ -202,7 +199,7 @@ def enqueue(run_dir: str | os.PathLike, base: str, meta: dict[str, Any], adapter
     final = Path(run_dir) / OUTBOX / f"{time.time_ns():020d}-{meta['sha256'][:16]}"
     record = {"base": base, "meta": meta, "store": store, "queued": datetime.now(timezone.utc).isoformat()}
     with atomic_directory(final) as tmp:
-        atomic_write_bytes(tmp / WEIGHTS_NAME, adapter)
+        atomic_write_bytes(tmp / ADAPTER_WEIGHTS, adapter)
         atomic_write_json(tmp / ENTRY_META, record)
     return OutboxEntry(final, base, meta, store), True
 
@@ -294,11 +291,11 @@ def pull(client: StoreClient, base: str, out_dir: str | os.PathLike, device: str
         raise UserError(f"the adapter downloaded from {client.url} does not match its sha256: the transfer was corrupted; pull again")
     spec = client.spec(base)
     tensors, _ = decode_adapter(data, "pulled adapter")
-    check_tensors(spec, tensors, "pulled adapter", require_a=True)
+    check_tensors(spec, tensors, "pulled adapter", complete=True)
     pulled = {**source, "version": int(response.headers["X-Edge-Peft-Version"]), "sha256": sha, "store": client.url}
     with atomic_directory(out, overwrite=True) as tmp:
-        atomic_write_bytes(tmp / WEIGHTS_NAME, data)
-        atomic_write_json(tmp / CONFIG_NAME, peft_config(spec))
+        atomic_write_bytes(tmp / ADAPTER_WEIGHTS, data)
+        atomic_write_json(tmp / ADAPTER_CONFIG, peft_config(spec))
         atomic_write_json(tmp / PULLED_NAME, pulled)
     return pulled
 

@@ -15,9 +15,9 @@ import numpy as np
 from ..adapters.peft_format import (PEFT_TASK_TYPES, check_tensors, complete_tensors, decode_adapter, encode_adapter,
                                     expand_if_compact)
 from ..adapters.ranks import CHANNELS_KEY
-from ..adapters.spec import AdapterSpec, lora_a_from_seed, lora_key
+from ..artifact.adapter_section import AdapterSpec
 from ..errors import UserError
-from ..manifest import VARIANTS
+from ..variants import get_variant
 from .aggregate import FederatedAverage
 from .auth import ADMIN, authenticate, check_device_id, check_fingerprint, hash_token, new_token, Principal
 from .blobs import SHA256_HEX, FileBlobStore
@@ -148,7 +148,7 @@ class AdapterStore:
 
     def _check_spec_size(self, spec: AdapterSpec) -> None:
         """Refuse a spec whose full adapter would dwarf the body limit (A is rebuilt in memory)."""
-        nbytes = 4 * sum(math.prod(shape) for shape in spec.expected_shapes(with_a=True).values())
+        nbytes = 4 * sum(math.prod(shape) for shape in spec.expected_shapes().values())
         if nbytes > 4 * self.max_body_bytes:
             raise StoreError(413, f"the spec describes a {nbytes >> 20} MiB adapter, over this store's limit: "
                                   "raise the server's --max-body-mb")
@@ -159,19 +159,14 @@ class AdapterStore:
         try:
             tensors, file_meta = decode_adapter(data, "pushed adapter")
             tensors = expand_if_compact(spec, tensors, file_meta, "pushed adapter")
-            check_tensors(spec, tensors, "pushed adapter", require_a=spec.variant != "lora-fa")
+            check_tensors(spec, tensors, "pushed adapter")
+            spec.kind.check_seeded(spec.modules, tensors, "pushed adapter")
         except UserError as exc:
             raise StoreError(422, str(exc)) from None
         for key in ("base_fingerprint", "variant", "seed"):
             if key in file_meta and file_meta[key] != getattr(spec, key):
                 raise StoreError(422, f"the adapter file says {key}={file_meta[key]!r}, the spec sent says "
                                       f"{getattr(spec, key)!r}: push the run directory the adapter was trained in")
-        if spec.variant == "lora-fa":
-            for m in spec.modules:
-                a = tensors.get(lora_key(m.name, "A"))
-                if a is not None and not np.array_equal(a, lora_a_from_seed(m.a_seed, m.rank, m.in_features)):
-                    raise StoreError(422, f"{lora_key(m.name, 'A')} is not the frozen LoRA-FA A of seed {m.a_seed}: "
-                                          "a LoRA-FA adapter must keep A as regenerated from its seed")
         return tensors, file_meta
 
     # --- pull ------------------------------------------------------------------------------------
@@ -270,8 +265,10 @@ def parse_spec(raw: Any, base: str) -> AdapterSpec:
     problems = []
     if spec.base_fingerprint != base:
         problems.append("its base_fingerprint is not the base pushed to")
-    if spec.variant not in VARIANTS:
-        problems.append(f"variant {spec.variant!r} not in {VARIANTS}")
+    try:
+        get_variant(spec.variant)
+    except UserError as exc:
+        problems.append(str(exc).split(":")[0])
     if spec.task not in PEFT_TASK_TYPES:
         problems.append(f"task {spec.task!r} not in {tuple(PEFT_TASK_TYPES)}")
     if not spec.modules:

@@ -1,4 +1,4 @@
-"""Adaptive rank allocation (AdaLoRA) and nested ranks (DyLoRA) as step hooks on adapter values.
+"""Adaptive rank allocation (AdaLoRA) as a step hook on adapter values.
 
 AdaLoRA writes the update as ``P diag(lambda) Q`` and prunes the triplets of lowest importance under
 a global budget. Here the update is ``B A`` with A frozen (LoRA-FA) or trained (LoRA); writing
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..adapters.ranks import nested_gain
-from ..adapters.spec import AdapterSpec
-from ..errors import UserError
-from .backend import TrainingBackend
-from .channels import a_name, b_name, zero_channels
+from ...adapters.channels import zero_channels
+from ...artifact.adapter_section import AdapterSpec
+from ...artifact.names import a_name, b_name
+from ...backends import TrainingBackend
+from ...errors import UserError
+from .base import substate
 
 
 def budget_at(step: int, total_steps: int, initial: int, target: int, warmup: int, final: int) -> int:
@@ -63,7 +64,7 @@ class AdaptiveRank:
         pass
 
     def after_backward(self, step: int) -> None:
-        lora = self.spec.variant == "lora"
+        lora = self.spec.kind.trains_a
         values = self.backend.trainable()
         grads = self.backend.gradients([b_name(m) for m in self.modules]
                                        + ([a_name(m) for m in self.modules] if lora else []))
@@ -87,7 +88,7 @@ class AdaptiveRank:
             return self.i_bar[name] * self.u_bar[name]
 
         score = s(lambda_name(module)) + s(b_name(module)).mean(axis=0)
-        if self.spec.variant == "lora":
+        if self.spec.kind.trains_a:
             score = score + s(a_name(module)).mean(axis=1)
         return score
 
@@ -114,7 +115,7 @@ class AdaptiveRank:
         for m in self.modules:
             dead = ~self.active[m]
             if dead.any():
-                for n in [b_name(m)] + ([a_name(m)] if self.spec.variant == "lora" else []):
+                for n in [b_name(m)] + ([a_name(m)] if self.spec.kind.trains_a else []):
                     changed[n] = zero_channels(values[n], n, dead)
         if changed:
             self.backend.set_trainable(changed)
@@ -130,8 +131,6 @@ class AdaptiveRank:
                 | {f"u_bar/{n}": v for n, v in self.u_bar.items()})
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        from .step_hooks import substate  # step_hooks builds these hooks
-
         self.active = {m: a.astype(bool) for m, a in substate(state, "active/").items()}
         self.i_bar, self.u_bar = substate(state, "i_bar/"), substate(state, "u_bar/")
 
@@ -139,43 +138,3 @@ class AdaptiveRank:
 def lambda_name(module: str) -> str:
     """Key of a channel's lambda-sensitivity in the importance state (lambda itself is folded into B)."""
     return f"{module}.lambda"
-
-
-class NestedRanks:
-    """DyLoRA: each step trains the first ``b`` channels of every module, ``b`` drawn uniformly from
-    1..r (seeded by step, so a resumed run draws the same), at the prefix's rank-stabilised scale
-    (``ranks.nested_gain``: ``sqrt(r / b)`` times the export's ``alpha / r``). The channels past ``b``
-    sit the step out (``backend.gate_channels`` with gain 0: no contribution, no update), so any prefix
-    ``k``, its B columns times ``nested_gain(r, k)``, is a working rank-``k`` adapter."""
-
-    def __init__(self, backend: TrainingBackend, spec: AdapterSpec, seed: int):
-        self.backend, self.spec, self.seed = backend, spec, seed
-        self.prefix = spec.rank
-
-    def draw(self, step: int) -> int:
-        return int(np.random.default_rng([self.seed, 7919, step]).integers(1, self.spec.rank + 1))
-
-    def gains(self, b: int) -> np.ndarray:
-        """Per channel: ``nested_gain(r, b)`` for the first ``b``, 0 past them."""
-        r = self.spec.rank
-        return np.where(np.arange(r) < b, nested_gain(r, b), 0.0).astype(np.float32)
-
-    def before_step(self, step: int) -> None:
-        self.prefix = b = self.draw(step)
-        if b < self.spec.rank:
-            self.backend.gate_channels({m.name: self.gains(b) for m in self.spec.modules})
-
-    def after_backward(self, step: int) -> None:
-        pass
-
-    def after_update(self, step: int) -> None:
-        pass
-
-    def metrics(self, step: int) -> dict:
-        return {"rank_prefix": self.prefix}
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        pass

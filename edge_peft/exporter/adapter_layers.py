@@ -1,7 +1,7 @@
-"""LoRA / LoRA-FA layer on the torch side (export and reference tests only; never on the device).
+"""The adapter layers on the torch side (export and reference tests only; never on the device).
 
-``y = base(x) + (alpha / r) * B(A(x))``. ``A`` is drawn from a recorded seed (numpy, see
-``spec.lora_a_from_seed``) and frozen for LoRA-FA; ``B`` starts at zero and is trained.
+``LoraLinear``: ``y = base(x) + (alpha / r) * B(A(x))``. ``A`` is drawn from a recorded seed (numpy,
+``variants.lora_a_from_seed``) and frozen for LoRA-FA; ``B`` starts at zero and is trained.
 Parameter names follow PEFT (``<module>.lora_A.weight`` [r, in], ``<module>.lora_B.weight`` [out, r])
 so ONNX initializer names map one-to-one onto PEFT safetensors keys.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .spec import lora_a_from_seed
+from ..variants import lora_a_from_seed
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

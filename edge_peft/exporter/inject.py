@@ -1,13 +1,14 @@
-"""Find target modules in a transformers model and wrap them with ``LoraLinear``."""
+"""Find target modules in a transformers model and replace each with its variant's adapter layer."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..artifact.adapter_section import AdapterModule
+from ..artifact.names import layer_index
 from ..errors import UserError
-from ..manifest import AdapterModule
-from .layer import LoraLinear, linear_shape
-from .spec import layer_index
+from ..variants import Variant
+from .adapter_layers import linear_shape
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -31,9 +32,10 @@ def find_targets(model: nn.Module, targets: list[str], layers: set[int] | None =
     return found
 
 
-def inject_lora(model: nn.Module, names: list[str], rank: int, alpha: float, seed: int,
-                train_a: bool = False) -> list[AdapterModule]:
-    """Replace each named linear layer with a ``LoraLinear``; freeze everything but the adapters.
+def inject_adapters(model: nn.Module, names: list[str], variant: Variant, rank: int, alpha: float,
+                    seed: int) -> list[AdapterModule]:
+    """Replace each named linear layer with ``variant``'s adapter layer; freeze everything, then let the
+    variant's trained tensors train.
 
     The ``A`` of the i-th adapted module is drawn from seed ``seed + i``; both are written to the manifest.
     """
@@ -47,6 +49,11 @@ def inject_lora(model: nn.Module, names: list[str], rank: int, alpha: float, see
         in_f, out_f = linear_shape(base)
         if rank <= 0 or rank > min(in_f, out_f):
             raise UserError(f"--rank {rank} does not fit {name} ({in_f} -> {out_f}): choose 1..{min(in_f, out_f)}")
-        setattr(parent, child, LoraLinear(base, rank, alpha, seed + i, train_a=train_a))
-        modules.append(AdapterModule(name=name, in_features=in_f, out_features=out_f, rank=rank, a_seed=seed + i))
+        module = AdapterModule(name=name, in_features=in_f, out_features=out_f, rank=rank, a_seed=seed + i)
+        setattr(parent, child, variant.torch_layer(base, module, alpha))
+        modules.append(module)
+    params = dict(model.named_parameters())
+    for m in modules:
+        for tensor in variant.trained(m):
+            params[tensor].requires_grad_(True)
     return modules

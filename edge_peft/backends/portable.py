@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
-from ..adapters.spec import AdapterSpec, lora_a_from_seed
+from ..adapters.channels import copy_channels, gate, ungate
+from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_STEP_MODEL
+from ..artifact.manifest import ADAMW_BETAS, Manifest
+from ..artifact.names import (ATTENTION_MASK, BATCH_INPUTS, INPUT_IDS, LABELS, LOSS, LOSS_SCALE, LR, STEP, a_name,
+                              accumulated, b_name, moment_names, updated)
 from ..errors import UserError
 from ..fileio import atomic_write_bytes
-from ..manifest import Manifest
-from ..portable_spec import (BATCH_INPUTS, BETAS, INITIAL_STATE, LOSS, LR, STEP, STEP_MODEL, accumulated, moment_names,
-                             updated)
-from .channels import a_name, b_name, copy_channels, gate, ungate
-from .data import Batch
-from .ort_api import onnxruntime_module, quiet_logs, session_options
+from ..variants import lora_a_from_seed
+from .base import MemoryFactors
+from .names import PORTABLE
+from .runtime import onnxruntime_module, quiet_logs, session_options
 
+if TYPE_CHECKING:
+    from ..device.data import Batch
+
+MB = 1024 * 1024
 STATE_FORMAT = "edge-peft-portable-state-1"
 # ConstantFolding would run DequantizeLinear once at load and keep fp32 copies of the int8 weights; the
 # transpose optimizer would push the weights' transposes through DequantizeLinear as uint8 Q/DQ pairs,
@@ -33,22 +40,20 @@ STATE_FORMAT = "edge-peft-portable-state-1"
 DISABLED_OPTIMIZERS = ["ConstantFolding", "TransposeOptimizer"]
 
 
-def is_portable_state(path: Path) -> bool:
-    """True when ``path`` is a state file this backend wrote (safetensors with our format tag)."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            return 0 < size < 1 << 26 and STATE_FORMAT.encode() in f.read(size)
-    except OSError:
-        return False
-
-
 class PortableBackend:
     """``TrainingBackend`` over the one plain ONNX training-step graph."""
 
+    name = PORTABLE
+    # Fit of benchmarks/calibration/memory_portable.json (plain onnxruntime 1.32), 2026-11-25: it keeps the int8
+    # LM head's fp32 copy and the full logits longer than the ORT API, the rest less; fp32 floor fitted by hand
+    # to MiniLM fp32 at 1x32..8x32.
+    memory_factors = MemoryFactors(runtime=int(39.6 * MB), session=int(57.4 * MB), weight_load=0.841,
+                                   step=int(9.0 * MB), dequant=0.0, token=0.649, score=1.475, logit=4.428,
+                                   chunked_logit=0.0, fp32_floor=0.4, dequantized_head=1.126)
+
     def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
                  provider: str = "CPUExecutionProvider"):
-        if not (artifact / STEP_MODEL).is_file():
+        if not (artifact / PORTABLE_STEP_MODEL).is_file():
             raise UserError(f"{artifact} has no portable training-step graph: re-export it with "
                             "`edge-peft export --backend portable` (or both)")
         ort = onnxruntime_module()
@@ -60,23 +65,54 @@ class PortableBackend:
         options.enable_cpu_mem_arena = False  # as the ORT backend: linear, predictable RSS
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacking copies every weight
         # A memory pattern preallocates one block for all of a run's activations: past glibc's mmap threshold
-        # it is page-faulted in afresh every step. Per-tensor allocations reuse the heap pages the last
-        # step freed (memory.reuse_freed_memory, runs without a budget): +21 % tokens/s, -5 % peak (MiniLM 8 x 128).
+        # it is page-faulted in afresh every step; per-tensor allocations reuse the pages the last step freed.
         options.enable_mem_pattern = False
-        self._session = ort.InferenceSession(str(artifact / STEP_MODEL), options, providers=providers,
+        self._session = ort.InferenceSession(str(artifact / PORTABLE_STEP_MODEL), options, providers=providers,
                                              disabled_optimizers=DISABLED_OPTIMIZERS)
         inputs = {i.name for i in self._session.get_inputs()}
         self.names = [i.name for i in self._session.get_inputs()
                       if i.name not in BATCH_INPUTS and accumulated(i.name) in inputs]
         self._overridable = {i.name for i in self._session.get_overridable_initializers()}
         self._outputs = [LOSS, *[updated(x) for n in self.names for x in (n, *moment_names(n), accumulated(n))]]
-        self._load(state_path or artifact / INITIAL_STATE)
+        self._load(state_path or artifact / PORTABLE_INITIAL_STATE)
         self._lr = 0.0
         self._pending: dict[str, np.ndarray] | None = None  # outputs of the step's latest micro-batch
         self._gated: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # name -> (old, gated, gains)
         self._moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # gated tensors' moments before the step
         self._frozen_feeds: dict[str, np.ndarray] = {}  # gated LoRA-FA A factors, fed in place of the graph's own
         self._seeded: dict[str, np.ndarray] = {}  # LoRA-FA's seeded A factors, once gating needs them
+
+    # -- the backend as a kind ----------------------------------------------------------------
+    @classmethod
+    def installed(cls) -> bool:
+        return True  # plain onnxruntime: a dependency of every device install
+
+    @classmethod
+    def chunked_loss(cls, loss_chunks: int) -> bool:
+        return False  # the portable graph computes full logits
+
+    @classmethod
+    def owns_state(cls, path: Path) -> bool:
+        """True when ``path`` is a state file this backend wrote (safetensors with our format tag)."""
+        try:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                return 0 < size < 1 << 26 and STATE_FORMAT.encode() in f.read(size)
+        except OSError:
+            return False
+
+    @classmethod
+    def initial_trainable(cls, artifact: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+        return dict(load((artifact / PORTABLE_INITIAL_STATE).read_bytes()))
+
+    @classmethod
+    def write_initial_trainable(cls, artifact: Path, manifest: Manifest, tensors: dict[str, np.ndarray]) -> list[str]:
+        current = cls.initial_trainable(artifact, manifest)
+        names = [n for n in current if n in tensors]
+        current.update({n: np.ascontiguousarray(tensors[n], dtype=np.float32).reshape(current[n].shape)
+                        for n in names})
+        atomic_write_bytes(artifact / PORTABLE_INITIAL_STATE, save(current))
+        return names
 
     def _load(self, path: Path) -> None:
         try:
@@ -109,10 +145,10 @@ class PortableBackend:
     def start_step(self, lr: float) -> None:
         self._lr, self._pending = lr, None
 
-    def _run(self, batch: Batch, scale: float, outputs: list[str]) -> tuple[float, dict[str, np.ndarray]]:
+    def _run(self, batch: "Batch", scale: float, outputs: list[str]) -> tuple[float, dict[str, np.ndarray]]:
         acc = self._pending or {}
-        feeds = {"input_ids": batch.input_ids.astype(np.int64), "attention_mask": batch.attention_mask.astype(np.int64),
-                 "labels": batch.labels.astype(np.int64), "loss_scale": np.array(scale, dtype=np.float32),
+        feeds = {INPUT_IDS: batch.input_ids.astype(np.int64), ATTENTION_MASK: batch.attention_mask.astype(np.int64),
+                 LABELS: batch.labels.astype(np.int64), LOSS_SCALE: np.array(scale, dtype=np.float32),
                  LR: np.array(self._lr, dtype=np.float32), STEP: np.array(self.step + 1, dtype=np.int64)}
         for n in self.names:
             m, v = moment_names(n)
@@ -122,7 +158,7 @@ class PortableBackend:
         loss, *rest = self._session.run(outputs, feeds)
         return float(loss), dict(zip(outputs[1:], rest))
 
-    def forward_backward(self, batch: Batch, scale: float = 1.0) -> float:
+    def forward_backward(self, batch: "Batch", scale: float = 1.0) -> float:
         loss, self._pending = self._run(batch, scale, self._outputs)
         return loss
 
@@ -139,8 +175,8 @@ class PortableBackend:
             self.values[n] = ungate(old, gated, self.values[n], n, gains)
             if stepped:
                 m, v = self._moments[n]
-                self.m[n] = copy_channels(self.m[n], BETAS[0] * m, n, gains == 0)
-                self.v[n] = copy_channels(self.v[n], BETAS[1] * v, n, gains == 0)
+                self.m[n] = copy_channels(self.m[n], ADAMW_BETAS[0] * m, n, gains == 0)
+                self.v[n] = copy_channels(self.v[n], ADAMW_BETAS[1] * v, n, gains == 0)
         self._gated, self._moments, self._frozen_feeds = {}, {}, {}
 
     def gate_channels(self, gains: dict[str, np.ndarray]) -> None:
@@ -159,14 +195,14 @@ class PortableBackend:
     def _seeded_a(self, name: str) -> np.ndarray:
         """A frozen LoRA-FA A as exported (regenerated from its seed), if the graph lets the loop feed it."""
         if name not in self._overridable:
-            raise UserError(f"{self.artifact / STEP_MODEL} does not let the loop scale rank channels ({name} is a "
+            raise UserError(f"{self.artifact / PORTABLE_STEP_MODEL} does not let the loop scale rank channels ({name} is a "
                             "constant): re-export the artifact with this version of edge-peft")
         if not self._seeded:  # every module is gated together: regenerate them all once
             self._seeded = {a_name(m.name): lora_a_from_seed(m.a_seed, m.rank, m.in_features)
-                            for m in AdapterSpec.from_manifest(self.manifest).modules}
+                            for m in self.manifest.adapter.modules}
         return self._seeded[name]
 
-    def eval_loss(self, batch: Batch) -> float:
+    def eval_loss(self, batch: "Batch") -> float:
         """Loss through the step graph (its update is discarded): no second copy of the weights."""
         return self._run(batch, 1.0, [LOSS])[0]
 
@@ -195,28 +231,14 @@ class PortableBackend:
         except ImportError:
             raise UserError("reading frozen tensors of a portable artifact needs the onnx package: "
                             "pip install onnx") from None
-        model = onnx.load(str(self.artifact / STEP_MODEL))
+        model = onnx.load(str(self.artifact / PORTABLE_STEP_MODEL))
         for init in model.graph.initializer:
             if init.name == name:
                 return numpy_helper.to_array(init).copy()
-        raise UserError(f"{name} is not a frozen tensor of {self.artifact / STEP_MODEL}: check the name")
+        raise UserError(f"{name} is not a frozen tensor of {self.artifact / PORTABLE_STEP_MODEL}: check the name")
 
 
 def _header(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of safetensors bytes."""
     size = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + size]).get("__metadata__", {}) or {}
-
-
-def initial_trainable(artifact: Path) -> dict[str, np.ndarray]:
-    """The trainable tensors a fresh portable run starts from."""
-    return dict(load((artifact / INITIAL_STATE).read_bytes()))
-
-
-def write_initial_trainable(artifact: Path, tensors: dict[str, np.ndarray]) -> list[str]:
-    """Replace the start values of the named trainable tensors (``adapter load``); returns the names written."""
-    current = initial_trainable(artifact)
-    names = [n for n in current if n in tensors]
-    current.update({n: np.ascontiguousarray(tensors[n], dtype=np.float32).reshape(current[n].shape) for n in names})
-    atomic_write_bytes(artifact / INITIAL_STATE, save(current))
-    return names

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def b_name(module: str) -> str:
-    """ONNX name of a module's B (ONNX names are PEFT keys without the prefix)."""
-    return f"{module}.lora_B.weight"
-
-
-def a_name(module: str) -> str:
-    return f"{module}.lora_A.weight"
+from ..artifact.names import is_b
 
 
 def _index(name: str, channels: np.ndarray) -> tuple:
     """Index of the selected channels in B (columns) or A (rows)."""
-    return (slice(None), channels) if name.endswith(".lora_B.weight") else (channels, slice(None))
+    return (slice(None), channels) if is_b(name) else (channels, slice(None))
 
 
 def zero_channels(value: np.ndarray, name: str, channels: np.ndarray) -> np.ndarray:
@@ -37,7 +30,7 @@ def copy_channels(value: np.ndarray, source: np.ndarray, name: str, channels: np
 def gate(value: np.ndarray, name: str, gains: np.ndarray) -> np.ndarray:
     """The tensor a gated step runs with (``gains``: a float per channel, 0 = sit the step out): B with
     its gain-0 columns zeroed, A with each row times its channel's gain."""
-    if name.endswith(".lora_B.weight"):
+    if is_b(name):
         return zero_channels(value, name, gains == 0)
     return value * gains[:, None].astype(value.dtype)
 
@@ -45,5 +38,5 @@ def gate(value: np.ndarray, name: str, gains: np.ndarray) -> np.ndarray:
 def ungate(old: np.ndarray, gated: np.ndarray, stepped: np.ndarray, name: str, gains: np.ndarray) -> np.ndarray:
     """Values after a gated step: gain-0 channels keep ``old``; B's other columns keep the step's values;
     A's other rows get the step's change on top of their own values (so a frozen A is ``old`` again)."""
-    out = stepped if name.endswith(".lora_B.weight") else old + (stepped - gated)  # copy_channels copies
+    out = stepped if is_b(name) else old + (stepped - gated)  # copy_channels copies
     return copy_channels(out, old, name, gains == 0)

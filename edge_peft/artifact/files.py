@@ -1,0 +1,54 @@
+"""File names of an artifact directory, a run directory and a PEFT adapter directory: the one place they are spelled.
+
+```
+artifact/                       written by `edge-peft export`
+  manifest.json                 MANIFEST
+  tokenizer.json                TOKENIZER
+  inference_model.onnx          INFERENCE_MODEL: forward graph, adapters as inputs
+  training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint      ORT_FILES (backend "ort")
+  portable_step.onnx, portable_init.safetensors                                PORTABLE_FILES (backend "portable")
+  warm_start.json               WARM_START: the adapter `adapter load` warm-started it from
+  layer_probe.json              LAYER_PROBE: why `--layers auto:N` chose its blocks
+
+run/                            written by `edge-peft train`
+  run.json                      RUN_INFO: artifact, data fingerprint, options, memory plan
+  manifest.json                 MANIFEST (copy of the artifact's)
+  checkpoint/                   CHECKPOINT: state, trainer.json, hooks.safetensors
+  adapter/                      ADAPTER: the current adapter, PEFT format
+  metrics.jsonl, summary.json   METRICS, SUMMARY
+  outbox/                       OUTBOX: pushes queued while the store was unreachable
+
+adapter/                        PEFT format
+  adapter_config.json           ADAPTER_CONFIG
+  adapter_model.safetensors     ADAPTER_WEIGHTS
+```
+"""
+
+from __future__ import annotations
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+INFERENCE_MODEL = "inference_model.onnx"
+ORT_TRAINING_MODEL = "training_model.onnx"
+ORT_EVAL_MODEL = "eval_model.onnx"
+ORT_OPTIMIZER_MODEL = "optimizer_model.onnx"
+ORT_CHECKPOINT = "checkpoint"
+ORT_FILES = (ORT_TRAINING_MODEL, ORT_EVAL_MODEL, ORT_OPTIMIZER_MODEL, ORT_CHECKPOINT)
+PORTABLE_STEP_MODEL = "portable_step.onnx"
+PORTABLE_INITIAL_STATE = "portable_init.safetensors"  # the trainable tensors a fresh portable run starts from
+PORTABLE_FILES = (PORTABLE_STEP_MODEL, PORTABLE_INITIAL_STATE)
+WARM_START = "warm_start.json"
+LAYER_PROBE = "layer_probe.json"
+
+RUN_INFO = "run.json"
+CHECKPOINT = "checkpoint"
+CHECKPOINT_STATE = "state"  # inside CHECKPOINT: the backend's training state
+CHECKPOINT_TRAINER = "trainer.json"  # inside CHECKPOINT: step and totals
+CHECKPOINT_HOOKS = "hooks.safetensors"  # inside CHECKPOINT: the step hooks' arrays
+ADAPTER = "adapter"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+OUTBOX = "outbox"
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -1,0 +1,132 @@
+"""The ``ort`` backend: ONNX Runtime's on-device training API (``onnxruntime-training-cpu==1.19.2``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..adapters.channels import gate, ungate
+from ..artifact.files import ORT_CHECKPOINT, ORT_EVAL_MODEL, ORT_OPTIMIZER_MODEL, ORT_TRAINING_MODEL
+from ..artifact.manifest import Manifest
+from ..artifact.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS_SCALE, a_name, b_name
+from .base import MemoryFactors
+from .names import ORT
+from .runtime import quiet_logs, session_options, training_api, training_api_installed
+
+if TYPE_CHECKING:
+    from ..device.data import Batch
+
+MB = 1024 * 1024
+CHECKPOINT_MAGIC = b"ODTC"  # the flatbuffer file identifier of ORT training checkpoints (bytes 4-8)
+
+
+class OrtTrainingBackend:
+    """``TrainingBackend`` over ORT's ``Module``/``Optimizer``/``CheckpointState``."""
+
+    name = ORT
+    # Fit of benchmarks/calibration/memory_ort.json, 2026-11-25 (arena off, predictable_memory, 2 threads).
+    memory_factors = MemoryFactors(runtime=int(39.8 * MB), session=int(44.0 * MB), weight_load=1.046,
+                                   step=int(21.2 * MB), dequant=0.413, token=1.071, score=1.169, logit=3.090,
+                                   chunked_logit=0.522)
+
+    def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
+                 provider: str = "CPUExecutionProvider"):
+        api = training_api()
+        quiet_logs()
+        self._api = api
+        self.manifest = manifest
+        options = session_options(threads)
+        options.enable_cpu_mem_arena = False  # arena growth is step-shaped; malloc is linear and predictable
+        self.state = api.CheckpointState.load_checkpoint(os.fspath(state_path or artifact / ORT_CHECKPOINT))
+        self.module = api.Module(os.fspath(artifact / ORT_TRAINING_MODEL), self.state,
+                                 os.fspath(artifact / ORT_EVAL_MODEL), session_options=options)
+        self.optimizer = api.Optimizer(os.fspath(artifact / ORT_OPTIMIZER_MODEL), self.module)
+        self.names = [name for name, param in self.state.parameters if param.requires_grad]
+        self._gated: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # name -> (old, gated, gains)
+
+    # -- the backend as a kind ----------------------------------------------------------------
+    @classmethod
+    def installed(cls) -> bool:
+        return training_api_installed()
+
+    @classmethod
+    def chunked_loss(cls, loss_chunks: int) -> bool:
+        return loss_chunks > 0
+
+    @classmethod
+    def owns_state(cls, path: Path) -> bool:
+        try:
+            with open(path, "rb") as fh:
+                return fh.read(8)[4:8] == CHECKPOINT_MAGIC
+        except OSError:
+            return False
+
+    @classmethod
+    def initial_trainable(cls, artifact: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+        state = training_api().CheckpointState.load_checkpoint(os.fspath(artifact / ORT_CHECKPOINT))
+        return {name: np.array(p.data) for name, p in state.parameters if p.requires_grad}
+
+    @classmethod
+    def write_initial_trainable(cls, artifact: Path, manifest: Manifest, tensors: dict[str, np.ndarray]) -> list[str]:
+        """Written through a live training session (writing into a bare loaded ``CheckpointState`` crashes
+        ORT 1.19.2); the checkpoint is replaced atomically."""
+        backend = cls(artifact, manifest, threads=1)
+        names = [n for n in backend.names if n in tensors]
+        backend.set_trainable({n: tensors[n] for n in names})
+        tmp = artifact / f".{ORT_CHECKPOINT}.tmp"
+        backend.save_state(tmp, include_optimizer=False)
+        os.replace(tmp, artifact / ORT_CHECKPOINT)
+        return names
+
+    # -- training -----------------------------------------------------------------------------
+    def _inputs(self, batch: "Batch", scale: float) -> list[np.ndarray]:
+        feeds = {INPUT_IDS: batch.input_ids, ATTENTION_MASK: batch.attention_mask,
+                 LABELS: batch.labels.reshape(-1), LOSS_SCALE: np.array(scale, dtype=np.float32)}
+        return [feeds[name] for name in self.module.input_names()]
+
+    def forward_backward(self, batch: "Batch", scale: float = 1.0) -> float:
+        self.module.train()
+        return float(self.module(*self._inputs(batch, scale))) / scale
+
+    def start_step(self, lr: float) -> None:
+        self.optimizer.set_learning_rate(float(lr))
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        for name, (old, gated, gains) in self._gated.items():
+            self.state.parameters[name] = ungate(old, gated, self.state.parameters[name].data, name, gains)
+        self._gated = {}
+
+    def gate_channels(self, gains: dict[str, np.ndarray]) -> None:
+        """Write the gated A (frozen or not: the checkpoint state holds both) and B for the step: gain-0
+        channels then have exactly zero contribution and gradients; ``optimizer_step`` ungates."""
+        for module, g in gains.items():
+            for name in (b_name(module), a_name(module)):
+                old = np.array(self.state.parameters[name].data, copy=True)
+                self._gated[name] = (old, gate(old, name, g), g)
+                self.state.parameters[name] = self._gated[name][1]
+
+    def eval_loss(self, batch: "Batch") -> float:
+        self.module.eval()
+        return float(self.module(*self._inputs(batch, 1.0)))
+
+    # -- tensors by name ----------------------------------------------------------------------
+    def trainable(self) -> dict[str, np.ndarray]:
+        return {name: np.array(self.state.parameters[name].data, copy=True) for name in self.names}
+
+    def set_trainable(self, tensors: dict[str, np.ndarray]) -> None:
+        for name, value in tensors.items():
+            self.state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+
+    def frozen(self, name: str) -> np.ndarray:
+        return np.array(self.state.parameters[name].data, copy=True)
+
+    def gradients(self, names: list[str]) -> dict[str, np.ndarray]:
+        return {name: np.array(self.state.parameters[name].grad, copy=True) for name in names}
+
+    def save_state(self, path: Path, include_optimizer: bool = True) -> None:
+        self._api.CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=include_optimizer)
