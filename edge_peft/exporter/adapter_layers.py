@@ -41,3 +41,32 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+class DoraLinear(LoraLinear):
+    """DoRA: ``m / ||W + s B A||_row`` rescales each output channel of the LoRA-updated layer (PEFT's formula,
+    with the norm differentiated rather than detached). ``lora_magnitude_vector`` [out] starts at the row
+    norms of ``W``, so a fresh layer equals the base layer."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, a_seed: int, train_a: bool = False):
+        super().__init__(base_layer, rank, alpha, a_seed, train_a)
+        with torch.no_grad():
+            self.lora_magnitude_vector = nn.Parameter(_row_norm(self._weight()))
+
+    def _weight(self) -> torch.Tensor:
+        """The frozen weight as [out, in] (GPT-2's ``Conv1D`` stores it [in, out])."""
+        w = self.base_layer.weight
+        return w.t() if type(self.base_layer).__name__ == "Conv1D" else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = _row_norm(self._weight() + self.scaling * (self.lora_B.weight @ self.lora_A.weight))
+        scale = self.lora_magnitude_vector / norm
+        base = self.base_layer(x)
+        bias = getattr(self.base_layer, "bias", None)
+        unbiased = base if bias is None else base - bias
+        return base + (scale - 1) * unbiased + scale * self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def _row_norm(w: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each row, in ops every exporter supports."""
+    return torch.sqrt((w * w).sum(dim=1))

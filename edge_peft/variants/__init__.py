@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .base import Variant, lora_a_from_seed
+from .dora import DoRA, DoRAFA
 from .lora import Lora, LoraFA
 
-REGISTRY: dict[str, Variant] = {v.name: v for v in (LoraFA(), Lora())}
+REGISTRY: dict[str, Variant] = {v.name: v for v in (LoraFA(), Lora(), DoRA(), DoRAFA())}
 DEFAULT = LoraFA.name
 
 
