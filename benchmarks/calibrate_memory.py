@@ -49,7 +49,7 @@ def worker(artifact: str, batch: int, seq: int, threads: int, backend_name: str)
     after_load = current_rss()
     rng = np.random.default_rng(0)
     ids = rng.integers(5, manifest.vocab_size, size=(batch, seq), dtype=np.int64)
-    labels = (rng.integers(0, manifest.num_labels, size=batch, dtype=np.int64) if manifest.num_labels
+    labels = (rng.integers(0, len(manifest.labels), size=batch, dtype=np.int64) if manifest.labels
               else rng.integers(5, manifest.vocab_size, size=(batch, seq), dtype=np.int64))
     for _ in range(3):
         backend.start_step(1e-3)

@@ -80,8 +80,9 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
         click.echo(f"the probe chose blocks {sorted(_blocks(manifest))} (scores in {out / 'layer_probe.json'})")
     else:
         manifest = export_artifact(model_dir, out, opts, overwrite=force)
-    click.echo(f"artifact written to {out}: {manifest.architecture}, {len(manifest.modules)} adapted modules, "
-               f"rank {manifest.rank}, base {manifest.quantization}, fingerprint {manifest.base_fingerprint}")
+    spec = manifest.adapter
+    click.echo(f"artifact written to {out}: {spec.architecture}, {len(spec.modules)} adapted modules, "
+               f"{spec.kind.title} rank {spec.rank}, base {manifest.quantization}, fingerprint {spec.base_fingerprint}")
 
 
 @main_group.command()

@@ -1,4 +1,4 @@
-"""``edge-peft demo``: the README's main job on the embedded default, end to end.
+"""``edge-peft demo``: the main job on the embedded default, end to end.
 
 Real model (all-MiniLM-L6-v2) and real data (BBC News topics), both installed from PyPI:
 export with an int8 base -> held-out accuracy before -> on-device training -> accuracy after ->

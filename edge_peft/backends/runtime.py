@@ -4,8 +4,8 @@
   itself needs only the native extension. We register a bare ``onnxruntime.training`` package object
   so that importing ``onnxruntime.training.api`` skips that ``__init__``.
 - ``import onnxruntime`` itself imports torch whenever torch is merely installed (its ``tools``
-  package loads PyTorch export helpers): 250 MB of resident memory measured here, for nothing the
-  device uses. ``onnxruntime_module()`` hides torch during that one import.
+  package loads PyTorch export helpers): a few hundred MB of resident memory for nothing the device
+  uses. ``onnxruntime_module()`` hides torch during that one import.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Forms: indices and ranges (``0,2,4-6``), the blocks nearest the output (``top:N``) or the input
 (``bottom:N``), or ``auto:N``: the N blocks that a short probe on the user's data finds most
-important (see ``probe_layer_importance``); plain ``auto`` with a memory budget: as many of those
+important (``layer_probe.probe_layers``); plain ``auto`` with a memory budget: as many of those
 blocks as the budget allows (``export_plan``).
 """
 

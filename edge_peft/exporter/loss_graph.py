@@ -1,8 +1,8 @@
 """A causal LM's training loss computed on the target tokens only, in chunks of the LM head.
 
 The naive training graph computes logits ``[B*T, V]`` for every position, then the cross-entropy;
-ORT keeps the logits, their log-softmax and their gradient: about 3.2 x ``B*T*V`` floats at the
-peak (``memory_model.LOGIT_FACTOR``). Here the LM head's input is instead
+ORT keeps the logits, their log-softmax and their gradient: a few times ``B*T*V`` floats at the
+peak (the ``logit`` memory factor of ``backends.base.MemoryFactors``). Here the LM head's input is instead
 
 1. gathered at the positions whose (already shifted) label is not -100: ``[N, H]``, N <= B*T
    (padding and prompt tokens never reach the head);

@@ -1,9 +1,10 @@
 """Trace a LoRA-injected transformers model to ONNX with the legacy TorchScript exporter.
 
-Facts this relies on (DESIGN.md): opset 17, ``dynamo=False``, eager attention, ``attention_mask``
-passed explicitly, no constant folding (it would rename transposed trainable weights), and
-initializers with identical values get merged: trainable tensors are made unique before tracing
-(their true values restored by name afterwards) and frozen ones are split again (``undo_value_dedup``).
+Facts this relies on (the export pitfalls in ``docs/architecture.md``): opset 17, ``dynamo=False``,
+eager attention, ``attention_mask`` passed explicitly, no constant folding (it would rename transposed
+trainable weights), and initializers with identical values get merged: trainable tensors are made
+unique before tracing (their true values restored by name afterwards) and frozen ones are split again
+(``undo_value_dedup``).
 """
 
 from __future__ import annotations
