@@ -72,6 +72,7 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
+            crash_point("between-renames")  # the crash tests' hook: old and new both complete, neither in place
         os.replace(tmp, final)
         fsync_dir(final.parent)
         if old is not None:
@@ -79,6 +80,15 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+CRASH_AT = "EDGE_PEFT_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Kill this process with SIGKILL here when ``$EDGE_PEFT_CRASH_AT`` names this point (crash tests)."""
+    if os.environ.get(CRASH_AT) == name:
+        os.kill(os.getpid(), 9)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -39,9 +39,12 @@ class Predictor:
 
     def _adapter_tensors(self, adapter: str | Path | None) -> dict[str, np.ndarray]:
         """ONNX-named tensors of the adapter, or the artifact's initial ones (zero B, head from export)."""
-        if adapter is not None and Path(adapter).exists():
-            return {onnx_name(k): v for k, v in load_adapter(adapter, self.manifest.adapter).items()}
-        return initial_trainable(self.artifact, self.manifest)
+        if adapter is None:
+            return initial_trainable(self.artifact, self.manifest)
+        if not Path(adapter).is_dir():
+            raise UserError(f"adapter {adapter} does not exist: pass a directory written by `edge-peft adapter save` "
+                            "(or a run that reached a checkpoint)")
+        return {onnx_name(k): v for k, v in load_adapter(adapter, self.manifest.adapter).items()}
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feeds = {INPUT_IDS: input_ids.astype(np.int64), ATTENTION_MASK: attention_mask.astype(np.int64), **self.feeds}

@@ -6,12 +6,14 @@ memory budgets, metrics, progress and checkpoints are callbacks.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..artifact.manifest import IGNORE_INDEX
 from ..backends import TrainingBackend
+from ..errors import UserError
 from .data import Batch
 from .hooks import StepHooks
 from .memory import MB, current_rss, peak_rss
@@ -61,13 +63,26 @@ def train_step(backend: TrainingBackend, hooks: StepHooks, parts: list[Batch], l
         if weight == 0:
             continue
         share = weight / total
-        loss += share * backend.forward_backward(part, share)
+        try:
+            loss += share * backend.forward_backward(part, share)
+        except (MemoryError, RuntimeError) as exc:  # onnxruntime's allocation failures are RuntimeErrors
+            if not _out_of_memory(exc):
+                raise
+            rows, width = part.input_ids.shape
+            raise UserError(f"step {step} ran out of memory on a micro-batch of {rows} x {width} tokens: set "
+                            "--memory-budget (it plans micro-batch and sequence length) or a smaller "
+                            "--micro-batch-size / --max-seq-len") from None
         tokens += part.tokens
         samples += part.input_ids.shape[0]
     hooks.after_backward(step)
     backend.optimizer_step()
     hooks.after_update(step)
     return loss, tokens, samples
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "bad_alloc" in text or "Failed to allocate" in text
 
 
 def train(backend: TrainingBackend, hooks: StepHooks, batches: Callable[[int], list[Batch]],
@@ -82,6 +97,9 @@ def train(backend: TrainingBackend, hooks: StepHooks, batches: Callable[[int], l
                 parts = callback.on_batches(step, parts)
             began = time.perf_counter()
             loss, tokens, samples = train_step(backend, hooks, parts, lr_at(step), step)
+            if not math.isfinite(loss):
+                raise UserError(f"step {step} has loss {loss}: training diverged and stopped; the last good "
+                                "checkpoint is kept: lower --lr and start again (or --resume from it)")
             elapsed = time.perf_counter() - began
             totals.samples += samples
             totals.tokens += tokens

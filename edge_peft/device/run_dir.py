@@ -6,7 +6,9 @@ The layout is in ``artifact/files.py``. Every file is replaced atomically; ``che
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +44,16 @@ class Checkpoint:
     hooks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+RUN_FILES = {RUN_INFO, MANIFEST, METRICS, SUMMARY, ADAPTER, CHECKPOINT}
+
+
 def create_run(out: Path, artifact: Path, info: dict) -> None:
-    """Make a new run directory: the artifact's manifest and ``run.json``; refuse to reuse one."""
+    """Make a new run directory: the artifact's manifest and ``run.json``. A run that never reached a
+    checkpoint is started over (saying so); one with a checkpoint, or a folder holding other files, is refused."""
     if (out / RUN_INFO).exists():
-        raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+        if find_checkpoint(out) is not None:
+            raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+        start_over(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -83,11 +91,49 @@ def is_run(path: Path) -> bool:
     return (path / RUN_INFO).is_file()
 
 
+def start_over(run: Path) -> None:
+    """Remove a run that never reached a checkpoint (only the files a run writes; anything else is refused)."""
+    others = sorted(p.name for p in run.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+    if others:
+        raise UserError(f"{run} holds files a run does not write ({', '.join(others[:3])}): choose another --out")
+    print(f"note: {run} stopped before its first checkpoint: starting it over from step 0", file=sys.stderr)
+    shutil.rmtree(run)
+
+
+def _step_of(folder: Path) -> int | None:
+    """The step of a complete checkpoint folder (``trainer.json`` is written last), else None."""
+    try:
+        step = json.loads((folder / CHECKPOINT_TRAINER).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if (folder / CHECKPOINT_STATE).is_file() and isinstance(step, int) else None
+
+
+def find_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint of a run: ``checkpoint/``, or the old or new one a run killed while
+    replacing it left beside it."""
+    candidates = [run / CHECKPOINT, *run.glob(f".{CHECKPOINT}.*")]
+    complete = [(step, folder) for folder in candidates if (step := _step_of(folder)) is not None]
+    return max(complete, key=lambda c: (c[0], c[1] == run / CHECKPOINT))[1] if complete else None
+
+
+def recover_checkpoint(run: Path) -> bool:
+    """Put the newest complete checkpoint in place as ``checkpoint/`` and remove what killed runs left beside
+    it; True when there is one."""
+    newest = find_checkpoint(run)
+    if newest is not None and newest != run / CHECKPOINT:
+        shutil.rmtree(run / CHECKPOINT, ignore_errors=True)
+        os.replace(newest, run / CHECKPOINT)
+    for leftover in run.glob(".*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    shutil.rmtree(run / f".{CHECKPOINT}.old", ignore_errors=True)
+    shutil.rmtree(run / f".{ADAPTER}.old", ignore_errors=True)
+    return newest is not None
+
+
 def read_checkpoint(run: Path) -> Checkpoint:
-    """The run's last checkpoint, with a one-line error when there is none."""
+    """The run's last checkpoint (``recover_checkpoint`` first)."""
     folder = run / CHECKPOINT
-    if not (folder / CHECKPOINT_STATE).is_file():
-        raise UserError(f"{run} has no checkpoint yet: start it again without --resume")
     trainer = json.loads((folder / CHECKPOINT_TRAINER).read_text())
     hooks = folder / CHECKPOINT_HOOKS
     return Checkpoint(trainer["step"], Totals(**trainer["totals"]), folder / CHECKPOINT_STATE,
@@ -96,12 +142,13 @@ def read_checkpoint(run: Path) -> Checkpoint:
 
 def write_checkpoint(run: Path, backend: TrainingBackend, step: int, totals: Totals,
                      hook_state: dict[str, np.ndarray]) -> None:
-    """Atomically replace ``checkpoint/`` with the backend state, the step and totals, and the hooks' arrays."""
+    """Atomically replace ``checkpoint/`` with the backend state, the hooks' arrays, then the step and totals
+    (written last: a folder with ``trainer.json`` is complete)."""
     with atomic_directory(run / CHECKPOINT, overwrite=True) as tmp:
         backend.save_state(tmp / CHECKPOINT_STATE)
-        atomic_write_json(tmp / CHECKPOINT_TRAINER, {"step": step, "totals": totals.__dict__})
         if hook_state:
             atomic_write_bytes(tmp / CHECKPOINT_HOOKS, save(hook_state))
+        atomic_write_json(tmp / CHECKPOINT_TRAINER, {"step": step, "totals": totals.__dict__})
 
 
 def write_adapter(run: Path, manifest: Manifest, trainable: dict, meta: dict | None = None) -> Path:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..adapters.ranks import NESTED_KEY
-from ..artifact.files import CHECKPOINT, CHECKPOINT_STATE, TOKENIZER
+from ..artifact.files import CHECKPOINT, CHECKPOINT_STATE, RUN_INFO, TOKENIZER
 from ..artifact.manifest import Manifest, load_manifest
 from ..backends import TrainingBackend, open_backend, resolve
 from ..errors import UserError
@@ -24,8 +24,8 @@ from .loop import Callback, Schedule, targets, train, train_step
 from .memory import MB, current_rss, huge_pages_active, peak_rss
 from .memory_model import loaded_bytes
 from .planner import DEFAULT_MARGIN, BudgetGuard, Plan, make_plan, parse_budget
-from .run_dir import (Totals, create_run, read_checkpoint, read_run, read_summary, truncate_metrics, warm_start_of,
-                      write_adapter, write_checkpoint, write_run_info, write_summary)
+from .run_dir import (Totals, create_run, read_checkpoint, read_run, read_summary, recover_checkpoint, start_over,
+                      truncate_metrics, warm_start_of, write_adapter, write_checkpoint, write_run_info, write_summary)
 from .schedule import learning_rate
 
 
@@ -184,6 +184,10 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
     artifact, out = Path(artifact), Path(out)
     manifest = load_manifest(artifact)
     config.validate(manifest)
+    if resume and not recover_checkpoint(out):
+        read_run(out)  # a one-line error when ``out`` is no run at all
+        start_over(out)
+        resume = False
     state = out / CHECKPOINT / CHECKPOINT_STATE if resume else None
     backend_name = resolve(manifest, config.backend, state)  # each backend has its own memory factors
     seq_len = config.max_seq_len or manifest.max_seq_len
@@ -207,6 +211,8 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
         truncate_metrics(out, start)
         info = old
     else:
+        if (out / RUN_INFO).exists():
+            recover_checkpoint(out)
         create_run(out, artifact, info)
     backend = open_backend(artifact, manifest, state, config.threads, backend_name, config.execution_provider)
     hooks = build_hooks(config, manifest.adapter, backend, extra_hooks)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +18,7 @@ from .storage import StoreError
 
 DATA_DIR = click.option("--data-dir", default="./store", show_default=True,
                         type=click.Path(file_okay=False, path_type=Path), help="The store's directory (SQLite + blobs).")
+EXIT_QUEUED = 75  # sysexits' EX_TEMPFAIL: `push` queued the adapter in the outbox, the store did not acknowledge it
 STORE_URL = click.option("--store", "store_url", envvar="EDGE_PEFT_STORE", help="Store URL (or EDGE_PEFT_STORE).")
 TOKEN = click.option("--token", envvar="EDGE_PEFT_TOKEN", help="Device token (or EDGE_PEFT_TOKEN).")
 ADMIN_STORE = click.option("--store", "store_url", default=None,
@@ -68,9 +70,28 @@ def serve(data_dir: Path, host: str, port: int, max_body_mb: float, ssl_keyfile:
     if not ssl_keyfile and not _is_loopback(host):
         click.echo(f"warning: serving plain HTTP on {host}: tokens cross the network in clear; pass "
                    "--ssl-keyfile/--ssl-certfile or put a TLS proxy in front", err=True)
+    sock = _listen(host, port)  # before the store is created: a busy port leaves nothing behind
     with _one_line_errors():
         app = create_app(data_dir, max_body_bytes=int(max_body_mb * (1 << 20)))
-    uvicorn.run(app, host=host, port=port, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, log_level=log_level)
+    config = uvicorn.Config(app, host=host, port=port, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
+                            log_level=log_level)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listen(host: str, port: int):
+    """A socket bound to ``host:port``, or a one-line error naming the address and the fix."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port or stop what "
+                        "uses it") from None
+    return sock
 
 
 def _is_loopback(host: str) -> bool:
@@ -181,7 +202,9 @@ def push(run_dir: Path, store_url: str | None, token: str | None, device: str | 
     try:
         flush(run_dir, store_url, token, device, attempts=1, on_ack=_print_ack)
     except StoreUnreachable as exc:
-        click.echo(f"{exc}: queued in {entry.path}; run `edge-peft sync {run_dir}` when the store is back")
+        click.echo(f"{exc}: queued in {entry.path}; run `edge-peft sync {run_dir} --store {store_url} --token "
+                   "$EDGE_PEFT_TOKEN` when the store is back (exit status 75: queued, not delivered)")
+        sys.exit(EXIT_QUEUED)
 
 
 @click.command()
