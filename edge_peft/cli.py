@@ -272,11 +272,13 @@ def adapter_save(run: Path, out: Path, rank: int | None) -> None:
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
 def adapter_load(artifact: Path, adapter_dir: Path) -> None:
-    """Warm-start ARTIFACT from the PEFT adapter in ADAPTER_DIR (same base, same shapes)."""
+    """Warm-start ARTIFACT from the PEFT adapter in ADAPTER_DIR (same base, same shapes): rewrites ARTIFACT's
+    initial adapter in place (copy the artifact first to keep the untouched one)."""
     from .device.adapter_io import load_into_artifact
 
     count = load_into_artifact(artifact, adapter_dir)
-    click.echo(f"loaded {count} tensors from {adapter_dir} into {artifact}; training now starts from them")
+    click.echo(f"changed {artifact} in place: its initial adapter is now {adapter_dir} ({count} tensors); new runs "
+               "of it start from them")
 
 
 @main_group.command()

@@ -15,6 +15,7 @@ from safetensors.numpy import load
 
 from ..artifact.adapter_section import AdapterSpec
 from ..artifact.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..artifact.names import layer_index
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes
 
@@ -42,8 +43,20 @@ def peft_config(spec: AdapterSpec, rank_pattern: Mapping[str, int] | None = None
         "inference_mode": True,
         "use_rslora": False,
         **spec.kind.peft_options(),
-        "base_model_name_or_path": None,
+        **_layers(spec),
+        "base_model_name_or_path": spec.base_model,
     }
+
+
+def _layers(spec: AdapterSpec) -> dict:
+    """PEFT's ``layers_to_transform``/``layers_pattern``: without them PEFT wraps every block whose module
+    names match a target, also blocks an adapter left out (``--layers``), and warns of their missing tensors."""
+    blocks = {layer_index(m.name) for m in spec.modules}
+    patterns = {m.name.split(f".{layer_index(m.name)}.")[0].rsplit(".", 1)[-1] for m in spec.modules
+                if layer_index(m.name) is not None}
+    if None in blocks or len(patterns) != 1:
+        return {}
+    return {"layers_to_transform": sorted(blocks), "layers_pattern": patterns.pop()}
 
 
 def encode_adapter(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], extra_meta: dict | None = None) -> bytes:
@@ -138,6 +151,7 @@ def load_adapter(adapter_dir: str | Path, spec: AdapterSpec) -> dict[str, np.nda
     tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
     tensors = expand_if_compact(spec, tensors, meta, str(weights))
     check_tensors(spec, tensors, str(weights))
+    spec.kind.check_seeded(spec.modules, tensors, str(weights))
     return complete_tensors(spec, tensors)
 
 

@@ -48,6 +48,7 @@ class AdapterSpec:
     target_modules: list[str]
     modules: list[AdapterModule]
     modules_to_save: list[ExtraTensor] = field(default_factory=list)
+    base_model: str | None = None  # the base's hub id when its config names one, else the exported directory
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "adapter spec") -> "AdapterSpec":

@@ -92,6 +92,18 @@ def _label_index(value, labels: list[str], where: str) -> int:
                     "fix the label or re-export with --labels")
 
 
+def classifier_ids(tokenizer, texts: list[str], max_seq_len: int) -> list[list[int]]:
+    """Token ids of classifier inputs, cut to ``max_seq_len`` by the tokenizer itself (its special tokens, e.g.
+    ``[SEP]``, kept) and unpadded (batches pad): training and inference both encode through here, so they
+    see the same ids."""
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_seq_len)
+    try:
+        return [list(e.ids) for e in tokenizer.encode_batch(texts)]
+    finally:
+        tokenizer.no_truncation()
+
+
 class Tokenized:
     """Examples turned into token sequences, ready to be batched in any order."""
 
@@ -100,20 +112,18 @@ class Tokenized:
         self.task, self.pad_id = task, pad_id
         self.sequences: list[list[int]] = []
         self.targets: list[int] = []
-        encodings = tokenizer.encode_batch([e.text for e in examples])
-        for example, enc in zip(examples, encodings):
+        if task != "causal-lm":
+            self.sequences = classifier_ids(tokenizer, [e.text for e in examples], max_seq_len)
+            self.targets = [int(e.label) for e in examples]
+            return
+        for enc in tokenizer.encode_batch([e.text for e in examples]):  # causal LM: windows of the whole text
             ids = list(enc.ids)
-            if task == "causal-lm":
-                if eos_id is not None and (not ids or ids[-1] != eos_id):
-                    ids.append(eos_id)
-                step = max_seq_len
-                for start in range(0, max(len(ids) - 1, 1), step):
-                    window = ids[start : start + max_seq_len + 1]
-                    if len(window) >= 2:
-                        self.sequences.append(window)
-            else:
-                self.sequences.append(ids[:max_seq_len])
-                self.targets.append(int(example.label))
+            if eos_id is not None and (not ids or ids[-1] != eos_id):
+                ids.append(eos_id)
+            for start in range(0, max(len(ids) - 1, 1), max_seq_len):
+                window = ids[start : start + max_seq_len + 1]
+                if len(window) >= 2:
+                    self.sequences.append(window)
 
     def __len__(self) -> int:
         return len(self.sequences)

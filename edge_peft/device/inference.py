@@ -13,7 +13,8 @@ from ..artifact.names import ATTENTION_MASK, INFERENCE_INPUTS, INPUT_IDS, LOGITS
 from ..backends import initial_trainable
 from ..backends.runtime import onnxruntime_module, quiet_logs, session_options
 from ..errors import UserError
-from .run_dir import artifact_of, is_run
+from .data import classifier_ids
+from .run_dir import artifact_of, is_run, read_run
 
 
 class Predictor:
@@ -25,6 +26,7 @@ class Predictor:
         source = Path(source)
         self.artifact = artifact_of(source) if is_run(source) else source
         self.manifest: Manifest = load_manifest(self.artifact)
+        self.max_seq_len = _trained_seq_len(source) if is_run(source) else self.manifest.max_seq_len
         if adapter is None and is_run(source):
             adapter = source / ADAPTER
         self.session = onnxruntime.InferenceSession(str(self.artifact / INFERENCE_MODEL), session_options(threads),
@@ -56,8 +58,7 @@ class Predictor:
             raise UserError("this artifact is a causal LM: use `edge-peft generate`, not classify")
         out = []
         for i in range(0, len(texts), batch_size):
-            encs = self.tokenizer.encode_batch(texts[i : i + batch_size])
-            seqs = [e.ids[: self.manifest.max_seq_len] for e in encs]
+            seqs = self.encode(texts[i : i + batch_size])
             width = max(len(s) for s in seqs)
             ids = np.full((len(seqs), width), self.manifest.pad_token_id, np.int64)
             mask = np.zeros_like(ids)
@@ -66,6 +67,10 @@ class Predictor:
             probs = _softmax(self.logits(ids, mask))
             out += [(self.manifest.labels[int(p.argmax())], float(p.max())) for p in probs]
         return out
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """A classifier's input ids, exactly as training encoded them (``data.classifier_ids``)."""
+        return classifier_ids(self.tokenizer, texts, self.max_seq_len)
 
     def generate(self, prompt: str, max_new_tokens: int = 40, top_k: int = 0, temperature: float = 1.0,
                  seed: int = 0) -> str:
@@ -91,6 +96,12 @@ class Predictor:
                 break
             ids.append(nxt)
         return self.tokenizer.decode(ids[prompt_len:])
+
+
+def _trained_seq_len(run: Path) -> int:
+    """The sequence length a run trained at: its memory plan's, else its --max-seq-len, else the artifact's."""
+    info, manifest = read_run(run)
+    return (info.get("plan") or {}).get("max_seq_len") or info["config"].get("max_seq_len") or manifest.max_seq_len
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

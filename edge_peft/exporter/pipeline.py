@@ -110,7 +110,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
             spec = AdapterSpec(base_fingerprint=base_fp, model_type=config.model_type,
                                architecture=type(loaded.model).__name__, task=loaded.task, variant=variant.name,
                                rank=opts.rank, alpha=float(opts.alpha), seed=opts.seed, target_modules=targets,
-                               modules=modules, modules_to_save=heads)
+                               modules=modules, modules_to_save=heads, base_model=str(Path(model_dir).resolve()))
             memory = MemoryFigures(
                 frozen_bytes=graph.nbytes(proto, frozen_list), quantized_bytes=graph.quantized_nbytes(proto),
                 trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),

@@ -71,7 +71,8 @@ class Variant:
             a = tensors.get(key)
             if a is not None and not np.array_equal(a, lora_a_from_seed(m.a_seed, m.rank, m.in_features)):
                 raise UserError(f"{source}: {key} is not the frozen {self.title} A of seed {m.a_seed}: a {self.title} "
-                                "adapter must keep A as regenerated from its seed")
+                                "adapter must keep A as regenerated from its seed (an adapter with a trained A needs "
+                                "an artifact exported with --variant lora)")
 
     def peft_options(self) -> dict[str, Any]:
         """Keys of ``adapter_config.json`` that depend on the variant."""
