@@ -251,6 +251,40 @@ def classify(source: Path, texts: tuple[str, ...], adapter: Path | None) -> None
         click.echo(f"{label}\t{prob:.3f}\t{text[:80]}")
 
 
+@main_group.command("eval")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Labelled .jsonl for a classifier; .jsonl/.txt text for a causal LM (the whole file is scored).")
+@click.option("--adapter", type=click.Path(path_type=Path), help="PEFT adapter to score instead of the run's.")
+@click.option("--base", is_flag=True, help="Score the base model: no adapter (zero B, the export's head).")
+@click.option("--batch-size", default=16, show_default=True, help="Examples per inference batch.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the scores as JSON here.")
+def eval_command(source: Path, data: Path, adapter: Path | None, base: bool, batch_size: int,
+                 json_path: Path | None) -> None:
+    """Score the model of a run (or artifact) SOURCE on a data file: accuracy and per-class precision/recall,
+    or mean loss and perplexity."""
+    from .device.evaluate import evaluate_file
+    from .device.inference import Predictor
+    from .device.run_dir import artifact_of, is_run
+    from .fileio import atomic_write_json
+
+    if base and adapter:
+        raise UserError("--base scores the model without an adapter: drop --adapter or --base")
+    predictor = Predictor(artifact_of(source) if base and is_run(source) else source, adapter)
+    scores = evaluate_file(predictor, data, batch_size)
+    if "accuracy" in scores:
+        click.echo(f"accuracy {scores['accuracy']:.1%} on {scores['examples']} examples")
+        for label, c in scores["classes"].items():
+            precision = "-" if c["precision"] is None else f"{c['precision']:.1%}"
+            recall = "-" if c["recall"] is None else f"{c['recall']:.1%}"
+            click.echo(f"  {label:<20} precision {precision:>6}  recall {recall:>6}  support {c['support']}")
+    else:
+        click.echo(f"loss {scores['loss']:.4f}, perplexity {scores['perplexity']:.2f} over {scores['tokens']} target "
+                   f"tokens of {scores['examples']} examples")
+    if json_path:
+        atomic_write_json(json_path, scores)
+
+
 @main_group.group()
 def adapter() -> None:
     """Save a run's adapter in PEFT format, or load one into an artifact."""

@@ -38,6 +38,7 @@ class Predictor:
 
         self.tokenizer = Tokenizer.from_file(str(self.artifact / TOKENIZER))
         self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()  # classifiers truncate in ``encode``; prompts and texts stay whole
 
     def _adapter_tensors(self, adapter: str | Path | None) -> dict[str, np.ndarray]:
         """ONNX-named tensors of the adapter, or the artifact's initial ones (zero B, head from export)."""

@@ -1,0 +1,49 @@
+"""``edge-peft eval``: score a model on a whole data file: accuracy with per-class precision and recall for a
+classifier, mean loss and perplexity over the target tokens for a causal LM."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact.manifest import IGNORE_INDEX
+from .data import Tokenized, read_examples
+from .inference import Predictor
+
+
+def evaluate_file(predictor: Predictor, data: str | Path, batch_size: int = 16) -> dict:
+    """The scores of ``predictor`` on every example of ``data`` (the same formats as ``train --data``)."""
+    m = predictor.manifest
+    examples = read_examples(data, m.task, m.labels)
+    if m.task == "sequence-classification":
+        predicted = [label for label, _ in predictor.classify([e.text for e in examples], batch_size)]
+        return classification_scores([m.labels[e.label] for e in examples], predicted, m.labels)
+    tokenized = Tokenized(predictor.tokenizer, examples, m.task, predictor.max_seq_len, m.pad_token_id,
+                          m.eos_token_id)
+    total, count = 0.0, 0
+    for start in range(0, len(tokenized), batch_size):
+        batch = tokenized.batch(list(range(start, min(start + batch_size, len(tokenized)))))
+        logits = predictor.logits(batch.input_ids, batch.attention_mask).astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        valid = batch.labels != IGNORE_INDEX
+        picked = np.take_along_axis(log_probs, np.where(valid, batch.labels, 0)[..., None], axis=-1)[..., 0]
+        total -= float(picked[valid].sum())
+        count += int(valid.sum())
+    loss = total / count if count else float("nan")
+    return {"examples": len(examples), "tokens": count, "loss": loss, "perplexity": math.exp(loss) if count else None}
+
+
+def classification_scores(truth: list[str], predicted: list[str], labels: list[str]) -> dict:
+    """Accuracy, and precision, recall and support of every class."""
+    per_class = {}
+    for label in labels:
+        hits = sum(t == p == label for t, p in zip(truth, predicted))
+        said = sum(p == label for p in predicted)
+        support = sum(t == label for t in truth)
+        per_class[label] = {"precision": hits / said if said else None, "recall": hits / support if support else None,
+                            "support": support}
+    accuracy = sum(t == p for t, p in zip(truth, predicted)) / len(truth)
+    return {"examples": len(truth), "accuracy": accuracy, "classes": per_class}
