@@ -1,4 +1,8 @@
-"""Session fixtures: tiny models, their exported artifacts, toy data. Built once, shared by tests."""
+"""Session fixtures: tiny models, their exported artifacts, toy data. Built once, shared by tests.
+
+They export or build models, so only tests marked ``slow`` may use them (the fast lane, ``-m "not slow"``,
+must not trigger them). Shared functions live in ``helpers.py``, not here.
+"""
 
 from __future__ import annotations
 
@@ -58,5 +62,15 @@ def artifacts(models, tmp_path_factory):
     return get
 
 
-def data_for(kind: str, data: dict[str, Path]) -> Path:
-    return data["cls"] if kind in ("bert", "minilm") else data["lm"]
+# The fixtures above export models; a test that uses one (directly or through another fixture) must be
+# marked slow, or the fast lane (`-m "not slow"`) would pay for the exports. Checked on every run.
+SLOW_FIXTURES = ("models", "artifacts", "data")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    direct = getattr(getattr(item, "callspec", None), "params", {})  # a parametrized argument shadows the fixture
+    used = [f for f in SLOW_FIXTURES if f in getattr(item, "fixturenames", ()) and f not in direct]
+    if used and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} uses the session fixture(s) {', '.join(used)}: mark it @pytest.mark.slow",
+                    pytrace=False)

@@ -6,10 +6,12 @@ import json
 import shutil
 
 import pytest
-from test_training import train
+from helpers import train
 
 from edge_peft.cli import main
 from edge_peft.fileio import sha256_file
+
+pytestmark = pytest.mark.slow  # every test uses the exported toy models or artifacts
 
 
 def run_cli(capsys, *args) -> str:

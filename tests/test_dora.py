@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from edge_peft.adapters.peft_format import load_adapter
 from edge_peft.artifact.manifest import load_manifest
@@ -16,7 +15,6 @@ from edge_peft.device.adapter_io import save_run_adapter
 from edge_peft.device.inference import Predictor
 from edge_peft.device.trainer import TrainConfig, open_run
 from edge_peft.errors import UserError
-from edge_peft.exporter.load import load_model_dir
 from edge_peft.store.aggregate import FederatedAverage
 from edge_peft.store.testing import make_manifest
 from edge_peft.variants import lora_a_from_seed
@@ -31,6 +29,8 @@ def _train(artifact, data_path, out, backend: str, steps: int = 24) -> list[floa
 
 @pytest.mark.slow
 def test_dora_trains_the_same_on_both_backends(models, artifacts, data, tmp_path):
+    from edge_peft.exporter.load import load_model_dir
+
     artifact = artifacts("llama", "int8", "dora-fa", backend="both")
     spec = load_manifest(artifact).adapter
     runs = {b: tmp_path / b for b in ("ort", "portable")}
@@ -51,7 +51,10 @@ def test_dora_trains_the_same_on_both_backends(models, artifacts, data, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,variant", [("llama", "dora"), ("gpt2", "dora-fa")])
 def test_peft_loads_a_dora_adapter_with_the_same_logits(kind, variant, models, artifacts, data, tmp_path):
+    import torch
     from peft import PeftModel
+
+    from edge_peft.exporter.load import load_model_dir
 
     artifact = artifacts(kind, "none", variant)
     _train(artifact, data["lm"], tmp_path / "run", "ort", steps=12)
@@ -69,6 +72,8 @@ def test_peft_loads_a_dora_adapter_with_the_same_logits(kind, variant, models, a
 
 def _row_norms(model, spec) -> dict[str, np.ndarray]:
     """Row norms of each adapted module's base weight as [out, in]."""
+    import torch
+
     out = {}
     for m in spec.modules:
         layer = model.get_submodule(m.name)

@@ -65,6 +65,7 @@ def test_only_the_exporter_imports_torch_at_module_level(package):
     assert not bad, bad
 
 
+@pytest.mark.slow  # about 1.5 s: a fresh interpreter imports every device-side module
 def test_device_side_packages_import_with_torch_unavailable():
     code = ("import sys, pkgutil, importlib\n"
             "for name in ('torch', 'transformers', 'optimum', 'peft', 'onnx'):\n"

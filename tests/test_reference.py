@@ -2,56 +2,23 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-import torch
-from conftest import data_for
-from test_training import losses, train
+from helpers import data_for, hf_adamw_step, reference_model, train
 
-from edge_peft.exporter.inject import inject_adapters
 from edge_peft.device.adapter_io import save_run_adapter
 from edge_peft.device.inference import Predictor
-from edge_peft.backends.runtime import training_api
 from edge_peft.device.trainer import TrainConfig, open_run
-from edge_peft.exporter.load import load_model_dir
 from edge_peft.artifact.manifest import IGNORE_INDEX, load_manifest
 
 
-def reference_model(model_dir, artifact):
-    """The torch model with the same LoRA-FA adapters and the artifact's initial trainable values."""
-    manifest = load_manifest(artifact)
-    model = load_model_dir(model_dir, manifest.labels or None).model
-    spec = manifest.adapter
-    inject_adapters(model, [m.name for m in spec.modules], spec.kind, spec.rank, spec.alpha, spec.seed)
-    state = training_api().CheckpointState.load_checkpoint(os.fspath(artifact / "checkpoint"))
-    params = dict(model.named_parameters())
-    trainable = []
-    for name, p in state.parameters:
-        if p.requires_grad:
-            with torch.no_grad():
-                params[name].copy_(torch.from_numpy(np.array(p.data)))
-            params[name].requires_grad_(True)
-            trainable.append(params[name])
-    return model, trainable, manifest
-
-
-def hf_adamw_step(params, state, lr, step, betas=(0.9, 0.999), eps=1e-8):
-    """ORT's AdamWOptimizer in adam_mode=1 (Hugging Face AdamW): bias correction folded into the step size."""
-    b1, b2 = betas
-    for p in params:
-        m, v = state.setdefault(id(p), (torch.zeros_like(p), torch.zeros_like(p)))
-        m.mul_(b1).add_(p.grad, alpha=1 - b1)
-        v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-        step_size = lr * (1 - b2**step) ** 0.5 / (1 - b1**step)
-        with torch.no_grad():
-            p.add_(-step_size * m / (v.sqrt() + eps))
-        p.grad = None
+pytestmark = pytest.mark.slow  # exports and trains artifacts, builds torch models
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
 def test_first_losses_match_pytorch(kind, models, artifacts, data, tmp_path):
+    import torch
+
     artifact = artifacts(kind, "none")
     steps = 5
     ort_losses = train(artifact, data_for(kind, data), tmp_path / "run", steps=steps, threads=1)
@@ -79,7 +46,10 @@ def test_first_losses_match_pytorch(kind, models, artifacts, data, tmp_path):
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_peft_loads_our_adapter_with_identical_logits(kind, models, artifacts, data, tmp_path):
+    import torch
     from peft import PeftModel
+
+    from edge_peft.exporter.load import load_model_dir
 
     artifact = artifacts(kind, "none")
     train(artifact, data_for(kind, data), tmp_path / "run", steps=8)

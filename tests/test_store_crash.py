@@ -9,12 +9,15 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 
 from edge_peft.adapters.peft_format import decode_adapter, encode_adapter
 from edge_peft.store.service import AdapterStore, content_digest
 from edge_peft.store.local_server import StoreServer
 from edge_peft.store.testing import make_manifest, random_tensors
 from edge_peft.store.wire import PUSH_MEDIA_TYPE, encode_push
+
+pytestmark = pytest.mark.slow  # six devices push for seconds before the kill
 
 DEVICES = [f"dev-{i}" for i in range(6)]
 PER_DEVICE = 40

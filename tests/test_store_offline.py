@@ -23,6 +23,7 @@ def entries(run):
     return sorted(p.name for p in (run / "outbox").iterdir() if not p.name.startswith("."))
 
 
+@pytest.mark.slow
 def test_push_while_down_then_sync_delivers_exactly_once(tmp_path):
     data_dir = tmp_path / "store"
     store, _ = AdapterStore.open(data_dir)
@@ -35,12 +36,13 @@ def test_push_while_down_then_sync_delivers_exactly_once(tmp_path):
     run = runs[0]
     url = f"http://127.0.0.1:{free_port()}"
     result = cli("push", str(run), "--store", url, "--token", token)
-    assert result.exit_code == 0 and "queued in" in result.output and "sync" in result.output, result.output
+    assert result.exit_code == 75 and "queued in" in result.output and "sync" in result.output, result.output
+    assert "--token" in result.output  # the hint a user can run as is
     assert len(entries(run)) == 1
-    assert cli("push", str(run), "--store", url, "--token", token).exit_code == 0
+    assert cli("push", str(run), "--store", url, "--token", token).exit_code == 75  # queued, not delivered
     assert len(entries(run)) == 1  # the same adapter is not queued twice
     shutil.copy(runs[1] / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_model.safetensors")
-    assert cli("push", str(run), "--store", url, "--token", token).exit_code == 0
+    assert cli("push", str(run), "--store", url, "--token", token).exit_code == 75
     assert len(entries(run)) == 2
     result = cli("sync", str(run), "--store", url, "--token", token, "--attempts", "2", "--backoff", "0")
     assert result.exit_code == 2 and "2 adapter(s) still queued" in result.output, result.output
@@ -64,6 +66,7 @@ def test_push_while_down_then_sync_delivers_exactly_once(tmp_path):
         assert len(store.metadata.versions(spec.base_fingerprint, "phone-17")) == 2
 
 
+@pytest.mark.slow
 def test_refused_entry_stays_queued(tmp_path):
     data_dir = tmp_path / "store"
     store, _ = AdapterStore.open(data_dir)

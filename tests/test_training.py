@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
-from conftest import data_for
+from helpers import data_for, train
 
 from edge_peft.backends.runtime import training_api
-from edge_peft.device.trainer import TrainConfig, open_run
 
-
-def losses(run) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def train(artifact, data_path, out, steps=30, **kw) -> list[float]:
-    config = TrainConfig(data=str(data_path), steps=steps, batch_size=8, lr=kw.pop("lr", 1e-2), eval_every=0,
-                         checkpoint_every=kw.pop("checkpoint_every", steps), threads=kw.pop("threads", 2), **kw)
-    open_run(artifact, config, out).run()
-    return losses(out)
+pytestmark = pytest.mark.slow  # every test exports an artifact and trains it
 
 
 @pytest.mark.parametrize("kind,quantize", [("minilm", "none"), ("minilm", "int8"), ("gpt2", "none"),

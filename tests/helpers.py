@@ -1,0 +1,97 @@
+"""Helpers shared by test files: run training, read losses, run the CLI without torch, the PyTorch reference.
+
+Test files import from here (``from helpers import train``), never from each other or from conftest.
+``toy.py`` builds the tiny models and data; ``conftest.py`` holds the session fixtures.
+Heavy modules (torch, the exporter) are imported inside the functions that need them, so importing
+this module costs nothing in the fast lane.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def data_for(kind: str, data: dict[str, Path]) -> Path:
+    """The toy data set a model kind trains on: labelled rows for classifiers, sentences for causal LMs."""
+    return data["cls"] if kind in ("bert", "minilm") else data["lm"]
+
+
+def losses(run) -> list[float]:
+    """The per-step losses a run wrote to ``metrics.jsonl``."""
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(artifact, data_path, out, steps=30, **kw) -> list[float]:
+    """Train ``artifact`` in-process for ``steps`` steps (batch 8) into ``out``; return its losses."""
+    from edge_peft.device.trainer import TrainConfig, open_run
+
+    config = TrainConfig(data=str(data_path), steps=steps, batch_size=8, lr=kw.pop("lr", 1e-2), eval_every=0,
+                         checkpoint_every=kw.pop("checkpoint_every", steps), threads=kw.pop("threads", 2), **kw)
+    open_run(artifact, config, out).run()
+    return losses(out)
+
+
+NO_TORCH = (
+    "import sys\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'):\n"
+    "            raise ImportError('torch is blocked in this test')\n"
+    "sys.meta_path.insert(0, Block())\n"
+    "from edge_peft.cli import main\n"
+    "try:\n"
+    "    main(sys.argv[1:])\n"
+    "finally:\n"
+    "    assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules), 'torch was imported'\n"
+)
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    """Run ``edge-peft ARGS`` in a fresh interpreter where ``import torch`` fails."""
+    return subprocess.Popen([sys.executable, "-c", NO_TORCH, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def reference_model(model_dir, artifact):
+    """The torch model with the same LoRA-FA adapters and the artifact's initial trainable values."""
+    import numpy as np
+    import torch
+
+    from edge_peft.artifact.manifest import load_manifest
+    from edge_peft.backends.runtime import training_api
+    from edge_peft.exporter.inject import inject_adapters
+    from edge_peft.exporter.load import load_model_dir
+
+    manifest = load_manifest(artifact)
+    model = load_model_dir(model_dir, manifest.labels or None).model
+    spec = manifest.adapter
+    inject_adapters(model, [m.name for m in spec.modules], spec.kind, spec.rank, spec.alpha, spec.seed)
+    state = training_api().CheckpointState.load_checkpoint(os.fspath(artifact / "checkpoint"))
+    params = dict(model.named_parameters())
+    trainable = []
+    for name, p in state.parameters:
+        if p.requires_grad:
+            with torch.no_grad():
+                params[name].copy_(torch.from_numpy(np.array(p.data)))
+            params[name].requires_grad_(True)
+            trainable.append(params[name])
+    return model, trainable, manifest
+
+
+def hf_adamw_step(params, state, lr, step, betas=(0.9, 0.999), eps=1e-8):
+    """ORT's AdamWOptimizer in adam_mode=1 (Hugging Face AdamW): bias correction folded into the step size."""
+    import torch
+
+    b1, b2 = betas
+    for p in params:
+        m, v = state.setdefault(id(p), (torch.zeros_like(p), torch.zeros_like(p)))
+        m.mul_(b1).add_(p.grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+        step_size = lr * (1 - b2**step) ** 0.5 / (1 - b1**step)
+        with torch.no_grad():
+            p.add_(-step_size * m / (v.sqrt() + eps))
+        p.grad = None
