@@ -85,10 +85,6 @@ class AdapterSpec:
             shapes[PEFT_PREFIX + t.name] = tuple(t.shape)
         return shapes
 
-    def trained_names(self) -> list[str]:
-        """ONNX names of every tensor training updates (adapter factors, then modules_to_save)."""
-        return [n for m in self.modules for n in self.kind.trained(m)] + [t.name for t in self.modules_to_save]
-
     def trainable_values(self) -> int:
         """Number of values training updates."""
         shapes = {n: s for m in self.modules for n, s in self.kind.tensor_shapes(m).items()}

@@ -5,8 +5,8 @@ artifact/                       written by `edge-peft export`
   manifest.json                 MANIFEST
   tokenizer.json                TOKENIZER
   inference_model.onnx          INFERENCE_MODEL: forward graph, adapters as inputs
-  training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint      ORT_FILES (backend "ort")
-  portable_step.onnx, portable_init.safetensors                                PORTABLE_FILES (backend "portable")
+  training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint      ORT_* (backend "ort")
+  portable_step.onnx, portable_init.safetensors                                PORTABLE_* (backend "portable")
   warm_start.json               WARM_START: the adapter `adapter load` warm-started it from
   layer_probe.json              LAYER_PROBE: why `--layers auto:N` chose its blocks
 
@@ -33,10 +33,8 @@ ORT_TRAINING_MODEL = "training_model.onnx"
 ORT_EVAL_MODEL = "eval_model.onnx"
 ORT_OPTIMIZER_MODEL = "optimizer_model.onnx"
 ORT_CHECKPOINT = "checkpoint"
-ORT_FILES = (ORT_TRAINING_MODEL, ORT_EVAL_MODEL, ORT_OPTIMIZER_MODEL, ORT_CHECKPOINT)
 PORTABLE_STEP_MODEL = "portable_step.onnx"
 PORTABLE_INITIAL_STATE = "portable_init.safetensors"  # the trainable tensors a fresh portable run starts from
-PORTABLE_FILES = (PORTABLE_STEP_MODEL, PORTABLE_INITIAL_STATE)
 WARM_START = "warm_start.json"
 LAYER_PROBE = "layer_probe.json"
 

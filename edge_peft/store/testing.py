@@ -15,11 +15,13 @@ from ..artifact.files import ADAPTER
 from ..artifact.manifest import Manifest
 from ..artifact.memory_section import MemoryFigures
 from ..artifact.names import PEFT_PREFIX, lora_key
+from ..backends.names import ORT
+from ..variants import DEFAULT as DEFAULT_VARIANT
 from ..variants import lora_a_from_seed
 
 
 def make_manifest(layers: int = 2, hidden: int = 32, targets: tuple[str, ...] = ("q_proj", "v_proj"), rank: int = 4,
-                  variant: str = "lora-fa", seed: int = 0, labels: int = 0, fingerprint: str | None = None) -> Manifest:
+                  variant: str = DEFAULT_VARIANT, seed: int = 0, labels: int = 0, fingerprint: str | None = None) -> Manifest:
     """A small valid manifest: ``layers`` x ``targets`` square attention projections, optional classifier head."""
     modules = [AdapterModule(f"model.layers.{i}.self_attn.{t}", hidden, hidden, rank, a_seed=seed * 1_000_003 + i * 16 + j)
                for i in range(layers) for j, t in enumerate(targets)]
@@ -34,7 +36,7 @@ def make_manifest(layers: int = 2, hidden: int = 32, targets: tuple[str, ...] = 
     return Manifest(
         adapter=spec, quantization="none", max_seq_len=128, vocab_size=1000, hidden_size=hidden, num_layers=layers,
         num_heads=4, input_names=["input_ids", "attention_mask"], opset=17, ort_version="1.19.2", memory=memory,
-        backends=["ort"], labels=[f"label{i}" for i in range(labels)],
+        backends=[ORT], labels=[f"label{i}" for i in range(labels)],
     )
 
 
