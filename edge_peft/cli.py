@@ -96,7 +96,8 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 @click.option("--warmup-steps", type=int, help="Warm-up steps (default: 5% of --steps).")
 @click.option("--max-seq-len", type=int, help="Truncate/cut sequences to this many tokens.")
 @click.option("--eval-data", help="Held-out file (default: --eval-fraction of --data).")
-@click.option("--eval-fraction", default=0.1, show_default=True)
+@click.option("--eval-fraction", default=0.1, show_default=True,
+              help="Share of --data held out for evaluation when no --eval-data is given.")
 @click.option("--eval-every", default=50, show_default=True, help="Evaluate every N steps (0: only never).")
 @click.option("--checkpoint-every", default=50, show_default=True, help="Checkpoint every N steps.")
 @click.option("--seed", default=0, show_default=True, help="Data order and split seed.")
@@ -224,11 +225,11 @@ def devices() -> None:
 
 @main_group.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True)
-@click.option("--max-new-tokens", default=40, show_default=True)
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", default=40, show_default=True, help="Tokens to generate at most.")
 @click.option("--top-k", default=0, show_default=True, help="0: greedy; k > 0: sample among the k likeliest.")
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True, help="Sampling temperature (with --top-k).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampling (with --top-k).")
 @click.option("--adapter", type=click.Path(path_type=Path), help="PEFT adapter to use instead of the run's.")
 def generate(source: Path, prompt: str, max_new_tokens: int, top_k: int, temperature: float, seed: int,
              adapter: Path | None) -> None:
@@ -292,7 +293,7 @@ def adapter() -> None:
 
 @adapter.command("save")
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="PEFT adapter directory to write.")
 @click.option("--rank", type=int,
               help="Write the rank-RANK adapter of a run trained with --nested-ranks (its first RANK channels).")
 def adapter_save(run: Path, out: Path, rank: int | None) -> None:

@@ -52,12 +52,12 @@ def _open_local(data_dir: Path):
 @click.command()
 @DATA_DIR
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--port", default=8080, show_default=True, type=int, help="TCP port to listen on.")
 @click.option("--max-body-mb", default=64.0, show_default=True, type=float, help="Refuse (413) larger pushes.")
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM).")
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), help="TLS certificate chain (PEM).")
 @click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn's log level.")
 def serve(data_dir: Path, host: str, port: int, max_body_mb: float, ssl_keyfile: str | None,
           ssl_certfile: str | None, log_level: str) -> None:
     """Run the adapter store (OpenAPI docs at /docs). The first start prints the admin token."""
