@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from edge_peft.artifact.adapter_section import AdapterSpec
 from edge_peft.adapters.peft_format import encode_adapter
 from edge_peft.artifact.names import lora_key
 from edge_peft.store.service import AdapterStore, content_digest, utc_now

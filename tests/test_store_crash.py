@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from edge_peft.artifact.adapter_section import AdapterSpec
 from edge_peft.adapters.peft_format import decode_adapter, encode_adapter
 from edge_peft.store.service import AdapterStore, content_digest
 from edge_peft.store.local_server import StoreServer

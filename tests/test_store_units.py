@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from edge_peft.artifact.adapter_section import AdapterSpec
 from edge_peft.adapters.peft_format import decode_adapter, encode_adapter
 from edge_peft.artifact.names import lora_key
 from edge_peft.variants import lora_a_from_seed

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
-import numpy as np
 
 from ..adapters.peft_format import (check_tensors, complete_tensors, decode_adapter, encode_adapter, expand_if_compact,
                                     peft_config)
