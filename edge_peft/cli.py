@@ -242,14 +242,41 @@ def generate(source: Path, prompt: str, max_new_tokens: int, top_k: int, tempera
 
 @main_group.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--text", "texts", multiple=True, required=True, help="Text to classify (repeatable).")
+@click.option("--text", "texts", multiple=True, help="Text to classify (repeatable).")
+@click.option("--data", type=click.File("r", encoding="utf-8"),
+              help="Classify every line of this file (- for stdin): JSON objects with a \"text\" or plain text; "
+                   "writes one JSON line per input.")
 @click.option("--adapter", type=click.Path(path_type=Path), help="PEFT adapter to use instead of the run's.")
-def classify(source: Path, texts: tuple[str, ...], adapter: Path | None) -> None:
+def classify(source: Path, texts: tuple[str, ...], data, adapter: Path | None) -> None:
     """Classify texts with the model of a run (or artifact) SOURCE."""
+    import json
+
     from .device.inference import Predictor
 
-    for text, (label, prob) in zip(texts, Predictor(source, adapter).classify(list(texts))):
-        click.echo(f"{label}\t{prob:.3f}\t{text[:80]}")
+    if bool(texts) == bool(data):
+        raise UserError("pass the texts to classify with --text (repeatable) or --data FILE (- for stdin), not both")
+    if texts:
+        for text, (label, prob) in zip(texts, Predictor(source, adapter).classify(list(texts))):
+            click.echo(f"{label}\t{prob:.3f}\t{text[:80]}")
+        return
+    inputs = [_text_of(line, n) for n, line in enumerate(data, start=1) if line.strip()]
+    for text, (label, prob) in zip(inputs, Predictor(source, adapter).classify(inputs)):
+        click.echo(json.dumps({"text": text, "label": label, "probability": round(prob, 6)}))
+
+
+def _text_of(line: str, lineno: int) -> str:
+    """The text of one --data line: a JSON object's "text", else the line itself."""
+    import json
+
+    if line.lstrip().startswith("{"):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--data line {lineno}: malformed JSON ({exc.msg}): one object or one text per line") from None
+        if not isinstance(obj.get("text"), str):
+            raise UserError(f'--data line {lineno}: expected a string "text" field')
+        return obj["text"]
+    return line.rstrip("\n")
 
 
 @main_group.command("eval")

@@ -195,3 +195,14 @@ def test_eval_scores_a_whole_file_for_the_base_and_the_adapter(artifacts, data, 
     hits = sum(p == r["label"] == "positive" for p, r in zip(predicted, rows))
     assert positive["recall"] == pytest.approx(hits / sum(r["label"] == "positive" for r in rows))
     assert positive["support"] + scores["classes"]["negative"]["support"] == len(rows) == scores["examples"]
+
+
+def test_classify_reads_a_file_or_stdin_and_writes_json_lines(artifacts, data, tmp_path):
+    artifact = artifacts("bert", "int8")
+    rows = [json.loads(line) for line in data["cls_eval"].read_text().splitlines()][:5]
+    proc = cli("classify", artifact, "--data", "-", stdin=__import__("subprocess").PIPE)
+    out, err = proc.communicate("".join(json.dumps(r) + "\n" for r in rows) + "a plain line\n", timeout=120)
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [x["text"] for x in lines] == [r["text"] for r in rows] + ["a plain line"]
+    assert all(x["label"] in ("negative", "positive") and 0.5 <= x["probability"] <= 1 for x in lines)

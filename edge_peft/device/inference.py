@@ -66,6 +66,9 @@ class Predictor:
             for r, s in enumerate(seqs):
                 ids[r, : len(s)], mask[r, : len(s)] = s, 1
             probs = _softmax(self.logits(ids, mask))
+            if not np.all(np.isfinite(probs)):
+                raise UserError("the model's outputs are not finite (NaN or Inf): the adapter diverged; retrain it "
+                                "with a lower --lr or use another --adapter")
             out += [(self.manifest.labels[int(p.argmax())], float(p.max())) for p in probs]
         return out
 
