@@ -206,3 +206,19 @@ def test_classify_reads_a_file_or_stdin_and_writes_json_lines(artifacts, data, t
     lines = [json.loads(line) for line in out.splitlines()]
     assert [x["text"] for x in lines] == [r["text"] for r in rows] + ["a plain line"]
     assert all(x["label"] in ("negative", "positive") and 0.5 <= x["probability"] <= 1 for x in lines)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "inference_model.onnx", "training_model.onnx"])
+def test_a_truncated_artifact_file_is_named_in_one_line(name, artifacts, data, tmp_path):
+    import shutil
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(artifacts("bert", "int8"), artifact)
+    path = artifact / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for args in (("classify", artifact, "--text", "good day"),
+                 _train(artifact, data["cls"], tmp_path / "run", "--steps", "1")):
+        code, _, err = _run(*args)
+        assert code == 2
+        _one_line_error(err, f"{path} is corrupt or truncated")
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -12,16 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, sha256_file
 from .adapter_section import AdapterSpec
-from .files import MANIFEST
+from .files import LAYER_PROBE, MANIFEST, WARM_START
 from .memory_section import MemoryFigures
 
 SCHEMA_VERSION = 2
 TASKS = ("causal-lm", "sequence-classification")
 QUANTIZATIONS = ("none", "int8")
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
-ADAMW_BETAS = (0.9, 0.999)  # in both backends' optimizers and wherever the device loop adjusts moments
+ADAMW_BETAS = (0.9, 0.999)
+UNCHECKED = {MANIFEST, WARM_START, LAYER_PROBE}  # written beside the artifact's files, not part of them  # in both backends' optimizers and wherever the device loop adjusts moments
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Manifest:
     labels: list[str] = field(default_factory=list)
     pad_token_id: int = 0
     eos_token_id: int | None = None
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of every file the export wrote
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -97,6 +99,23 @@ class Manifest:
 
     def save(self, directory: str | Path) -> None:
         atomic_write_json(Path(directory) / MANIFEST, self.to_dict())
+
+    def record_files(self, directory: str | Path) -> None:
+        """Set ``files`` to the sha256 of every file of the artifact in ``directory`` (not the manifest and the
+        notes written beside it later)."""
+        directory = Path(directory)
+        self.files = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
+                      if p.is_file() and p.name not in UNCHECKED and not p.name.startswith(".")}
+
+    def verify_files(self, directory: str | Path) -> None:
+        """Refuse, in one line naming the file, an artifact file that is missing or not what the export wrote."""
+        for name, digest in self.files.items():
+            path = Path(directory) / name
+            if not path.is_file():
+                raise UserError(f"{path} is missing: the artifact is incomplete; copy it again or re-export it")
+            if sha256_file(path) != digest:
+                raise UserError(f"{path} is corrupt or truncated (its sha256 differs from the manifest's): copy the "
+                                "artifact again or re-export it")
 
 
 def load_manifest(artifact: str | Path) -> Manifest:

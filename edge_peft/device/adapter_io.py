@@ -46,7 +46,10 @@ def load_into_artifact(artifact: str | Path, adapter: str | Path) -> int:
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
     tensors = {onnx_name(k): v for k, v in load_adapter(adapter, manifest.adapter).items()}
+    manifest.verify_files(artifact)
     names = write_initial_trainable(artifact, manifest, tensors)
+    manifest.record_files(artifact)  # the initial state changed: so do its checksums
+    manifest.save(artifact)
     meta = read_metadata((Path(adapter) / ADAPTER_WEIGHTS).read_bytes())
     atomic_write_json(artifact / WARM_START, meta.get("store") or {"adapter": str(Path(adapter).resolve())})
     return len(names)

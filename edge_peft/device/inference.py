@@ -26,6 +26,7 @@ class Predictor:
         source = Path(source)
         self.artifact = artifact_of(source) if is_run(source) else source
         self.manifest: Manifest = load_manifest(self.artifact)
+        self.manifest.verify_files(self.artifact)
         self.max_seq_len = _trained_seq_len(source) if is_run(source) else self.manifest.max_seq_len
         if adapter is None and is_run(source):
             adapter = source / ADAPTER

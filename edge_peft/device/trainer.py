@@ -183,6 +183,7 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
     """Compose a run: everything is checked and loaded here, an impossible budget refused before the model loads."""
     artifact, out = Path(artifact), Path(out)
     manifest = load_manifest(artifact)
+    manifest.verify_files(artifact)
     config.validate(manifest)
     if resume and not recover_checkpoint(out):
         read_run(out)  # a one-line error when ``out`` is no run at all

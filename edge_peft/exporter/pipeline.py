@@ -116,6 +116,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                 trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
                 loss_chunks=opts.loss_chunks if causal else 0, **opts.memory)
             manifest = _manifest(loaded, config, opts, spec, memory, backends)
+            manifest.record_files(tmp)
             manifest.save(tmp)
     return manifest
 
