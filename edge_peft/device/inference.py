@@ -24,11 +24,12 @@ class Predictor:
         onnxruntime = onnxruntime_module()
         quiet_logs()
         source = Path(source)
-        self.artifact = artifact_of(source) if is_run(source) else source
+        run_info = read_run(source)[0] if is_run(source) else None
+        self.artifact = artifact_of(source) if run_info else source
         self.manifest: Manifest = load_manifest(self.artifact)
         self.manifest.verify_files(self.artifact)
-        self.max_seq_len = _trained_seq_len(source) if is_run(source) else self.manifest.max_seq_len
-        if adapter is None and is_run(source):
+        self.max_seq_len = (_trained_seq_len(run_info) if run_info else None) or self.manifest.max_seq_len
+        if adapter is None and run_info:
             adapter = source / ADAPTER
         self.session = onnxruntime.InferenceSession(str(self.artifact / INFERENCE_MODEL), session_options(threads),
                                                     providers=["CPUExecutionProvider"])
@@ -103,10 +104,9 @@ class Predictor:
         return self.tokenizer.decode(ids[prompt_len:])
 
 
-def _trained_seq_len(run: Path) -> int:
-    """The sequence length a run trained at: its memory plan's, else its --max-seq-len, else the artifact's."""
-    info, manifest = read_run(run)
-    return (info.get("plan") or {}).get("max_seq_len") or info["config"].get("max_seq_len") or manifest.max_seq_len
+def _trained_seq_len(info: dict) -> int | None:
+    """The sequence length a run trained at (``run.json``): its memory plan's, else its --max-seq-len."""
+    return (info.get("plan") or {}).get("max_seq_len") or info["config"].get("max_seq_len")
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
