@@ -4,6 +4,7 @@
 artifact/                       written by `edge-peft export`
   manifest.json                 MANIFEST
   tokenizer.json                TOKENIZER
+  chat_template.json            CHAT_TEMPLATE: the tokenizer's chat template and special tokens' strings
   inference_model.onnx          INFERENCE_MODEL: forward graph, adapters as inputs
   training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint      ORT_* (backend "ort")
   portable_step.onnx, portable_init.safetensors                                PORTABLE_* (backend "portable")
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
+CHAT_TEMPLATE = "chat_template.json"
 INFERENCE_MODEL = "inference_model.onnx"
 ORT_TRAINING_MODEL = "training_model.onnx"
 ORT_EVAL_MODEL = "eval_model.onnx"

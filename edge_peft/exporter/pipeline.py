@@ -13,6 +13,7 @@ from ..artifact.manifest import QUANTIZATIONS, Manifest
 from ..artifact.memory_section import MemoryFigures
 from ..artifact.names import BATCH_INPUTS, is_a
 from ..backends.names import EXPORT_CHOICES, ORT, PORTABLE
+from ..device.chat_template import ChatTemplate
 from ..errors import UserError
 from ..fileio import atomic_directory
 from ..progress import Stages
@@ -107,6 +108,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         with stages.stage("writing inference model, tokenizer and manifest"):
             write_inference_model(proto, trainable, tmp)
             loaded.tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER))
+            ChatTemplate(loaded.tokenizer.chat_template, loaded.tokenizer.special_tokens_map).save(tmp)
             spec = AdapterSpec(base_fingerprint=base_fp, model_type=config.model_type,
                                architecture=type(loaded.model).__name__, task=loaded.task, variant=variant.name,
                                rank=opts.rank, alpha=float(opts.alpha), seed=opts.seed, target_modules=targets,
