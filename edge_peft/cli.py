@@ -41,7 +41,8 @@ def _csv(value: str | None) -> list[str] | None:
               help="Storage of the frozen base weights.")
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default=DEFAULT_VARIANT, show_default=True,
               help="; ".join(f"{name}: {v.description}" for name, v in VARIANTS.items()) + ".")
-@click.option("--targets", help="Comma-separated module names to adapt (default: the family's recipe in export/).")
+@click.option("--targets", help="Comma-separated module names to adapt, or all-linear (every attention and MLP "
+              "projection of the selected blocks); default: the family's recipe in export/.")
 @click.option("--labels", help="Comma-separated class names for a new classification head.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the frozen A matrices (recorded in the manifest).")
 @click.option("--max-seq-len", default=256, show_default=True, help="Longest sequence the device may train on.")
@@ -89,16 +90,20 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--data", required=True, help=".jsonl ({\"text\"} or {\"text\",\"label\"}) or .txt training data.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
-@click.option("--steps", default=200, show_default=True, help="Optimizer steps.")
+@click.option("--steps", type=int, help="Optimizer steps (default per task: 60 classifier, 200 causal LM).")
 @click.option("--batch-size", default=8, show_default=True, help="Examples per optimizer step.")
 @click.option("--micro-batch-size", type=int, help="Examples per forward pass (gradient accumulation).")
-@click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate (warm-up then cosine decay).")
+@click.option("--lr", type=float,
+              help="Peak learning rate, warm-up then cosine decay (default per task: 5e-3 classifier, 1e-2 causal LM).")
 @click.option("--warmup-steps", type=int, help="Warm-up steps (default: 5% of --steps).")
-@click.option("--max-seq-len", type=int, help="Truncate/cut sequences to this many tokens.")
+@click.option("--max-seq-len", type=int,
+              help="Truncate/cut sequences to this many tokens (default per task: 128 classifier, 256 causal LM).")
 @click.option("--eval-data", help="Held-out file (default: --eval-fraction of --data).")
 @click.option("--eval-fraction", default=0.1, show_default=True,
               help="Share of --data held out for evaluation when no --eval-data is given.")
-@click.option("--eval-every", default=50, show_default=True, help="Evaluate every N steps (0: only never).")
+@click.option("--eval-every", default=50, show_default=True,
+              help="Score the held-out set before step 1 and every N steps (0: never).")
+@click.option("--eval-batches", type=int, help="Score only this many held-out batches (default: the whole set).")
 @click.option("--checkpoint-every", default=50, show_default=True, help="Checkpoint every N steps.")
 @click.option("--seed", default=0, show_default=True, help="Data order and split seed.")
 @click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: all cores).")
@@ -123,16 +128,21 @@ def train(ctx: click.Context, artifact: Path, out: Path, resume: bool, quiet: bo
           **options) -> None:
     """Fine-tune the adapters of ARTIFACT on local data (no torch needed)."""
     from .device.memory import configure_allocator
+    from .device.defaults import describe
     from .device.trainer import TrainConfig, open_run
 
     _apply_profile(device_profile, options)
     if options["memory_budget"]:
         _restart_with_huge_pages(ctx)
     configure_allocator(budgeted=bool(options["memory_budget"]))
-    summary = open_run(artifact, TrainConfig(**options), out, resume=resume).run(progress=not quiet)
-    eval_loss = summary["eval_loss"]
+    run = open_run(artifact, TrainConfig(**options), out, resume=resume)
+    if run.defaults:
+        click.echo(describe(run.manifest.task, run.defaults), err=True)
+    summary = run.run(progress=not quiet)
+    eval_loss, before = summary["eval_loss"], summary.get("eval_loss_before")
     click.echo(f"trained {summary['steps']} steps: loss {summary['final_loss']:.4f}"
-               + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
+               + (f", held-out loss {before:.4f} -> {eval_loss:.4f}" if None not in (eval_loss, before) else
+                  f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
                + f", {summary['tokens_per_s']:.0f} tokens/s, peak RSS {summary['peak_rss_mb']:.0f} MB; "
                f"adapter in {out / 'adapter'}")
 

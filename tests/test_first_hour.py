@@ -222,3 +222,25 @@ def test_a_truncated_artifact_file_is_named_in_one_line(name, artifacts, data, t
         assert code == 2
         _one_line_error(err, f"{path} is corrupt or truncated")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_train_prints_its_task_defaults_and_scores_the_held_out_set_before_step_1(artifacts, data, tmp_path):
+    from edge_peft.device.defaults import TASK_DEFAULTS
+    from edge_peft.device.evaluate import evaluate_file
+    from edge_peft.device.inference import Predictor
+
+    artifact, run, held = artifacts("gpt2", "int8"), tmp_path / "run", data["lm"]
+    code, out, err = _run("train", artifact, "--data", data["lm"], "--eval-data", held, "--out", run, "--steps", "3",
+                          "--batch-size", "4", "--eval-every", "3", "--threads", "1")
+    assert code == 0, err
+    lm = TASK_DEFAULTS["causal-lm"]
+    assert f"defaults for a causal-lm artifact: --lr {lm.lr:g}" in err and "--steps" not in err.split("defaults")[1]
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config["lr"] == lm.lr and config["steps"] == 3 and "held-out loss before training" in err
+
+    summary = json.loads((run / "summary.json").read_text())
+    base = Predictor(artifact)
+    base.max_seq_len = config["max_seq_len"]
+    assert summary["eval_loss_before"] == pytest.approx(evaluate_file(base, held)["loss"], rel=1e-4)  # whole file
+    assert summary["eval_loss"] == pytest.approx(evaluate_file(Predictor(run), held)["loss"], rel=1e-4)
+    assert f"held-out loss {summary['eval_loss_before']:.4f} -> {summary['eval_loss']:.4f}" in out

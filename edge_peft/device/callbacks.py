@@ -33,6 +33,10 @@ class ProgressBar(Callback):
 
         self._bar = tqdm(total=total, initial=initial, file=sys.stderr, unit="step", dynamic_ncols=True)
 
+    def on_train_begin(self, step: int, eval_loss: float | None) -> None:
+        if eval_loss is not None:
+            self._bar.write(f"held-out loss before training: {eval_loss:.4f}", file=sys.stderr)
+
     def on_step_end(self, step: int, record: dict) -> None:
         self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                               peak=f"{record['peak_rss_mb']:.0f}MB", refresh=False)

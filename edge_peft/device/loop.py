@@ -23,6 +23,9 @@ from .run_dir import Totals
 class Callback:
     """Called around every optimizer step; override what you need (every method is a no-op here)."""
 
+    def on_train_begin(self, step: int, eval_loss: float | None) -> None:
+        """Before step ``step`` runs; ``eval_loss`` is the held-out loss before training (None when not scored)."""
+
     def on_batches(self, step: int, parts: list[Batch]) -> list[Batch]:
         """The step's micro-batches, before they run (a memory budget may split them further)."""
         return parts

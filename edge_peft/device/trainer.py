@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..adapters.ranks import NESTED_KEY
-from ..artifact.files import CHECKPOINT, CHECKPOINT_STATE, RUN_INFO, TOKENIZER
+from ..artifact.files import CHECKPOINT, CHECKPOINT_STATE, RUN_INFO, SUMMARY, TOKENIZER
 from ..artifact.manifest import Manifest, load_manifest
 from ..backends import TrainingBackend, open_backend, resolve
 from ..errors import UserError
@@ -19,6 +19,7 @@ from ..fileio import sha256_file
 from .budget import MemoryWatch
 from .callbacks import Checkpoints, MetricsLog, ProgressBar
 from .data import Batch, Tokenized, batch_indices, read_examples, split_holdout
+from .defaults import with_task_defaults
 from .hooks import HookFactory, StepHooks, build_hooks
 from .loop import Callback, Schedule, targets, train, train_step
 from .memory import MB, current_rss, huge_pages_active, peak_rss
@@ -32,16 +33,16 @@ from .schedule import learning_rate
 @dataclass(frozen=True)
 class TrainConfig:
     data: str
-    steps: int = 200
+    steps: int | None = None  # None: the task's default (defaults.TASK_DEFAULTS), as lr and max_seq_len
     batch_size: int = 8
     micro_batch_size: int | None = None
-    lr: float = 2e-3
+    lr: float | None = None
     warmup_steps: int | None = None
     max_seq_len: int | None = None
     eval_data: str | None = None
     eval_fraction: float = 0.1
     eval_every: int = 50
-    eval_batches: int = 8
+    eval_batches: int | None = None  # None: the whole held-out set
     checkpoint_every: int = 50
     seed: int = 0
     threads: int = 0
@@ -65,6 +66,8 @@ class TrainConfig:
             (0 <= self.eval_fraction < 1, f"--eval-fraction {self.eval_fraction} must be in [0, 1)"),
             (self.max_seq_len is None or 2 <= self.max_seq_len <= manifest.max_seq_len,
              f"--max-seq-len {self.max_seq_len} must be between 2 and the artifact's {manifest.max_seq_len}"),
+            (self.eval_batches is None or self.eval_batches > 0,
+             f"--eval-batches {self.eval_batches} must be positive (leave it out to score the whole held-out set)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -117,7 +120,9 @@ class TrainingRun:
     data: RunData
     plan: Plan | None = None
     memory_notes: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)  # what the task's defaults filled in (defaults.with_task_defaults)
     start_step: int = 0
+    eval_before: float | None = None  # held-out loss before step 1 (kept across --resume in summary.json)
     totals: Totals = field(default_factory=Totals)
 
     @property
@@ -139,13 +144,14 @@ class TrainingRun:
         return train_step(self.backend, self.hooks, self.micro_batches(step), self.lr(step), step)
 
     def evaluate(self) -> float | None:
-        """Mean held-out loss over up to ``eval_batches`` batches (target-weighted)."""
+        """Mean held-out loss over the held-out set, or its first ``eval_batches`` batches (target-weighted)."""
         pool = self.data.held_pool
         if not pool:
             return None
         size = self.micro_batch_size
+        limit = len(pool) if self.config.eval_batches is None else min(len(pool), size * self.config.eval_batches)
         total, weight = 0.0, 0
-        for i in range(0, min(len(pool), size * self.config.eval_batches), size):
+        for i in range(0, limit, size):
             batch = self.data.held.batch(pool[i : i + size])
             w = targets(batch)
             total += w * self.backend.eval_loss(batch)
@@ -160,6 +166,7 @@ class TrainingRun:
         t = self.totals
         write_summary(self.out, {
             "steps": step, "samples": t.samples, "tokens": t.tokens, "final_loss": last_loss, "eval_loss": eval_loss,
+            "eval_loss_before": self.eval_before,
             "peak_rss_mb": round(peak_rss() / MB, 1), "tokens_per_s": round(t.tokens / max(t.wall_s, 1e-9), 1),
             "wall_s": round(t.wall_s, 2), "huge_pages": huge_pages_active(), "parent": warm_start_of(self.artifact),
         })
@@ -173,6 +180,10 @@ class TrainingRun:
         if progress:
             standard.append(ProgressBar(c.steps, self.start_step))
         standard.append(Checkpoints(c.checkpoint_every, c.steps, self.checkpoint))
+        if self.start_step == 0 and c.eval_every:
+            self.eval_before = self.evaluate()
+        for callback in standard + list(callbacks or []):
+            callback.on_train_begin(self.start_step, self.eval_before if self.start_step == 0 else None)
         train(self.backend, self.hooks, self.micro_batches, self.evaluate, self.lr, Schedule(c.steps, c.eval_every),
               standard + list(callbacks or []), self.start_step, self.totals)
         return read_summary(self.out)
@@ -184,6 +195,7 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
     artifact, out = Path(artifact), Path(out)
     manifest = load_manifest(artifact)
     manifest.verify_files(artifact)
+    config, defaults = with_task_defaults(config, manifest.task, manifest.max_seq_len)
     config.validate(manifest)
     if resume and not recover_checkpoint(out):
         read_run(out)  # a one-line error when ``out`` is no run at all
@@ -199,9 +211,9 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
         seq_len = plan.seq_len
     data_sha = sha256_file(config.data) if Path(config.data).is_file() else None
     data = load_data(artifact, manifest, config, seq_len)
-    start, totals, hook_state = 0, Totals(), {}
+    start, totals, hook_state, eval_before = 0, Totals(), {}, None
     info = {"artifact": str(artifact.resolve()), "data": str(Path(config.data).resolve()), "data_sha256": data_sha,
-            "config": asdict(config)}
+            "config": asdict(config), "task_defaults": sorted(defaults)}
     if resume:
         old, _ = read_run(out)
         if old.get("data_sha256") != data_sha:
@@ -209,6 +221,7 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
                             "resume with the same file or start a new --out")
         saved = read_checkpoint(out)
         start, totals, hook_state, state = saved.step, saved.totals, saved.hooks, saved.state
+        eval_before = read_summary(out).get("eval_loss_before") if (out / SUMMARY).is_file() else None
         truncate_metrics(out, start)
         info = old
     else:
@@ -218,7 +231,8 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
     backend = open_backend(artifact, manifest, state, config.threads, backend_name, config.execution_provider)
     hooks = build_hooks(config, manifest.adapter, backend, extra_hooks)
     hooks.load_state(hook_state)
-    run = TrainingRun(artifact, out, config, manifest, backend, hooks, data, plan, start_step=start, totals=totals)
+    run = TrainingRun(artifact, out, config, manifest, backend, hooks, data, plan, defaults=defaults,
+                      start_step=start, totals=totals, eval_before=eval_before)
     _replan_on_measured_rss(run, backend_name, seq_len)
     if plan is not None:
         write_run_info(out, {**info, "plan": _plan_record(run.plan)})
