@@ -88,7 +88,9 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 
 @main_group.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--data", required=True, help=".jsonl ({\"text\"} or {\"text\",\"label\"}) or .txt training data.")
+@click.option("--data", required=True,
+              help=".jsonl lines of one shape ({\"text\"}, {\"prompt\",\"completion\"}, {\"messages\"} or "
+                   "{\"text\",\"label\"}), .txt, or a directory holding train.jsonl and valid.jsonl.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--steps", type=int, help="Optimizer steps (default per task: 60 classifier, 200 causal LM).")
 @click.option("--batch-size", default=8, show_default=True, help="Examples per optimizer step.")
@@ -98,7 +100,11 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 @click.option("--warmup-steps", type=int, help="Warm-up steps (default: 5% of --steps).")
 @click.option("--max-seq-len", type=int,
               help="Truncate/cut sequences to this many tokens (default per task: 128 classifier, 256 causal LM).")
-@click.option("--eval-data", help="Held-out file (default: --eval-fraction of --data).")
+@click.option("--train-on-prompt", is_flag=True,
+              help="Prompt/completion and chat data: train on every token, not only completions and assistant turns.")
+@click.option("--pack", is_flag=True,
+              help="Concatenate short examples into full --max-seq-len sequences (each attends to those before it).")
+@click.option("--eval-data", help="Held-out file (default: --data's valid.jsonl, else --eval-fraction of --data).")
 @click.option("--eval-fraction", default=0.1, show_default=True,
               help="Share of --data held out for evaluation when no --eval-data is given.")
 @click.option("--eval-every", default=50, show_default=True,
@@ -292,7 +298,8 @@ def _text_of(line: str, lineno: int) -> str:
 @main_group.command("eval")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Labelled .jsonl for a classifier; .jsonl/.txt text for a causal LM (the whole file is scored).")
+              help="Labelled .jsonl for a classifier; for a causal LM a .jsonl/.txt file of any train --data shape "
+                   "(the whole file is scored, on the tokens training would train).")
 @click.option("--adapter", type=click.Path(path_type=Path), help="PEFT adapter to score instead of the run's.")
 @click.option("--base", is_flag=True, help="Score the base model: no adapter (zero B, the export's head).")
 @click.option("--batch-size", default=16, show_default=True, help="Examples per inference batch.")

@@ -16,10 +16,10 @@ prompt ends and ends where ``messages[:i+1]`` rendered ends, trailing whitespace
 end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``) is trained and the model learns to stop, while the
 template's next header is not. Where a template renders an earlier turn differently once later turns follow
 (some drop old reasoning), the prefix renders are not prefixes of the whole; the span then starts where the
-message's content appears in the rendered text (after the previous span) and takes the end-of-turn text the
-prefix render puts after the content when the whole has it there too. A token trains when its character span
-overlaps an assistant span, so a token merged across the boundary (a SentencePiece word with its leading space)
-trains. ``train_all`` trains every token.
+message's content appears in the rendered text (after the previous span) and runs through the longest end of
+the text the prefix render puts after the content (its end-of-turn) found right after it. A token trains when its
+character span overlaps an assistant span, so a token merged across the boundary (a SentencePiece word with its
+leading space) trains. ``train_all`` trains every token.
 """
 
 from __future__ import annotations
@@ -191,14 +191,22 @@ class ChatTemplate:
                 if found < 0:
                     continue
                 start, end = found, found + len(content)
-                at = through.rfind(content) if content else -1
-                tail = through[at + len(content):].rstrip() if at >= 0 else ""
-                if tail and rendered.startswith(tail, end):
-                    end += len(tail)
+                end += _end_of_turn(through, content, rendered, end)
             if end > start:
                 spans.append((start, end))
                 done = end
         return spans
+
+
+def _end_of_turn(through: str, content: str, rendered: str, at: int) -> int:
+    """Length of the end-of-turn text at ``rendered[at:]``: the longest end of what ``through`` puts after the
+    content (trailing whitespace excluded) found within that many characters."""
+    tail = through[through.rfind(content) + len(content):].rstrip()
+    for k in range(len(tail)):
+        found = rendered.find(tail[k:], at, at + len(tail))
+        if found >= 0:
+            return found + len(tail) - k - at
+    return 0
 
 
 def _normalized(messages: list[dict]) -> list[dict]:

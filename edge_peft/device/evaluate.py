@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact.manifest import IGNORE_INDEX
+from .chat_template import ChatTemplate
 from .data import Tokenized, read_examples
 from .inference import Predictor
 
@@ -21,7 +22,7 @@ def evaluate_file(predictor: Predictor, data: str | Path, batch_size: int = 16) 
         predicted = [label for label, _ in predictor.classify([e.text for e in examples], batch_size)]
         return classification_scores([m.labels[e.label] for e in examples], predicted, m.labels)
     tokenized = Tokenized(predictor.tokenizer, examples, m.task, predictor.max_seq_len, m.pad_token_id,
-                          m.eos_token_id)
+                          m.eos_token_id, ChatTemplate.load(predictor.artifact))
     total, count = 0.0, 0
     for start in range(0, len(tokenized), batch_size):
         batch = tokenized.batch(list(range(start, min(start + batch_size, len(tokenized)))))

@@ -18,7 +18,8 @@ from ..errors import UserError
 from ..fileio import sha256_file
 from .budget import MemoryWatch
 from .callbacks import Checkpoints, MetricsLog, ProgressBar
-from .data import Batch, Tokenized, batch_indices, read_examples, split_holdout
+from .chat_template import ChatTemplate
+from .data import Batch, Tokenized, batch_indices, data_files, read_examples, split_holdout
 from .defaults import with_task_defaults
 from .hooks import HookFactory, StepHooks, build_hooks
 from .loop import Callback, Schedule, targets, train, train_step
@@ -55,6 +56,8 @@ class TrainConfig:
     lr_ratio_b: float = 1.0
     backend: str = "auto"  # auto | ort | portable (backends.resolve)
     execution_provider: str = "CPUExecutionProvider"  # portable backend only; from --device-profile
+    train_on_prompt: bool = False  # prompt/completion and chat data: train on every token, not the answers only
+    pack: bool = False  # concatenate short examples into full sequences (data.Tokenized)
 
     def validate(self, manifest: Manifest) -> None:
         checks = [
@@ -95,13 +98,16 @@ def load_data(artifact: Path, manifest: Manifest, config: TrainConfig, seq_len: 
     tokenizer.no_padding()
     tokenizer.no_truncation()
 
-    def tokenize(path: str) -> Tokenized:
-        return Tokenized(tokenizer, read_examples(path, manifest.task, manifest.labels), manifest.task, seq_len,
-                         manifest.pad_token_id, manifest.eos_token_id)
+    chat = ChatTemplate.load(artifact)
 
-    train_set = tokenize(config.data)
-    if config.eval_data:
-        held = tokenize(config.eval_data)
+    def tokenize(path: str | Path) -> Tokenized:
+        return Tokenized(tokenizer, read_examples(path, manifest.task, manifest.labels), manifest.task, seq_len,
+                         manifest.pad_token_id, manifest.eos_token_id, chat, config.train_on_prompt, config.pack)
+
+    train_file, valid_file = data_files(config.data)
+    train_set = tokenize(train_file)
+    if config.eval_data or valid_file:
+        held = tokenize(config.eval_data or valid_file)
         return RunData(train_set, list(range(len(train_set))), held, list(range(len(held))))
     pool, held_out = split_holdout(len(train_set), config.eval_fraction, config.seed)
     return RunData(train_set, pool, train_set, held_out)
@@ -209,7 +215,8 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
         plan = make_plan(manifest, parse_budget(config.memory_budget), config.batch_size, seq_len, backend_name,
                          config.memory_margin, config.micro_batch_size)
         seq_len = plan.seq_len
-    data_sha = sha256_file(config.data) if Path(config.data).is_file() else None
+    train_file = data_files(config.data)[0]
+    data_sha = sha256_file(train_file) if train_file.is_file() else None
     data = load_data(artifact, manifest, config, seq_len)
     start, totals, hook_state, eval_before = 0, Totals(), {}, None
     info = {"artifact": str(artifact.resolve()), "data": str(Path(config.data).resolve()), "data_sha256": data_sha,
