@@ -315,6 +315,8 @@ def test_smollm2_assistant_mask_is_the_assistant_text_and_its_end_of_turn(smollm
     for messages in CONVERSATIONS[1:]:
         ids, trained = chat.tokenize(backend, messages, None, False, "x")
         answers = "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+        if messages is CONVERSATIONS[3]:  # BPE merges the header's newline with the answer's leading spaces
+            answers = "\n" + answers  # into one token, which carries answer text and so trains
         assert smollm2.decode([i for i, t in zip(ids, trained) if t]) == answers
 
 
@@ -324,8 +326,9 @@ def test_qwen25_template_with_tools_ids_equal_transformers(smollm2):
     assert_same_ids(smollm2, chat, backend, CONVERSATIONS + TOOL_CONVERSATIONS, QWEN25)
     assert_same_ids(smollm2, chat, backend, CONVERSATIONS + TOOL_CONVERSATIONS, QWEN25, TOOLS)
     ids, trained = chat.tokenize(backend, TOOL_CONVERSATIONS[0], TOOLS, False, "x")
+    # the generation prompt ends with the newline that a tool-call turn renders before <tool_call>
     text = smollm2.decode([i for i, t in zip(ids, trained) if t])
-    assert text == ('\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call><|im_end|>'
+    assert text == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call><|im_end|>'
                     "21 °C in Zürich.<|im_end|>")
 
 
