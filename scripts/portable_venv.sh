@@ -10,7 +10,7 @@ python="${PYTHON:-python3}"
 
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet "onnxruntime==1.32.0" numpy click tqdm safetensors tokenizers pytest
+"$venv/bin/python" -m pip install --quiet "onnxruntime==1.32.0" numpy click tqdm safetensors tokenizers "jinja2>=3.1.6" pytest
 "$venv/bin/python" -m pip install --quiet --no-deps -e "$root"
 "$venv/bin/python" - <<'PY'
 import importlib.util, onnxruntime
