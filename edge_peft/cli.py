@@ -239,21 +239,75 @@ def devices() -> None:
                    f"{p.threads or 'all'} threads, {p.execution_provider}: {p.description}")
 
 
+def _sampling_options(func):
+    """The options of how generate and chat choose each token."""
+    options = [
+        click.option("--temperature", default=0.0, show_default=True,
+                     help="0: greedy; > 0: sample from softmax(logits / temperature)."),
+        click.option("--top-k", default=0, show_default=True, help="With --temperature: sample among the k likeliest "
+                                                                   "(0: all)."),
+        click.option("--top-p", default=1.0, show_default=True,
+                     help="With --temperature: sample from the smallest set of tokens holding this probability."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the sampling."),
+        click.option("--adapter", type=click.Path(path_type=Path), help="PEFT adapter to use instead of the run's."),
+        click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: all cores)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @main_group.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", default=40, show_default=True, help="Tokens to generate at most.")
-@click.option("--top-k", default=0, show_default=True, help="0: greedy; k > 0: sample among the k likeliest.")
-@click.option("--temperature", default=1.0, show_default=True, help="Sampling temperature (with --top-k).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the sampling (with --top-k).")
-@click.option("--adapter", type=click.Path(path_type=Path), help="PEFT adapter to use instead of the run's.")
-def generate(source: Path, prompt: str, max_new_tokens: int, top_k: int, temperature: float, seed: int,
-             adapter: Path | None) -> None:
-    """Continue PROMPT with the model of a run (or artifact) SOURCE."""
+@_sampling_options
+def generate(source: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
+             adapter: Path | None, threads: int) -> None:
+    """Continue PROMPT with the model of a run (or artifact) SOURCE, printing tokens as they come."""
+    from .device.generation import Sampling
     from .device.inference import Predictor
 
-    text = Predictor(source, adapter).generate(prompt, max_new_tokens, top_k, temperature, seed)
-    click.echo(prompt + text)
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    predictor = Predictor(source, adapter, threads)
+    pieces = predictor.stream(prompt, max_new_tokens, sampling)
+    click.echo(prompt, nl=False)
+    for piece in pieces:
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@main_group.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--system", help="A system message opening the conversation.")
+@click.option("--max-new-tokens", default=256, show_default=True, help="Tokens per reply at most.")
+@_sampling_options
+def chat(source: Path, system: str | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+         seed: int, adapter: Path | None, threads: int) -> None:
+    """Talk with the model of a run (or artifact) SOURCE through its chat template: each line read from stdin is
+    a user message, the reply streams to stdout; end of input (Ctrl-D) ends the conversation."""
+    from .device.chat_template import ChatTemplate
+    from .device.generation import Conversation, Sampling
+    from .device.inference import Predictor
+
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    predictor = Predictor(source, adapter, threads)
+    template = ChatTemplate.load(predictor.artifact)
+    if template is None or not template.template:
+        raise UserError(f"{predictor.artifact} has no chat template (the model's tokenizer has none, or it was "
+                        "exported before templates were carried): use `edge-peft generate --prompt`")
+    conversation = Conversation(predictor.generator, template, system)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if line.strip():
+            for piece in conversation.reply(line.strip(), max_new_tokens, sampling):
+                click.echo(piece, nl=False)
+            click.echo()
 
 
 @main_group.command()
@@ -332,7 +386,7 @@ def eval_command(source: Path, data: Path, adapter: Path | None, base: bool, bat
 
 @main_group.group()
 def adapter() -> None:
-    """Save a run's adapter in PEFT format, or load one into an artifact."""
+    """Save a run's adapter in PEFT format, load one into an artifact, or merge one into its base model."""
 
 
 @adapter.command("save")
@@ -358,6 +412,25 @@ def adapter_load(artifact: Path, adapter_dir: Path) -> None:
     count = load_into_artifact(artifact, adapter_dir)
     click.echo(f"changed {artifact} in place: its initial adapter is now {adapter_dir} ({count} tensors); new runs "
                "of it start from them")
+
+
+@adapter.command("merge")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Hugging Face model directory to write.")
+@click.option("--base", type=click.Path(path_type=Path),
+              help="The original base model directory (default: the one the artifact was exported from).")
+@click.option("--adapter", "adapter_dir", type=click.Path(path_type=Path),
+              help="PEFT adapter to merge instead of the run's.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+def adapter_merge(run: Path, out: Path, base: Path | None, adapter_dir: Path | None, force: bool) -> None:
+    """Merge RUN's adapter into the original fp32 base weights (workstation: needs the [export] extra) and write a
+    Hugging Face model directory (safetensors, config, tokenizer)."""
+    try:
+        from .exporter.merge import merge_run_adapter
+    except ImportError as exc:
+        raise UserError(f"adapter merge needs torch, transformers and peft ({exc.name} is missing): run it on the "
+                        "workstation, or pip install 'edge-peft[export]'") from None
+    click.echo(f"merged model written to {merge_run_adapter(run, out, base, adapter_dir, overwrite=force)}")
 
 
 @main_group.command()

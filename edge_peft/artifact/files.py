@@ -6,6 +6,7 @@ artifact/                       written by `edge-peft export`
   tokenizer.json                TOKENIZER
   chat_template.json            CHAT_TEMPLATE: the tokenizer's chat template and special tokens' strings
   inference_model.onnx          INFERENCE_MODEL: forward graph, adapters as inputs
+  generation_model.onnx         GENERATION_MODEL: causal LMs, one step with a KV cache, adapters as inputs
   training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint      ORT_* (backend "ort")
   portable_step.onnx, portable_init.safetensors                                PORTABLE_* (backend "portable")
   warm_start.json               WARM_START: the adapter `adapter load` warm-started it from
@@ -31,6 +32,7 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 CHAT_TEMPLATE = "chat_template.json"
 INFERENCE_MODEL = "inference_model.onnx"
+GENERATION_MODEL = "generation_model.onnx"
 ORT_TRAINING_MODEL = "training_model.onnx"
 ORT_EVAL_MODEL = "eval_model.onnx"
 ORT_OPTIMIZER_MODEL = "optimizer_model.onnx"

@@ -21,6 +21,8 @@ INPUT_IDS, ATTENTION_MASK, LABELS, LOSS_SCALE = "input_ids", "attention_mask", "
 BATCH_INPUTS = (INPUT_IDS, ATTENTION_MASK, LABELS, LOSS_SCALE)  # what a training graph is fed per micro-batch
 INFERENCE_INPUTS = (INPUT_IDS, ATTENTION_MASK)
 LOGITS = "logits"
+POSITION_IDS = "position_ids"  # the generation graph's positions of the new tokens
+CONTEXT_LENGTH_KEY = "context_length"  # the generation graph's metadata: the longest sequence its positions cover
 LOSS = "loss"
 LR, STEP = "lr", "step"  # portable step graph: learning rate and 1-based AdamW step
 
@@ -78,6 +80,24 @@ def layer_index(module_name: str) -> int | None:
     """Transformer block index of a module path (``...layers.3.self_attn.q_proj`` -> 3)."""
     match = _LAYER_INDEX.search(f".{module_name}.")
     return int(match.group(1)) if match else None
+
+
+def past_key(layer: int) -> str:
+    """Generation graph input: layer ``layer``'s cached keys [batch, kv_heads, past, head_dim]."""
+    return f"past.{layer}.key"
+
+
+def past_value(layer: int) -> str:
+    return f"past.{layer}.value"
+
+
+def present_key(layer: int) -> str:
+    """Generation graph output: layer ``layer``'s keys after this step [batch, kv_heads, past + new, head_dim]."""
+    return f"present.{layer}.key"
+
+
+def present_value(layer: int) -> str:
+    return f"present.{layer}.value"
 
 
 def grad_name(name: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -14,6 +16,7 @@ from ..backends import initial_trainable
 from ..backends.runtime import onnxruntime_module, quiet_logs, session_options
 from ..errors import UserError
 from .data import classifier_ids
+from .generation import Generator, Sampling
 from .run_dir import artifact_of, is_run, read_run
 
 
@@ -21,7 +24,6 @@ class Predictor:
     """An inference session plus the adapter tensors it is fed."""
 
     def __init__(self, source: str | Path, adapter: str | Path | None = None, threads: int = 0):
-        onnxruntime = onnxruntime_module()
         quiet_logs()
         source = Path(source)
         run_info = read_run(source)[0] if is_run(source) else None
@@ -31,16 +33,30 @@ class Predictor:
         self.max_seq_len = (_trained_seq_len(run_info) if run_info else None) or self.manifest.max_seq_len
         if adapter is None and run_info:
             adapter = source / ADAPTER
-        self.session = onnxruntime.InferenceSession(str(self.artifact / INFERENCE_MODEL), session_options(threads),
-                                                    providers=["CPUExecutionProvider"])
-        wanted = {i.name for i in self.session.get_inputs()} - set(INFERENCE_INPUTS)
-        tensors = self._adapter_tensors(adapter)
-        self.feeds = {name: tensors[name] for name in wanted}
+        self.threads = threads
+        self.tensors = self._adapter_tensors(adapter)
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(self.artifact / TOKENIZER))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()  # classifiers truncate in ``encode``; prompts and texts stay whole
+
+    @cached_property
+    def session(self):
+        """The inference model's session (opened on first use: generation runs the generation model instead)."""
+        return onnxruntime_module().InferenceSession(str(self.artifact / INFERENCE_MODEL), session_options(self.threads),
+                                                     providers=["CPUExecutionProvider"])
+
+    @cached_property
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The adapter tensors the inference model takes as inputs."""
+        wanted = {i.name for i in self.session.get_inputs()} - set(INFERENCE_INPUTS)
+        return {name: self.tensors[name] for name in wanted}
+
+    @cached_property
+    def generator(self) -> Generator:
+        """KV-cache generation with this predictor's adapter (``generation.Generator``)."""
+        return Generator(self.artifact, self.manifest, self.tensors, self.tokenizer, self.threads)
 
     def _adapter_tensors(self, adapter: str | Path | None) -> dict[str, np.ndarray]:
         """ONNX-named tensors of the adapter, or the artifact's initial ones (zero B, head from export)."""
@@ -78,30 +94,20 @@ class Predictor:
         """A classifier's input ids, exactly as training encoded them (``data.classifier_ids``)."""
         return classifier_ids(self.tokenizer, texts, self.max_seq_len)
 
-    def generate(self, prompt: str, max_new_tokens: int = 40, top_k: int = 0, temperature: float = 1.0,
-                 seed: int = 0) -> str:
-        """Greedy (top_k=0) or top-k sampling; recomputes the prefix each token (no KV cache)."""
-        if self.manifest.task != "causal-lm":
-            raise UserError("this artifact is a classifier: use `edge-peft classify`, not generate")
-        rng = np.random.default_rng(seed)
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A causal LM's prompt as token ids: the tokenizer's special tokens kept, a trailing end-of-sequence dropped."""
         ids = list(self.tokenizer.encode(prompt).ids)
         if self.manifest.eos_token_id is not None and ids and ids[-1] == self.manifest.eos_token_id:
             ids = ids[:-1]
-        prompt_len = len(ids)
-        for _ in range(max_new_tokens):
-            window = ids[-self.manifest.max_seq_len :]
-            arr = np.array([window], np.int64)
-            last = self.logits(arr, np.ones_like(arr))[0, -1].astype(np.float64)
-            if top_k > 0:
-                top = np.argpartition(-last, top_k - 1)[:top_k]
-                p = _softmax(last[top] / max(temperature, 1e-6))
-                nxt = int(top[rng.choice(len(top), p=p)])
-            else:
-                nxt = int(last.argmax())
-            if nxt == self.manifest.eos_token_id:
-                break
-            ids.append(nxt)
-        return self.tokenizer.decode(ids[prompt_len:])
+        return ids
+
+    def stream(self, prompt: str, max_new_tokens: int = 40, sampling: Sampling = Sampling()) -> Iterator[str]:
+        """Continue ``prompt``, yielding text pieces as the tokens come (greedy unless ``sampling`` says)."""
+        return self.generator.stream(self.prompt_ids(prompt), max_new_tokens, sampling)
+
+    def generate(self, prompt: str, max_new_tokens: int = 40, sampling: Sampling = Sampling()) -> str:
+        """The continuation of ``prompt`` as one string."""
+        return "".join(self.stream(prompt, max_new_tokens, sampling))
 
 
 def _trained_seq_len(info: dict) -> int | None:

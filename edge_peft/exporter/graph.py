@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..artifact.names import is_a
+
 INT8_MIN_ELEMENTS = 1024  # smaller 2-D tensors (e.g. token-type tables) stay fp32: nothing to gain
 
 
@@ -151,6 +153,20 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
     del graph.node[:]
     graph.node.extend(ordered)
     return new_frozen
+
+
+def prepare_frozen(proto: onnx.ModelProto, trainable: list[str], int8: bool) -> list[str]:
+    """Fold the transposes of the frozen base weights and, with ``int8``, quantize them; return the frozen names.
+
+    A frozen LoRA A stays fp32 (it is the adapter's). Every graph of an artifact goes through this, so they
+    all hold the same stored weights."""
+    frozen = set(weight_names(proto)) - set(trainable)
+    frozen_base = {n for n in frozen if not is_a(n)}
+    folded = fold_transposes(proto, frozen_base)
+    frozen_base = (frozen_base - set(folded)) | set(folded.values())
+    if int8:
+        quantize_int8(proto, frozen_base)
+    return [n for n in weight_names(proto) if n not in set(trainable)]
 
 
 def flatten_logits(proto: onnx.ModelProto, width: int) -> None:

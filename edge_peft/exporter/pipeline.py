@@ -11,7 +11,7 @@ from ..artifact.adapter_section import AdapterSpec, ExtraTensor
 from ..artifact.files import TOKENIZER
 from ..artifact.manifest import QUANTIZATIONS, Manifest
 from ..artifact.memory_section import MemoryFigures
-from ..artifact.names import BATCH_INPUTS, is_a
+from ..artifact.names import BATCH_INPUTS
 from ..backends.names import EXPORT_CHOICES, ORT, PORTABLE
 from ..device.chat_template import ChatTemplate
 from ..errors import UserError
@@ -22,6 +22,7 @@ from ..variants import get_variant
 from . import graph
 from .artifacts import write_inference_model, write_training_artifacts
 from .inject import find_targets, inject_adapters
+from .kv_cache import export_generation_model
 from .layer_selection import parse_layers
 from .load import fingerprint, load_model_dir
 from .loss_graph import LOSS_CHUNKS
@@ -89,13 +90,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
             if missing:
                 raise RuntimeError(f"trainable tensors lost in export: {sorted(missing)[:3]}")
         with stages.stage("quantizing base weights to int8" if opts.quantize == "int8" else "preparing base weights"):
-            frozen = set(graph.weight_names(proto)) - set(trainable)
-            frozen_base = {n for n in frozen if not is_a(n)}  # a frozen A stays fp32: it is the adapter's
-            folded = graph.fold_transposes(proto, frozen_base)
-            frozen_base = (frozen_base - set(folded)) | set(folded.values())
-            if opts.quantize == "int8":
-                graph.quantize_int8(proto, frozen_base)
-            frozen_list = [n for n in graph.weight_names(proto) if n not in set(trainable)]
+            frozen_list = graph.prepare_frozen(proto, trainable, opts.quantize == "int8")
         if ORT in backends:
             with stages.stage("generating ORT training artifacts"):
                 write_training_artifacts(proto, trainable, frozen_list, tmp, opts.weight_decay, opts.max_grad_norm,
@@ -107,6 +102,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                                          opts.weight_decay, opts.max_grad_norm, tmp)
         with stages.stage("writing inference model, tokenizer and manifest"):
             write_inference_model(proto, trainable, tmp)
+            if causal:
+                export_generation_model(model, trainable_params, opts.quantize == "int8", _context_length(config), tmp)
             loaded.tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER))
             ChatTemplate(loaded.tokenizer.chat_template, loaded.tokenizer.special_tokens_map).save(tmp)
             spec = AdapterSpec(base_fingerprint=base_fp, model_type=config.model_type,
@@ -133,6 +130,11 @@ def _hidden_size(config) -> int:
 
 def _intermediate_size(config) -> int:
     return int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * _hidden_size(config))
+
+
+def _context_length(config) -> int:
+    """The longest sequence the model's positions cover (what generation may reach)."""
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
 
 
 def _manifest(loaded, config, opts: ExportOptions, spec: AdapterSpec, memory: MemoryFigures,

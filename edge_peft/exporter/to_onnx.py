@@ -9,8 +9,10 @@ unique before tracing (their true values restored by name afterwards) and frozen
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -39,28 +41,35 @@ class LogitsOnly(nn.Module):
 
 def export_logits_model(model: nn.Module, causal: bool, trainable: dict[str, torch.Tensor], path: Path) -> onnx.ModelProto:
     """Export ``model`` to ONNX at ``path``; trainable initializers keep their names and true values."""
-    true_values = {name: t.detach().clone() for name, t in trainable.items()}
-    with torch.no_grad():
-        for i, t in enumerate(trainable.values()):  # unique values so the exporter merges none of them
-            t.add_(torch.full_like(t, 1e-3 * (i + 1)))
     wrapper = LogitsOnly(model, causal).eval()
     ids = torch.ones(2, 8, dtype=torch.long)
     mask = torch.ones(2, 8, dtype=torch.long)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "logits": {0: "batch", 1: "sequence"} if causal else {0: "batch"}}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (ids, mask), str(path), input_names=INPUT_NAMES, output_names=["logits"],
-                              dynamic_axes=axes, opset_version=OPSET, do_constant_folding=False, dynamo=False)
-    finally:
-        with torch.no_grad():
-            for name, t in trainable.items():
-                t.copy_(true_values[name])
+    with distinct_values(trainable) as true_values, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (ids, mask), str(path), input_names=INPUT_NAMES, output_names=["logits"],
+                          dynamic_axes=axes, opset_version=OPSET, do_constant_folding=False, dynamo=False)
     proto = onnx.load(str(path))
     undo_value_dedup(proto, tied_names(wrapper))
     restore_initializers(proto, {f"model.{k}": v.numpy() for k, v in true_values.items()})
     return proto
+
+
+@contextlib.contextmanager
+def distinct_values(trainable: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """Shift every trainable tensor by a distinct constant while tracing (so the exporter merges none of
+    them); yield their true values and put them back afterwards."""
+    true_values = {name: t.detach().clone() for name, t in trainable.items()}
+    with torch.no_grad():
+        for i, t in enumerate(trainable.values()):
+            t.add_(torch.full_like(t, 1e-3 * (i + 1)))
+    try:
+        yield true_values
+    finally:
+        with torch.no_grad():
+            for name, t in trainable.items():
+                t.copy_(true_values[name])
 
 
 def tied_names(module: nn.Module) -> set[str]:
