@@ -39,6 +39,8 @@ def load_model_dir(model_dir: str | Path, labels: list[str] | None = None, init_
     auto_class = TasksManager.get_model_class_for_task(TasksManager.map_from_synonym(recipe.task), framework="pt")
     load_kwargs: dict = {"dtype": torch.float32, "attn_implementation": "eager", **kwargs}
     labels = _head_labels(model_dir, config, recipe, labels, load_kwargs)
+    if labels and len(labels) != getattr(config, "num_labels", len(labels)):
+        load_kwargs["ignore_mismatched_sizes"] = True  # a new head of another size replaces the saved one
     torch.manual_seed(init_seed)
     try:
         model = auto_class.from_pretrained(model_dir, **load_kwargs)
