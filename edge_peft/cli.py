@@ -436,19 +436,29 @@ def adapter_merge(run: Path, out: Path, base: Path | None, adapter_dir: Path | N
 @main_group.command()
 @click.option("--workdir", default="edge-peft-demo", show_default=True, type=click.Path(path_type=Path),
               help="Where the artifact, run, adapter and store go (replaced).")
-@click.option("--steps", default=60, show_default=True, help="Training steps.")
-@click.option("--per-class-train", default=40, show_default=True, help="Training articles per topic.")
-@click.option("--per-class-test", default=40, show_default=True, help="Held-out articles per topic.")
+@click.option("--llm", is_flag=True,
+              help="Instruction-tune SmolLM2-135M-Instruct to write BBC headlines instead (chat data, KV-cache generation).")
+@click.option("--steps", type=int, help="Training steps (default 60).")
+@click.option("--per-class-train", type=int, help="Training articles per topic (default 40).")
+@click.option("--per-class-test", type=int, help="Held-out articles per topic (default 40; --llm: 8).")
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="int8", show_default=True,
               help="Storage of the frozen base weights.")
 @click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: all cores).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the numbers as JSON here.")
-def demo(workdir: Path, json_path: Path | None, **settings) -> None:
-    """The whole job on the bundled default: real MiniLM + BBC News, export -> train -> before/after -> store."""
-    from .demo import DemoSettings, run_demo
+def demo(workdir: Path, llm: bool, json_path: Path | None, **settings) -> None:
+    """The whole job on the bundled default: real MiniLM + BBC News, export -> train -> before/after -> store
+    (--llm: SmolLM2-135M-Instruct learns to write BBC headlines)."""
     from .fileio import atomic_write_json
 
-    result = run_demo(workdir, DemoSettings(**settings))
+    given = {k: v for k, v in settings.items() if v is not None}
+    if llm:
+        from .llm_demo import LlmDemoSettings, run_llm_demo
+
+        result = run_llm_demo(workdir, LlmDemoSettings(**given))
+    else:
+        from .demo import DemoSettings, run_demo
+
+        result = run_demo(workdir, DemoSettings(**given))
     if json_path:
         atomic_write_json(json_path, result)
 

@@ -48,3 +48,21 @@ def classification_scores(truth: list[str], predicted: list[str], labels: list[s
                             "support": support}
     accuracy = sum(t == p for t, p in zip(truth, predicted)) / len(truth)
     return {"examples": len(truth), "accuracy": accuracy, "classes": per_class}
+
+
+def rouge_l(reference: str, candidate: str) -> float:
+    """ROUGE-L F1 of two texts over lower-cased whitespace words (longest common subsequence)."""
+    ref, cand = reference.lower().split(), candidate.lower().split()
+    if not ref or not cand:
+        return 0.0
+    previous = [0] * (len(cand) + 1)
+    for r in ref:
+        current = [0]
+        for j, c in enumerate(cand):
+            current.append(previous[j] + 1 if r == c else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
