@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..variants import get_variant
 from .adapter_layers import linear_shape
 from .graph import INT8_MIN_ELEMENTS
-from .inject import find_targets
+from .inject import resolve_targets
 from .layer_selection import AUTO, auto_count, parse_layers
 from .load import LoadedModel, meta_model
 
@@ -40,7 +40,7 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
     if best is not None:  # the probe picks which N blocks later; blocks have equal shapes, so plan for top:N
         layers = f"top:{best}"
     chosen = parse_layers(layers, num_layers) if layers else None
-    names = find_targets(model, list(opts.targets or meta.recipe.targets), chosen)
+    _, names = resolve_targets(model, meta.recipe, opts.targets, chosen)
     shapes = [linear_shape(model.get_submodule(n)) for n in names]
     head = tuple(f"{h}." for h in meta.recipe.head)
     variant = get_variant(opts.variant)

@@ -9,6 +9,7 @@ from ..artifact.names import layer_index
 from ..errors import UserError
 from ..variants import Variant
 from .adapter_layers import linear_shape
+from .recipes import ALL_LINEAR, Recipe
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -30,6 +31,16 @@ def find_targets(model: nn.Module, targets: list[str], layers: set[int] | None =
             f"choose --targets from {', '.join(available)}"
         )
     return found
+
+
+def resolve_targets(model: nn.Module, recipe: Recipe, targets: list[str] | None,
+                    layers: set[int] | None) -> tuple[list[str], list[str]]:
+    """(target module names, module paths to adapt) for ``--targets`` (None: the recipe's; ``all-linear``: the
+    recipe's attention and MLP projections, inside the transformer blocks only) and ``--layers``."""
+    names = recipe.resolve_targets(targets)
+    if targets == [ALL_LINEAR] and layers is None:
+        layers = {layer_index(n) for n, _ in model.named_modules()} - {None}
+    return names, find_targets(model, names, layers)
 
 
 def inject_adapters(model: nn.Module, names: list[str], variant: Variant, rank: int, alpha: float,

@@ -1,4 +1,4 @@
-"""Load a local Hugging Face model directory (safetensors or a single GGUF file) for export."""
+"""Load a local Hugging Face model directory (safetensors, or a single GGUF file in it) or a ``.gguf`` file for export."""
 
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ def _gguf_file(model_dir: Path) -> str | None:
 def load_model_dir(model_dir: str | Path, labels: list[str] | None = None, init_seed: int = 0) -> LoadedModel:
     """Load model + tokenizer with eager attention; a one-line error for anything that is not a model.
 
-    ``init_seed`` seeds the initialisation of any new head, so an export is reproducible."""
+    ``model_dir`` is a model directory or a ``.gguf`` file. ``init_seed`` seeds the initialisation of any new
+    head, so an export is reproducible."""
     from transformers import AutoTokenizer
 
-    config, kwargs = _read_config(model_dir)
+    model_dir, config, kwargs = _read_config(model_dir)
     recipe = recipe_for(config.model_type)
     auto_class = TasksManager.get_model_class_for_task(TasksManager.map_from_synonym(recipe.task), framework="pt")
     load_kwargs: dict = {"dtype": torch.float32, "attn_implementation": "eager", **kwargs}
@@ -55,7 +56,7 @@ def load_model_dir(model_dir: str | Path, labels: list[str] | None = None, init_
 
 def meta_model(model_dir: str | Path, labels: list[str] | None = None) -> LoadedModel:
     """The model's architecture on the meta device (shapes, no weights, no tokenizer): cheap, for planning."""
-    config, _ = _read_config(model_dir)
+    _, config, _ = _read_config(model_dir)
     recipe = recipe_for(config.model_type)
     auto_class = TasksManager.get_model_class_for_task(TasksManager.map_from_synonym(recipe.task), framework="pt")
     config_kwargs: dict = {}
@@ -67,17 +68,21 @@ def meta_model(model_dir: str | Path, labels: list[str] | None = None) -> Loaded
     return LoadedModel(model, None, recipe, recipe.task, list(labels or []))
 
 
-def _read_config(model_dir: str | Path):
-    """(config, extra from_pretrained kwargs) of a model directory; one-line errors for anything else."""
+def _read_config(model_dir: str | Path) -> tuple[Path, object, dict]:
+    """(directory, config, extra from_pretrained kwargs) of a model directory or ``.gguf`` file; one-line errors
+    for anything else."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise UserError(f"{model_dir} is not a directory: pass a local Hugging Face model directory")
-    gguf = None if (model_dir / "config.json").is_file() else _gguf_file(model_dir)
+    if model_dir.is_file() and model_dir.suffix == ".gguf":
+        model_dir, gguf = model_dir.parent, model_dir.name
+    elif not model_dir.is_dir():
+        raise UserError(f"{model_dir} is not a directory nor a .gguf file: pass a local Hugging Face model directory")
+    else:
+        gguf = None if (model_dir / "config.json").is_file() else _gguf_file(model_dir)
     if not (model_dir / "config.json").is_file() and gguf is None:
         raise UserError(f"{model_dir} has no config.json (nor a single .gguf file): it is not a Hugging Face model "
                         "directory; save one with save_pretrained()")
@@ -85,8 +90,8 @@ def _read_config(model_dir: str | Path):
     try:
         config = AutoConfig.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"{model_dir}/config.json could not be read ({exc}): fix or re-save the model") from None
-    return config, kwargs
+        raise UserError(f"{model_dir / (gguf or 'config.json')} could not be read ({exc}): fix or re-save the model") from None
+    return model_dir, config, kwargs
 
 
 def _head_labels(model_dir, config, recipe: Recipe, labels: list[str] | None, kwargs: dict) -> list[str] | None:

@@ -11,7 +11,8 @@ peak (the ``logit`` memory factor of ``backends.base.MemoryFactors``). Here the 
    logits and logit gradient are alive at a time (each part's log-softmax is still kept for backward).
 
 The loss is the sum over parts divided by N: the mean cross-entropy over targets, exactly the naive
-loss (only the order of the floating-point sum changes).
+loss (only the order of the floating-point sum changes). Element-wise ops between the head and the
+logits (Gemma 2's final soft-capping ``tanh(x / c) * c``) are applied to each part's logits.
 """
 
 from __future__ import annotations
@@ -31,19 +32,33 @@ def _const(name: str, values: list[int]) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64), name))
 
 
-def _head(graph: onnx.GraphProto) -> onnx.NodeProto:
-    heads = [n for n in graph.node if "logits" in n.output]
-    if len(heads) != 1 or heads[0].op_type != "MatMul":
-        raise RuntimeError(f"the LM head is not one MatMul producing 'logits': {[n.op_type for n in heads]}")
-    return heads[0]
+SOFTCAP_OPS = ("Div", "Tanh", "Mul")  # logit soft-capping: tanh(x / cap) * cap
+
+
+def _head(graph: onnx.GraphProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]]:
+    """The LM head's MatMul and the element-wise ops from its output to ``logits`` (soft-capping), in order.
+
+    Each of those ops reads the previous one's output as its first input and only constants otherwise."""
+    producer = {o: n for n in graph.node for o in n.output}
+    constants = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    tail: list[onnx.NodeProto] = []
+    node = producer.get("logits")
+    while node is not None and node.op_type in SOFTCAP_OPS and all(i in constants for i in node.input[1:]):
+        tail.insert(0, node)
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "MatMul":
+        raise RuntimeError(f"the LM head is not a MatMul (then soft-capping) producing 'logits': "
+                           f"{[n.op_type for n in tail]} after {node.op_type if node is not None else 'a graph input'}")
+    return node, tail
 
 
 def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LOSS_CHUNKS) -> None:
     """Replace the ``logits`` output by ``target_loss`` (mean CE over labels != -100), taking flat ``labels``."""
     graph = proto.graph
-    head = _head(graph)
+    head, tail = _head(graph)
     hidden, weight = head.input[0], head.input[1]
-    kept = [n for n in graph.node if n is not head]
+    removed = {id(head)} | {id(n) for n in tail}
+    kept = [n for n in graph.node if id(n) not in removed]
     del graph.node[:]
     graph.node.extend(kept)
     p = "target_loss."
@@ -80,11 +95,17 @@ def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LO
     ]
     sums = []
     for k in range(chunks):
-        nodes += [
-            helper.make_node("MatMul", [f"{p}rows.{k}", weight], [f"{p}logits.{k}"]),
-            helper.make_node("SoftmaxCrossEntropyLoss", [f"{p}logits.{k}", f"{p}targets.{k}"], [f"{p}sum.{k}"],
-                             reduction="sum", ignore_index=IGNORE_INDEX),
-        ]
+        logits = f"{p}head.{k}"
+        nodes.append(helper.make_node("MatMul", [f"{p}rows.{k}", weight], [logits]))
+        for j, op in enumerate(tail):
+            capped = onnx.NodeProto()
+            capped.CopyFrom(op)
+            capped.name = f"{p}{op.op_type}.{j}.{k}"
+            capped.input[0], capped.output[0] = logits, f"{p}{op.op_type}.{j}.{k}"
+            logits = capped.output[0]
+            nodes.append(capped)
+        nodes.append(helper.make_node("SoftmaxCrossEntropyLoss", [logits, f"{p}targets.{k}"], [f"{p}sum.{k}"],
+                                      reduction="sum", ignore_index=IGNORE_INDEX))
         sums.append(f"{p}sum.{k}")
     total = sums[0]
     for k, name in enumerate(sums[1:], start=1):

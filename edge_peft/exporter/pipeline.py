@@ -21,7 +21,7 @@ from ..variants import DEFAULT as DEFAULT_VARIANT
 from ..variants import get_variant
 from . import graph
 from .artifacts import write_inference_model, write_training_artifacts
-from .inject import find_targets, inject_adapters
+from .inject import inject_adapters, resolve_targets
 from .kv_cache import export_generation_model
 from .layer_selection import parse_layers
 from .load import fingerprint, load_model_dir
@@ -68,9 +68,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         head_prefixes = tuple(f"{h}." for h in recipe.head)
         base_fp = fingerprint(model, exclude_prefixes=head_prefixes)
     with stages.stage(f"injecting {variant.title} adapters"):
-        targets = list(opts.targets or recipe.targets)
         layers = parse_layers(opts.layers, _num_layers(model.config)) if opts.layers else None
-        names = find_targets(model, targets, layers)
+        targets, names = resolve_targets(model, recipe, opts.targets, layers)
         modules = inject_adapters(model, names, variant, opts.rank, opts.alpha, opts.seed)
         for n, p in model.named_parameters():
             if n.startswith(head_prefixes):

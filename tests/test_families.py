@@ -1,0 +1,166 @@
+"""Every supported decoder family (tests/families.py) exports, trains, matches PyTorch + PEFT and adapts
+all its linear projections with ``--targets all-linear``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from families import FAMILIES, PORTABLE_FAMILIES, make_family_model
+from helpers import hf_adamw_step, reference_model, train
+
+from edge_peft.artifact.manifest import IGNORE_INDEX, load_manifest
+from edge_peft.errors import UserError
+
+pytestmark = pytest.mark.slow  # builds, exports and trains models
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("families")
+    return {family: make_family_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def family_artifacts(family_models, tmp_path_factory):
+    """export(family, quantize, backend) -> artifact dir with all-linear LoRA-FA rank 4, cached."""
+    from edge_peft.exporter.pipeline import ExportOptions, export_artifact
+
+    root = tmp_path_factory.mktemp("family-artifacts")
+    cache: dict = {}
+
+    def get(family: str, quantize: str, backend: str = "ort"):
+        key = (family, quantize, backend)
+        if key not in cache:
+            out = root / "-".join(key)
+            export_artifact(family_models[family], out,
+                            ExportOptions(rank=4, alpha=8, quantize=quantize, targets=["all-linear"], max_seq_len=32,
+                                          seed=7, backend=backend), quiet=True)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def fp32_runs(family_artifacts, data, tmp_path_factory):
+    """family -> (run dir, its losses): STEPS ORT steps on the fp32 all-linear artifact, one thread."""
+    root = tmp_path_factory.mktemp("family-runs")
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            run = root / family
+            cache[family] = run, train(family_artifacts(family, "none"), data["lm"], run, steps=STEPS, threads=1)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_losses_match_pytorch_and_peft(family, family_models, family_artifacts, fp32_runs, data, tmp_path):
+    """fp32 base: the first five ORT losses equal PyTorch + the same adapters + HF AdamW to 1e-4."""
+    import torch
+
+    from edge_peft.device.trainer import TrainConfig, open_run
+
+    artifact = family_artifacts(family, "none")
+    _, ours = fp32_runs(family)
+    config = TrainConfig(data=str(data["lm"]), steps=STEPS, batch_size=8, lr=1e-2, eval_every=0,
+                         checkpoint_every=STEPS, threads=1)
+    batches = open_run(artifact, config, tmp_path / "batches")
+    model, params, _ = reference_model(family_models[family], artifact)
+    adam: dict = {}
+    expected = []
+    for step in range(STEPS):
+        batch, = batches.micro_batches(step)
+        logits = model(input_ids=torch.from_numpy(batch.input_ids),
+                       attention_mask=torch.from_numpy(batch.attention_mask)).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 torch.from_numpy(batch.labels.reshape(-1)), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        hf_adamw_step(params, adam, batches.lr(step), step + 1)
+        expected.append(loss.item())
+    np.testing.assert_allclose(ours, expected, rtol=1e-4)
+    assert ours[-1] < ours[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_loads_the_adapter_with_equal_logits(family, family_models, fp32_runs, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from edge_peft.device.adapter_io import save_run_adapter
+    from edge_peft.device.inference import Predictor
+    from edge_peft.exporter.load import load_model_dir
+
+    run, _ = fp32_runs(family)
+    adapter = save_run_adapter(run, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(load_model_dir(family_models[family]).model, str(adapter)).eval()
+    ids = np.array([[5, 9, 12, 7, 3, 11, 6, 8], [8, 6, 10, 14, 9, 0, 0, 0]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits.numpy()
+        with peft_model.disable_adapter():
+            base = peft_model(**inputs).logits.numpy()
+    assert not np.allclose(expected[mask == 1], base[mask == 1], atol=1e-3)  # the trained adapter changes the output
+    ours = Predictor(run).logits(ids, mask)
+    np.testing.assert_allclose(ours[mask == 1], expected[mask == 1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_base_trains(family, family_artifacts, data, tmp_path):
+    losses = train(family_artifacts(family, "int8"), data["lm"], tmp_path / "run", steps=12, threads=1)
+    assert np.mean(losses[-3:]) < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("family", PORTABLE_FAMILIES)
+def test_portable_backend_trains_like_ort(family, family_artifacts, data, tmp_path):
+    artifact = family_artifacts(family, "int8", "both")
+    ort = train(artifact, data["lm"], tmp_path / "ort", steps=6, threads=1, backend="ort")
+    portable = train(artifact, data["lm"], tmp_path / "portable", steps=6, threads=1, backend="portable")
+    np.testing.assert_allclose(portable, ort, rtol=1e-4)
+    assert portable[-1] < portable[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_linear_adapts_every_block_projection(family, family_models, family_artifacts):
+    """The export's adapted modules are exactly the linear layers inside the blocks; with --layers only theirs."""
+    from torch import nn
+
+    from edge_peft.artifact.names import layer_index
+    from edge_peft.exporter.inject import resolve_targets
+    from edge_peft.exporter.load import load_model_dir
+
+    loaded = load_model_dir(family_models[family])
+    block_linears = {n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear) and layer_index(n) is not None}
+    adapted = {m.name for m in load_manifest(family_artifacts(family, "none")).adapter.modules}
+    assert adapted == block_linears
+    targets, top = resolve_targets(loaded.model, loaded.recipe, ["all-linear"], {1})
+    assert set(top) == {n for n in block_linears if layer_index(n) == 1}
+    assert set(targets) == {n.rsplit(".", 1)[-1] for n in block_linears}
+    config = json.loads((family_models[family] / "config.json").read_text())
+    assert loaded.recipe.family == {"gemma3_text": "gemma3"}.get(config["model_type"], config["model_type"])
+
+
+def test_multimodal_gemma3_is_refused_in_one_line(tmp_path):
+    from transformers import Gemma3Config
+
+    from edge_peft.exporter.load import load_model_dir
+
+    Gemma3Config().save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="gemma3_text") as refused:
+        load_model_dir(tmp_path)
+    assert "\n" not in str(refused.value)
+
+
+def test_all_linear_stands_alone():
+    from edge_peft.exporter.recipes import recipe_for
+
+    with pytest.raises(UserError, match="stands alone"):
+        recipe_for("llama").resolve_targets(["all-linear", "q_proj"])
