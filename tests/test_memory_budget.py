@@ -48,7 +48,9 @@ def long_data(tmp_path_factory):
 
 
 def test_parse_budget():
-    assert parse_budget("512MB") == 512 * MB and parse_budget("1.5GB") == 1536 * MB and parse_budget("64") == 64 * MB
+    assert parse_budget("512MB") == 512 * MB and parse_budget("1.5GB") == 1536 * MB
+    with pytest.raises(UserError, match="has no unit: write 512MB or 512GB"):
+        parse_budget("512")
     for bad in ("lots", "-1MB", "0", "12XB"):
         with pytest.raises(UserError, match="is not a memory size"):
             parse_budget(bad)

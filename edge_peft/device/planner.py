@@ -18,14 +18,16 @@ from .memory_model import MB, Prediction, predict
 
 DEFAULT_MARGIN = 0.15
 MIN_USEFUL_SEQ_LEN = 32
-_UNITS = {"": MB, "K": 1024, "KB": 1024, "KIB": 1024, "M": MB, "MB": MB, "MIB": MB, "G": 1024 * MB, "GB": 1024 * MB,
+_UNITS = {"K": 1024, "KB": 1024, "KIB": 1024, "M": MB, "MB": MB, "MIB": MB, "G": 1024 * MB, "GB": 1024 * MB,
           "GIB": 1024 * MB}
 
 
 def parse_budget(text: str) -> int:
-    """``"512MB"``, ``"1.5GB"``, ``"512"`` (MB) -> bytes (binary units: 1 MB = 2^20 bytes, as RSS is reported)."""
+    """``"512MB"``, ``"1.5GB"`` -> bytes (binary units: 1 MB = 2^20 bytes, as RSS is reported); a unit is required."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     unit = match.group(2).upper() if match else None
+    if match and not unit and float(match.group(1)) > 0:
+        raise UserError(f"--memory-budget {text!r} has no unit: write {match.group(1)}MB or {match.group(1)}GB")
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:
         raise UserError(f"--memory-budget {text!r} is not a memory size: write e.g. 512MB or 2GB")
     return int(float(match.group(1)) * _UNITS[unit])
