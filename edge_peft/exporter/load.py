@@ -87,11 +87,23 @@ def _read_config(model_dir: str | Path) -> tuple[Path, object, dict]:
         raise UserError(f"{model_dir} has no config.json (nor a single .gguf file): it is not a Hugging Face model "
                         "directory; save one with save_pretrained()")
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if gguf:
+        _silence_gguf_progress()
     try:
         config = AutoConfig.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"{model_dir / (gguf or 'config.json')} could not be read ({exc}): fix or re-save the model") from None
     return model_dir, config, kwargs
+
+
+def _silence_gguf_progress() -> None:
+    """transformers' GGUF reader draws its own tqdm bar per tensor; the export's stage line already says it loads."""
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    if hasattr(gguf_utils, "tqdm") and not isinstance(gguf_utils.tqdm, partial):
+        gguf_utils.tqdm = partial(gguf_utils.tqdm, disable=True)
 
 
 def _head_labels(model_dir, config, recipe: Recipe, labels: list[str] | None, kwargs: dict) -> list[str] | None:
