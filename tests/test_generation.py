@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -59,7 +60,8 @@ def test_kv_cache_generation_equals_full_recompute(artifacts, kind):
     assert cached == _recompute_greedy(predictor, ids, 16)
     assert len(cached) >= 1
     # a longer prompt sharing the cached prefix feeds only its new tokens and continues the same way
-    assert list(predictor.generator.stream_ids(ids + cached[:2], 8)) == _recompute_greedy(predictor, ids + cached[:2], 8)
+    longer = ids + cached[:2]
+    assert list(predictor.generator.stream_ids(longer, 8)) == _recompute_greedy(predictor, longer, 8)
     # sampling is seeded
     sampled = [list(predictor.generator.stream_ids(ids, 8, Sampling(temperature=1.0, top_p=0.9, seed=3)))
                for _ in range(2)]
@@ -124,7 +126,7 @@ def test_chat_holds_a_two_turn_conversation_and_streams(artifacts, tmp_path):
     manifest = load_manifest(artifact)
     manifest.record_files(artifact)
     manifest.save(artifact)
-    proc = cli("chat", artifact, "--max-new-tokens", "6", stdin=__import__("subprocess").PIPE)
+    proc = cli("chat", artifact, "--max-new-tokens", "6", stdin=subprocess.PIPE)
     proc.stdin.write("the cat sat on the mat\n")
     proc.stdin.flush()
     first = proc.stdout.readline()  # the first reply arrives while the conversation is still open
@@ -138,8 +140,6 @@ def test_chat_holds_a_two_turn_conversation_and_streams(artifacts, tmp_path):
 
 @pytest.mark.slow
 def test_bad_input_is_one_line_exit_2(artifacts, tmp_path):
-    import subprocess
-
     checks = [
         (["generate", tmp_path / "missing", "--prompt", "x"], "missing"),
         (["chat", artifacts("llama"), "--adapter", tmp_path / "nope"], "does not exist"),

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 import numpy as np
 
 from ..artifact.files import GENERATION_MODEL
 from ..artifact.manifest import Manifest
-from ..artifact.names import ATTENTION_MASK, CONTEXT_LENGTH_KEY, INPUT_IDS, LOGITS, POSITION_IDS
+from ..artifact.names import ATTENTION_MASK, CONTEXT_LENGTH_KEY, INPUT_IDS, POSITION_IDS
 from ..backends.runtime import onnxruntime_module, session_options
 from ..errors import UserError
 from .chat_template import ChatTemplate
@@ -122,7 +122,8 @@ class Generator:
         """Feed ``new`` after the cached tokens; the last position's logits."""
         start, end = len(self._ids), len(self._ids) + len(new)
         binding = self._binding
-        binding.bind_cpu_input(INPUT_IDS, np.array([new], np.int64))
+        new_ids = np.array([new], np.int64)  # alive until the run: a binding may point into its memory
+        binding.bind_cpu_input(INPUT_IDS, new_ids)
         binding.bind_cpu_input(ATTENTION_MASK, self._mask[:, :end])
         binding.bind_cpu_input(POSITION_IDS, self._positions[:, start:end])
         for name, value in zip(self._past_names, self._past):
@@ -155,7 +156,7 @@ class Generator:
         return self._forward(ids[common:])
 
     def stream_ids(self, ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
-                   stop: set[int] = frozenset()) -> Iterator[int]:
+                   stop: Collection[int] = ()) -> Iterator[int]:
         """Continue ``ids``: yield each new token id until an end-of-sequence or ``stop`` token (not yielded),
         ``max_new_tokens`` or the context's end."""
         rng = np.random.default_rng(sampling.seed)
@@ -171,7 +172,7 @@ class Generator:
             logits = self._forward([token])
 
     def stream(self, ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
-               stop: set[int] = frozenset()) -> Iterator[str]:
+               stop: Collection[int] = ()) -> Iterator[str]:
         """``stream_ids`` decoded incrementally: text pieces that join to the continuation of ``ids``."""
         text = TextStream(self.tokenizer, ids)
         for token in self.stream_ids(ids, max_new_tokens, sampling, stop):

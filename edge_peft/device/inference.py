@@ -21,7 +21,8 @@ from .run_dir import artifact_of, is_run, read_run
 
 
 class Predictor:
-    """An inference session plus the adapter tensors it is fed."""
+    """An artifact's inference session (classify, logits) and generator (generate, chat), and the adapter
+    tensors both are fed."""
 
     def __init__(self, source: str | Path, adapter: str | Path | None = None, threads: int = 0):
         quiet_logs()
@@ -44,8 +45,8 @@ class Predictor:
     @cached_property
     def session(self):
         """The inference model's session (opened on first use: generation runs the generation model instead)."""
-        return onnxruntime_module().InferenceSession(str(self.artifact / INFERENCE_MODEL), session_options(self.threads),
-                                                     providers=["CPUExecutionProvider"])
+        return onnxruntime_module().InferenceSession(str(self.artifact / INFERENCE_MODEL),
+                                                     session_options(self.threads), providers=["CPUExecutionProvider"])
 
     @cached_property
     def feeds(self) -> dict[str, np.ndarray]:
@@ -95,7 +96,8 @@ class Predictor:
         return classifier_ids(self.tokenizer, texts, self.max_seq_len)
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """A causal LM's prompt as token ids: the tokenizer's special tokens kept, a trailing end-of-sequence dropped."""
+        """A causal LM's prompt as token ids: the tokenizer's special tokens kept, a trailing end-of-sequence
+        dropped."""
         ids = list(self.tokenizer.encode(prompt).ids)
         if self.manifest.eos_token_id is not None and ids and ids[-1] == self.manifest.eos_token_id:
             ids = ids[:-1]
