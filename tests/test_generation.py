@@ -139,7 +139,7 @@ def test_chat_holds_a_two_turn_conversation_and_streams(artifacts, tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_input_is_one_line_exit_2(artifacts, tmp_path):
+def test_bad_input_is_one_line_exit_2(artifacts, trained, tmp_path, capsys):
     checks = [
         (["generate", tmp_path / "missing", "--prompt", "x"], "missing"),
         (["chat", artifacts("llama"), "--adapter", tmp_path / "nope"], "does not exist"),
@@ -151,3 +151,14 @@ def test_bad_input_is_one_line_exit_2(artifacts, tmp_path):
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 2, (args, err)
         assert len(err.strip().splitlines()) == 1 and needle in err, (args, err)
+    from edge_peft.cli import main
+
+    run, _ = trained("llama")
+    merges = [([tmp_path / "missing"], "not a training run"), ([run, "--adapter", tmp_path / "nope"], "does not exist"),
+              ([run, "--base", tmp_path], "no config.json")]
+    for args, needle in merges:
+        with pytest.raises(SystemExit) as exit_:
+            main(["adapter", "merge", *map(str, args), "--out", str(tmp_path / "merged")])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err, err
