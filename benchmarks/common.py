@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,24 @@ def peak_rss_mb() -> float:
     from edge_peft.device.memory import MB, peak_rss
 
     return peak_rss() / MB
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> str:
+    """CPU model, logical cores and the ISA flags that decide which kernels win (AVX-512, VNNI, AMX)."""
+    model, flags = platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    have = [f for f in ISA_FLAGS if f in flags]
+    return f"{model}, {os.cpu_count()} logical cores, ISA: {' '.join(have) or 'none of ' + ' '.join(ISA_FLAGS)}"
 
 
 def run_worker(script: Path, args: list[str], timeout: int = 1800) -> dict:
