@@ -13,7 +13,7 @@ from edge_peft.backends import ort as backend_module
 from edge_peft.device.data import Batch
 from edge_peft.device.memory import huge_pages_env
 from edge_peft.device.memory_model import MB, predict
-from edge_peft.device.planner import BudgetGuard, make_plan, parse_budget
+from edge_peft.device.planner import BudgetGuard, make_plan
 from edge_peft.device.profiles import list_profiles, load_profile
 from edge_peft.device.trainer import TrainConfig, open_run
 from edge_peft.errors import UserError
@@ -45,15 +45,6 @@ def long_data(tmp_path_factory):
     """Short sentences plus a few very long documents (each cut into 256-token windows)."""
     rows = toy.lm_rows(40) + [{"text": " ".join(toy.SENTENCES * 60)} for _ in range(3)]
     return toy.write_jsonl(tmp_path_factory.mktemp("long") / "long.jsonl", rows)
-
-
-def test_parse_budget():
-    assert parse_budget("512MB") == 512 * MB and parse_budget("1.5GB") == 1536 * MB
-    with pytest.raises(UserError, match="has no unit: write 512MB or 512GB"):
-        parse_budget("512")
-    for bad in ("lots", "-1MB", "0", "12XB"):
-        with pytest.raises(UserError, match="is not a memory size"):
-            parse_budget(bad)
 
 
 @pytest.mark.slow
