@@ -13,7 +13,7 @@ from edge_peft.backends import ort as backend_module
 from edge_peft.device.data import Batch
 from edge_peft.device.memory import huge_pages_env
 from edge_peft.device.memory_model import MB, predict
-from edge_peft.device.planner import BudgetGuard, make_plan
+from edge_peft.device.planner import BudgetGuard, make_plan, parse_budget
 from edge_peft.device.profiles import list_profiles, load_profile
 from edge_peft.device.trainer import TrainConfig, open_run
 from edge_peft.errors import UserError
