@@ -23,7 +23,7 @@ class DemoSettings:
     per_class_test: int = 40
     steps: int = 60
     batch_size: int = 8
-    lr: float = 5e-3
+    lr: float | None = None  # the task's default (device/defaults.py)
     max_seq_len: int = 128
     rank: int = 8
     quantize: str = "int8"

@@ -91,10 +91,9 @@ def run_llm_demo(workdir: Path, settings: LlmDemoSettings) -> dict:
     click.echo(f"[train] {s.steps} steps x {s.batch_size} chats on the device loop (no torch), assistant turns only")
     run = workdir / "run"
     start = time.perf_counter()
-    options = {"lr": s.lr} if s.lr is not None else {}
-    summary = train(artifact, train_file, run, progress=True, steps=s.steps, batch_size=s.batch_size,
+    summary = train(artifact, train_file, run, progress=True, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                     max_seq_len=s.max_seq_len, eval_fraction=0.0, eval_every=0, checkpoint_every=20,
-                    threads=s.threads, **options)
+                    threads=s.threads)
     train_s = time.perf_counter() - start
     after = scores(run, "after")
     click.echo(f"\nheld-out completion loss {before['loss']:.3f} -> {after['loss']:.3f}, ROUGE-L "

@@ -22,7 +22,7 @@ class TaskDefaults:
 
 
 TASK_DEFAULTS = {
-    "sequence-classification": TaskDefaults(lr=5e-3, max_seq_len=128, steps=60),
+    "sequence-classification": TaskDefaults(lr=1e-2, max_seq_len=128, steps=60),
     "causal-lm": TaskDefaults(lr=1e-2, max_seq_len=256, steps=200),
 }
 
