@@ -8,6 +8,7 @@ gate_up_proj with partial rotary, Gemma's soft-capping, scaled embeddings and sl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import toy
@@ -55,6 +56,9 @@ def make_family_model(family: str, out: Path) -> Path:
     return out
 
 
-# The portable step graphs take about a minute each to export on 2 cores: the suite checks them on the
-# families whose graphs differ most from Llama's (soft-capping, sliding windows, q/k norms, fused projections).
-PORTABLE_FAMILIES = ("gemma2", "phi3")
+
+def portable_families() -> tuple[str, ...]:
+    """Families whose portable step graphs the suite exports: ``EDGE_PEFT_PORTABLE_FAMILIES`` (a comma list or
+    ``all``), none by default, since each export takes one to five minutes on 2 cores."""
+    chosen = os.environ.get("EDGE_PEFT_PORTABLE_FAMILIES", "")
+    return FAMILIES if chosen == "all" else tuple(f for f in chosen.split(",") if f in FAMILIES)

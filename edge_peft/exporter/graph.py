@@ -137,12 +137,13 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
             rows, row_scale, rows_f, row_scale_u = (f"{out}.{s}" for s in ("q", "s", "f", "su"))
             node.input[0] = qname
             node.output[0] = rows
-            axes = f"{out}.axes"
+            unsqueeze_axes = f"{out}.axes"  # not ``axes``: the channel axes of the weights still to come
             after[id(node)] += [
                 helper.make_node("Gather", [sname, node.input[1]], [row_scale], axis=0),
                 helper.make_node("Cast", [rows], [rows_f], to=TensorProto.FLOAT),
-                helper.make_node("Constant", [], [axes], value=numpy_helper.from_array(np.array([-1], np.int64))),
-                helper.make_node("Unsqueeze", [row_scale, axes], [row_scale_u]),
+                helper.make_node("Constant", [], [unsqueeze_axes],
+                                 value=numpy_helper.from_array(np.array([-1], np.int64))),
+                helper.make_node("Unsqueeze", [row_scale, unsqueeze_axes], [row_scale_u]),
                 helper.make_node("Mul", [rows_f, row_scale_u], [out]),
             ]
     ordered = list(prologue)

@@ -170,7 +170,7 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     folded = graph.fold_transposes(proto, base)
     base = (base - set(folded)) | set(folded.values())
     if quantize:
-        graph.quantize_int8(proto, base, _output_axes(model))
+        graph.quantize_int8(proto, base, _quantization_axes(model, folded))
         _transpose_before_dequantize(proto)
     shapes = {name: list(params[name].shape) for name in trainable}
     append_update(proto.graph, shapes, weight_decay, max_grad_norm)
@@ -207,6 +207,13 @@ def _output_axes(model: nn.Module) -> dict[str, int]:
     return {f"{prefix}.{name}" if prefix else name: int(type(module).__name__ == "Conv1D")
             for prefix, module in model.named_modules() for name, p in module.named_parameters(recurse=False)
             if p.ndim == 2}
+
+
+def _quantization_axes(model: nn.Module, folded: dict[str, str]) -> dict[str, int]:
+    """``_output_axes`` of the weights as stored: flipped for those ``fold_transposes`` stored transposed."""
+    axes = _output_axes(model)
+    axes.update({new: 1 - axes[old] for old, new in folded.items() if old in axes})
+    return axes
 
 
 def _save(proto: onnx.ModelProto, path: Path) -> None:
