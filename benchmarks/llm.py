@@ -33,6 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, cpu_description, peak_rss_mb, print_table, write_json  # noqa: E402
 
+from edge_peft.device.defaults import TASK_DEFAULTS  # noqa: E402
+
 MAX_NEW = 32  # headline generation
 GEN_TOKENS = 200  # generation speed
 
@@ -296,7 +298,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=TASK_DEFAULTS["causal-lm"].lr, help="Default: train's.")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--layers", type=int, default=4, help="Adapt the top N blocks.")

@@ -96,7 +96,7 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 @click.option("--batch-size", default=8, show_default=True, help="Examples per optimizer step.")
 @click.option("--micro-batch-size", type=int, help="Examples per forward pass (gradient accumulation).")
 @click.option("--lr", type=float,
-              help="Peak learning rate, warm-up then cosine decay (default per task: 1e-2 classifier and causal LM).")
+              help="Peak learning rate, warm-up then cosine decay (default per task: 1e-2 classifier, 2e-2 causal LM).")
 @click.option("--warmup-steps", type=int, help="Warm-up steps (default: 5% of --steps).")
 @click.option("--max-seq-len", type=int,
               help="Truncate/cut sequences to this many tokens (default per task: 128 classifier, 256 causal LM).")

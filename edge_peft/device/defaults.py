@@ -23,7 +23,7 @@ class TaskDefaults:
 
 TASK_DEFAULTS = {
     "sequence-classification": TaskDefaults(lr=1e-2, max_seq_len=128, steps=60),
-    "causal-lm": TaskDefaults(lr=1e-2, max_seq_len=256, steps=200),
+    "causal-lm": TaskDefaults(lr=2e-2, max_seq_len=256, steps=200),
 }
 
 
