@@ -20,6 +20,8 @@ import toy
 pytestmark = pytest.mark.slow  # exports and trains tiny models through the CLI
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+CHATML = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+          "{% if add_generation_prompt %}assistant:{% endif %}")
 SECTIONS = ["Fine-tune a classifier", "Fine-tune a causal LM", "The adapter store"]
 
 
@@ -40,6 +42,8 @@ def _free_port() -> int:
 
 def test_the_readme_workflow_runs_top_to_bottom(tmp_path):
     bert, llama = toy.make_model("bert", tmp_path / "my-bert"), toy.make_model("llama", tmp_path / "my-llama")
+    config = json.loads((llama / "tokenizer_config.json").read_text())  # `chat` needs the model's chat template
+    (llama / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
     rows = [{"text": r["text"], "label": {"negative": "bug", "positive": "praise"}[r["label"]]}
             for r in toy.classification_rows(48, seed=1)]
     toy.write_jsonl(tmp_path / "tickets.jsonl", rows)
@@ -67,7 +71,7 @@ def test_the_readme_workflow_runs_top_to_bottom(tmp_path):
         for sub in ("cls", "lm"):
             (tmp_path / sub).mkdir(exist_ok=True)
             (tmp_path / sub / name).write_bytes((tmp_path / name).read_bytes())
-    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env,
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
 
