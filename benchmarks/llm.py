@@ -264,14 +264,16 @@ def hf_dir_worker(args) -> dict:
     return {}
 
 
-# (row name, export options over the defaults (lora-fa, --rank, q/v), training backend); the first is the base
+# (row name, export options over the defaults (lora-fa, --rank, q/v), training backend); the first is the base.
+# Only the default artifact carries both backends' graphs (a portable export of a 135 M model takes minutes).
 EDGE_CONFIGS = [
-    ("base", {}, "ort"),
-    ("edge-peft lora-fa q/v, ort", {}, "ort"),
-    ("edge-peft lora-fa q/v, portable", {}, "portable"),
+    ("base", {"backend": "both"}, "ort"),
+    ("edge-peft lora-fa q/v, ort", {"backend": "both"}, "ort"),
+    ("edge-peft lora-fa q/v, portable", {"backend": "both"}, "portable"),
     ("edge-peft lora-fa all-linear, ort", {"targets": ["all-linear"]}, "ort"),
     ("edge-peft lora q/v, ort", {"variant": "lora"}, "ort"),
 ]
+TORCH_ROW, MLX_ROW = "PyTorch + PEFT lora (SDPA)", "MLX-LM lora (CPU)"
 
 WORKERS = {"base": base_worker, "edge": edge_worker, "torch": torch_worker, "mlx": mlx_worker, "hf-dir": hf_dir_worker}
 
@@ -304,7 +306,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="Adapt the top N blocks.")
     parser.add_argument("--train-articles", type=int, default=40, help="Per topic.")
     parser.add_argument("--test-articles", type=int, default=3, help="Per topic.")
-    parser.add_argument("--work", help="Keep exports here between runs.")
+    parser.add_argument("--work", help="Keep exports and measured rows here (a rerun measures only what is missing).")
+    parser.add_argument("--configs", help="Comma list of row names to run (default: all).")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     for name in ("--artifact", "--train", "--test", "--run", "--backend", "--hf-dir"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -327,35 +330,54 @@ def main() -> None:
         train = str(write_jsonl(work / "train.jsonl", [headline_chat(r) for r in train_rows]))
         test = str(write_jsonl(work / "test.jsonl", [headline_chat(r) for r in test_rows]))
         portable = ROOT / ".venv-portable" / "bin" / "python"
+        done = work / "rows.jsonl"
+        measured = {r["config"]: r for r in map(json.loads, done.read_text().splitlines())} if done.is_file() else {}
+        wanted = set(args.configs.split(",")) if args.configs else None
         rows = []
-        default_artifact = work / "artifact-default"  # lora-fa, --rank, q/v: also what PyTorch's LoRA copies
+
+        def measure(name: str, work_fn) -> None:
+            """Run one row unless ``--configs`` leaves it out or ``work/rows.jsonl`` already holds it."""
+            if wanted is not None and name not in wanted:
+                return
+            row = measured.get(name) or {"config": name, **work_fn()}
+            if name not in measured and "error" not in row:
+                with done.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+        default_artifact = work / "artifact-default"  # lora-fa, --rank, q/v, both backends: PyTorch's LoRA copies it
         for name, export_options, backend in EDGE_CONFIGS:
-            tag = "-".join(f"{k}={v}" for k, v in sorted(export_options.items())).replace("'", "")
+            tag = "-".join(f"{k}={v}" for k, v in sorted(export_options.items()) if k != "backend").replace("'", "")
             out = work / f"artifact-{tag or 'default'}"
+            row_name = "base (int8, zero adapters)" if name == "base" else name
+            if row_name in measured or (wanted is not None and row_name not in wanted):
+                measure(row_name, dict)  # from rows.jsonl, or left out
+                continue
             if not (out / "manifest.json").is_file():
-                options = {"rank": args.rank, "alpha": args.alpha, "variant": "lora-fa", **export_options}
+                options = {"rank": args.rank, "alpha": args.alpha, "variant": "lora-fa", "backend": "ort",
+                           **export_options}
                 export(smollm2_dir(), out, quantize="int8", layers=f"top:{args.layers}", max_seq_len=args.seq,
-                       backend="both", **options)
+                       **options)
             if name == "base":
-                rows.append({"config": "base (int8, zero adapters)", **run("base", args, artifact=out, test=test)})
+                measure(row_name, lambda: run("base", args, artifact=out, test=test))
                 continue
             python = portable if backend == "portable" and portable.exists() else None
-            rows.append({"config": name, **run("edge", args, python, artifact=out, train=train, test=test,
-                                               run=work / f"run-{len(rows)}", backend=backend,
-                                               generation=name == EDGE_CONFIGS[1][0])})
-            print(json.dumps(rows[-1]), flush=True)
-        rows.append({"config": "PyTorch + PEFT lora (SDPA)", **run("torch", args, artifact=default_artifact,
-                                                                    train=train, test=test)})
+            measure(name, lambda: run("edge", args, python, artifact=out, train=train, test=test,
+                                      run=work / f"run-{backend}-{tag or 'default'}", backend=backend,
+                                      generation=name == EDGE_CONFIGS[1][0]))
+        measure(TORCH_ROW, lambda: run("torch", args, artifact=default_artifact, train=train, test=test))
         mlx = ROOT / ".venv-mlx" / "bin" / "python"
-        if mlx.exists():
-            hf_dir = work / "smollm2-hf"
+        hf_dir = work / "smollm2-hf"
+
+        def mlx_row() -> dict:
+            if not mlx.exists():
+                return {"error": "not installed: python -m venv .venv-mlx && .venv-mlx/bin/pip install 'mlx[cpu]' mlx-lm"}
             if not (hf_dir / "config.json").is_file():
                 run("hf-dir", args, hf_dir=hf_dir)
-            rows.append({"config": "MLX-LM lora (CPU)", **run("mlx", args, train=train, test=test, run=work / "mlx",
-                                                             hf_dir=hf_dir)})
-        else:
-            rows.append({"config": "MLX-LM lora (CPU)", "error": "not installed: python -m venv .venv-mlx && "
-                                                               ".venv-mlx/bin/pip install 'mlx[cpu]' mlx-lm"})
+            return run("mlx", args, train=train, test=test, run=work / "mlx", hf_dir=hf_dir)
+
+        measure(MLX_ROW, mlx_row)
     print_table(rows, [("config", "configuration"), ("loss", "held-out loss"), ("rouge_l", "ROUGE-L"),
                        ("tokens_per_s", "train tokens/s"), ("peak_rss_mb", "peak RSS MB"),
                        ("gen_tokens_per_s", "gen tokens/s"), ("error", "error")])
