@@ -26,13 +26,14 @@ def evaluate_file(predictor: Predictor, data: str | Path, batch_size: int = 16) 
     total, count = 0.0, 0
     for start in range(0, len(tokenized), batch_size):
         batch = tokenized.batch(list(range(start, min(start + batch_size, len(tokenized)))))
-        logits = predictor.logits(batch.input_ids, batch.attention_mask).astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        valid = batch.labels != IGNORE_INDEX
-        picked = np.take_along_axis(log_probs, np.where(valid, batch.labels, 0)[..., None], axis=-1)[..., 0]
-        total -= float(picked[valid].sum())
-        count += int(valid.sum())
+        logits = predictor.logits(batch.input_ids, batch.attention_mask)
+        for row, labels in zip(logits, batch.labels):  # one row at a time in float64: T x V, not B x T x V
+            valid = labels != IGNORE_INDEX
+            row = row[valid].astype(np.float64)
+            row -= row.max(axis=-1, keepdims=True)
+            log_probs = row - np.log(np.exp(row).sum(axis=-1, keepdims=True))
+            total -= float(np.take_along_axis(log_probs, labels[valid][:, None], axis=-1).sum())
+            count += int(valid.sum())
     loss = total / count if count else float("nan")
     return {"examples": len(examples), "tokens": count, "loss": loss, "perplexity": math.exp(loss) if count else None}
 

@@ -21,9 +21,9 @@ class Recipe:
     all_linear: tuple[str, ...] = field(default=())  # every linear projection of a block (attention and MLP)
 
     def resolve_targets(self, targets: list[str] | None) -> list[str]:
-        """The module names ``--targets`` means: the recipe's default, ``all-linear`` or an explicit list."""
-        if not targets:
-            return list(self.targets)
+        """The module names ``--targets`` means: the recipe's default (which may itself be ``all-linear``),
+        ``all-linear`` or an explicit list."""
+        targets = list(targets or self.targets)
         if targets == [ALL_LINEAR]:
             return list(self.all_linear or self.targets)
         if ALL_LINEAR in targets:
