@@ -82,6 +82,33 @@ def reference_model(model_dir, artifact):
     return model, trainable, manifest
 
 
+def reference_losses(model_dir, artifact, data_path, steps: int, out) -> list[float]:
+    """The first ``steps`` losses of the PyTorch reference: the artifact's adapters and initial values, the device
+    loop's own batches and learning rates (a run opened in ``out``), gradient clipping at 1.0 and HF AdamW."""
+    import torch
+
+    from edge_peft.artifact.manifest import IGNORE_INDEX
+    from edge_peft.device.trainer import TrainConfig, open_run
+
+    config = TrainConfig(data=str(data_path), steps=steps, batch_size=8, lr=1e-2, eval_every=0,
+                         checkpoint_every=steps, threads=1)
+    batches = open_run(artifact, config, out)
+    model, params, _ = reference_model(model_dir, artifact)
+    adam: dict = {}
+    losses = []
+    for step in range(steps):
+        batch, = batches.micro_batches(step)
+        logits = model(input_ids=torch.from_numpy(batch.input_ids),
+                       attention_mask=torch.from_numpy(batch.attention_mask)).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 torch.from_numpy(batch.labels.reshape(-1)), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        hf_adamw_step(params, adam, batches.lr(step), step + 1)
+        losses.append(loss.item())
+    return losses
+
+
 def hf_adamw_step(params, state, lr, step, betas=(0.9, 0.999), eps=1e-8):
     """ORT's AdamWOptimizer in adam_mode=1 (Hugging Face AdamW): bias correction folded into the step size."""
     import torch

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 from families import FAMILIES, make_family_model, portable_families
-from helpers import hf_adamw_step, reference_model, train
+from helpers import reference_losses, train
 
-from edge_peft.artifact.manifest import IGNORE_INDEX, load_manifest
+from edge_peft.artifact.manifest import load_manifest
 from edge_peft.errors import UserError
 
 pytestmark = pytest.mark.slow  # builds, exports and trains models
@@ -63,28 +63,9 @@ def fp32_runs(family_artifacts, data, tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_first_losses_match_pytorch_and_peft(family, family_models, family_artifacts, fp32_runs, data, tmp_path):
     """fp32 base: the first five ORT losses equal PyTorch + the same adapters + HF AdamW to 1e-4."""
-    import torch
-
-    from edge_peft.device.trainer import TrainConfig, open_run
-
-    artifact = family_artifacts(family, "none")
     _, ours = fp32_runs(family)
-    config = TrainConfig(data=str(data["lm"]), steps=STEPS, batch_size=8, lr=1e-2, eval_every=0,
-                         checkpoint_every=STEPS, threads=1)
-    batches = open_run(artifact, config, tmp_path / "batches")
-    model, params, _ = reference_model(family_models[family], artifact)
-    adam: dict = {}
-    expected = []
-    for step in range(STEPS):
-        batch, = batches.micro_batches(step)
-        logits = model(input_ids=torch.from_numpy(batch.input_ids),
-                       attention_mask=torch.from_numpy(batch.attention_mask)).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 torch.from_numpy(batch.labels.reshape(-1)), ignore_index=IGNORE_INDEX)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        hf_adamw_step(params, adam, batches.lr(step), step + 1)
-        expected.append(loss.item())
+    expected = reference_losses(family_models[family], family_artifacts(family, "none"), data["lm"], STEPS,
+                                tmp_path / "batches")
     np.testing.assert_allclose(ours, expected, rtol=1e-4)
     assert ours[-1] < ours[0]
 

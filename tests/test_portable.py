@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import hf_adamw_step, losses, reference_model, train
+from helpers import losses, reference_losses, train
 
 from edge_peft.device.adapter_io import save_run_adapter
 from edge_peft.backends import open_backend
@@ -18,7 +18,7 @@ from edge_peft.device.inference import Predictor
 from edge_peft.backends.portable import PortableBackend
 from edge_peft.device.trainer import TrainConfig, open_run
 from edge_peft.errors import UserError
-from edge_peft.artifact.manifest import IGNORE_INDEX, load_manifest
+from edge_peft.artifact.manifest import load_manifest
 from edge_peft.artifact.files import PORTABLE_STEP_MODEL as STEP_MODEL
 from edge_peft.artifact.names import LR, STEP, accumulated, moment_names, updated
 
@@ -84,25 +84,9 @@ def test_gradient_accumulation_equals_full_batch(artifacts, data, tmp_path):
 @pytest.mark.slow
 def test_first_losses_match_pytorch(models, artifacts, data, tmp_path):
     """Same LoRA-FA model, batches, clipping and HF AdamW in torch: the portable losses agree to 1e-4."""
-    import torch
-
     artifact, steps = artifacts("gpt2", "none", backend="both"), 5
     ours = train(artifact, data["lm"], tmp_path / "run", steps=steps, threads=1, backend="portable")
-    config = TrainConfig(data=str(data["lm"]), steps=steps, batch_size=8, lr=1e-2, eval_every=0, threads=1)
-    batches = open_run(artifact, config, tmp_path / "batches")
-    model, params, _ = reference_model(models["gpt2"], artifact)
-    adam: dict = {}
-    expected = []
-    for step in range(steps):
-        batch, = batches.micro_batches(step)
-        logits = model(input_ids=torch.from_numpy(batch.input_ids),
-                       attention_mask=torch.from_numpy(batch.attention_mask)).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 torch.from_numpy(batch.labels.reshape(-1)), ignore_index=IGNORE_INDEX)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        hf_adamw_step(params, adam, batches.lr(step), step + 1)
-        expected.append(loss.item())
+    expected = reference_losses(models["gpt2"], artifact, data["lm"], steps, tmp_path / "batches")
     np.testing.assert_allclose(ours, expected, rtol=1e-4)
 
 
