@@ -105,7 +105,7 @@ def export_gradient_model(model: nn.Module, causal: bool, trainable: list[str], 
     with warnings.catch_warnings(), _tracing_for_transformers():
         warnings.simplefilter("ignore")
         traced = make_fx(step, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
-            ids, mask, labels, scale, *train_values, *frozen_values)
+            *_symbolic_inputs((ids, mask, labels, scale), (*train_values, *frozen_values)))
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_seq_len)
         label_dims = {0: batch, 1: seq} if causal else {0: batch}
         dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, label_dims, None, (None,) * len(trainable),
@@ -119,6 +119,20 @@ def export_gradient_model(model: nn.Module, causal: bool, trainable: list[str], 
     proto = onnx_program.model_proto
     _inputs_to_initializers(proto, {name: params[name].detach().numpy() for name in frozen})
     return proto
+
+
+def _symbolic_inputs(batch: tuple[torch.Tensor, ...], weights: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Fake inputs for ``make_fx``: the batch tensors with symbolic sizes, the weights with their own sizes.
+
+    Symbolic weight sizes would turn every head split (``view(b, t, -1, head_dim)``) into floor divisions
+    of symbols, whose guards make tracing time grow with the square of the layer count."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    dynamic = [mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(
+        dynamic_sizes=[DimDynamic.DYNAMIC] * t.ndim)) for t in batch]
+    return [*dynamic, *(mode.from_tensor(w, static_shapes=True) for w in weights)]
 
 
 @contextlib.contextmanager
