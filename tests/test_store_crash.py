@@ -37,6 +37,7 @@ def test_sigkill_mid_upload_leaves_only_complete_acknowledged_versions(tmp_path)
     tokens = {d: store.add_device(d) for d in DEVICES}
     manifest = make_manifest(layers=4, hidden=512, rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     spec = manifest.adapter
+    store.add_base(spec.to_dict())
     adapters = {d: [random_tensors(spec, np.random.default_rng([i, k])) for k in range(PER_DEVICE)]
                 for i, d in enumerate(DEVICES)}
     url_of = lambda server, d: f"{server.url}/v1/bases/{spec.base_fingerprint}/devices/{d}/versions"

@@ -26,14 +26,25 @@ from edge_peft.store.testing import make_manifest, random_tensors, write_run
 from edge_peft.store.wire import PUSH_MEDIA_TYPE, encode_push
 
 DEVICES = ("phone-1", "phone-2", "phone-a", "phone-b", "phone-c", "tablet-1")
+BASES = {  # the bases the admin registered, one per test (a digit as fingerprint)
+    "1": make_manifest(labels=3, fingerprint="sha256:" + "1" * 64),
+    "2": make_manifest(fingerprint="sha256:" + "2" * 64),
+    "3": make_manifest(fingerprint="sha256:" + "3" * 64),
+    "4": make_manifest(layers=3, labels=4, fingerprint="sha256:" + "4" * 64),
+    "5": make_manifest(variant="lora", fingerprint="sha256:" + "5" * 64),
+    "6": make_manifest(layers=2, hidden=256, rank=4, fingerprint="sha256:" + "6" * 64),
+}
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A running store (1 MiB body limit) with registered devices; yields (server, admin token, device tokens)."""
+    """A running store (1 MiB body limit) with registered devices and bases; yields (server, admin token,
+    device tokens)."""
     data = tmp_path_factory.mktemp("store") / "data"
     store, admin = AdapterStore.open(data)
     tokens = {d: store.add_device(d) for d in DEVICES}
+    for manifest in BASES.values():
+        store.add_base(manifest.adapter.to_dict())
     with StoreServer(data, max_body_mb=1.0) as server:
         yield server, admin, tokens
 
@@ -65,7 +76,7 @@ def test_openapi_docs_are_served(env):
 @pytest.mark.parametrize("mode", ["--full", "--b-only"])
 def test_push_pull_round_trip_is_identical_and_loadable(env, tmp_path, mode):
     server, _, tokens = env
-    manifest = make_manifest(labels=3, fingerprint="sha256:" + "1" * 64)
+    manifest = BASES["1"]
     spec = manifest.adapter
     tensors = random_tensors(spec, np.random.default_rng(len(mode)))
     run = write_run(tmp_path / "run", manifest, tensors, samples=40)
@@ -96,7 +107,7 @@ def test_push_pull_round_trip_is_identical_and_loadable(env, tmp_path, mode):
 
 def test_pull_answers_304_when_the_etag_matches(env, tmp_path):
     server, _, tokens = env
-    manifest = make_manifest(fingerprint="sha256:" + "2" * 64)
+    manifest = BASES["2"]
     spec = manifest.adapter
     run = write_run(tmp_path / "run", manifest, random_tensors(spec, np.random.default_rng(5)), samples=8)
     assert cli("push", str(run), "--store", server.url, "--token", tokens["phone-2"]).exit_code == 0
@@ -124,7 +135,7 @@ class Push:
     """A valid push request for phone-1 (fresh content each time), to be spoiled one way per test."""
 
     def __init__(self, server: StoreServer, token: str, seed: int) -> None:
-        self.manifest = make_manifest(fingerprint="sha256:" + "3" * 64)
+        self.manifest = BASES["3"]
         self.spec = self.manifest.adapter
         self.tensors = random_tensors(self.spec, np.random.default_rng(seed))
         self.device, self.token, self.server = "phone-1", token, server
@@ -228,9 +239,11 @@ def test_admin_actions_need_the_admin_token(env):
     assert result.exit_code == 2 and "already registered" in result.output
 
 
-def test_aggregate_is_the_sample_weighted_mean_of_each_devices_latest(env, tmp_path):
+def test_aggregate_with_sample_weighting_is_the_sample_weighted_mean_of_each_devices_latest(env, tmp_path):
+    """Opt-in sample weighting without clipping is exactly FedAvg; the default (equal weights, clipping at the
+    median norm) is tested in test_store_attacks.py."""
     server, admin, tokens = env
-    manifest = make_manifest(layers=3, labels=4, fingerprint="sha256:" + "4" * 64)
+    manifest = BASES["4"]
     spec = manifest.adapter
     rng = np.random.default_rng(11)
     samples = {"phone-a": 10, "phone-b": 30, "phone-c": 60}
@@ -241,7 +254,8 @@ def test_aggregate_is_the_sample_weighted_mean_of_each_devices_latest(env, tmp_p
         latest[device] = random_tensors(spec, rng)
         run = write_run(tmp_path / device, manifest, latest[device], samples=n)
         assert cli("push", str(run), "--store", server.url, "--token", tokens[device]).exit_code == 0
-    agg = ("store", "aggregate", "--base", manifest.fingerprint, "--store", server.url)
+    agg = ("store", "aggregate", "--base", manifest.fingerprint, "--store", server.url, "--weighting", "samples",
+           "--clip-norm", "off")
     assert cli(*agg, "--admin-token", tokens["phone-a"]).exit_code == 2  # a device token cannot aggregate
     result = cli(*agg, "--admin-token", admin)
     assert result.exit_code == 0 and "global version 1: 3 device(s), 100 samples" in result.output, result.output
@@ -270,7 +284,7 @@ def test_aggregate_is_the_sample_weighted_mean_of_each_devices_latest(env, tmp_p
 
 def test_plain_lora_adapters_are_stored_but_not_averaged(env, tmp_path):
     server, admin, tokens = env
-    manifest = make_manifest(variant="lora", fingerprint="sha256:" + "5" * 64)
+    manifest = BASES["5"]
     spec = manifest.adapter
     run = write_run(tmp_path / "run", manifest, random_tensors(spec, np.random.default_rng(3)), samples=3)
     assert cli("push", str(run), "--store", server.url, "--token", tokens["tablet-1"], "--b-only").exit_code == 2
@@ -286,7 +300,7 @@ def test_heterogeneous_ranks_push_compact_and_average_exactly(env, tmp_path):
     first 2 channels: the store expands the compact push, and the average of the B's is exactly the
     average of the weight updates B·A because every LoRA-FA device shares every row of A."""
     server, admin, tokens = env
-    manifest = make_manifest(layers=2, hidden=256, rank=4, fingerprint="sha256:" + "6" * 64)
+    manifest = BASES["6"]
     spec = manifest.adapter
     rng = np.random.default_rng(5)
     pruned = random_tensors(spec, rng)
@@ -302,7 +316,8 @@ def test_heterogeneous_ranks_push_compact_and_average_exactly(env, tmp_path):
     assert len(compact) < 0.6 * len(b_only)  # half the channels: about half the upload
     result = cli("push", str(runs["phone-b"]), "--rank", "2", "--store", server.url, "--token", tokens["phone-b"])
     assert result.exit_code == 0, result.output
-    result = cli("store", "aggregate", "--base", manifest.fingerprint, "--store", server.url, "--admin-token", admin)
+    result = cli("store", "aggregate", "--base", manifest.fingerprint, "--store", server.url, "--admin-token", admin,
+                 "--min-devices", "2", "--weighting", "samples", "--clip-norm", "off")
     assert result.exit_code == 0, result.output
     out = tmp_path / "global"
     assert cli("pull", "--store", server.url, "--token", tokens["phone-a"], "--base", manifest.fingerprint,

@@ -30,6 +30,7 @@ def test_push_while_down_then_sync_delivers_exactly_once(tmp_path):
     token = store.add_device("phone-17")
     manifest = make_manifest()
     spec = manifest.adapter
+    store.add_base(spec.to_dict())
     rng = np.random.default_rng(0)
     runs = [write_run(tmp_path / f"run{i}", manifest, random_tensors(spec, rng), samples=10 + i) for i in range(2)]
     # Both adapters queue in one run directory's outbox (a run pushed twice after more training).
@@ -72,6 +73,7 @@ def test_refused_entry_stays_queued(tmp_path):
     store, _ = AdapterStore.open(data_dir)
     token = store.add_device("phone-1")
     manifest = make_manifest()
+    store.add_base(manifest.adapter.to_dict())
     run = write_run(tmp_path / "run", manifest, random_tensors(manifest.adapter,
                                                                np.random.default_rng(1)), samples=5)
     with StoreServer(data_dir) as server:

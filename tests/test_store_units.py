@@ -1,4 +1,4 @@
-"""Store parts without a server: migrations, blobs, tokens, push validation, federated averaging."""
+"""Store parts without a server: migrations, blobs, tokens, push validation, robust federated averaging."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from edge_peft.artifact.names import lora_key
 from edge_peft.variants import lora_a_from_seed
 from edge_peft.errors import UserError
 from edge_peft.store import db
-from edge_peft.store.aggregate import FederatedAverage
+from edge_peft.store.aggregate import AggregationPolicy, Source, aggregate
 from edge_peft.store.auth import authenticate, check_device_id, check_fingerprint
+from edge_peft.store.bases import parse_spec, spec_difference
 from edge_peft.store.blobs import STALE_TEMP_SECONDS, FileBlobStore
-from edge_peft.store.service import AdapterStore, content_digest, parse_push_meta
+from edge_peft.store.push_meta import parse_push_meta
+from edge_peft.store.service import AdapterStore, content_digest
 from edge_peft.store.storage import StoreError
 from edge_peft.store.testing import make_manifest, random_tensors
 from edge_peft.store.wire import decode_push, encode_push
@@ -63,7 +65,7 @@ def test_blobs_are_content_addressed_and_stale_temp_files_removed(tmp_path):
     fresh.write_bytes(b"being written")
     old = time.time() - STALE_TEMP_SECONDS - 1
     os.utime(stale, (old, old))
-    FileBlobStore(tmp_path / "blobs")
+    assert FileBlobStore(tmp_path / "blobs").remove_partial_writes() == 1
     assert not stale.exists() and fresh.exists()
 
 
@@ -89,14 +91,16 @@ def test_tokens_are_stored_only_as_hashes(tmp_path):
         store.authenticate(admin)
 
 
-@pytest.mark.parametrize("device", ["../etc", "a/b", "..", ".hidden", "-x", "admin", "x" * 65, "a b", "é"])
+@pytest.mark.parametrize("device", ["../etc", "a/b", "..", ".hidden", "-x", "admin", "x" * 65, "a b", "é", "phone\n",
+                                    ["phone"], None])
 def test_device_ids_refuse_traversal_and_odd_names(device):
     with pytest.raises(StoreError) as err:
         check_device_id(device)
     assert err.value.status == 400
 
 
-@pytest.mark.parametrize("fp", ["sha256:" + "g" * 64, "sha256:../../x", "md5:" + "a" * 64, "sha256:" + "A" * 64])
+@pytest.mark.parametrize("fp", ["sha256:" + "g" * 64, "sha256:../../x", "md5:" + "a" * 64, "sha256:" + "A" * 64,
+                                "sha256:" + "a" * 64 + "\n"])
 def test_fingerprints_must_be_sha256(fp):
     with pytest.raises(StoreError):
         check_fingerprint(fp)
@@ -111,32 +115,48 @@ def test_push_body_framing_round_trips():
 
 
 @pytest.mark.parametrize("change", [
-    {"samples": -1}, {"samples": True}, {"steps": 1.5}, {"sha256": "xyz"}, {"metrics": []}, {"extra": 1},
+    {"samples": -1}, {"samples": True}, {"steps": 1.5}, {"samples": 2**63}, {"steps": 2**53}, {"sha256": "xyz"},
+    {"sha256": "a" * 64 + "\n"}, {"metrics": []}, {"metrics": {"loss": float("nan")}}, {"metrics": {"x": [[[[[[[[[[1]]]]]]]]]]}},
+    {"metrics": {"big": 2**64}}, {"metrics": {"blob": "x" * (65 << 10)}}, {"extra": 1},
     {"parent": {"kind": "global", "version": 0}}, {"parent": {"kind": "other", "version": 1}},
-    {"parent": {"kind": "global", "version": 1, "device": "p"}}, {"spec": {"rank": 1}},
+    {"parent": {"kind": "global", "version": 2**60}}, {"parent": {"kind": "device", "version": 1, "device": "p\n"}},
+    {"parent": {"kind": "global", "version": 1, "device": "p"}},
 ])
 def test_push_metadata_is_validated(change):
     spec = spec_of()
     meta = {**push_meta(spec, b"x"), **change}
     with pytest.raises(StoreError) as err:
-        parse_push_meta(meta, spec.base_fingerprint)
-    assert err.value.status == 400
+        parse_push_meta(meta)
+    assert err.value.status == 400 and "\n" not in str(err.value)
 
 
-def test_push_spec_must_describe_the_base_pushed_to():
+def test_registered_specs_are_checked_and_differences_named():
     spec = spec_of()
     with pytest.raises(StoreError, match="base_fingerprint"):
-        parse_push_meta(push_meta(spec, b"x"), "sha256:" + "0" * 64)
+        parse_spec(spec.to_dict(), "sha256:" + "0" * 64)
     bad = spec.to_dict()
     bad["modules"][0]["rank"] = 0
     with pytest.raises(StoreError, match="positive"):
-        parse_push_meta({**push_meta(spec, b"x"), "spec": bad}, spec.base_fingerprint)
+        parse_spec(bad)
+    for odd in ({**spec.to_dict(), "task": ["causal-lm"]}, {**spec.to_dict(), "modules": "x"}, [], {"rank": 1}):
+        with pytest.raises(StoreError) as err:
+            parse_spec(odd)
+        assert err.value.status == 400
+    registered = spec.to_dict()
+    other = spec_of(rank=8).to_dict()
+    assert spec_difference(registered, registered) is None
+    assert spec_difference(registered, {**registered, "alpha": 32.0}) == "spec.alpha is 32.0, the registered spec has 8.0"
+    assert "spec.modules[0].rank is 8" in spec_difference(registered, {**other, "alpha": registered["alpha"],
+                                                                        "rank": registered["rank"]})
+    assert spec_difference(registered, {**registered, "seed": True}) == "spec.seed is True, the registered spec has 0"
+    assert spec_difference(registered, "x") == "spec is 'x', the registered spec has " + repr(registered)[:57] + "..."
 
 
 def test_store_completes_b_only_pushes_to_the_same_full_file(tmp_path):
     store, _ = AdapterStore.open(tmp_path / "store")
     store.add_device("phone-1")
     spec = spec_of(labels=2)
+    store.add_base(spec.to_dict())
     full = random_tensors(spec, np.random.default_rng(1))
     full_bytes = encode_adapter(spec, full)
     b_only = encode_adapter(spec, {k: v for k, v in full.items() if ".lora_A." not in k})
@@ -156,23 +176,27 @@ def test_lora_fa_push_with_a_foreign_a_is_refused(tmp_path):
     store, _ = AdapterStore.open(tmp_path / "store")
     store.add_device("phone-1")
     spec = spec_of()
+    store.add_base(spec.to_dict())
     tensors = random_tensors(spec, np.random.default_rng(2))
     tensors[lora_key(spec.modules[0].name, "A")] += 0.001
     data = encode_adapter(spec, tensors)
     with pytest.raises(StoreError, match="frozen LoRA-FA A") as err:
         store.push(spec.base_fingerprint, "phone-1", push_meta(spec, data), data)
-    assert err.value.status == 422 and store.metadata.bases() == []
+    assert err.value.status == 422 and store.metadata.versions(spec.base_fingerprint) == []
 
 
-def test_federated_average_of_lora_fa_is_the_average_weight_update():
+def sources(adapters: list[dict], samples: list[int]) -> list[Source]:
+    return [Source(f"device {i}", n, lambda t=t: t) for i, (t, n) in enumerate(zip(adapters, samples))]
+
+
+def test_sample_weighted_average_of_lora_fa_is_the_average_weight_update():
     spec = spec_of(labels=3)
     rng = np.random.default_rng(3)
     adapters = [random_tensors(spec, rng) for _ in range(3)]
     samples = [10, 30, 60]
-    avg = FederatedAverage(spec)
-    for tensors, n in zip(adapters, samples):
-        avg.add(spec, tensors, n, "x")
-    merged = avg.result()
+    policy = AggregationPolicy(weighting="samples", clip_norm="off")
+    merged, report = aggregate(spec, sources(adapters, samples), policy)
+    assert report["devices"] == 3 and report["clipped"] == 0
     w = np.array(samples) / sum(samples)
     for m in spec.modules:
         a, b = lora_a_from_seed(m.a_seed, m.rank, m.in_features), lora_key(m.name, "B")
@@ -183,19 +207,51 @@ def test_federated_average_of_lora_fa_is_the_average_weight_update():
     np.testing.assert_allclose(merged[head], sum(wi * t[head] for wi, t in zip(w, adapters)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("other", [dict(seed=7), dict(rank=2), dict(targets=("q_proj", "k_proj"))])
-def test_federated_average_refuses_other_seeds_ranks_or_targets(other):
+def test_default_aggregation_weighs_equally_and_clips_each_device_to_the_median_norm():
+    spec = spec_of(labels=3)
+    rng = np.random.default_rng(4)
+    adapters = [random_tensors(spec, rng, scale=s) for s in (0.01, 0.02, 0.03, 100.0)]
+    merged, report = aggregate(spec, sources(adapters, [1, 1, 1, 10**15]), AggregationPolicy())
+    b_keys = [lora_key(m.name, "B") for m in spec.modules]
+    norm = lambda t: np.sqrt(sum(np.sum(np.square(t[k], dtype=np.float64)) for k in b_keys))
+    bound = np.median([norm(t) for t in adapters])
+    assert report["clipped"] == 2 and report["clip_bounds"]["adapter"] == pytest.approx(bound)
+    clipped = [{k: t[k] * min(1.0, bound / norm(t)) for k in b_keys} for t in adapters]
+    for k in b_keys:  # equal weights: 10**15 samples buy nothing
+        np.testing.assert_allclose(merged[k], sum(c[k] for c in clipped) / 4, rtol=1e-5, atol=1e-8)
+    assert norm(merged) <= bound * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed-mean"])
+def test_robust_means_ignore_one_extreme_device(method):
     spec = spec_of()
-    different = spec_of(**other)
-    avg = FederatedAverage(spec)
-    avg.add(spec, random_tensors(spec, np.random.default_rng(0)), 5, "first")
-    with pytest.raises(UserError, match="only adapters exported from the same artifact"):
-        avg.add(different, random_tensors(different, np.random.default_rng(0)), 5, "second")
+    rng = np.random.default_rng(5)
+    honest = [random_tensors(spec, rng) for _ in range(9)]
+    attacker = {k: v * 1e6 for k, v in random_tensors(spec, rng).items()}
+    policy = AggregationPolicy(method=method, clip_norm="off")
+    merged, _ = aggregate(spec, sources(honest + [attacker], [1] * 10), policy)
+    key = lora_key(spec.modules[0].name, "B")
+    stacked = np.stack([t[key] for t in honest])
+    assert np.all(merged[key] >= stacked.min(axis=0) - 1e-7) and np.all(merged[key] <= stacked.max(axis=0) + 1e-7)
 
 
-def test_federated_average_refuses_plain_lora():
+def test_aggregation_needs_enough_devices_and_a_valid_policy():
+    spec = spec_of()
+    two = sources([random_tensors(spec, np.random.default_rng(i)) for i in range(2)], [5, 5])
+    with pytest.raises(UserError, match="at least 3"):
+        aggregate(spec, two, AggregationPolicy())
+    assert aggregate(spec, two, AggregationPolicy(min_devices=2))[1]["devices"] == 2
+    for bad in ({"min_devices": 0}, {"clip_norm": -1}, {"clip_norm": "nan"}, {"method": "max"}, {"trim": 0.5},
+                {"weighting": "samples", "method": "median"}, {"unknown": 1}, [], {"sample_cap": 1.5}):
+        with pytest.raises(StoreError) as err:
+            AggregationPolicy.from_dict(bad)
+        assert err.value.status == 400
+
+
+def test_aggregation_refuses_plain_lora():
+    spec = spec_of(variant="lora")
     with pytest.raises(UserError, match="not the average of their updates"):
-        FederatedAverage(spec_of(variant="lora"))
+        aggregate(spec, sources([random_tensors(spec, np.random.default_rng(0))] * 3, [1] * 3), AggregationPolicy())
 
 
 def test_decode_never_unpickles(tmp_path):

@@ -1,64 +1,182 @@
-"""Sample-weighted federated averaging of adapters whose variant averages exactly.
+"""Federated averaging of adapters whose variant averages exactly, robust to a few bad devices.
 
 Every LoRA-FA device shares the same frozen A (regenerated from its seed), so the mean of the B
 factors gives exactly the mean of the weight updates: sum_i w_i (s B_i A) = s (sum_i w_i B_i) A.
 Variants that train A (LoRA, DoRA) do not: the mean of products is not the product of means, and
 each refuses (``Variant.exact_average``).
+
+What one device can do to the result is bounded (see docs/store.md, "Aggregation"):
+
+- weights: equal by default; sample weighting is opt-in and caps each device's count;
+- clipping: each device's B (and, separately, its ``modules_to_save`` tensors) is scaled down to at most
+  a norm bound, by default the median of the devices' norms;
+- method: the mean, or the coordinate-wise median or trimmed mean;
+- a minimum number of devices, so that no device's adapter can be read back from a global version;
+- a result that is not finite is refused.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..adapters.peft_format import complete_tensors
+from ..adapters.peft_format import check_tensors, complete_tensors
 from ..artifact.adapter_section import AdapterSpec
+from ..artifact.names import PEFT_PREFIX
 from ..errors import UserError
+from .storage import StoreError
+
+WEIGHTINGS = ("equal", "samples")
+METHODS = ("mean", "median", "trimmed-mean")
+SAMPLE_CAP_MEDIANS = 10  # samples weighting: by default a device counts at most 10 x the median device
 
 
-class FederatedAverage:
-    """Running sample-weighted mean over adapters added one at a time (memory: one adapter plus the sum)."""
+@dataclass(frozen=True)
+class AggregationPolicy:
+    """How a global version is made from each device's latest adapter. The defaults are the robust ones."""
 
-    def __init__(self, spec: AdapterSpec) -> None:
-        _require_exact(spec)
-        self.spec = spec
-        self.a_keys = set(spec.expected_shapes()) - set(spec.expected_shapes(with_frozen=False))
-        self.sums: dict[str, np.ndarray] = {}
-        self.samples = 0
-        self.count = 0
+    min_devices: int = 3
+    weighting: str = "equal"
+    sample_cap: int | None = None  # samples weighting: most samples one device counts (None: 10 x the median)
+    clip_norm: float | str = "auto"  # a bound on each device's norm; "auto": the median of the devices' norms; "off"
+    method: str = "mean"
+    trim: float = 0.1  # trimmed-mean: the fraction dropped at each end, per coordinate
 
-    def add(self, spec: AdapterSpec, tensors: Mapping[str, np.ndarray], samples: int, source: str) -> None:
-        """Add one adapter trained on ``samples`` samples; refuse one that cannot be averaged exactly."""
-        _require_exact(spec)
-        if spec.compatibility_key() != self.spec.compatibility_key():
-            raise UserError(f"{source} has other A seeds, ranks, targets or alpha than the first adapter: "
-                            "only adapters exported from the same artifact can be averaged")
-        averaged = {k: v for k, v in tensors.items() if k not in self.a_keys}
-        if self.sums and (set(averaged) != set(self.sums)
-                          or any(v.shape != self.sums[k].shape for k, v in averaged.items())):
-            raise UserError(f"{source} holds other tensors or shapes than the first adapter: "
-                            "only adapters exported from the same artifact can be averaged")
-        if samples < 0:
-            raise UserError(f"{source} reports {samples} samples: the sample count must be >= 0")
-        for key, value in averaged.items():
-            weighted = np.asarray(value, dtype=np.float64) * samples
-            if key in self.sums:
-                self.sums[key] += weighted
-            else:
-                self.sums[key] = weighted
-        self.samples += samples
-        self.count += 1
+    @classmethod
+    def from_dict(cls, raw: Any) -> "AggregationPolicy":
+        """A policy from JSON (missing keys keep their defaults); StoreError(400) naming the bad field."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict) or set(raw) - set(cls.__dataclass_fields__):
+            raise StoreError(400, f"the aggregation policy must be a JSON object with keys among "
+                                  f"{sorted(cls.__dataclass_fields__)}")
+        return cls(**raw).checked()
 
-    def result(self) -> dict[str, np.ndarray]:
-        """The full averaged adapter (A regenerated from the seeds, averaged B and modules_to_save)."""
-        if self.samples <= 0:
-            raise UserError("the adapters to average report no training samples: push adapters from runs that trained")
-        mean = {k: (v / self.samples).astype(np.float32) for k, v in self.sums.items()}
-        return complete_tensors(self.spec, mean)
+    def checked(self) -> "AggregationPolicy":
+        """Itself, when every field is in range; else StoreError(400) naming the field."""
+        problems = []
+        if type(self.min_devices) is not int or not 1 <= self.min_devices <= 1_000_000:
+            problems.append("min_devices must be an integer >= 1")
+        if self.weighting not in WEIGHTINGS:
+            problems.append(f"weighting must be one of {WEIGHTINGS}")
+        if self.sample_cap is not None and (type(self.sample_cap) is not int or self.sample_cap < 1):
+            problems.append("sample_cap must be null or an integer >= 1")
+        if self.clip_norm not in ("auto", "off") and not (
+                type(self.clip_norm) in (int, float) and math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            problems.append("clip_norm must be 'auto', 'off' or a number > 0")
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {METHODS}")
+        if type(self.trim) not in (int, float) or not 0 <= self.trim < 0.5:
+            problems.append("trim must be a number in [0, 0.5)")
+        if self.method != "mean" and self.weighting != "equal":
+            problems.append("the median and the trimmed mean weigh devices equally: pass weighting 'equal'")
+        if problems:
+            raise StoreError(400, f"invalid aggregation policy: {'; '.join(problems)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def _require_exact(spec: AdapterSpec) -> None:
+@dataclass(frozen=True)
+class Source:
+    """One device's latest adapter: how many samples it reports and how to read its full tensors."""
+
+    label: str
+    samples: int
+    load: Callable[[], Mapping[str, np.ndarray]]
+
+
+def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationPolicy) -> tuple[dict[str, np.ndarray], dict]:
+    """The global adapter (A regenerated from the seeds) and a report (devices, clip bounds, clipped count).
+
+    Raises UserError when the variant cannot be averaged, there are too few devices, or the result is not
+    finite. Reads each source twice (norms, then the sum) for the mean, so memory stays one adapter plus
+    the sum; the median and trimmed mean hold every device's trained tensors at once.
+    """
+    require_exact(spec)
+    if len(sources) < policy.min_devices:
+        raise UserError(f"{len(sources)} device(s) pushed for this base, a global version needs at least "
+                        f"{policy.min_devices} so that no single device's adapter can be read back from it: wait for "
+                        "more devices (or, for a fleet you alone own, pass --min-devices)")
+    groups = _groups(spec)
+    held = [_trained(spec, s) for s in sources] if policy.method != "mean" else None
+    adapters = held or (_trained(spec, s) for s in sources)
+    norms = np.array([[_norm(tensors, keys) for keys in groups.values()] for tensors in adapters])
+    bounds = _bounds(policy, norms)
+    scales = np.divide(bounds, norms, out=np.ones_like(norms), where=norms > bounds)
+    key_group = {key: g for g, keys in enumerate(groups.values()) for key in keys}
+    if held is None:
+        weights = _weights(policy, [s.samples for s in sources])
+        total: dict[str, np.ndarray] = {}
+        for source, w, scale in zip(sources, weights, scales):
+            for key, value in _trained(spec, source).items():
+                term = np.asarray(value, np.float64) * (w * scale[key_group[key]])
+                total[key] = total[key] + term if key in total else term
+    else:
+        total = {key: _robust_mean(np.stack([t[key].astype(np.float64) * scales[i][key_group[key]]
+                                             for i, t in enumerate(held)]), policy) for key in key_group}
+    result = {key: v.astype(np.float32) for key, v in total.items()}
+    if not all(np.all(np.isfinite(v)) for v in result.values()):
+        raise UserError("the aggregate is not finite, so no global version was made: find the device whose adapter "
+                        "is extreme (`store list`) and `store remove-device` it, or aggregate with clipping on")
+    report = {"devices": len(sources), "clipped": int(np.sum(np.any(scales < 1.0, axis=1))),
+              "clip_bounds": {g: float(b) if np.isfinite(b) else None for g, b in zip(groups, bounds)}, "policy": policy.to_dict()}
+    return complete_tensors(spec, result), report
+
+
+def require_exact(spec: AdapterSpec) -> None:
     if not spec.kind.exact_average:
         raise UserError(f"adapters of variant {spec.variant!r} cannot be averaged exactly: {spec.kind.inexact_because}: "
                         "export with --variant lora-fa for federated averaging")
+
+
+def _groups(spec: AdapterSpec) -> dict[str, list[str]]:
+    """The averaged tensors in the groups clipped separately: the adapter's trained factors, the saved modules."""
+    trained = sorted(spec.expected_shapes(with_frozen=False))
+    saved = {PEFT_PREFIX + t.name for t in spec.modules_to_save}
+    return {"adapter": [k for k in trained if k not in saved], "modules_to_save": [k for k in trained if k in saved]}
+
+
+def _trained(spec: AdapterSpec, source: Source) -> dict[str, np.ndarray]:
+    """A source's averaged tensors (no seeded A), checked against the spec."""
+    tensors = source.load()
+    check_tensors(spec, tensors, source.label, complete=True)
+    keep = spec.expected_shapes(with_frozen=False)
+    return {k: v for k, v in tensors.items() if k in keep}
+
+
+def _norm(tensors: Mapping[str, np.ndarray], keys: list[str]) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(tensors[k], dtype=np.float64))) for k in keys))
+
+
+def _bounds(policy: AggregationPolicy, norms: np.ndarray) -> np.ndarray:
+    """Per group, the norm no device may exceed: the median device's, a fixed number, or none."""
+    if policy.clip_norm == "off":
+        return np.full(norms.shape[1], np.inf)
+    if policy.clip_norm == "auto":
+        return np.median(norms, axis=0)
+    return np.full(norms.shape[1], float(policy.clip_norm))
+
+
+def _weights(policy: AggregationPolicy, samples: list[int]) -> np.ndarray:
+    if policy.weighting == "equal":
+        return np.full(len(samples), 1.0 / len(samples))
+    cap = policy.sample_cap or max(1, int(SAMPLE_CAP_MEDIANS * np.median(samples)))
+    counted = np.minimum(np.array(samples, np.float64), cap)
+    if counted.sum() <= 0:
+        raise UserError("the adapters to average report no training samples: push adapters from runs that trained, "
+                        "or aggregate with equal weights")
+    return counted / counted.sum()
+
+
+def _robust_mean(values: np.ndarray, policy: AggregationPolicy) -> np.ndarray:
+    """Coordinate-wise median, or mean after dropping the ``trim`` fraction at each end."""
+    if policy.method == "median":
+        return np.median(values, axis=0)
+    cut = int(policy.trim * values.shape[0])
+    ordered = np.sort(values, axis=0)
+    return ordered[cut: values.shape[0] - cut].mean(axis=0)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from .storage import MetadataStore, StoreError
 
 ADMIN = "admin"
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # always fullmatch: "phone\n" is no id
+FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+REVOKED = "revoked"  # stored in place of a device's token hash: no token hashes to it
 _NO_HASH = "0" * 64
 
 
@@ -40,20 +41,20 @@ def hash_token(token: str) -> str:
 def token_principal(token: str) -> str:
     """The principal a token names (no check of the secret); StoreError(401) if it is malformed."""
     name, dot, secret = token.partition(".")
-    if not dot or not secret or not (name == ADMIN or DEVICE_ID.match(name)):
+    if not dot or not secret or not (name == ADMIN or DEVICE_ID.fullmatch(name)):
         raise StoreError(401, "malformed token: pass the token `edge-peft store add-device` printed")
     return name
 
 
 def check_device_id(device: str) -> str:
-    if not isinstance(device, str) or not DEVICE_ID.match(device) or device == ADMIN:
+    if not isinstance(device, str) or not DEVICE_ID.fullmatch(device) or device == ADMIN:
         raise StoreError(400, f"invalid device id {str(device)[:70]!r}: use 1-64 letters, digits, '-' or '_' "
                               f"(not starting with '-' or '_', not {ADMIN!r})")
     return device
 
 
 def check_fingerprint(fingerprint: str) -> str:
-    if not isinstance(fingerprint, str) or not FINGERPRINT.match(fingerprint):
+    if not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint):
         raise StoreError(400, f"invalid base fingerprint {str(fingerprint)[:80]!r}: pass the manifest's "
                               "base_fingerprint ('sha256:' + 64 hex digits)")
     return fingerprint
@@ -67,7 +68,8 @@ def authenticate(metadata: MetadataStore, token: str | None) -> Principal:
     stored = metadata.admin_token_hash() if name == ADMIN else metadata.device_token_hash(name)
     matches = hmac.compare_digest(stored or _NO_HASH, hash_token(token))
     if stored is None or not matches:
-        raise StoreError(401, "invalid token: use the token printed when the device (or store) was registered")
+        raise StoreError(401, "invalid token: use the token printed when the device (or store) was registered, "
+                              "or the one `edge-peft store rotate-token` printed since")
     return Principal(ADMIN if name == ADMIN else "device", name)
 
 

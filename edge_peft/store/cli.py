@@ -14,6 +14,7 @@ from typing import Iterator
 import click
 
 from ..errors import UserError
+from .limits import DEFAULT_MAX_DEVICE_BYTES, DEFAULT_MAX_DEVICE_VERSIONS, DEFAULT_RATE_PER_MINUTE
 from .storage import StoreError
 
 DATA_DIR = click.option("--data-dir", default="./store", show_default=True,
@@ -53,16 +54,24 @@ def _open_local(data_dir: Path):
 @DATA_DIR
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=int, help="TCP port to listen on.")
-@click.option("--max-body-mb", default=64.0, show_default=True, type=float, help="Refuse (413) larger pushes.")
+@click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Refuse (413) larger pushes.")
+@click.option("--max-device-versions", default=DEFAULT_MAX_DEVICE_VERSIONS, show_default=True,
+              type=click.IntRange(min=1), help="Refuse (413) a push beyond this many versions kept per device.")
+@click.option("--max-device-mb", default=DEFAULT_MAX_DEVICE_BYTES >> 20, show_default=True,
+              type=click.IntRange(min=1), help="Refuse (413) a push beyond this many MiB kept per device.")
+@click.option("--rate-limit", default=DEFAULT_RATE_PER_MINUTE, show_default=True, type=click.IntRange(min=1),
+              help="Requests a minute per device (bursts of ten seconds' worth); more are answered 429.")
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM).")
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), help="TLS certificate chain (PEM).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn's log level.")
-def serve(data_dir: Path, host: str, port: int, max_body_mb: float, ssl_keyfile: str | None,
-          ssl_certfile: str | None, log_level: str) -> None:
+def serve(data_dir: Path, host: str, port: int, max_body_mb: float, max_device_versions: int, max_device_mb: int,
+          rate_limit: int, ssl_keyfile: str | None, ssl_certfile: str | None, log_level: str) -> None:
     """Run the adapter store (OpenAPI docs at /docs). The first start prints the admin token."""
     import uvicorn
 
+    from .limits import StoreLimits
     from .server import create_app
 
     if bool(ssl_keyfile) != bool(ssl_certfile):
@@ -72,7 +81,8 @@ def serve(data_dir: Path, host: str, port: int, max_body_mb: float, ssl_keyfile:
                    "--ssl-keyfile/--ssl-certfile or put a TLS proxy in front", err=True)
     sock = _listen(host, port)  # before the store is created: a busy port leaves nothing behind
     with _one_line_errors():
-        app = create_app(data_dir, max_body_bytes=int(max_body_mb * (1 << 20)))
+        app = create_app(data_dir, StoreLimits(int(max_body_mb * (1 << 20)), max_device_versions,
+                                               max_device_mb << 20, rate_limit))
     config = uvicorn.Config(app, host=host, port=port, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
                             log_level=log_level)
     uvicorn.Server(config).run(sockets=[sock])
@@ -103,7 +113,7 @@ def _is_loopback(host: str) -> bool:
 
 @click.group()
 def store() -> None:
-    """Administer the store: register devices, aggregate, list (locally on --data-dir, or over HTTP)."""
+    """Administer the store: bases, devices and tokens, aggregation, listing (locally on --data-dir, or over HTTP)."""
 
 
 @store.command("add-device")
@@ -113,16 +123,93 @@ def store() -> None:
 @ADMIN_TOKEN
 def add_device(device_id: str, data_dir: Path, store_url: str | None, admin_token: str | None) -> None:
     """Register DEVICE_ID and print its token (shown once; only its hash is stored)."""
+    token = _admin_call(data_dir, store_url, admin_token, lambda s: s.add_device(device_id),
+                        lambda c: c.add_device(device_id))
+    click.echo(f"registered device {device_id}; its token follows (shown once, keep it secret)", err=True)
+    click.echo(token)
+
+
+def _admin_call(data_dir: Path, store_url: str | None, admin_token: str | None, local, remote):
+    """Run ``local(store)`` on --data-dir, or ``remote(client)`` over HTTP with --store; one-line errors."""
     from .client import StoreClient
 
     with _one_line_errors():
         if store_url:
             with StoreClient(store_url, admin_token) as client:
-                token = client.add_device(device_id)
-        else:
-            token = _open_local(data_dir).add_device(device_id)
-    click.echo(f"registered device {device_id}; its token follows (shown once, keep it secret)", err=True)
+                return remote(client)
+        return local(_open_local(data_dir))
+
+
+@store.command("add-base")
+@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
+@DATA_DIR
+@ADMIN_STORE
+@ADMIN_TOKEN
+def add_base(artifact: Path, data_dir: Path, store_url: str | None, admin_token: str | None) -> None:
+    """Register the base model of ARTIFACT (its directory or manifest.json): devices may then push for it."""
+    from .bases import spec_of_artifact
+
+    spec = spec_of_artifact(artifact).to_dict()
+    created = _admin_call(data_dir, store_url, admin_token, lambda s: s.add_base(spec)[1],
+                          lambda c: c.add_base(spec)["created"])
+    verb = "registered" if created else "already registered, same spec:"
+    click.echo(f"{verb} base {spec['base_fingerprint']} ({spec['variant']} r={spec['rank']}, "
+               f"{len(spec['modules'])} modules)")
+
+
+@store.command("remove-base")
+@click.argument("fingerprint")
+@DATA_DIR
+@ADMIN_STORE
+@ADMIN_TOKEN
+def remove_base(fingerprint: str, data_dir: Path, store_url: str | None, admin_token: str | None) -> None:
+    """Remove a base with every device and global version of it."""
+    from dataclasses import asdict
+
+    removed = _admin_call(data_dir, store_url, admin_token, lambda s: asdict(s.remove_base(fingerprint)),
+                          lambda c: c.remove_base(fingerprint))
+    click.echo(f"removed base {fingerprint} ({removed['blobs']} files deleted)")
+
+
+@store.command("remove-device")
+@click.argument("device_id")
+@DATA_DIR
+@ADMIN_STORE
+@ADMIN_TOKEN
+def remove_device(device_id: str, data_dir: Path, store_url: str | None, admin_token: str | None) -> None:
+    """Remove DEVICE_ID: its token stops working and its versions are deleted (global versions stay)."""
+    from dataclasses import asdict
+
+    removed = _admin_call(data_dir, store_url, admin_token, lambda s: asdict(s.remove_device(device_id)),
+                          lambda c: c.remove_device(device_id))
+    click.echo(f"removed device {device_id} ({removed['blobs']} files deleted); aggregate again to drop it from "
+               "the global version")
+
+
+@store.command("rotate-token")
+@click.argument("device_id")
+@DATA_DIR
+@ADMIN_STORE
+@ADMIN_TOKEN
+def rotate_token(device_id: str, data_dir: Path, store_url: str | None, admin_token: str | None) -> None:
+    """Print a new token for DEVICE_ID (shown once); its old token stops working."""
+    token = _admin_call(data_dir, store_url, admin_token, lambda s: s.rotate_token(device_id),
+                        lambda c: c.rotate_token(device_id))
+    click.echo(f"new token for device {device_id} follows (shown once, keep it secret); the old one no longer works",
+               err=True)
     click.echo(token)
+
+
+@store.command("revoke-token")
+@click.argument("device_id")
+@DATA_DIR
+@ADMIN_STORE
+@ADMIN_TOKEN
+def revoke_token(device_id: str, data_dir: Path, store_url: str | None, admin_token: str | None) -> None:
+    """Revoke DEVICE_ID's token: the store refuses it until `rotate-token` issues a new one; versions stay."""
+    _admin_call(data_dir, store_url, admin_token, lambda s: s.revoke_token(device_id),
+                lambda c: c.revoke_token(device_id))
+    click.echo(f"revoked the token of device {device_id}")
 
 
 @store.command()
@@ -130,24 +217,50 @@ def add_device(device_id: str, data_dir: Path, store_url: str | None, admin_toke
 @DATA_DIR
 @ADMIN_STORE
 @ADMIN_TOKEN
-def aggregate(base: str, data_dir: Path, store_url: str | None, admin_token: str | None) -> None:
-    """Federated-average the latest adapter of every device into a new global version."""
+@click.option("--min-devices", type=click.IntRange(min=1),
+              help="Refuse a global version of fewer devices (default 3: no device's adapter can be read back).")
+@click.option("--weighting", type=click.Choice(["equal", "samples"]),
+              help="Weigh devices equally (default) or by the samples they report, capped by --sample-cap.")
+@click.option("--sample-cap", type=click.IntRange(min=1),
+              help="With --weighting samples: most samples one device counts (default: 10 x the median device's).")
+@click.option("--clip-norm", help="Scale each device's B down to at most this L2 norm: a number, 'auto' (default: the "
+                                  "median of the devices' norms) or 'off'.")
+@click.option("--method", type=click.Choice(["mean", "median", "trimmed-mean"]),
+              help="How devices are combined: the mean (default) or a coordinate-wise robust mean.")
+@click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True),
+              help="With --method trimmed-mean: the fraction dropped at each end (default 0.1).")
+def aggregate(base: str, data_dir: Path, store_url: str | None, admin_token: str | None, min_devices: int | None,
+              weighting: str | None, sample_cap: int | None, clip_norm: str | None, method: str | None,
+              trim: float | None) -> None:
+    """Average the latest adapter of every device into a new global version (robust by default)."""
     from dataclasses import asdict
 
-    from .client import StoreClient
+    from .aggregate import AggregationPolicy
 
-    with _one_line_errors():
-        if store_url:
-            with StoreClient(store_url, admin_token) as client:
-                result = client.aggregate(base)
-        else:
-            record, created = _open_local(data_dir).aggregate(base)
-            result = {**asdict(record), "created": created}
+    given = {"min_devices": min_devices, "weighting": weighting, "sample_cap": sample_cap,
+             "clip_norm": _clip_norm(clip_norm), "method": method, "trim": trim}
+    policy = {k: v for k, v in given.items() if v is not None}
+
+    def local(store) -> dict:
+        record, created, report = store.aggregate(base, AggregationPolicy.from_dict(policy))
+        return {**asdict(record), "created": created, "report": report}
+
+    result = _admin_call(data_dir, store_url, admin_token, local, lambda c: c.aggregate(base, policy))
     if result["created"]:
+        clipped = result["report"].get("clipped", 0)
         click.echo(f"global version {result['number']}: {len(result['inputs'])} device(s), {result['samples']} samples, "
-                   f"sha256 {result['full_sha256'][:12]}")
+                   f"{clipped} clipped, sha256 {result['full_sha256'][:12]}")
     else:
         click.echo(f"no device pushed since global version {result['number']}: nothing new to aggregate")
+
+
+def _clip_norm(value: str | None) -> float | str | None:
+    if value is None or value in ("auto", "off"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"--clip-norm {value!r} is not a number, 'auto' or 'off'") from None
 
 
 @store.command("list")
@@ -160,7 +273,7 @@ def list_store(data_dir: Path) -> None:
     for b in local.metadata.bases():
         spec = b.spec
         click.echo(f"base {b.fingerprint}  {spec['architecture']} {spec['variant']} r={spec['rank']} "
-                   f"{len(spec['modules'])} modules")
+                   f"{len(spec['modules'])} modules  registered {b.created}")
         for v in local.metadata.versions(b.fingerprint):
             click.echo(f"  device {v.device} v{v.number}  samples {v.samples}  steps {v.steps}  sha256 {v.sha256[:12]}")
         for a in local.metadata.aggregates(b.fingerprint):
@@ -178,6 +291,10 @@ def reset_admin_token(data_dir: Path) -> None:
 def _print_ack(entry, ack: dict) -> None:
     verb = "pushed" if ack["created"] else "already stored as"
     click.echo(f"{verb} version {ack['number']} of device {ack['device']} (sha256 {ack['sha256'][:12]})")
+
+
+def _print_refusal(moved: Path, refusal: Exception) -> None:
+    click.echo(f"{refusal}: moved to {moved}, it will not be sent again", err=True)
 
 
 @click.command()
@@ -200,7 +317,7 @@ def push(run_dir: Path, store_url: str | None, token: str | None, device: str | 
     base, meta, data = build_push(run_dir, b_only, rank)
     entry, _ = enqueue(run_dir, base, meta, data, store_url)
     try:
-        flush(run_dir, store_url, token, device, attempts=1, on_ack=_print_ack)
+        flush(run_dir, store_url, token, device, attempts=1, on_ack=_print_ack, on_refused=_print_refusal)
     except StoreUnreachable as exc:
         click.echo(f"{exc}: queued in {entry.path}; run `edge-peft sync {run_dir} --store {store_url} --token "
                    "$EDGE_PEFT_TOKEN` when the store is back (exit status 75: queued, not delivered)")
@@ -245,7 +362,8 @@ def sync(run_dir: Path, store_url: str | None, token: str | None, device: str | 
     from .client import StoreUnreachable, flush, pending
 
     try:
-        sent = flush(run_dir, store_url, token, device, attempts=attempts, backoff=backoff, on_ack=_print_ack)
+        sent = flush(run_dir, store_url, token, device, attempts=attempts, backoff=backoff, on_ack=_print_ack,
+                     on_refused=_print_refusal)
     except StoreUnreachable as exc:
         left = len(pending(run_dir))
         raise UserError(f"{exc}; {left} adapter(s) still queued in {run_dir / 'outbox'}: run sync again later") from None

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,16 +28,28 @@ from ..artifact.files import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, OUTBOX, S
 from ..artifact.manifest import load_manifest
 from ..artifact.names import is_a
 from ..errors import UserError
-from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json
-from .wire import PUSH_MEDIA_TYPE, encode_push
+from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
+from .wire import PUSH_MEDIA_TYPE, encode_push, metrics_problem
 
 ENTRY_META = "push.json"
 PULLED_NAME = "pulled.json"
-TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
+REFUSED = "refused"  # <run>/refused/: pushes the store refused as invalid, each with refusal.json
+REFUSAL_NAME = "refusal.json"
+TRANSIENT_STATUSES = {429, 500, 502, 503, 504, 507}
+INVALID_STATUSES = {400, 404, 409, 413, 422}  # the push itself is refused: sending it again cannot succeed
+STALE_OUTBOX_TEMP_SECONDS = 600
 
 
 class StoreUnreachable(Exception):
     """The store could not be reached or answered with a transient error: retrying later may work."""
+
+
+class StoreRefused(UserError):
+    """The store answered with a refusal (4xx other than 429): ``status`` says which."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class StoreClient:
@@ -67,7 +80,7 @@ class StoreClient:
         detail = _detail(response)
         if response.status_code in TRANSIENT_STATUSES:
             raise StoreUnreachable(f"the store at {self.url} answered {response.status_code} ({detail})")
-        raise UserError(f"the store refused {method} {path} ({response.status_code}: {detail})")
+        raise StoreRefused(response.status_code, f"the store refused {method} {path} ({response.status_code}: {detail})")
 
     def push(self, base: str, device: str, meta: dict[str, Any], adapter: bytes) -> dict[str, Any]:
         body = encode_push(meta, adapter)
@@ -75,7 +88,27 @@ class StoreClient:
                             headers={"Content-Type": PUSH_MEDIA_TYPE}).json()
 
     def spec(self, base: str) -> AdapterSpec:
-        return AdapterSpec.from_dict(self.request("GET", f"/v1/bases/{base}").json()["spec"])
+        raw = self.request("GET", f"/v1/bases/{base}").json().get("spec")
+        try:
+            return AdapterSpec.from_dict(raw)
+        except (UserError, KeyError, TypeError, ValueError, AttributeError):
+            raise UserError(f"the store at {self.url} answered an unreadable adapter spec for base {base[:19]}...: "
+                            "ask its admin to register the base again (`edge-peft store add-base`)") from None
+
+    def add_base(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/v1/bases", json={"spec": spec}).json()
+
+    def remove_base(self, base: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/bases/{base}").json()
+
+    def remove_device(self, device: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/devices/{device}").json()
+
+    def rotate_token(self, device: str) -> str:
+        return self.request("POST", f"/v1/devices/{device}/token").json()["token"]
+
+    def revoke_token(self, device: str) -> None:
+        self.request("DELETE", f"/v1/devices/{device}/token")
 
     def pull(self, base: str, device: str | None, version: int | None, etag: str | None) -> httpx.Response:
         """GET an adapter (global when ``device`` is None, latest when ``version`` is None); 304 if ``etag`` holds."""
@@ -87,8 +120,9 @@ class StoreClient:
     def add_device(self, device: str) -> str:
         return self.request("POST", "/v1/devices", json={"id": device}).json()["token"]
 
-    def aggregate(self, base: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/bases/{base}/aggregates").json()
+    def aggregate(self, base: str, policy: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A new global version; ``policy`` overrides the store's robust defaults (see ``AggregationPolicy``)."""
+        return self.request("POST", f"/v1/bases/{base}/aggregates", json=policy or None).json()
 
 
 def _detail(response: httpx.Response) -> str:
@@ -130,11 +164,15 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
     if b_only or rank is not None:
         data = _payload(spec, data, str(weights), rank, drop_a=b_only)
     summary = _read_summary(run / SUMMARY)
+    metrics = {k: v for k, v in summary.items() if k not in ("samples", "steps", "parent")}
+    if problem := metrics_problem(metrics):
+        raise UserError(f"{run / SUMMARY} cannot be pushed: {problem}; a NaN or Inf loss means the run diverged: "
+                        "retrain with a lower --lr")
     meta = {
         "spec": spec.to_dict(),
         "samples": summary["samples"],
         "steps": summary["steps"],
-        "metrics": {k: v for k, v in summary.items() if k not in ("samples", "steps", "parent")},
+        "metrics": metrics,
         "parent": summary.get("parent"),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
@@ -225,19 +263,45 @@ def _remove(entry: OutboxEntry) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
+def _set_aside(entry: OutboxEntry, refusal: StoreRefused) -> Path:
+    """Move a push the store refused as invalid out of the outbox, into ``<run>/refused/`` with the reason."""
+    target = entry.path.parent.parent / REFUSED / entry.path.name
+    atomic_write_json(entry.path / REFUSAL_NAME, {"status": refusal.status, "detail": str(refusal),
+                                                  "refused": datetime.now(timezone.utc).isoformat()})
+    target.parent.mkdir(exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(entry.path, target)
+    return target
+
+
+def _remove_leftovers(outbox: Path) -> None:
+    """Delete what interrupted syncs and pushes left: sent entries, and temp entries older than ten minutes
+    (a younger one may be another push still writing)."""
+    cutoff = time.time() - STALE_OUTBOX_TEMP_SECONDS
+    for old in outbox.glob(".*"):
+        try:
+            if old.name.endswith(".sent") or (old.name.endswith(".tmp") and old.stat().st_mtime < cutoff):
+                shutil.rmtree(old, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+
+
 def flush(run_dir: str | os.PathLike, store: str | None, token: str | None, device: str | None = None,
           attempts: int = 1, backoff: float = 1.0, max_backoff: float = 30.0,
-          sleep: Callable[[float], None] = time.sleep, on_ack: Callable[[OutboxEntry, dict], None] | None = None) -> int:
+          sleep: Callable[[float], None] = time.sleep, on_ack: Callable[[OutboxEntry, dict], None] | None = None,
+          on_refused: Callable[[Path, StoreRefused], None] | None = None) -> int:
     """Send queued pushes oldest first, each removed once acknowledged; returns how many were sent.
 
     Transient failures are retried up to ``attempts`` times per entry with exponential backoff
     (``backoff``, doubling, at most ``max_backoff`` seconds); then StoreUnreachable propagates and
-    the remaining entries stay queued. A refusal (UserError) also stops, keeping the entry.
+    the remaining entries stay queued. A push the store refuses as invalid (400, 404, 409, 413, 422) is
+    moved to ``<run>/refused/`` with the store's reason (``on_refused`` is told) and the next one is sent;
+    after the queue, a UserError says how many were refused. Any other refusal (a bad token) stops,
+    keeping the entry.
     """
     device = device_of(token, device)
-    for old in (Path(run_dir) / OUTBOX).glob(".*.sent"):
-        shutil.rmtree(old, ignore_errors=True)
-    sent = 0
+    _remove_leftovers(Path(run_dir) / OUTBOX)
+    sent, refused = 0, []
     for entry in pending(run_dir):
         url = store or entry.store
         if not url:
@@ -246,13 +310,21 @@ def flush(run_dir: str | os.PathLike, store: str | None, token: str | None, devi
             try:
                 ack = _with_retries(lambda: client.push(entry.base, device, entry.meta, entry.adapter()),
                                     attempts, backoff, max_backoff, sleep)
-            except UserError as exc:
-                raise UserError(f"{exc}; {entry.path} stays queued: fix this and run sync again, "
-                                "or delete that entry") from None
+            except StoreRefused as exc:
+                if exc.status not in INVALID_STATUSES:
+                    raise UserError(f"{exc}; {entry.path} stays queued: fix this and run sync again, "
+                                    "or delete that entry") from None
+                refused.append(_set_aside(entry, exc))
+                if on_refused:
+                    on_refused(refused[-1], exc)
+                continue
         _remove(entry)
         sent += 1
         if on_ack:
             on_ack(entry, ack)
+    if refused:
+        raise UserError(f"the store refused {len(refused)} adapter(s) as invalid; they were moved out of the outbox "
+                        f"to {refused[0].parent} with the reason in {REFUSAL_NAME} ({sent} sent)")
     return sent
 
 
@@ -280,7 +352,8 @@ def pull(client: StoreClient, base: str, out_dir: str | os.PathLike, device: str
     out = Path(out_dir)
     previous = _previous_pull(out)
     source = {"base": base, "kind": "device" if device else "global", "device": device}
-    same_source = previous is not None and all(previous.get(k) == v for k, v in source.items())
+    same_source = previous is not None and all(previous.get(k) == v for k, v in source.items()) \
+        and _intact(out / ADAPTER_WEIGHTS, previous.get("sha256"))
     response = client.pull(base, device, version, previous["sha256"] if same_source else None)
     if response.status_code == 304:
         return None
@@ -297,6 +370,15 @@ def pull(client: StoreClient, base: str, out_dir: str | os.PathLike, device: str
         atomic_write_json(tmp / ADAPTER_CONFIG, peft_config(spec))
         atomic_write_json(tmp / PULLED_NAME, pulled)
     return pulled
+
+
+def _intact(path: Path, sha256: Any) -> bool:
+    """Whether an earlier pull's file still has the sha256 it was pulled with (else it is pulled again)."""
+    if path.is_file() and sha256_file(path) == sha256:
+        return True
+    print(f"note: {path} is missing or corrupt (its sha256 differs from {PULLED_NAME}'s): pulling it again",
+          file=sys.stderr)
+    return False
 
 
 def _previous_pull(out: Path) -> dict[str, Any] | None:

@@ -9,6 +9,8 @@ import sqlite3
 from pathlib import Path
 from typing import Iterator
 
+from .data_dir import private_file
+from .limits import StoreLimits
 from .storage import AggregateRecord, BaseRecord, DeviceRecord, NewVersion, Parent, StoreError, VersionRecord
 
 # Append only: migration i (1-based) takes the schema from version i-1 to i. Never edit a released one.
@@ -40,6 +42,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
             version_id INTEGER NOT NULL REFERENCES versions(id),
             PRIMARY KEY (aggregate_id, version_id))""",
     ),
+    (  # per-device quotas count a device's versions across bases
+        "CREATE INDEX versions_by_device ON versions (device)",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 ADMIN_KEY = "admin_token_hash"
@@ -51,6 +56,9 @@ class SqliteMetadata:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for name in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
+            if name == self.path or name.exists():
+                private_file(name)  # SQLite gives its -wal and -shm files the database file's mode
         self.migrate()
 
     @contextlib.contextmanager
@@ -68,13 +76,20 @@ class SqliteMetadata:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; BEGIN IMMEDIATE serialises writers so numbering cannot race."""
         with self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
             try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    yield con
+                except BaseException:
+                    if con.in_transaction:
+                        con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if "full" in str(exc):  # SQLITE_FULL: "database or disk is full"
+                    raise StoreError(507, f"the store cannot write its metadata ({exc}): nothing was stored; "
+                                          "the admin must free disk space, then push again") from None
                 raise
-            con.execute("COMMIT")
 
     def migrate(self) -> None:
         """Bring the schema up to ``SCHEMA_VERSION`` in one transaction; refuse a newer schema."""
@@ -123,6 +138,25 @@ class SqliteMetadata:
             row = con.execute("SELECT token_hash FROM devices WHERE id = ?", (device,)).fetchone()
         return row[0] if row else None
 
+    def set_device_token_hash(self, device: str, token_hash: str) -> bool:
+        with self._transaction() as con:
+            return con.execute("UPDATE devices SET token_hash = ? WHERE id = ?", (token_hash, device)).rowcount == 1
+
+    def remove_device(self, device: str) -> list[str] | None:
+        with self._transaction() as con:
+            if con.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is None:
+                return None
+            blobs = _blobs_of(con, "SELECT sha256, full_sha256 FROM versions WHERE device = ?", (device,))
+            con.execute("DELETE FROM aggregate_inputs WHERE version_id IN (SELECT id FROM versions WHERE device = ?)",
+                        (device,))
+            con.execute("DELETE FROM versions WHERE device = ?", (device,))
+            con.execute("DELETE FROM devices WHERE id = ?", (device,))
+        return blobs
+
+    def device_usage(self, device: str) -> tuple[int, int]:
+        with self._connect() as con:
+            return _usage(con, device)
+
     def touch_device(self, device: str, now: str, unless_seen_after: str) -> None:
         """Set last_seen, skipping the write when it is already more recent than ``unless_seen_after``."""
         with self._transaction() as con:
@@ -145,6 +179,37 @@ class SqliteMetadata:
         with self._connect() as con:
             return [_base(r) for r in con.execute("SELECT * FROM bases ORDER BY created").fetchall()]
 
+    def add_base(self, fingerprint: str, spec: dict, now: str) -> bool:
+        with self._transaction() as con:
+            cur = con.execute("INSERT OR IGNORE INTO bases (fingerprint, spec_json, created) VALUES (?, ?, ?)",
+                              (fingerprint, json.dumps(spec, sort_keys=True), now))
+        return cur.rowcount == 1
+
+    def remove_base(self, fingerprint: str) -> list[str] | None:
+        with self._transaction() as con:
+            if con.execute("SELECT 1 FROM bases WHERE fingerprint = ?", (fingerprint,)).fetchone() is None:
+                return None
+            blobs = _blobs_of(con, "SELECT sha256, full_sha256 FROM versions WHERE base = ? UNION ALL "
+                                   "SELECT full_sha256, full_sha256 FROM aggregates WHERE base = ?", (fingerprint,) * 2)
+            con.execute("DELETE FROM aggregate_inputs WHERE aggregate_id IN (SELECT id FROM aggregates WHERE base = ?)",
+                        (fingerprint,))
+            con.execute("DELETE FROM aggregate_inputs WHERE version_id IN (SELECT id FROM versions WHERE base = ?)",
+                        (fingerprint,))
+            con.execute("DELETE FROM aggregates WHERE base = ?", (fingerprint,))
+            con.execute("DELETE FROM versions WHERE base = ?", (fingerprint,))
+            con.execute("DELETE FROM bases WHERE fingerprint = ?", (fingerprint,))
+        return blobs
+
+    def referenced_blobs(self) -> set[str]:
+        with self._connect() as con:
+            return set(_blobs_of(con, "SELECT sha256, full_sha256 FROM versions UNION ALL "
+                                      "SELECT full_sha256, full_sha256 FROM aggregates", ()))
+
+    def blob_referenced(self, sha256: str) -> bool:
+        with self._connect() as con:
+            return con.execute("SELECT 1 FROM versions WHERE sha256 = ?1 OR full_sha256 = ?1 UNION ALL "
+                               "SELECT 1 FROM aggregates WHERE full_sha256 = ?1 LIMIT 1", (sha256,)).fetchone() is not None
+
     def find_version(self, base: str, device: str, sha256: str | None = None,
                      content_sha256: str | None = None) -> VersionRecord | None:
         column, value = ("sha256", sha256) if sha256 else ("content_sha256", content_sha256)
@@ -153,19 +218,18 @@ class SqliteMetadata:
                               (base, device, value)).fetchone()
         return _version(row) if row else None
 
-    def record_version(self, new: NewVersion) -> tuple[VersionRecord, bool]:
+    def record_version(self, new: NewVersion, limits: StoreLimits | None = None) -> tuple[VersionRecord, bool]:
         with self._transaction() as con:
             row = con.execute("SELECT spec_json FROM bases WHERE fingerprint = ?", (new.base,)).fetchone()
-            if row is None:
-                con.execute("INSERT INTO bases (fingerprint, spec_json, created) VALUES (?, ?, ?)",
-                            (new.base, json.dumps(new.spec, sort_keys=True), new.created))
-            elif json.loads(row[0]) != new.spec:
-                raise StoreError(409, f"base {new.base[:19]}... is registered with a different adapter spec "
-                                      "(rank, targets, seeds or task): export with the store's settings for this base")
+            if row is None or json.loads(row[0]) != new.spec:
+                raise StoreError(409, f"base {new.base[:19]}... was removed or registered again with another spec "
+                                      "while this push was checked: push again")
             existing = con.execute("SELECT * FROM versions WHERE base = ? AND device = ? AND content_sha256 = ?",
                                    (new.base, new.device, new.content_sha256)).fetchone()
             if existing is not None:
                 return _version(existing), False
+            if limits is not None:
+                limits.check_quota(new.device, *_usage(con, new.device), new.stored_bytes)
             number = con.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM versions WHERE base = ? AND device = ?",
                                  (new.base, new.device)).fetchone()[0]
             p = new.parent
@@ -232,6 +296,18 @@ class SqliteMetadata:
         with self._connect() as con:
             rows = con.execute("SELECT * FROM aggregates WHERE base = ? ORDER BY number", (base,)).fetchall()
             return [_aggregate(con, r) for r in rows]
+
+
+def _usage(con: sqlite3.Connection, device: str) -> tuple[int, int]:
+    """(versions, bytes) a device keeps: pushed files, and the full files the store completed from them."""
+    row = con.execute("SELECT COUNT(*), COALESCE(SUM(size + CASE WHEN full_sha256 != sha256 THEN full_size ELSE 0 END), 0) "
+                      "FROM versions WHERE device = ?", (device,)).fetchone()
+    return row[0], row[1]
+
+
+def _blobs_of(con: sqlite3.Connection, sql: str, args: tuple) -> list[str]:
+    """The distinct blob digests in the two columns ``sql`` selects."""
+    return sorted({sha for row in con.execute(sql, args).fetchall() for sha in row})
 
 
 def _latest_aggregate(con: sqlite3.Connection, base: str) -> AggregateRecord | None:

@@ -20,21 +20,40 @@ def free_port() -> int:
 
 
 class StoreServer:
-    """``python -m edge_peft.store serve`` on 127.0.0.1 in a subprocess; output goes to ``<data_dir>.log``."""
+    """``python -m edge_peft.store serve`` on 127.0.0.1 in a subprocess; output goes to ``<data_dir>.log``.
 
-    def __init__(self, data_dir: str | os.PathLike, max_body_mb: float = 64.0, port: int | None = None) -> None:
+    ``options`` are more ``serve`` options (``{"--rate-limit": 60}``); ``max_file_bytes`` limits the size of
+    any file the server writes (RLIMIT_FSIZE), so a bigger write fails as on a full disk.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, max_body_mb: float = 64.0, port: int | None = None,
+                 options: dict[str, object] | None = None, max_file_bytes: int | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.max_body_mb = max_body_mb
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = self.data_dir.with_name(self.data_dir.name + ".log")
+        self.options = options or {}
+        self.max_file_bytes = max_file_bytes
         self.process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "the server is not started"
+        return self.process.pid
+
+    def _limit_file_size(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_file_bytes, self.max_file_bytes))
 
     def start(self, timeout: float = 30.0) -> "StoreServer":
         cmd = [sys.executable, "-m", "edge_peft.store", "serve", "--data-dir", str(self.data_dir), "--port",
-               str(self.port), "--max-body-mb", str(self.max_body_mb), "--log-level", "warning"]
+               str(self.port), "--max-body-mb", str(self.max_body_mb), "--log-level", "warning",
+               *(str(x) for option in self.options.items() for x in option)]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=self._limit_file_size if self.max_file_bytes else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 import hashlib
-import math
-import os
+import threading
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from ..adapters.peft_format import (PEFT_TASK_TYPES, check_tensors, complete_tensors, decode_adapter, encode_adapter,
-                                    expand_if_compact)
+from ..adapters.peft_format import check_tensors, complete_tensors, decode_adapter, encode_adapter, expand_if_compact
 from ..adapters.ranks import CHANNELS_KEY
 from ..artifact.adapter_section import AdapterSpec
 from ..errors import UserError
-from ..variants import get_variant
-from .aggregate import FederatedAverage
-from .auth import ADMIN, authenticate, check_device_id, check_fingerprint, hash_token, new_token, Principal
-from .blobs import SHA256_HEX, FileBlobStore
+from .aggregate import AggregationPolicy, Source, aggregate
+from .auth import ADMIN, REVOKED, Principal, authenticate, check_device_id, check_fingerprint, hash_token, new_token
+from .bases import parse_spec, spec_difference
+from .blobs import STALE_TEMP_SECONDS, FileBlobStore
+from .data_dir import DataDirLock, open_private
 from .db import SqliteMetadata
-from .storage import AggregateRecord, BlobStore, MetadataStore, NewVersion, Parent, StoreError, VersionRecord
+from .limits import StoreLimits
+from .push_meta import parse_push_meta
+from .storage import (AggregateRecord, BaseRecord, BlobStore, MetadataStore, NewVersion, Parent, StoreError,
+                      VersionRecord)
 
 DB_NAME = "store.sqlite3"
 BLOBS_NAME = "blobs"
-DEFAULT_MAX_BODY_BYTES = 64 << 20
 LAST_SEEN_RESOLUTION = timedelta(seconds=60)
+MAX_TOTAL_SAMPLES = 2**63 - 1
+T = TypeVar("T")
 
 
 def utc_now() -> str:
@@ -35,36 +39,60 @@ def utc_now() -> str:
 
 
 @dataclass(frozen=True)
-class PushRequest:
-    """The validated JSON metadata of a push."""
+class Removed:
+    """What an admin removal deleted."""
 
-    spec: AdapterSpec
-    samples: int
-    steps: int
-    metrics: dict[str, Any]
-    parent: Parent | None
-    sha256: str
+    versions_and_aggregates: int
+    blobs: int
 
 
 class AdapterStore:
     """Bases, devices, adapter versions and global aggregates over a metadata store and a blob store."""
 
-    def __init__(self, metadata: MetadataStore, blobs: BlobStore, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(self, metadata: MetadataStore, blobs: BlobStore, limits: StoreLimits = StoreLimits(),
+                 lock: DataDirLock | None = None) -> None:
         self.metadata = metadata
         self.blobs = blobs
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.lock = lock
+        self._writing: Counter[str] = Counter()  # blobs that pushes in this process are storing right now
+        self._writing_lock = threading.Lock()
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.limits.max_body_bytes
 
     @classmethod
-    def open(cls, data_dir: str | os.PathLike, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> tuple["AdapterStore", str | None]:
-        """Open (creating and migrating) the embedded store in ``data_dir``.
+    def open(cls, data_dir: str | Path, limits: StoreLimits = StoreLimits()) -> tuple["AdapterStore", str | None]:
+        """Open (creating 0700 and migrating) the embedded store in ``data_dir``.
 
+        The first process to open it removes what killed processes left (temp files, unreferenced blobs).
         Returns the store and, only when this call created it, the new admin token (to show once).
         """
         data_dir = Path(data_dir)
-        if data_dir.exists() and not data_dir.is_dir():
-            raise UserError(f"{data_dir} is a file: pass a directory as --data-dir")
-        store = cls(SqliteMetadata(data_dir / DB_NAME), FileBlobStore(data_dir / BLOBS_NAME), max_body_bytes)
+        lock = open_private(data_dir)
+        store = cls(SqliteMetadata(data_dir / DB_NAME), FileBlobStore(data_dir / BLOBS_NAME), limits, lock)
+        store.remove_leftovers(everything=lock.alone)
+        lock.share()
         return store, store._create_admin_token()
+
+    def close(self) -> None:
+        """Release the data directory (other processes may then clean it up)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def remove_leftovers(self, everything: bool) -> int:
+        """Delete temp files of interrupted writes and blobs no row references (only when ``everything``:
+        no other process has the store open); stale temp files only otherwise. Returns how many."""
+        if not isinstance(self.blobs, FileBlobStore):
+            return 0
+        removed = self.blobs.remove_partial_writes(older_than=0 if everything else STALE_TEMP_SECONDS)
+        if everything:
+            orphans = set(self.blobs.all()) - self.metadata.referenced_blobs()
+            for sha in orphans:
+                self.blobs.delete(sha)
+            removed += len(orphans)
+        return removed
 
     def _create_admin_token(self) -> str | None:
         if self.metadata.admin_token_hash() is not None:
@@ -86,6 +114,27 @@ class AdapterStore:
         self.metadata.add_device(device, hash_token(token), utc_now())
         return token
 
+    def rotate_token(self, device: str) -> str:
+        """A new token for ``device``; its old one stops working at once."""
+        token = new_token(check_device_id(device))
+        self._set_token_hash(device, hash_token(token))
+        return token
+
+    def revoke_token(self, device: str) -> None:
+        """No token of ``device`` works until `rotate-token` issues a new one; its versions stay."""
+        self._set_token_hash(check_device_id(device), REVOKED)
+
+    def _set_token_hash(self, device: str, token_hash: str) -> None:
+        if not self.metadata.set_device_token_hash(device, token_hash):
+            raise StoreError(404, f"device {device!r} is not registered: check the id (`edge-peft store list`)")
+
+    def remove_device(self, device: str) -> Removed:
+        """Delete a device, its token and its versions (global versions already made stay)."""
+        blobs = self.metadata.remove_device(check_device_id(device))
+        if blobs is None:
+            raise StoreError(404, f"device {device!r} is not registered: check the id (`edge-peft store list`)")
+        return Removed(len(blobs), self._discard(blobs))
+
     def authenticate(self, token: str | None) -> Principal:
         principal = authenticate(self.metadata, token)
         if principal.kind == "device":
@@ -94,28 +143,61 @@ class AdapterStore:
                                        (now - LAST_SEEN_RESOLUTION).isoformat(timespec="milliseconds"))
         return principal
 
+    # --- bases -----------------------------------------------------------------------------------
+
+    def add_base(self, raw_spec: Any) -> tuple[BaseRecord, bool]:
+        """Register a base with the adapter spec of its artifact (admin). The same spec again: (record, False);
+        another spec for a registered fingerprint: StoreError(409) naming the difference."""
+        spec = parse_spec(raw_spec)
+        check_fingerprint(spec.base_fingerprint)
+        spec_dict = spec.to_dict()
+        created = self.metadata.add_base(spec.base_fingerprint, spec_dict, utc_now())
+        record = self.metadata.base(spec.base_fingerprint)
+        if not created and (difference := spec_difference(record.spec, spec_dict)):
+            raise StoreError(409, f"base {spec.base_fingerprint[:19]}... is registered with another spec ({difference}): "
+                                  "`edge-peft store remove-base` it first (its adapters go with it)")
+        return record, created
+
+    def remove_base(self, base: str) -> Removed:
+        """Delete a base with every version and global version of it."""
+        blobs = self.metadata.remove_base(check_fingerprint(base))
+        if blobs is None:
+            raise StoreError(404, f"base {base[:19]}... is not registered: check --base (`edge-peft store list`)")
+        return Removed(len(blobs), self._discard(blobs))
+
+    def spec(self, base: str) -> AdapterSpec:
+        return AdapterSpec.from_dict(self._base(base).spec)
+
+    def _base(self, base: str) -> BaseRecord:
+        record = self.metadata.base(check_fingerprint(base))
+        if record is None:
+            raise StoreError(404, f"base {base[:19]}... is not registered in this store: the admin registers it with "
+                                  "`edge-peft store add-base ARTIFACT`, or check --base")
+        return record
+
     # --- push ------------------------------------------------------------------------------------
 
     def push(self, base: str, device: str, meta: Any, data: bytes) -> tuple[VersionRecord, bool]:
         """Validate and store one adapter; the same tensors again return the existing version (False).
 
         Nothing is written unless every check passes; blobs are stored before the one metadata transaction,
-        so a crash can leave at most an unreferenced blob, never a version without its bytes.
+        so a crash can leave at most an unreferenced blob (removed at the next start), never a version
+        without its bytes; a refused transaction (quota, full disk) removes the blobs it wrote.
         """
         check_fingerprint(base)
         check_device_id(device)
-        request = parse_push_meta(meta, base)
+        request = parse_push_meta(meta)
+        registered = self._base(base)
+        if difference := spec_difference(registered.spec, request.spec):
+            raise StoreError(409, f"the push's adapter spec differs from the one base {base[:19]}... is registered "
+                                  f"with ({difference}): export with the settings the store's admin registered")
         if hashlib.sha256(data).hexdigest() != request.sha256:
             raise StoreError(400, "the adapter bytes do not match the sha256 sent: the upload was corrupted; push again")
         existing = self.metadata.find_version(base, device, sha256=request.sha256)
         if existing is not None:
             return existing, False
-        spec, spec_dict = request.spec, request.spec.to_dict()
-        registered = self.metadata.base(base)
-        if registered is not None and registered.spec != spec_dict:
-            raise StoreError(409, f"base {base[:19]}... is registered with a different adapter spec (rank, targets, "
-                                  "seeds or task): export with the same settings as the adapters already stored")
-        self._check_spec_size(spec)
+        self.limits.check_quota(device, *self.metadata.device_usage(device), len(data))
+        spec = AdapterSpec.from_dict(registered.spec)
         if request.parent is not None:
             self._require_parent(base, device, request.parent)
         tensors, file_meta = self._checked_tensors(spec, data)
@@ -129,53 +211,84 @@ class AdapterStore:
         else:  # B-only or compact (some rank channels) push: serve the full-rank PEFT file
             meta = {k: v for k, v in file_meta.items() if k != CHANNELS_KEY}
             full = encode_adapter(spec, full_tensors, extra_meta=meta)
-        self.blobs.put(data)
-        full_sha = self.blobs.put(full) if full is not data else request.sha256
-        new = NewVersion(base, spec_dict, device, request.sha256, len(data), full_sha, len(full), content,
+        full_sha = hashlib.sha256(full).hexdigest() if full is not data else request.sha256
+        new = NewVersion(base, registered.spec, device, request.sha256, len(data), full_sha, len(full), content,
                          request.samples, request.steps, request.metrics, request.parent, utc_now())
-        return self.metadata.record_version(new)
+        return self._with_blobs({request.sha256: data, full_sha: full},
+                                lambda: self.metadata.record_version(new, self.limits))
 
     def _require_parent(self, base: str, device: str, parent: Parent) -> None:
-        """The version a push was trained from must be in this store (versions are never deleted)."""
+        """The version a push was trained from must be in this store: a global version or the device's own.
+
+        Another device's version is refused whatever its existence, so no push learns which versions exist.
+        """
         if parent.kind == "global":
             found, what = self.metadata.aggregate(base, parent.version), f"global version {parent.version}"
+        elif (parent.device or device) != device:
+            raise StoreError(403, "a push may name as parent a global version or a version of the pushing device, "
+                                  "not another device's: push with parent null, or train from the global version")
         else:
-            owner = parent.device or device
-            found, what = self.metadata.version(base, owner, parent.version), f"version {parent.version} of device {owner!r}"
+            found, what = self.metadata.version(base, device, parent.version), f"version {parent.version} of this device"
         if found is None:
             raise StoreError(422, f"parent {what} does not exist for this base: pull the parent from this store "
                                   "before training, or push to the store it came from")
-
-    def _check_spec_size(self, spec: AdapterSpec) -> None:
-        """Refuse a spec whose full adapter would dwarf the body limit (A is rebuilt in memory)."""
-        nbytes = 4 * sum(math.prod(shape) for shape in spec.expected_shapes().values())
-        if nbytes > 4 * self.max_body_bytes:
-            raise StoreError(413, f"the spec describes a {nbytes >> 20} MiB adapter, over this store's limit: "
-                                  "raise the server's --max-body-mb")
 
     @staticmethod
     def _checked_tensors(spec: AdapterSpec, data: bytes) -> tuple[dict[str, np.ndarray], dict]:
         """Parse the pushed safetensors (never pickle) and refuse anything that does not fit ``spec`` (422)."""
         try:
             tensors, file_meta = decode_adapter(data, "pushed adapter")
+            if not isinstance(file_meta, dict):
+                raise UserError("the pushed adapter's edge-peft metadata is not a JSON object")
             tensors = expand_if_compact(spec, tensors, file_meta, "pushed adapter")
             check_tensors(spec, tensors, "pushed adapter")
             spec.kind.check_seeded(spec.modules, tensors, "pushed adapter")
-        except UserError as exc:
-            raise StoreError(422, str(exc)) from None
+        except (UserError, ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+            raise StoreError(422, f"{exc}: push a run directory written by `edge-peft train`"
+                             if not isinstance(exc, UserError) else str(exc)) from None
         for key in ("base_fingerprint", "variant", "seed"):
             if key in file_meta and file_meta[key] != getattr(spec, key):
-                raise StoreError(422, f"the adapter file says {key}={file_meta[key]!r}, the spec sent says "
+                raise StoreError(422, f"the adapter file says {key}={str(file_meta[key])[:80]!r}, the base's spec says "
                                       f"{getattr(spec, key)!r}: push the run directory the adapter was trained in")
         return tensors, file_meta
 
-    # --- pull ------------------------------------------------------------------------------------
+    # --- blobs of one write ----------------------------------------------------------------------
 
-    def spec(self, base: str) -> AdapterSpec:
-        record = self.metadata.base(check_fingerprint(base))
-        if record is None:
-            raise StoreError(404, f"base {base[:19]}... has no adapters in this store: push one first, or check --base")
-        return AdapterSpec.from_dict(record.spec)
+    def _with_blobs(self, blobs: dict[str, bytes], record: Callable[[], T]) -> T:
+        """Store ``blobs`` (sha256 -> bytes), then run ``record``; if either fails, delete the blobs this
+        call created that nothing references, so a refused or failed write leaves no file behind."""
+        with self._writing_lock:
+            self._writing.update(list(blobs))
+        created, done = [], False
+        try:
+            for sha, data in blobs.items():
+                if not self.blobs.exists(sha):
+                    self.blobs.put(data)
+                    created.append(sha)
+            result = record()
+            done = True
+            return result
+        finally:
+            with self._writing_lock:
+                self._writing.subtract(list(blobs))
+                self._writing = +self._writing  # drop zero counts
+                if not done:
+                    self._discard_unlocked(created)
+
+    def _discard(self, shas: list[str]) -> int:
+        """Delete those of ``shas`` that no row references and no write of this process is storing."""
+        with self._writing_lock:
+            return self._discard_unlocked(shas)
+
+    def _discard_unlocked(self, shas: list[str]) -> int:
+        removed = 0
+        for sha in shas:
+            if not self._writing[sha] and not self.metadata.blob_referenced(sha):
+                self.blobs.delete(sha)
+                removed += 1
+        return removed
+
+    # --- pull ------------------------------------------------------------------------------------
 
     def device_version(self, base: str, device: str, number: int | None) -> VersionRecord:
         """A device's version (latest when ``number`` is None); its full PEFT file is blob ``full_sha256``."""
@@ -195,10 +308,11 @@ class AdapterStore:
 
     # --- aggregate -------------------------------------------------------------------------------
 
-    def aggregate(self, base: str) -> tuple[AggregateRecord, bool]:
-        """Federated-average the latest version of every device into a new global version.
+    def aggregate(self, base: str, policy: AggregationPolicy = AggregationPolicy()) -> tuple[AggregateRecord, bool, dict]:
+        """Average the latest version of every device into a new global version, as ``policy`` says.
 
-        Returns the latest global version unchanged (False) when no device pushed since it was made.
+        Returns (record, created, report); the latest global version unchanged (False) when no device pushed
+        since it was made. The global file's metadata names how many devices went in, never their samples.
         """
         spec = self.spec(base)
         latest = self.metadata.latest_versions(base)
@@ -207,17 +321,22 @@ class AdapterStore:
         inputs = [v.id for v in latest]
         current = self.metadata.aggregate(base, None)
         if current is not None and sorted(current.inputs) == sorted(inputs):
-            return current, False
+            return current, False, {}
+        sources = [Source(f"device {v.device} version {v.number}", v.samples, self._loader(v)) for v in latest]
         try:
-            average = FederatedAverage(spec)
-            for v in latest:
-                tensors, _ = decode_adapter(self.blobs.get(v.full_sha256), f"device {v.device} version {v.number}")
-                average.add(spec, tensors, v.samples, f"device {v.device} version {v.number}")
-            data = encode_adapter(spec, average.result(), extra_meta={"devices": average.count, "samples": average.samples})
+            tensors, report = aggregate(spec, sources, policy.checked())
         except UserError as exc:
             raise StoreError(409, str(exc)) from None
-        sha = self.blobs.put(data)
-        return self.metadata.record_aggregate(base, inputs, sha, len(data), average.samples, utc_now())
+        data = encode_adapter(spec, tensors, extra_meta={"devices": report["devices"]})
+        sha = hashlib.sha256(data).hexdigest()
+        samples = min(sum(v.samples for v in latest), MAX_TOTAL_SAMPLES)
+        record, created = self._with_blobs({sha: data}, lambda: self.metadata.record_aggregate(
+            base, inputs, sha, len(data), samples, utc_now()))
+        return record, created, report
+
+    def _loader(self, version: VersionRecord) -> Callable[[], dict[str, np.ndarray]]:
+        label = f"device {version.device} version {version.number}"
+        return lambda: decode_adapter(self.blobs.get(version.full_sha256), label)[0]
 
 
 def content_digest(tensors: dict[str, np.ndarray]) -> str:
@@ -229,75 +348,3 @@ def content_digest(tensors: dict[str, np.ndarray]) -> str:
         h.update(f"{key}|{arr.dtype.newbyteorder('<').str}|{list(arr.shape)}|".encode())
         h.update(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
     return h.hexdigest()
-
-
-def parse_push_meta(meta: Any, base: str) -> PushRequest:
-    """Validate a push's JSON metadata; StoreError(400) naming the first problem."""
-    if not isinstance(meta, dict):
-        raise StoreError(400, "push metadata must be a JSON object: use `edge-peft push`")
-    unknown = sorted(set(meta) - {"spec", "samples", "steps", "metrics", "parent", "sha256"})
-    if unknown:
-        raise StoreError(400, f"push metadata has unknown fields {unknown}: use a matching `edge-peft push`")
-    sha = meta.get("sha256")
-    if not isinstance(sha, str) or not SHA256_HEX.match(sha):
-        raise StoreError(400, "push metadata needs sha256 (64 lowercase hex digits of the adapter bytes)")
-    counts = {}
-    for key in ("samples", "steps"):
-        value = meta.get(key)
-        if type(value) is not int or value < 0:
-            raise StoreError(400, f"push metadata needs {key} as an integer >= 0 (from the run's summary.json)")
-        counts[key] = value
-    metrics = meta.get("metrics", {})
-    if not isinstance(metrics, dict):
-        raise StoreError(400, "push metadata metrics must be a JSON object")
-    return PushRequest(parse_spec(meta.get("spec"), base), counts["samples"], counts["steps"], metrics,
-                       parse_parent(meta.get("parent")), sha)
-
-
-def parse_spec(raw: Any, base: str) -> AdapterSpec:
-    """An ``AdapterSpec`` from JSON, checked for the values the store and PEFT rely on."""
-    if not isinstance(raw, dict):
-        raise StoreError(400, "push metadata needs spec: the manifest's adapter spec (AdapterSpec.to_dict())")
-    try:
-        spec = AdapterSpec.from_dict(raw)
-    except UserError as exc:
-        raise StoreError(400, str(exc)) from None
-    problems = []
-    if spec.base_fingerprint != base:
-        problems.append("its base_fingerprint is not the base pushed to")
-    try:
-        get_variant(spec.variant)
-    except UserError as exc:
-        problems.append(str(exc).split(":")[0])
-    if spec.task not in PEFT_TASK_TYPES:
-        problems.append(f"task {spec.task!r} not in {tuple(PEFT_TASK_TYPES)}")
-    if not spec.modules:
-        problems.append("no adapter modules")
-    sizes = [v for m in spec.modules for v in (m.rank, m.in_features, m.out_features)]
-    sizes += [d for t in spec.modules_to_save for d in (t.shape if isinstance(t.shape, list) else [None])]
-    if any(type(v) is not int or v <= 0 for v in sizes):
-        problems.append("ranks and shapes must be positive integers")
-    if any(type(m.a_seed) is not int or m.a_seed < 0 for m in spec.modules) or type(spec.seed) is not int:
-        problems.append("seeds must be integers >= 0")
-    if type(spec.alpha) not in (int, float) or not math.isfinite(spec.alpha):
-        problems.append("alpha must be a number")
-    names = [m.name for m in spec.modules] + [t.name for t in spec.modules_to_save]
-    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        problems.append("module names must be distinct non-empty strings")
-    if problems:
-        raise StoreError(400, f"push spec is invalid ({'; '.join(problems)}): push the run's own manifest spec")
-    return spec
-
-
-def parse_parent(raw: Any) -> Parent | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict) or raw.get("kind") not in ("global", "device") or type(raw.get("version")) is not int \
-            or raw["version"] < 1 or set(raw) - {"kind", "version", "device"}:
-        raise StoreError(400, 'push metadata parent must be null or {"kind": "global"|"device", "version": N >= 1}')
-    device = raw.get("device")
-    if device is not None:
-        if raw["kind"] != "device":
-            raise StoreError(400, "push metadata parent.device is only valid with kind 'device'")
-        check_device_id(device)
-    return Parent(raw["kind"], raw["version"], device)

@@ -7,15 +7,19 @@ directory (``blobs.FileBlobStore``); PostgreSQL and S3 would implement the same 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .limits import StoreLimits
 
 
 class StoreError(Exception):
     """A request the store refuses: ``status`` is the HTTP status, the message names problem and fix."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,11 @@ class NewVersion:
     metrics: dict[str, Any]
     parent: Parent | None
     created: str
+
+    @property
+    def stored_bytes(self) -> int:
+        """What this version adds to its device's quota: the pushed file and, if different, the full one."""
+        return self.size + (self.full_size if self.full_sha256 != self.sha256 else 0)
 
 
 @dataclass(frozen=True)
@@ -111,19 +120,40 @@ class MetadataStore(Protocol):
     def touch_device(self, device: str, now: str, unless_seen_after: str) -> None:
         """Set last_seen, skipping the write when it is already more recent than ``unless_seen_after``."""
 
+    def set_device_token_hash(self, device: str, token_hash: str) -> bool:
+        """Replace a device's token hash (rotation, revocation); False if there is no such device."""
+
+    def remove_device(self, device: str) -> list[str] | None:
+        """Delete a device and its versions (and their rows in aggregate inputs); the blobs they referenced,
+        or None if there is no such device."""
+
+    def device_usage(self, device: str) -> tuple[int, int]:
+        """(versions, bytes) a device keeps across bases."""
+
     def devices(self) -> list[DeviceRecord]: ...
 
     def base(self, fingerprint: str) -> BaseRecord | None: ...
 
     def bases(self) -> list[BaseRecord]: ...
 
+    def add_base(self, fingerprint: str, spec: dict[str, Any], now: str) -> bool:
+        """Register a base with its spec; False (nothing changed) if the fingerprint is registered already."""
+
+    def remove_base(self, fingerprint: str) -> list[str] | None:
+        """Delete a base with its versions and aggregates; the blobs they referenced, or None if unknown."""
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob a version or an aggregate references."""
+
+    def blob_referenced(self, sha256: str) -> bool: ...
+
     def find_version(self, base: str, device: str, sha256: str | None = None,
                      content_sha256: str | None = None) -> VersionRecord | None:
         """A device's version pushed as exactly these bytes (``sha256``) or holding these tensors."""
 
-    def record_version(self, new: NewVersion) -> tuple[VersionRecord, bool]:
-        """Atomically: register the base on first push (else require the same spec), return the
-        existing version with the same tensors (False) or number and insert a new one (True)."""
+    def record_version(self, new: NewVersion, limits: StoreLimits | None = None) -> tuple[VersionRecord, bool]:
+        """Atomically: require the base registered with the same spec, return the existing version with the
+        same tensors (False), else check the device's quota (``limits.check_quota``), number and insert (True)."""
 
     def version(self, base: str, device: str, number: int | None) -> VersionRecord | None:
         """A device's version ``number`` for ``base``, or its latest when ``number`` is None."""
