@@ -93,11 +93,12 @@ def _store_round_trip(workdir: Path, run: Path, threads: int) -> dict:
     store, admin_token = AdapterStore.open(data_dir)
     token = store.add_device("demo-device")
     base, meta, data = build_push(run)
+    store.add_base(meta["spec"])  # the admin registers the base; devices cannot
     with StoreServer(data_dir) as server:
         with StoreClient(server.url, token) as client:
             pushed = client.push(base, "demo-device", meta, data)
         with StoreClient(server.url, admin_token) as admin:
-            aggregated = admin.aggregate(base)
+            aggregated = admin.aggregate(base, {"min_devices": 1})  # a fleet of one: its own adapter comes back
         with StoreClient(server.url, token) as client:
             pulled = pull(client, base, workdir / "pulled-global")
     same = Predictor(run, threads=threads).classify(["The striker scored twice."]) == \
