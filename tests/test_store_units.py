@@ -248,6 +248,15 @@ def test_aggregation_needs_enough_devices_and_a_valid_policy():
         assert err.value.status == 400
 
 
+def test_aggregation_refuses_an_input_that_is_not_finite():
+    """A stored adapter holding Inf (say, pushed to an older store) makes no global version."""
+    spec = spec_of()
+    adapters = [random_tensors(spec, np.random.default_rng(i)) for i in range(3)]
+    adapters[2][lora_key(spec.modules[0].name, "B")][0, 0] = np.inf
+    with pytest.raises(UserError, match="NaN or Inf"):
+        aggregate(spec, sources(adapters, [1] * 3), AggregationPolicy(clip_norm="off"))
+
+
 def test_aggregation_refuses_plain_lora():
     spec = spec_of(variant="lora")
     with pytest.raises(UserError, match="not the average of their updates"):

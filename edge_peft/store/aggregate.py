@@ -12,7 +12,7 @@ What one device can do to the result is bounded (see docs/store.md, "Aggregation
   a norm bound, by default the median of the devices' norms;
 - method: the mean, or the coordinate-wise median or trimmed mean;
 - a minimum number of devices, so that no device's adapter can be read back from a global version;
-- a result that is not finite is refused.
+- an input that is not finite is refused, so the result is finite.
 """
 
 from __future__ import annotations
@@ -93,9 +93,11 @@ class Source:
 def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationPolicy) -> tuple[dict[str, np.ndarray], dict]:
     """The global adapter (A regenerated from the seeds) and a report (devices, clip bounds, clipped count).
 
-    Raises UserError when the variant cannot be averaged, there are too few devices, or the result is not
-    finite. Reads each source twice (norms, then the sum) for the mean, so memory stays one adapter plus
-    the sum; the median and trimmed mean hold every device's trained tensors at once.
+    Raises UserError when the variant cannot be averaged, there are too few devices, or an input is not
+    finite. The result is then finite by construction: every method combines finite float32 values with
+    weights summing to 1 (or picks among them) after scaling each by at most 1, so it stays within their range.
+    Reads each source twice (norms, then the sum) for the mean, so memory stays one adapter plus the sum;
+    the median and trimmed mean hold every device's trained tensors at once.
     """
     require_exact(spec)
     if len(sources) < policy.min_devices:
@@ -120,9 +122,6 @@ def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationP
         total = {key: _robust_mean(np.stack([t[key].astype(np.float64) * scales[i][key_group[key]]
                                              for i, t in enumerate(held)]), policy) for key in key_group}
     result = {key: v.astype(np.float32) for key, v in total.items()}
-    if not all(np.all(np.isfinite(v)) for v in result.values()):
-        raise UserError("the aggregate is not finite, so no global version was made: find the device whose adapter "
-                        "is extreme (`store list`) and `store remove-device` it, or aggregate with clipping on")
     report = {"devices": len(sources), "clipped": int(np.sum(np.any(scales < 1.0, axis=1))),
               "clip_bounds": {g: float(b) if np.isfinite(b) else None for g, b in zip(groups, bounds)}, "policy": policy.to_dict()}
     return complete_tensors(spec, result), report
