@@ -1,9 +1,17 @@
-"""Load benchmark of the adapter store on loopback: concurrent devices pushing and pulling, then aggregation.
+"""Load benchmark of the adapter store on loopback: concurrent devices pushing and pulling, then aggregation,
+then honest devices and attackers at once.
 
 Bounded by a request count per client and a time limit per phase; everything runs on 127.0.0.1 in a
 temporary directory (removed afterwards unless --keep). Prints a table and writes JSON with --json PATH.
 
-    python benchmarks/store_load.py --json store_load.json
+The attack phase (``store_attack.py``) runs on the quality task: all-MiniLM-L6-v2 (int8) on BBC News topics,
+a few devices trained on disjoint slices; 50 honest devices push those adapters and pull the global version
+for --duration seconds while 5 attackers send oversized bodies, poisoned pushes and bad specs. It reports the
+honest devices' latency and errors, the attackers' answers, the server's peak RSS, and the held-out accuracy
+of the global version without and with the attackers (robust aggregation on, and for comparison off).
+
+    python benchmarks/store_load.py --json benchmarks/results/store_load.json           # about 10 minutes
+    python benchmarks/store_load.py --duration 20 --requests 2 --small-requests 4 --aggregate 100   # a quick run
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from edge_peft.store.storage import NewVersion
 from edge_peft.store.local_server import StoreServer
 from edge_peft.store.testing import make_manifest, random_tensors
 from edge_peft.store.wire import PUSH_MEDIA_TYPE, encode_push
+from store_attack import attack_phase, print_attack
 
 SIZES = {
     # rank 8 on q/k/v/o of a 1B-class model (16 layers, hidden 2048): B-only push 4 MiB, full file 8 MiB
@@ -96,6 +105,7 @@ def run_phase(name: str, server: StoreServer, store: AdapterStore, tokens: dict[
               seconds: float) -> dict:
     manifest = make_manifest(**SIZES[name], fingerprint="sha256:" + hashlib.sha256(name.encode()).hexdigest())
     spec = manifest.adapter
+    store.add_base(spec.to_dict())
     full = random_tensors(spec, np.random.default_rng(0))
     b = {lora_key(m.name, "B"): full[lora_key(m.name, "B")] for m in spec.modules}
     stats = PhaseStats()
@@ -124,6 +134,7 @@ def aggregate_phase(server: StoreServer, store: AdapterStore, admin: str, count:
     """Store ``count`` device versions directly (setup, not timed), then time POST .../aggregates."""
     manifest = make_manifest(**SIZES[size], fingerprint="sha256:" + hashlib.sha256(f"agg-{size}".encode()).hexdigest())
     spec = manifest.adapter
+    store.add_base(spec.to_dict())
     full = random_tensors(spec, np.random.default_rng(1))
     b = {lora_key(m.name, "B"): full[lora_key(m.name, "B")] for m in spec.modules}
     t0 = time.perf_counter()
@@ -144,7 +155,7 @@ def aggregate_phase(server: StoreServer, store: AdapterStore, admin: str, count:
     r.raise_for_status()
     return {"adapters": count, "size": size, "adapter_mib": len(encode_adapter(spec, b)) / 2**20,
             "aggregate_s": seconds, "setup_s": setup, "global_version": r.json()["number"],
-            "inputs": len(r.json()["inputs"])}
+            "inputs": len(r.json()["inputs"]), "policy": r.json()["report"]["policy"]}
 
 
 def main() -> None:
@@ -155,6 +166,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=180.0, help="time limit per load phase")
     parser.add_argument("--aggregate", type=int, default=1000, help="adapters to aggregate (0: skip)")
     parser.add_argument("--aggregate-size", choices=sorted(SIZES), default="1B-qkvo-r8")
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds of the attack phase (0: skip it)")
+    parser.add_argument("--honest", type=int, default=50, help="honest devices in the attack phase")
+    parser.add_argument("--attackers", type=int, default=5, help="attacking devices in the attack phase")
+    parser.add_argument("--trained", type=int, default=5, help="real adapters trained for the attack phase's honest devices")
+    parser.add_argument("--train-steps", type=int, default=30, help="training steps of each of them")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--workdir", type=Path, help="where the store lives (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the store directory")
@@ -169,6 +185,7 @@ def main() -> None:
             phases = [run_phase("1B-qkvo-r8", server, store, tokens, args.requests, args.seconds),
                       run_phase("small", server, store, tokens, args.small_requests, args.seconds)]
             aggregation = aggregate_phase(server, store, admin, args.aggregate, args.aggregate_size) if args.aggregate else None
+        attack = attack_phase(tmp / "attack", args) if args.duration else None
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -182,14 +199,18 @@ def main() -> None:
     if aggregation:
         print(f"aggregate {aggregation['adapters']} x {aggregation['size']} ({aggregation['adapter_mib']:.1f} MiB each): "
               f"{aggregation['aggregate_s']:.2f} s")
+    if attack:
+        print_attack(attack)
     ok = all(p["versions_acknowledged"] == p["versions_stored"] and not p["errors"] for p in phases)
     result = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                           "platform": platform.platform()},
-              "phases": phases, "aggregation": aggregation, "acknowledged_equals_stored": ok}
+              "phases": phases, "aggregation": aggregation, "acknowledged_equals_stored": ok, "attack": attack}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if not ok:
         raise SystemExit("acknowledged and stored versions differ, or requests failed")
+    if attack and attack["honest"]["errors"]:
+        raise SystemExit("honest devices saw errors during the attack phase")
 
 
 if __name__ == "__main__":
