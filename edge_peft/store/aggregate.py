@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..adapters.peft_format import check_tensors, complete_tensors
+from ..adapters.peft_format import complete_tensors
 from ..artifact.adapter_section import AdapterSpec
 from ..artifact.names import PEFT_PREFIX
 from ..errors import UserError
@@ -96,35 +96,48 @@ def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationP
     Raises UserError when the variant cannot be averaged, there are too few devices, or an input is not
     finite. The result is then finite by construction: every method combines finite float32 values with
     weights summing to 1 (or picks among them) after scaling each by at most 1, so it stays within their range.
-    Reads each source twice (norms, then the sum) for the mean, so memory stays one adapter plus the sum;
-    the median and trimmed mean hold every device's trained tensors at once.
+    The mean holds one adapter and the sum (clipping at the median reads each source twice: norms, then the
+    sum); the median and trimmed mean hold every device's trained tensors at once.
     """
     require_exact(spec)
     if len(sources) < policy.min_devices:
         raise UserError(f"{len(sources)} device(s) pushed for this base, a global version needs at least "
                         f"{policy.min_devices} so that no single device's adapter can be read back from it: wait for "
                         "more devices (or, for a fleet you alone own, pass --min-devices)")
-    groups = _groups(spec)
-    held = [_trained(spec, s) for s in sources] if policy.method != "mean" else None
-    adapters = held or (_trained(spec, s) for s in sources)
-    norms = np.array([[_norm(tensors, keys) for keys in groups.values()] for tensors in adapters])
-    bounds = _bounds(policy, norms)
-    scales = np.divide(bounds, norms, out=np.ones_like(norms), where=norms > bounds)
+    shapes = spec.expected_shapes(with_frozen=False)
+    groups = _groups(spec, shapes)
     key_group = {key: g for g, keys in enumerate(groups.values()) for key in keys}
+    held = [_trained(shapes, s) for s in sources] if policy.method != "mean" else None
+    bounds = _fixed_bounds(policy, len(groups))
+    if bounds is None:  # "auto": the median device's norms
+        tensors = held or (_trained(shapes, s) for s in sources)
+        bounds = np.median([_norms(t, groups, s.label) for t, s in zip(tensors, sources)], axis=0)
+    scales = []
+
+    def clipped(tensors: dict[str, np.ndarray], label: str, weight: float = 1.0) -> dict[str, np.ndarray]:
+        """The tensors in float64, each group scaled to at most its bound, times ``weight`` (in place)."""
+        norms = _norms(tensors, groups, label)
+        scale = np.divide(bounds, norms, out=np.ones_like(norms), where=norms > bounds)
+        scales.append(scale)
+        for key, value in tensors.items():
+            value *= weight * scale[key_group[key]]
+        return tensors
+
     if held is None:
-        weights = _weights(policy, [s.samples for s in sources])
         total: dict[str, np.ndarray] = {}
-        for source, w, scale in zip(sources, weights, scales):
-            for key, value in _trained(spec, source).items():
-                term = np.asarray(value, np.float64) * (w * scale[key_group[key]])
-                total[key] = total[key] + term if key in total else term
+        for source, weight in zip(sources, _weights(policy, [s.samples for s in sources])):
+            for key, value in clipped(_trained(shapes, source), source.label, weight).items():
+                if key in total:
+                    total[key] += value
+                else:
+                    total[key] = value
     else:
-        total = {key: _robust_mean(np.stack([t[key].astype(np.float64) * scales[i][key_group[key]]
-                                             for i, t in enumerate(held)]), policy) for key in key_group}
-    result = {key: v.astype(np.float32) for key, v in total.items()}
-    report = {"devices": len(sources), "clipped": int(np.sum(np.any(scales < 1.0, axis=1))),
-              "clip_bounds": {g: float(b) if np.isfinite(b) else None for g, b in zip(groups, bounds)}, "policy": policy.to_dict()}
-    return complete_tensors(spec, result), report
+        all_clipped = [clipped(t, s.label) for t, s in zip(held, sources)]
+        total = {key: _robust_mean(np.stack([c[key] for c in all_clipped]), policy) for key in key_group}
+    report = {"devices": len(sources), "clipped": int(np.sum(np.any(np.array(scales) < 1.0, axis=1))),
+              "clip_bounds": {g: float(b) if np.isfinite(b) else None for g, b in zip(groups, bounds)},
+              "policy": policy.to_dict()}
+    return complete_tensors(spec, {key: v.astype(np.float32) for key, v in total.items()}), report
 
 
 def require_exact(spec: AdapterSpec) -> None:
@@ -133,32 +146,35 @@ def require_exact(spec: AdapterSpec) -> None:
                         "export with --variant lora-fa for federated averaging")
 
 
-def _groups(spec: AdapterSpec) -> dict[str, list[str]]:
+def _groups(spec: AdapterSpec, shapes: Mapping[str, Any]) -> dict[str, list[str]]:
     """The averaged tensors in the groups clipped separately: the adapter's trained factors, the saved modules."""
-    trained = sorted(spec.expected_shapes(with_frozen=False))
     saved = {PEFT_PREFIX + t.name for t in spec.modules_to_save}
-    return {"adapter": [k for k in trained if k not in saved], "modules_to_save": [k for k in trained if k in saved]}
+    return {"adapter": sorted(k for k in shapes if k not in saved), "modules_to_save": sorted(k for k in shapes if k in saved)}
 
 
-def _trained(spec: AdapterSpec, source: Source) -> dict[str, np.ndarray]:
-    """A source's averaged tensors (no seeded A), checked against the spec."""
+def _trained(shapes: Mapping[str, Any], source: Source) -> dict[str, np.ndarray]:
+    """A source's averaged tensors (no seeded A) in float64; UserError if one is missing or has another shape."""
     tensors = source.load()
-    check_tensors(spec, tensors, source.label)
-    keep = spec.expected_shapes(with_frozen=False)
-    return {k: v for k, v in tensors.items() if k in keep}
+    if any(k not in tensors or tuple(tensors[k].shape) != tuple(shape) for k, shape in shapes.items()):
+        raise UserError(f"{source.label} does not hold the tensors of this base's spec: `store remove-device` it")
+    return {k: tensors[k].astype(np.float64) for k in shapes}
 
 
-def _norm(tensors: Mapping[str, np.ndarray], keys: list[str]) -> float:
-    return math.sqrt(sum(float(np.sum(np.square(tensors[k], dtype=np.float64))) for k in keys))
+def _norms(tensors: Mapping[str, np.ndarray], groups: dict[str, list[str]], label: str) -> np.ndarray:
+    """Each group's L2 norm (einsum: BLAS's dot pays thread start-up per small tensor); UserError if the tensors
+    hold NaN or Inf."""
+    norms = np.array([math.sqrt(sum(float(np.einsum("i,i", tensors[k].ravel(), tensors[k].ravel())) for k in keys))
+                      for keys in groups.values()])
+    if not np.all(np.isfinite(norms)):
+        raise UserError(f"{label} holds NaN or Inf: `store remove-device` it, then aggregate again")
+    return norms
 
 
-def _bounds(policy: AggregationPolicy, norms: np.ndarray) -> np.ndarray:
-    """Per group, the norm no device may exceed: the median device's, a fixed number, or none."""
-    if policy.clip_norm == "off":
-        return np.full(norms.shape[1], np.inf)
+def _fixed_bounds(policy: AggregationPolicy, groups: int) -> np.ndarray | None:
+    """Per group, the norm no device may exceed when it does not depend on the devices (None: "auto")."""
     if policy.clip_norm == "auto":
-        return np.median(norms, axis=0)
-    return np.full(norms.shape[1], float(policy.clip_norm))
+        return None
+    return np.full(groups, np.inf if policy.clip_norm == "off" else float(policy.clip_norm))
 
 
 def _weights(policy: AggregationPolicy, samples: list[int]) -> np.ndarray:
