@@ -9,6 +9,7 @@ artifact/                       written by `edge-peft export`
   generation_model.onnx         GENERATION_MODEL: causal LMs, one step with a KV cache, adapters as inputs
   training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint      ORT_* (backend "ort")
   portable_step.onnx, portable_init.safetensors                                PORTABLE_* (backend "portable")
+  portable_step_int8.onnx       PORTABLE_INT8_STEP_MODEL: the step with int8 products (--compute int8)
   warm_start.json               WARM_START: the adapter `adapter load` warm-started it from
   layer_probe.json              LAYER_PROBE: why `--layers auto:N` chose its blocks
 
@@ -23,6 +24,7 @@ run/                            written by `edge-peft train`
 adapter/                        PEFT format
   adapter_config.json           ADAPTER_CONFIG
   adapter_model.safetensors     ADAPTER_WEIGHTS
+  checksums.json                ADAPTER_CHECKSUMS: the sha256 of the two (edge_peft/checksums.py)
 ```
 """
 
@@ -38,6 +40,7 @@ ORT_EVAL_MODEL = "eval_model.onnx"
 ORT_OPTIMIZER_MODEL = "optimizer_model.onnx"
 ORT_CHECKPOINT = "checkpoint"
 PORTABLE_STEP_MODEL = "portable_step.onnx"
+PORTABLE_INT8_STEP_MODEL = "portable_step_int8.onnx"  # the same step, frozen-base products in int8 (--compute int8)
 PORTABLE_INITIAL_STATE = "portable_init.safetensors"  # the trainable tensors a fresh portable run starts from
 WARM_START = "warm_start.json"
 LAYER_PROBE = "layer_probe.json"
@@ -54,3 +57,4 @@ OUTBOX = "outbox"
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CHECKSUMS = "checksums.json"

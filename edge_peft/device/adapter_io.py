@@ -10,6 +10,7 @@ from ..artifact.files import ADAPTER, ADAPTER_WEIGHTS, WARM_START
 from ..artifact.manifest import load_manifest
 from ..artifact.names import onnx_name
 from ..backends import write_initial_trainable
+from ..checksums import record_adapter, verify_adapter
 from ..errors import UserError
 from ..fileio import atomic_write_json
 from .run_dir import read_run
@@ -27,6 +28,7 @@ def save_run_adapter(run: str | Path, out: str | Path, rank: int | None = None) 
     source = Path(run) / ADAPTER
     if not source.is_dir():
         raise UserError(f"{run} has no adapter yet (no checkpoint reached): train longer or lower --checkpoint-every")
+    verify_adapter(source)
     tensors = load_adapter(source, spec)
     meta = read_metadata((source / ADAPTER_WEIGHTS).read_bytes())
     if rank is not None:
@@ -34,7 +36,9 @@ def save_run_adapter(run: str | Path, out: str | Path, rank: int | None = None) 
     else:
         channels = surviving_channels(spec, tensors)
     kept, meta, pattern = keep_channels(spec, tensors, channels, meta)
-    return save_adapter(out, spec, kept, rank_pattern=pattern, extra_meta=meta)
+    path = save_adapter(out, spec, kept, rank_pattern=pattern, extra_meta=meta)
+    record_adapter(path)
+    return path
 
 
 def load_into_artifact(artifact: str | Path, adapter: str | Path) -> int:
@@ -45,6 +49,7 @@ def load_into_artifact(artifact: str | Path, adapter: str | Path) -> int:
     """
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
+    verify_adapter(Path(adapter))
     tensors = {onnx_name(k): v for k, v in load_adapter(adapter, manifest.adapter).items()}
     manifest.verify_files(artifact)
     names = write_initial_trainable(artifact, manifest, tensors)

@@ -12,6 +12,7 @@ from ..adapters.peft_format import load_adapter
 from ..artifact.files import ADAPTER, INFERENCE_MODEL, TOKENIZER
 from ..artifact.manifest import Manifest, load_manifest
 from ..artifact.names import ATTENTION_MASK, INFERENCE_INPUTS, INPUT_IDS, LOGITS, onnx_name
+from ..checksums import verify_adapter
 from ..backends import initial_trainable
 from ..backends.runtime import onnxruntime_module, quiet_logs, session_options
 from ..errors import UserError
@@ -66,6 +67,7 @@ class Predictor:
         if not Path(adapter).is_dir():
             raise UserError(f"adapter {adapter} does not exist: pass a directory written by `edge-peft adapter save` "
                             "(or a run that reached a checkpoint)")
+        verify_adapter(Path(adapter))
         return {onnx_name(k): v for k, v in load_adapter(adapter, self.manifest.adapter).items()}
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from ..artifact.files import (ADAPTER, CHECKPOINT, CHECKPOINT_HOOKS, CHECKPOINT_
 from ..artifact.manifest import Manifest, load_manifest
 from ..artifact.names import peft_key
 from ..backends import TrainingBackend
+from ..checksums import digests, record_adapter, verify
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json
 
@@ -132,9 +133,11 @@ def recover_checkpoint(run: Path) -> bool:
 
 
 def read_checkpoint(run: Path) -> Checkpoint:
-    """The run's last checkpoint (``recover_checkpoint`` first)."""
+    """The run's last checkpoint (``recover_checkpoint`` first), its files checked against ``trainer.json``."""
     folder = run / CHECKPOINT
     trainer = json.loads((folder / CHECKPOINT_TRAINER).read_text())
+    verify(folder, trainer.get("files", {}), str(folder / CHECKPOINT_TRAINER), "start a new run (or restore the "
+                                                                            "checkpoint from a backup)")
     hooks = folder / CHECKPOINT_HOOKS
     return Checkpoint(trainer["step"], Totals(**trainer["totals"]), folder / CHECKPOINT_STATE,
                       load_file(hooks) if hooks.is_file() else {})
@@ -142,20 +145,23 @@ def read_checkpoint(run: Path) -> Checkpoint:
 
 def write_checkpoint(run: Path, backend: TrainingBackend, step: int, totals: Totals,
                      hook_state: dict[str, np.ndarray]) -> None:
-    """Atomically replace ``checkpoint/`` with the backend state, the hooks' arrays, then the step and totals
-    (written last: a folder with ``trainer.json`` is complete)."""
+    """Atomically replace ``checkpoint/`` with the backend state, the hooks' arrays, then the step, totals and
+    their sha256 (written last: a folder with ``trainer.json`` is complete)."""
     with atomic_directory(run / CHECKPOINT, overwrite=True) as tmp:
         backend.save_state(tmp / CHECKPOINT_STATE)
         if hook_state:
             atomic_write_bytes(tmp / CHECKPOINT_HOOKS, save(hook_state))
-        atomic_write_json(tmp / CHECKPOINT_TRAINER, {"step": step, "totals": totals.__dict__})
+        atomic_write_json(tmp / CHECKPOINT_TRAINER, {"step": step, "totals": totals.__dict__,
+                                                     "files": digests(tmp, [CHECKPOINT_STATE, CHECKPOINT_HOOKS])})
 
 
 def write_adapter(run: Path, manifest: Manifest, trainable: dict, meta: dict | None = None) -> Path:
     """The run's current adapter in PEFT format (seeded A regenerated)."""
     spec = manifest.adapter
     tensors = complete_tensors(spec, {peft_key(k): v for k, v in trainable.items()})
-    return save_adapter(run / ADAPTER, spec, tensors, extra_meta=meta)
+    path = save_adapter(run / ADAPTER, spec, tensors, extra_meta=meta)
+    record_adapter(path)
+    return path
 
 
 def write_summary(run: Path, summary: dict) -> None:

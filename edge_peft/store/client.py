@@ -27,6 +27,7 @@ from ..artifact.adapter_section import AdapterSpec
 from ..artifact.files import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, OUTBOX, SUMMARY
 from ..artifact.manifest import load_manifest
 from ..artifact.names import is_a
+from ..checksums import record_adapter, verify_adapter
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
 from .wire import PUSH_MEDIA_TYPE, encode_push, metrics_problem
@@ -158,6 +159,7 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
     weights = run / ADAPTER / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise UserError(f"{weights} is missing: pass a run directory written by `edge-peft train`")
+    verify_adapter(run / ADAPTER)
     data = weights.read_bytes()
     if b_only is None:
         b_only = not spec.kind.trains_a
@@ -369,6 +371,7 @@ def pull(client: StoreClient, base: str, out_dir: str | os.PathLike, device: str
         atomic_write_bytes(tmp / ADAPTER_WEIGHTS, data)
         atomic_write_json(tmp / ADAPTER_CONFIG, peft_config(spec))
         atomic_write_json(tmp / PULLED_NAME, pulled)
+        record_adapter(tmp)
     return pulled
 
 
