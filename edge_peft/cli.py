@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .artifact.manifest import QUANTIZATIONS
+from .backends.compute import TRAIN_CHOICES as COMPUTE_CHOICES
 from .backends.names import EXPORT_CHOICES, ORT, TRAIN_CHOICES
 from .errors import UserError
 from .variants import DEFAULT as DEFAULT_VARIANT
@@ -59,18 +60,23 @@ def _csv(value: str | None) -> list[str] | None:
               help="Causal LMs: LM head and loss on target tokens only, in this many chunks (0: naive full logits).")
 @click.option("--backend", type=click.Choice(list(EXPORT_CHOICES)), default=ORT, show_default=True,
               help="Training graphs to write: ORT's training API, the portable ones (plain onnxruntime), or both.")
+@click.option("--compute", default="fp32", show_default=True,
+              help="Frozen-base products of the portable step: fp32, or int8 (adds an int8-product graph beside "
+                   "the fp32 one; train picks per CPU). bf16 is refused: onnxruntime's CPU provider has no bf16 "
+                   "MatMul.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, variant: str, targets: str | None,
            labels: str | None, seed: int, max_seq_len: int, weight_decay: float, max_grad_norm: float,
            layers: str | None, probe_data: Path | None, probe_steps: int, memory_budget: str | None,
-           device_profile: str | None, loss_chunks: int, backend: str, force: bool) -> None:
+           device_profile: str | None, loss_chunks: int, backend: str, compute: str, force: bool) -> None:
     """Export a local Hugging Face MODEL_DIR to an on-device training artifact."""
     from .exporter.layer_selection import auto_count
     from .exporter.pipeline import ExportOptions, export_artifact
 
     opts = ExportOptions(rank=rank, alpha=alpha, quantize=quantize, variant=variant, targets=_csv(targets),
                          seed=seed, max_seq_len=max_seq_len, labels=_csv(labels), weight_decay=weight_decay,
-                         max_grad_norm=max_grad_norm, layers=layers, backend=backend, loss_chunks=loss_chunks)
+                         max_grad_norm=max_grad_norm, layers=layers, backend=backend, loss_chunks=loss_chunks,
+                         compute=compute)
     if memory_budget or device_profile:
         opts = _plan_export(model_dir, opts, memory_budget, device_profile)
     best = auto_count(opts.layers)
@@ -127,6 +133,9 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 @click.option("--device-profile", help="Threads, budget and margin from devices/NAME.toml (see `edge-peft devices`).")
 @click.option("--backend", type=click.Choice(TRAIN_CHOICES), default="auto", show_default=True,
               help="auto: ORT's training API where installed, else the portable graphs (plain onnxruntime).")
+@click.option("--compute", type=click.Choice(COMPUTE_CHOICES), default="auto", show_default=True,
+              help="Frozen-base products (portable backend): auto takes int8 where the artifact carries it and the "
+                   "CPU has int8 dot-product instructions (VNNI, AMX, Arm dot product), else fp32.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context

@@ -41,20 +41,23 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def artifacts(models, tmp_path_factory):
-    """export(kind, quantize, variant, rank, backend) -> artifact dir, cached per combination."""
+    """export(kind, quantize, variant, rank, backend, compute) -> artifact dir, cached per combination."""
     from edge_peft.exporter.pipeline import ExportOptions, export_artifact
 
     root = tmp_path_factory.mktemp("artifacts")
     cache: dict[tuple, Path] = {}
 
-    def get(kind: str, quantize: str = "int8", variant: str = "lora-fa", rank: int = 4, backend: str = "ort") -> Path:
-        key = (kind, quantize, variant, rank) + ((backend,) if backend != "ort" else ())
+    def get(kind: str, quantize: str = "int8", variant: str = "lora-fa", rank: int = 4, backend: str = "ort",
+            compute: str = "fp32") -> Path:
+        key = (kind, quantize, variant, rank) + ((backend,) if backend != "ort" else ()) + (
+            (compute,) if compute != "fp32" else ())
         if key not in cache:
             out = root / "-".join(map(str, key))
             labels = ["negative", "positive"] if kind == "minilm" else None
             export_artifact(models[kind], out, ExportOptions(rank=rank, alpha=8, quantize=quantize, variant=variant,
                                                              max_seq_len=32, seed=7, labels=labels,
-                                                             targets=toy.TARGETS.get(kind), backend=backend),
+                                                             targets=toy.TARGETS.get(kind), backend=backend,
+                                                             compute=compute),
                             quiet=True)
             cache[key] = out
         return cache[key]

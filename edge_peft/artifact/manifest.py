@@ -45,6 +45,7 @@ class Manifest:
     pad_token_id: int = 0
     eos_token_id: int | None = None
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of every file the export wrote
+    computes: list[str] = field(default_factory=lambda: ["fp32"])  # portable step graphs: backends/compute.py
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -92,6 +93,8 @@ class Manifest:
             problems.append(f"quantization {self.quantization!r} not in {QUANTIZATIONS}")
         if not self.backends or set(self.backends) - set(BACKENDS):
             problems.append(f"backends {self.backends!r} not a non-empty subset of {BACKENDS}")
+        if "fp32" not in self.computes or set(self.computes) - {"fp32", "int8"}:
+            problems.append(f"computes {self.computes!r} must hold fp32 and nothing but fp32 and int8")
         if self.task == "sequence-classification" and len(self.labels) < 2:
             problems.append("a classifier needs at least two labels")
         if problems:

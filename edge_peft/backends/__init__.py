@@ -13,6 +13,7 @@ import numpy as np
 from ..artifact.manifest import Manifest
 from ..errors import UserError
 from .base import MemoryFactors, TrainingBackend
+from .compute import FP32
 from .names import AUTO, BACKENDS, ORT, PORTABLE, TRAIN_CHOICES
 
 
@@ -52,12 +53,15 @@ def resolve(manifest: Manifest, choice: str = AUTO, state_path: Path | None = No
 
 
 def open_backend(artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
-                 choice: str = AUTO, provider: str = "CPUExecutionProvider") -> TrainingBackend:
-    """The training backend for ``artifact`` (``resolve`` picks which)."""
+                 choice: str = AUTO, provider: str = "CPUExecutionProvider", compute: str = FP32) -> TrainingBackend:
+    """The training backend for ``artifact`` (``resolve`` picks which); ``compute`` int8 (portable only: see
+    ``compute.choose_compute``) opens its int8-product step graph."""
     name = resolve(manifest, choice, state_path)
     if name not in manifest.backends:
         raise UserError(f"{artifact} carries no {name} training graphs (it has {', '.join(manifest.backends)}): "
                         f"re-export with `edge-peft export --backend {name}` or pick another --backend")
+    if name == PORTABLE:
+        return backend_class(name)(artifact, manifest, state_path, threads, provider, compute)
     return backend_class(name)(artifact, manifest, state_path, threads, provider)
 
 

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
 from ..adapters.channels import copy_channels, gate, ungate
-from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_STEP_MODEL
+from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_INT8_STEP_MODEL, PORTABLE_STEP_MODEL
 from ..artifact.manifest import ADAMW_BETAS, Manifest
 from ..artifact.names import (ATTENTION_MASK, BATCH_INPUTS, INPUT_IDS, LABELS, LOSS, LOSS_SCALE, LR, STEP, a_name,
                               accumulated, b_name, moment_names, updated)
@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..fileio import atomic_write_bytes
 from ..variants import lora_a_from_seed
 from .base import MemoryFactors
+from .compute import FP32, INT8
 from .names import PORTABLE
 from .runtime import onnxruntime_module, quiet_logs, session_options
 
@@ -52,8 +53,9 @@ class PortableBackend:
                                    chunked_logit=0.0, fp32_floor=0.4, dequantized_head=1.126)
 
     def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
-                 provider: str = "CPUExecutionProvider"):
-        if not (artifact / PORTABLE_STEP_MODEL).is_file():
+                 provider: str = "CPUExecutionProvider", compute: str = FP32):
+        step_model = PORTABLE_INT8_STEP_MODEL if compute == INT8 else PORTABLE_STEP_MODEL
+        if not (artifact / step_model).is_file():
             raise UserError(f"{artifact} has no portable training-step graph: re-export it with "
                             "`edge-peft export --backend portable` (or both)")
         ort = onnxruntime_module()
@@ -67,7 +69,7 @@ class PortableBackend:
         # A memory pattern preallocates one block for all of a run's activations: past glibc's mmap threshold
         # it is page-faulted in afresh every step; per-tensor allocations reuse the pages the last step freed.
         options.enable_mem_pattern = False
-        self._session = ort.InferenceSession(str(artifact / PORTABLE_STEP_MODEL), options, providers=providers,
+        self._session = ort.InferenceSession(str(artifact / step_model), options, providers=providers,
                                              disabled_optimizers=DISABLED_OPTIMIZERS)
         inputs = {i.name for i in self._session.get_inputs()}
         self.names = [i.name for i in self._session.get_inputs()

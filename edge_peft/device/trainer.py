@@ -14,6 +14,7 @@ from ..adapters.ranks import NESTED_KEY
 from ..artifact.files import CHECKPOINT, CHECKPOINT_STATE, RUN_INFO, SUMMARY, TOKENIZER
 from ..artifact.manifest import Manifest, load_manifest
 from ..backends import TrainingBackend, open_backend, resolve
+from ..backends.compute import choose_compute, cpu_flags
 from ..errors import UserError
 from ..fileio import sha256_file
 from .budget import MemoryWatch
@@ -56,6 +57,7 @@ class TrainConfig:
     lr_ratio_b: float = 1.0
     backend: str = "auto"  # auto | ort | portable (backends.resolve)
     execution_provider: str = "CPUExecutionProvider"  # portable backend only; from --device-profile
+    compute: str = "auto"  # frozen-base products: auto, fp32 or int8 (backends/compute.py)
     train_on_prompt: bool = False  # prompt/completion and chat data: train on every token, not the answers only
     pack: bool = False  # concatenate short examples into full sequences (data.Tokenized)
 
@@ -219,8 +221,9 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
     data_sha = sha256_file(train_file) if train_file.is_file() else None
     data = load_data(artifact, manifest, config, seq_len)
     start, totals, hook_state, eval_before = 0, Totals(), {}, None
+    compute = choose_compute(config.compute, manifest.computes, backend_name, cpu_flags())
     info = {"artifact": str(artifact.resolve()), "data": str(Path(config.data).resolve()), "data_sha256": data_sha,
-            "config": asdict(config), "task_defaults": sorted(defaults)}
+            "config": asdict(config), "task_defaults": sorted(defaults), "compute": compute}
     if resume:
         old, _ = read_run(out)
         if old.get("data_sha256") != data_sha:
@@ -235,7 +238,8 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
         if (out / RUN_INFO).exists():
             recover_checkpoint(out)
         create_run(out, artifact, info)
-    backend = open_backend(artifact, manifest, state, config.threads, backend_name, config.execution_provider)
+    backend = open_backend(artifact, manifest, state, config.threads, backend_name, config.execution_provider,
+                           compute)
     hooks = build_hooks(config, manifest.adapter, backend, extra_hooks)
     hooks.load_state(hook_state)
     run = TrainingRun(artifact, out, config, manifest, backend, hooks, data, plan, defaults=defaults,

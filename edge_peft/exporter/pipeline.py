@@ -12,6 +12,7 @@ from ..artifact.files import TOKENIZER
 from ..artifact.manifest import QUANTIZATIONS, Manifest
 from ..artifact.memory_section import MemoryFigures
 from ..artifact.names import BATCH_INPUTS
+from ..backends.compute import FP32, INT8, parse_export_computes
 from ..backends.names import EXPORT_CHOICES, ORT, PORTABLE
 from ..device.chat_template import ChatTemplate
 from ..errors import UserError
@@ -48,6 +49,7 @@ class ExportOptions:
     memory: dict = field(default_factory=dict)  # what an export plan adds to the memory section
     backend: str = ORT  # a key of backends.names.EXPORT_CHOICES: which training graphs the artifact carries
     loss_chunks: int = LOSS_CHUNKS  # causal LMs: target-only LM head and loss in this many chunks (0: naive full logits)
+    compute: str = FP32  # export --compute: fp32, int8 or fp32,int8 (backends/compute.py)
 
 
 def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions, quiet: bool = False,
@@ -61,6 +63,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         raise UserError(f"--backend {opts.backend} is not supported: use {', '.join(EXPORT_CHOICES)}")
     variant = get_variant(opts.variant)
     backends = EXPORT_CHOICES[opts.backend]
+    computes = parse_export_computes(opts.compute, opts.quantize, backends)
     stages = Stages(5 + len(backends), quiet)
     with stages.stage(f"loading {model_dir}"):
         loaded = load_model_dir(model_dir, opts.labels, init_seed=opts.seed)
@@ -98,7 +101,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         if PORTABLE in backends:
             with stages.stage("exporting the portable training graphs"):
                 write_portable_artifacts(model, causal, trainable, opts.quantize == "int8", opts.max_seq_len,
-                                         opts.weight_decay, opts.max_grad_norm, tmp)
+                                         opts.weight_decay, opts.max_grad_norm, tmp, int8_compute=INT8 in computes)
         with stages.stage("writing inference model, tokenizer and manifest"):
             write_inference_model(proto, trainable, tmp)
             if causal:
@@ -114,6 +117,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                 trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
                 loss_chunks=opts.loss_chunks if causal else 0, **opts.memory)
             manifest = _manifest(loaded, config, opts, spec, memory, backends)
+            manifest.computes = computes
             manifest.record_files(tmp)
             manifest.save(tmp)
     return manifest

@@ -28,11 +28,11 @@ from safetensors.numpy import save as save_safetensors
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
-from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_STEP_MODEL
+from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_INT8_STEP_MODEL, PORTABLE_STEP_MODEL
 from ..artifact.manifest import IGNORE_INDEX
 from ..artifact.names import BATCH_INPUTS, LOSS, grad_name, is_a
 from ..fileio import atomic_write_bytes
-from . import graph
+from . import graph, low_precision
 from .portable_optim import append_update
 
 PORTABLE_OPSET = 18
@@ -171,11 +171,11 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
 
 
 def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: bool, max_seq_len: int,
-                             weight_decay: float, max_grad_norm: float, out: Path) -> None:
+                             weight_decay: float, max_grad_norm: float, out: Path, int8_compute: bool = False) -> None:
     """Write the training-step graph and the initial trainable state into ``out``.
 
     Frozen base weights (not the LoRA A factors) are stored int8 behind ``DequantizeLinear`` when
-    ``quantize``.
+    ``quantize``; ``int8_compute`` also writes the step with int8 products (``low_precision.py``).
     """
     proto = export_gradient_model(model, causal, trainable, max_seq_len)
     params = dict(model.named_parameters())
@@ -189,6 +189,9 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     shapes = {name: list(params[name].shape) for name in trainable}
     append_update(proto.graph, shapes, weight_decay, max_grad_norm)
     _save(proto, out / PORTABLE_STEP_MODEL)
+    if int8_compute:
+        low_precision.int8_compute(proto)
+        _save(proto, out / PORTABLE_INT8_STEP_MODEL)
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
     atomic_write_bytes(out / PORTABLE_INITIAL_STATE, save_safetensors(values))
 
