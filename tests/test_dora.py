@@ -15,7 +15,7 @@ from edge_peft.device.adapter_io import save_run_adapter
 from edge_peft.device.inference import Predictor
 from edge_peft.device.trainer import TrainConfig, open_run
 from edge_peft.errors import UserError
-from edge_peft.store.aggregate import FederatedAverage
+from edge_peft.store.aggregate import require_exact
 from edge_peft.store.testing import make_manifest
 from edge_peft.variants import lora_a_from_seed
 
@@ -87,4 +87,4 @@ def _row_norms(model, spec) -> dict[str, np.ndarray]:
 def test_the_store_refuses_to_average_dora(variant):
     spec = make_manifest(variant=variant).adapter
     with pytest.raises(UserError, match="cannot be averaged exactly: the magnitude divides each update"):
-        FederatedAverage(spec)
+        require_exact(spec)

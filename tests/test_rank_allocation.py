@@ -278,6 +278,7 @@ def test_truncated_nested_push_pulls_back_identical(artifacts, data, tmp_path):
     spec = load_manifest(artifact).adapter
     saved = load_adapter(save_run_adapter(tmp_path / "run", tmp_path / "rank2", rank=2), spec)
     store, _ = AdapterStore.open(tmp_path / "store")
+    store.add_base(spec.to_dict())
     token = store.add_device("phone")
     with StoreServer(tmp_path / "store") as server:
         push = CliRunner().invoke(store_main, ["push", str(tmp_path / "run"), "--rank", "2", "--store", server.url,

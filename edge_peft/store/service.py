@@ -58,10 +58,6 @@ class AdapterStore:
         self._writing: Counter[str] = Counter()  # blobs that pushes in this process are storing right now
         self._writing_lock = threading.Lock()
 
-    @property
-    def max_body_bytes(self) -> int:
-        return self.limits.max_body_bytes
-
     @classmethod
     def open(cls, data_dir: str | Path, limits: StoreLimits = StoreLimits()) -> tuple["AdapterStore", str | None]:
         """Open (creating 0700 and migrating) the embedded store in ``data_dir``.
