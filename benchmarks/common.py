@@ -69,3 +69,24 @@ def write_json(path: str | None, payload: dict) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {path}")
+
+
+def write_smollm2_hf_dir(out: Path) -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF as a plain fp32 safetensors model folder (for PyTorch, MLX-LM and
+    exports that should not pay for GGUF dequantization each time); built once."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge_peft.bundled import smollm2_dir
+
+    folder = smollm2_dir()
+    gguf = next(folder.glob("*.gguf")).name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(out)
+    return out

@@ -2,19 +2,23 @@
 
 Every configuration runs in its own process with the same data order, steps, batch, sequence length, rank,
 targets and layers, learning-rate schedule (warm-up, cosine to 10 %) and AdamW (no weight decay, gradient
-norm clipped to 1.0); loss on the assistant turns only:
+norm clipped to 1.0); loss on the assistant turns only. Default rows:
 
 - base: the exported int8 artifact with zero adapters;
-- edge-peft, int8 base, its defaults (variant, lr), on the ORT training API and on the portable backend
-  (the portable row runs in ``.venv-portable``: plain onnxruntime, no torch), and ``--variant lora``;
-- PyTorch + PEFT LoRA on the fp32 model, PyTorch's default (SDPA) attention;
-- MLX-LM's LoRA trainer on the CPU (``.venv-mlx``: ``pip install "mlx[cpu]" mlx-lm``), when installed.
+- edge-peft with its causal-LM defaults (LoRA-FA on every linear layer, train's lr), int8 base, on the ORT
+  training API and on the portable backend (one export carrying both; the portable row runs in
+  ``.venv-portable``: plain onnxruntime, no torch), and ``--variant lora``;
+- PyTorch + PEFT LoRA on the fp32 model with the same targets, PyTorch's default (SDPA) attention.
 
-Rows: held-out completion loss, ROUGE-L of greedy headlines, training tokens/s (target and padding excluded:
-real tokens per second of training), peak RSS of the process; then generation tokens/s at 200 new tokens
-(edge-peft's KV-cache graph vs PyTorch ``generate`` on the merged model).
+``--configs all`` adds the comparison rows behind the defaults (q/v only, rank 16, LoRA on q/v) and MLX-LM's
+LoRA trainer on the CPU (``.venv-mlx``: ``pip install "mlx[cpu]" mlx-lm``) for ``--mlx-steps`` steps: mlx's
+CPU backend multiplies matrices at a few GFLOP/s on x86 Linux, so a step takes minutes.
 
-Usage: ``python benchmarks/llm.py [--json benchmarks/results/llm.json] [--steps 30]``.
+Rows: held-out completion loss, ROUGE-L of greedy headlines, training tokens/s (real tokens per second of
+training, padding excluded), peak RSS of the process, upload size (trained values, fp32); generation tokens/s
+at 200 new tokens (edge-peft's KV-cache graph vs PyTorch ``generate`` on the merged model).
+
+Usage: ``python benchmarks/llm.py [--json benchmarks/results/llm.json] [--work DIR] [--configs all]``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, cpu_description, peak_rss_mb, print_table, write_json  # noqa: E402
+from common import ROOT, cpu_description, peak_rss_mb, print_table, write_json, write_smollm2_hf_dir  # noqa: E402
 
 from edge_peft.device.defaults import TASK_DEFAULTS  # noqa: E402
 
@@ -69,6 +73,7 @@ def base_worker(args) -> dict:
 
 
 def edge_worker(args) -> dict:
+    from edge_peft.artifact.manifest import load_manifest
     from edge_peft.device.trainer import TrainConfig, open_run
 
     shutil.rmtree(args.run, ignore_errors=True)
@@ -80,7 +85,9 @@ def edge_worker(args) -> dict:
     assert "torch" not in sys.modules, "the device loop imported torch"
     scores = edge_scores(args.run, args.test)
     generation = edge_generation(args.run) if args.generation else {}
-    return {**scores, "tokens_per_s": summary["tokens_per_s"], "peak_rss_mb": train_peak, **generation}
+    upload_kb = load_manifest(args.artifact).adapter.trainable_values() * 4 / 1024
+    return {**scores, "tokens_per_s": summary["tokens_per_s"], "peak_rss_mb": train_peak, "upload_kb": upload_kb,
+            **generation}
 
 
 def edge_generation(source: str) -> dict:
@@ -88,6 +95,7 @@ def edge_generation(source: str) -> dict:
 
     predictor = Predictor(source)
     ids = predictor.prompt_ids("The history of the city begins")
+    predictor.generator.eos_ids = set()  # GEN_TOKENS new tokens, as PyTorch's min_new_tokens
     start = time.perf_counter()
     made = sum(1 for _ in predictor.generator.stream_ids(ids, GEN_TOKENS))
     return {"gen_tokens": made, "gen_tokens_per_s": made / (time.perf_counter() - start)}
@@ -100,15 +108,11 @@ def torch_worker(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from edge_peft.artifact.manifest import load_manifest
-    from edge_peft.bundled import smollm2_dir
     from edge_peft.device.schedule import learning_rate
 
     torch.set_num_threads(os.cpu_count() or 1)
     manifest = load_manifest(args.artifact)
-    folder = smollm2_dir()
-    gguf = next(folder.glob("*.gguf")).name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    model.hf_quantizer = None
+    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
     spec = manifest.adapter
     layers = sorted({int(m.name.split(".layers.")[1].split(".")[0]) for m in spec.modules})
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=list(spec.target_modules),
@@ -147,7 +151,7 @@ def torch_worker(args) -> dict:
     merged = model.merge_and_unload()
     rouge, generation = _torch_generation(merged, args.artifact, args.test)
     return {"loss": total / count, "rouge_l": rouge, "tokens_per_s": tokens / wall, "peak_rss_mb": train_peak,
-            **generation}
+            "upload_kb": sum(p.numel() for p in params) * 4 / 1024, **generation}
 
 
 def _tokenized(artifact: str, path: str, seq: int):
@@ -215,7 +219,6 @@ speeds = Speeds()
 lora.run(types.SimpleNamespace(**options), speeds)
 later = speeds.reports[1:] or speeds.reports  # the first report holds the compilation warm-up
 print(json.dumps({"tokens_per_s": sum(r["tokens_per_second"] for r in later) / len(later),
-                  "train_loss": speeds.reports[-1]["train_loss"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -228,17 +231,21 @@ def mlx_worker(args) -> dict:
     data.mkdir(parents=True)
     (data / "train.jsonl").write_text(Path(args.train).read_text())
     (data / "valid.jsonl").write_text(Path(args.test).read_text())
+    from edge_peft.artifact.manifest import load_manifest
+
+    steps = args.mlx_steps
     warmup = max(1, args.steps // 20)
+    modules = sorted({m.name.rsplit(".", 2)[-2] + "." + m.name.rsplit(".", 1)[-1]
+                      for m in load_manifest(args.artifact).adapter.modules})  # e.g. self_attn.q_proj
     options = {
         "model": args.hf_dir, "train": True, "data": str(data), "fine_tune_type": "lora", "mask_prompt": True,
-        "num_layers": args.layers, "batch_size": args.batch_size, "iters": args.steps, "learning_rate": args.lr,
-        "max_seq_length": args.seq, "steps_per_report": max(1, args.steps // 4), "steps_per_eval": 10 ** 6,
+        "num_layers": args.layers, "batch_size": args.batch_size, "iters": steps, "learning_rate": args.lr,
+        "max_seq_length": args.seq, "steps_per_report": 1, "steps_per_eval": 10 ** 6, "val_batches": 1,
         "save_every": 10 ** 6, "adapter_path": str(Path(args.run) / "adapters"), "seed": 0, "optimizer": "adamw",
         "optimizer_config": {"adamw": {"weight_decay": 0.0}},
         "lr_schedule": {"name": "cosine_decay", "warmup": warmup,
                         "arguments": [args.lr, args.steps - warmup, 0.1 * args.lr]},
-        "lora_parameters": {"rank": args.rank, "scale": args.alpha / args.rank, "dropout": 0.0,
-                            "keys": ["self_attn.q_proj", "self_attn.v_proj"]}}
+        "lora_parameters": {"rank": args.rank, "scale": args.alpha / args.rank, "dropout": 0.0, "keys": modules}}
     python = ROOT / ".venv-mlx" / "bin" / "python"
     proc = subprocess.run([str(python), "-c", MLX_DRIVER, json.dumps(options)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -246,38 +253,25 @@ def mlx_worker(args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def hf_dir_worker(args) -> dict:
-    """SmolLM2 as a plain fp32 safetensors folder (for MLX-LM), built once from the GGUF."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edge_peft.bundled import smollm2_dir
-
-    folder = smollm2_dir()
-    gguf = next(folder.glob("*.gguf")).name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(args.hf_dir)
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(args.hf_dir)
-    return {}
-
-
-# (row name, export options over the defaults (lora-fa, --rank, q/v, ORT graphs), training backend); the first is
-# the base. The portable row needs its own export with the portable graphs, which took over 20 minutes for this
-# 135 M model on 2 cores: it runs only when --configs names it.
-QV = {"targets": ["q_proj", "v_proj"]}
+# (row name, export options over the recipe's defaults, training backend). The default artifact carries both
+# backends' graphs, so its ORT and portable rows train the same export; the first row is the base (zero
+# adapters). EXTRA_CONFIGS compare other choices for the causal-LM defaults: run them with --configs.
+DEFAULT = {"backend": "both"}
 EDGE_CONFIGS = [
-    ("base", {}, "ort"),
-    ("edge-peft lora-fa q/v, ort", QV, "ort"),
-    ("edge-peft lora-fa q/v, portable", {**QV, "backend": "both"}, "portable"),
-    ("edge-peft lora-fa all-linear, ort", {}, "ort"),  # the causal-LM recipes' default targets
-    ("edge-peft lora q/v, ort", {**QV, "variant": "lora"}, "ort"),
+    ("base", DEFAULT, "ort"),
+    ("edge-peft defaults (lora-fa all-linear), ort", DEFAULT, "ort"),
+    ("edge-peft defaults (lora-fa all-linear), portable", DEFAULT, "portable"),
+    ("edge-peft lora all-linear, ort", {"variant": "lora"}, "ort"),
 ]
-TORCH_ROW, MLX_ROW = "PyTorch + PEFT lora (SDPA)", "MLX-LM lora (CPU)"
+QV = {"targets": ["q_proj", "v_proj"]}
+EXTRA_CONFIGS = [
+    ("edge-peft lora-fa q/v, ort", QV, "ort"),
+    ("edge-peft lora q/v, ort", {**QV, "variant": "lora"}, "ort"),
+    ("edge-peft lora-fa all-linear rank 16, ort", {"rank": 16}, "ort"),
+]
+BASE_ROW, TORCH_ROW, MLX_ROW = "base (int8, zero adapters)", "PyTorch + PEFT lora all-linear (SDPA)", "MLX-LM lora all-linear (CPU)"
 
-WORKERS = {"base": base_worker, "edge": edge_worker, "torch": torch_worker, "mlx": mlx_worker, "hf-dir": hf_dir_worker}
+WORKERS = {"base": base_worker, "edge": edge_worker, "torch": torch_worker, "mlx": mlx_worker}
 
 
 # --- driver --------------------------------------------------------------------------------------------------
@@ -309,8 +303,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="Adapt the top N blocks.")
     parser.add_argument("--train-articles", type=int, default=40, help="Per topic.")
     parser.add_argument("--test-articles", type=int, default=3, help="Per topic.")
+    parser.add_argument("--mlx-steps", type=int, default=2,
+                        help="Steps of the MLX-LM row (its tokens/s are those after the first step).")
     parser.add_argument("--work", help="Keep exports and measured rows here (a rerun measures only what is missing).")
-    parser.add_argument("--configs", help="Comma list of row names to run (default: all but the portable row).")
+    parser.add_argument("--configs", help="Comma list of row names to run, or 'all' (default: all but the extra "
+                                          "comparison rows and the MLX-LM row).")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     for name in ("--artifact", "--train", "--test", "--run", "--backend", "--hf-dir"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -321,11 +318,19 @@ def main() -> None:
         return
 
     from edge_peft import export
-    from edge_peft.bundled import bbc_headline_split, smollm2_dir, write_jsonl
+    from edge_peft.bundled import bbc_headline_split, write_jsonl
     from edge_peft.llm_demo import headline_chat
 
+    began = time.perf_counter()
     cpu = cpu_description()
     print(f"CPU: {cpu}")
+    every = [*EDGE_CONFIGS, *EXTRA_CONFIGS]
+    if args.configs == "all":
+        wanted = {BASE_ROW, TORCH_ROW, MLX_ROW, *(n for n, _, _ in every)}
+    elif args.configs:
+        wanted = set(args.configs.split(","))
+    else:
+        wanted = {BASE_ROW, TORCH_ROW, *(n for n, _, _ in EDGE_CONFIGS)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -333,15 +338,15 @@ def main() -> None:
         train = str(write_jsonl(work / "train.jsonl", [headline_chat(r) for r in train_rows]))
         test = str(write_jsonl(work / "test.jsonl", [headline_chat(r) for r in test_rows]))
         portable = ROOT / ".venv-portable" / "bin" / "python"
+        hf_dir = work / "smollm2-hf"  # SmolLM2 as an fp32 safetensors folder: every export and reference loads it
+        write_smollm2_hf_dir(hf_dir)
         done = work / "rows.jsonl"
         measured = {r["config"]: r for r in map(json.loads, done.read_text().splitlines())} if done.is_file() else {}
-        wanted = set(args.configs.split(",")) if args.configs else {n for n, _, b in EDGE_CONFIGS if b != "portable"} | {
-            "base (int8, zero adapters)", TORCH_ROW, MLX_ROW}
         rows = []
 
         def measure(name: str, work_fn) -> None:
-            """Run one row unless ``--configs`` leaves it out or ``work/rows.jsonl`` already holds it."""
-            if wanted is not None and name not in wanted:
+            """Run one row unless it is not wanted or ``work/rows.jsonl`` already holds it."""
+            if name not in wanted:
                 return
             row = measured.get(name) or {"config": name, **work_fn()}
             if name not in measured and "error" not in row:
@@ -350,43 +355,53 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-        qv_artifact = work / f"artifact-targets={QV['targets']}".replace("'", "")  # PyTorch's LoRA copies its q/v
-        for name, export_options, backend in EDGE_CONFIGS:
+        def artifact(export_options: dict) -> Path:
             tag = "-".join(f"{k}={v}" for k, v in sorted(export_options.items())).replace("'", "")
-            out = work / f"artifact-{tag or 'default'}"
-            row_name = "base (int8, zero adapters)" if name == "base" else name
-            if row_name in measured or (wanted is not None and row_name not in wanted):
-                measure(row_name, dict)  # from rows.jsonl, or left out
-                continue
+            out = work / f"artifact-{tag}"
             if not (out / "manifest.json").is_file():
+                start = time.perf_counter()
                 options = {"rank": args.rank, "alpha": args.alpha, "variant": "lora-fa", "backend": "ort",
                            **export_options}
-                export(smollm2_dir(), out, quantize="int8", layers=f"top:{args.layers}", max_seq_len=args.seq,
-                       **options)
+                export(hf_dir, out, quantize="int8", layers=f"top:{args.layers}", max_seq_len=args.seq, **options)
+                print(f"exported {out.name} in {time.perf_counter() - start:.0f} s", flush=True)
+            return out
+
+        for name, export_options, backend in every:
+            row_name = BASE_ROW if name == "base" else name
+            if row_name not in wanted or row_name in measured:
+                measure(row_name, dict)
+                continue
+            out = artifact(export_options)
             if name == "base":
                 measure(row_name, lambda: run("base", args, artifact=out, test=test))
                 continue
-            python = portable if backend == "portable" and portable.exists() else None
+            python = portable if backend == "portable" else None
+            if python is not None and not python.exists():
+                measure(name, lambda: {"error": "no .venv-portable: run scripts/portable_venv.sh"})
+                continue
+            tag = out.name.removeprefix("artifact-")
             measure(name, lambda: run("edge", args, python, artifact=out, train=train, test=test,
-                                      run=work / f"run-{backend}-{tag or 'default'}", backend=backend,
-                                      generation=name == EDGE_CONFIGS[3][0]))
-        measure(TORCH_ROW, lambda: run("torch", args, artifact=qv_artifact, train=train, test=test))
+                                      run=work / f"run-{backend}-{tag}", backend=backend,
+                                      generation=name == EDGE_CONFIGS[1][0]))
+        measure(TORCH_ROW, lambda: run("torch", args, artifact=artifact(DEFAULT), train=train, test=test,
+                                       hf_dir=hf_dir))
         mlx = ROOT / ".venv-mlx" / "bin" / "python"
-        hf_dir = work / "smollm2-hf"
 
         def mlx_row() -> dict:
             if not mlx.exists():
                 return {"error": "not installed: python -m venv .venv-mlx && .venv-mlx/bin/pip install 'mlx[cpu]' mlx-lm"}
-            if not (hf_dir / "config.json").is_file():
-                run("hf-dir", args, hf_dir=hf_dir)
-            return run("mlx", args, train=train, test=test, run=work / "mlx", hf_dir=hf_dir)
+            return run("mlx", args, artifact=artifact(DEFAULT), train=train, test=test, run=work / "mlx",
+                       hf_dir=hf_dir)
 
         measure(MLX_ROW, mlx_row)
     print_table(rows, [("config", "configuration"), ("loss", "held-out loss"), ("rouge_l", "ROUGE-L"),
                        ("tokens_per_s", "train tokens/s"), ("peak_rss_mb", "peak RSS MB"),
-                       ("gen_tokens_per_s", "gen tokens/s"), ("error", "error")])
-    write_json(args.json, {"cpu": cpu, "settings": {k: v for k, v in vars(args).items() if k not in (
-        "worker", "artifact", "train", "test", "run", "backend", "hf_dir", "generation", "json")}, "rows": rows})
+                       ("upload_kb", "upload KB"), ("gen_tokens_per_s", "gen tokens/s"), ("error", "error")])
+    minutes = (time.perf_counter() - began) / 60
+    print(f"{minutes:.1f} minutes")
+    write_json(args.json, {"cpu": cpu, "minutes": round(minutes, 1), "settings": {
+        k: v for k, v in vars(args).items() if k not in (
+            "worker", "artifact", "train", "test", "run", "backend", "hf_dir", "generation", "json")}, "rows": rows})
 
 
 if __name__ == "__main__":
