@@ -1,7 +1,8 @@
 """Frozen-base matrix products in int8: the portable step graph's ``MatMul(X, DequantizeLinear(W))`` become
-``MatMulInteger`` on int8 operands with int32 accumulation, in the forward ``X W`` and in the input gradient
-``dY W^T`` alike; X (or dY) is quantized per row (per token) on the fly, symmetric int8, because the
-per-tensor quantization of ``DynamicQuantizeMatMul`` loses too much to the activation outliers of LLMs.
+``MatMulInteger`` with int32 accumulation, in the forward ``X W`` and in the input gradient ``dY W^T`` alike.
+X (or dY) is quantized per row (per token) on the fly, symmetric int8, because the per-tensor quantization of
+``DynamicQuantizeMatMul`` loses too much to the activation outliers of LLMs; it is stored as uint8 with zero
+point 128, because onnxruntime's x86 kernels multiply uint8 x int8 several times faster than int8 x int8.
 
 A weight is stored once per orientation it is read in (``W`` for the forward, ``W^T`` for the backward), so
 neither orientation is transposed or dequantized during a step. Per-channel weight scales along the product's
@@ -19,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .graph import _attr
 
 INV_127 = "int8_compute.inv_127"
+OFFSET, ZERO_POINT = "int8_compute.offset", "int8_compute.zero_point"  # symmetric int8 stored as uint8 - 128
 TINY = "int8_compute.tiny"
 LAST_AXIS = "int8_compute.last_axis"
 
@@ -44,7 +46,9 @@ def int8_compute(proto: onnx.ModelProto) -> int:
         return 0
     graph.initializer.extend([numpy_helper.from_array(np.array(1 / 127, np.float32), INV_127),
                               numpy_helper.from_array(np.array(1e-30, np.float32), TINY),
-                              numpy_helper.from_array(np.array([-1], np.int64), LAST_AXIS)])
+                              numpy_helper.from_array(np.array([-1], np.int64), LAST_AXIS),
+                              numpy_helper.from_array(np.array(128, np.float32), OFFSET),
+                              numpy_helper.from_array(np.array(128, np.uint8), ZERO_POINT)])
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unused(graph)
@@ -66,8 +70,9 @@ def _row_quantized_matmul(x: str, weight: str, scale: str, axis: int, out: str) 
         make("Max", [f"{t}.sx0", TINY], [f"{t}.sx"]),
         make("Div", [x, f"{t}.sx"], [f"{t}.scaled"]),
         make("Round", [f"{t}.scaled"], [f"{t}.rounded"]),
-        make("Cast", [f"{t}.rounded"], [f"{t}.int8"], to=TensorProto.INT8),
-        make("MatMulInteger", [f"{t}.int8", weight], [f"{t}.int32"]),
+        make("Add", [f"{t}.rounded", OFFSET], [f"{t}.shifted"]),
+        make("Cast", [f"{t}.shifted"], [f"{t}.uint8"], to=TensorProto.UINT8),
+        make("MatMulInteger", [f"{t}.uint8", weight, ZERO_POINT], [f"{t}.int32"]),
         make("Cast", [f"{t}.int32"], [f"{t}.f"], to=TensorProto.FLOAT),
     ]
     if axis == 0:
