@@ -3,8 +3,9 @@
 ``fp32``: the base is dequantized and multiplied in fp32 (every artifact carries this graph).
 ``int8``: uint8 x int8 products with int32 accumulation (``exporter/low_precision.py``), carried when the
 export asked for ``--compute int8``. ``auto`` (train's default) takes int8 only where the CPU reports int8
-dot-product instructions (VNNI, AMX, Arm's dot product); elsewhere int8 products are no faster than fp32, and
-on x86 without VNNI onnxruntime's kernel saturates 16-bit pair sums, so int8 is refused there.
+dot-product instructions (VNNI, AMX, Arm's dot product): on x86 without VNNI onnxruntime's uint8 x int8 kernel
+sums pairs of products in 16 bits, which saturates, so int8 is refused there; on Arm without the dot product
+it is exact but gains little.
 bf16 is refused: onnxruntime's CPU provider has no bf16 MatMul kernel.
 """
 
@@ -64,6 +65,6 @@ def choose_compute(requested: str, carried: list[str], backend: str, flags: froz
         raise UserError("--compute int8 runs on the portable backend: pass --backend portable")
     if requested == INT8 and "sse2" in flags and not INT8_DOT_FLAGS & flags:
         raise UserError("--compute int8 needs VNNI or AMX on x86: without them onnxruntime's uint8 x int8 kernel "
-                        "sums pairs in 16 bits (it saturates) and runs no faster than fp32; use --compute fp32")
+                        "sums pairs of products in 16 bits, which saturates; use --compute fp32")
     return requested
 
