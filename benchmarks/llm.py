@@ -10,9 +10,9 @@ norm clipped to 1.0); loss on the assistant turns only. Default rows:
   ``.venv-portable``: plain onnxruntime, no torch), and ``--variant lora``;
 - PyTorch + PEFT LoRA on the fp32 model with the same targets, PyTorch's default (SDPA) attention.
 
-``--configs all`` adds the comparison rows behind the defaults (q/v only, rank 16, LoRA on q/v) and MLX-LM's
-LoRA trainer on the CPU (``.venv-mlx``: ``pip install "mlx[cpu]" mlx-lm``) for ``--mlx-steps`` steps: mlx's
-CPU backend multiplies matrices at a few GFLOP/s on x86 Linux, so a step takes minutes.
+``--mlx`` adds MLX-LM's LoRA trainer on the CPU (``.venv-mlx``: ``pip install "mlx[cpu]" mlx-lm``) for
+``--mlx-steps`` steps (mlx's CPU backend multiplies matrices at a few GFLOP/s on x86 Linux, so a step takes
+minutes); ``--configs all`` adds it and the comparison rows behind the defaults (q/v only, rank 16, LoRA on q/v).
 
 Rows: held-out completion loss, ROUGE-L of greedy headlines, training tokens/s (real tokens per second of
 training, padding excluded), peak RSS of the process, upload size (trained values, fp32); generation tokens/s
@@ -259,15 +259,15 @@ def mlx_worker(args) -> dict:
 DEFAULT = {"backend": "both"}
 EDGE_CONFIGS = [
     ("base", DEFAULT, "ort"),
-    ("edge-peft defaults (lora-fa all-linear), ort", DEFAULT, "ort"),
-    ("edge-peft defaults (lora-fa all-linear), portable", DEFAULT, "portable"),
-    ("edge-peft lora all-linear, ort", {"variant": "lora"}, "ort"),
+    ("edge-peft defaults (lora-fa all-linear) on ort", DEFAULT, "ort"),
+    ("edge-peft defaults (lora-fa all-linear) on portable", DEFAULT, "portable"),
+    ("edge-peft lora all-linear on ort", {"variant": "lora"}, "ort"),
 ]
 QV = {"targets": ["q_proj", "v_proj"]}
 EXTRA_CONFIGS = [
-    ("edge-peft lora-fa q/v, ort", QV, "ort"),
-    ("edge-peft lora q/v, ort", {**QV, "variant": "lora"}, "ort"),
-    ("edge-peft lora-fa all-linear rank 16, ort", {"rank": 16}, "ort"),
+    ("edge-peft lora-fa q/v on ort", QV, "ort"),
+    ("edge-peft lora q/v on ort", {**QV, "variant": "lora"}, "ort"),
+    ("edge-peft lora-fa all-linear rank 16 on ort", {"rank": 16}, "ort"),
 ]
 BASE_ROW, TORCH_ROW, MLX_ROW = "base (int8, zero adapters)", "PyTorch + PEFT lora all-linear (SDPA)", "MLX-LM lora all-linear (CPU)"
 
@@ -308,6 +308,7 @@ def main() -> None:
     parser.add_argument("--work", help="Keep exports and measured rows here (a rerun measures only what is missing).")
     parser.add_argument("--configs", help="Comma list of row names to run, or 'all' (default: all but the extra "
                                           "comparison rows and the MLX-LM row).")
+    parser.add_argument("--mlx", action="store_true", help="Add the MLX-LM row to the default rows.")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     for name in ("--artifact", "--train", "--test", "--run", "--backend", "--hf-dir"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -330,7 +331,7 @@ def main() -> None:
     elif args.configs:
         wanted = set(args.configs.split(","))
     else:
-        wanted = {BASE_ROW, TORCH_ROW, *(n for n, _, _ in EDGE_CONFIGS)}
+        wanted = {BASE_ROW, TORCH_ROW, *(n for n, _, _ in EDGE_CONFIGS), *([MLX_ROW] if args.mlx else [])}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
