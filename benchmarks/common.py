@@ -47,6 +47,18 @@ def run_worker(script: Path, args: list[str], timeout: int = 1800) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_threads(threads: list) -> float:
+    """Start every thread, wait for all; the wall-clock seconds they took together."""
+    import time
+
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
     """Print ``rows`` as an aligned table; ``columns`` = [(key, header)]."""
     cells = [[h for _, h in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]

@@ -32,6 +32,8 @@ from edge_peft.store.local_server import StoreServer
 from edge_peft.store.service import AdapterStore
 from edge_peft.store.wire import MAX_COUNT, PUSH_MEDIA_TYPE, encode_push
 
+from common import run_threads
+
 THINK_S = 0.5
 AGGREGATE_EVERY_S = 30.0
 PER_CLASS_TEST = 40
@@ -244,12 +246,7 @@ def attack_phase(workdir: Path, args) -> dict:
         threads += [threading.Thread(target=attacker_loop, args=(server.url, server.port, tokens[d], d, fleet, deadline, out))
                     for d in attackers]
         threads.append(threading.Thread(target=admin_loop, args=(server.url, admin, base, deadline, out)))
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
+        wall = run_threads(threads)
         final = httpx.post(f"{server.url}/v1/bases/{base}/aggregates", headers=auth, timeout=600)
         rss = peak_rss_mb(server.pid)
         global_of = lambda number: decode_adapter(store.blobs.get(store.metadata.aggregate(base, number).full_sha256))[0]

@@ -39,6 +39,7 @@ from edge_peft.store.storage import NewVersion
 from edge_peft.store.local_server import StoreServer
 from edge_peft.store.testing import make_manifest, random_tensors
 from edge_peft.store.wire import PUSH_MEDIA_TYPE, encode_push
+from common import run_threads
 from store_attack import attack_phase, print_attack
 
 SIZES = {
@@ -112,12 +113,7 @@ def run_phase(name: str, server: StoreServer, store: AdapterStore, tokens: dict[
     deadline = time.monotonic() + seconds
     threads = [threading.Thread(target=client_loop, args=(server.url, tokens[d], d, spec, b, requests, deadline, stats))
                for d in tokens]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_threads(threads)
     stored = len(store.metadata.versions(spec.base_fingerprint))
     push_bytes = len(b_only_push(spec, b, 0, 1))
     return {

@@ -158,17 +158,15 @@ def export(model: str, model_dir: str, out: Path, quantize: str, rank: int) -> N
 
 def linear_parameters(model_dir: str) -> int:
     """Weights of every linear layer of the model (LM head included), from its safetensors header."""
-    import json as json_
-
     total = 0
     for path in Path(model_dir).glob("*.safetensors"):
         with open(path, "rb") as f:
-            header = json_.loads(f.read(int.from_bytes(f.read(8), "little")))
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         for name, info in header.items():
             if name != "__metadata__" and name.endswith(".weight") and len(info["shape"]) == 2 \
                     and "embed" not in name and "position" not in name and "token_type" not in name:
                 total += info["shape"][0] * info["shape"][1]
-    config = json_.loads((Path(model_dir) / "config.json").read_text())
+    config = json.loads((Path(model_dir) / "config.json").read_text())
     if config.get("tie_word_embeddings") and config.get("model_type") != "bert":
         total += config["vocab_size"] * config["hidden_size"]  # the LM head reads the embedding table
     return total
