@@ -13,6 +13,11 @@ What one device can do to the result is bounded (see docs/store.md, "Aggregation
 - method: the mean, or the coordinate-wise median or trimmed mean;
 - a minimum number of devices, so that no device's adapter can be read back from a global version;
 - an input that is not finite is refused, so the result is finite.
+
+Sources may hold only some rank channels (heterogeneous devices sending the prefix their budget allows): the
+mean then averages each channel of B over the sources that hold it (HetLoRA-style). For the channels every
+source holds this is exactly the mean of their updates restricted to those channels (A's rows are shared);
+a channel fewer sources hold is the mean over those sources only.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 
 from ..adapters.peft_format import complete_tensors
 from ..artifact.adapter_section import AdapterSpec
-from ..artifact.names import PEFT_PREFIX
+from ..artifact.names import PEFT_PREFIX, lora_key
 from ..errors import UserError
 from .storage import StoreError
 
@@ -87,7 +92,8 @@ class Source:
 
     label: str
     samples: int
-    load: Callable[[], Mapping[str, np.ndarray]]
+    load: Callable[[], Mapping[str, np.ndarray]]  # full-rank tensors: a channel the source does not hold is zero
+    channels: Mapping[str, int] | None = None  # per adapted module, how many leading rank channels it holds (None: all)
 
 
 def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationPolicy) -> tuple[dict[str, np.ndarray], dict]:
@@ -100,6 +106,10 @@ def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationP
     sum); the median and trimmed mean hold every device's trained tensors at once.
     """
     require_exact(spec)
+    partial = any(s.channels is not None for s in sources)
+    if partial and policy.method != "mean":
+        raise UserError(f"the {policy.method} needs every device to hold every rank channel: aggregate nested-rank "
+                        "prefixes with the mean")
     if len(sources) < policy.min_devices:
         raise UserError(f"{len(sources)} device(s) pushed for this base, a global version needs at least "
                         f"{policy.min_devices} so that no single device's adapter can be read back from it: wait for "
@@ -125,12 +135,16 @@ def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationP
 
     if held is None:
         total: dict[str, np.ndarray] = {}
-        for source, weight in zip(sources, _weights(policy, [s.samples for s in sources])):
+        weights = _weights(policy, [s.samples for s in sources])
+        for source, weight in zip(sources, weights):
             for key, value in clipped(_trained(shapes, source), source.label, weight).items():
                 if key in total:
                     total[key] += value
                 else:
                     total[key] = value
+        if partial:
+            for key, cover in _coverage(spec, sources, weights).items():
+                np.divide(total[key], cover, out=total[key], where=cover > 0)
     else:
         all_clipped = [clipped(t, s.label) for t, s in zip(held, sources)]
         total = {key: _robust_mean(np.stack([c[key] for c in all_clipped]), policy) for key in key_group}
@@ -138,6 +152,21 @@ def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationP
               "clip_bounds": {g: float(b) if np.isfinite(b) else None for g, b in zip(groups, bounds)},
               "policy": policy.to_dict()}
     return complete_tensors(spec, {key: v.astype(np.float32) for key, v in total.items()}), report
+
+
+def _coverage(spec: AdapterSpec, sources: Sequence[Source], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Per B, the summed weight of the sources holding each rank channel (UserError for a count out of range)."""
+    cover = {}
+    for m in spec.modules:
+        held = np.zeros(m.rank)
+        for source, weight in zip(sources, weights):
+            k = m.rank if source.channels is None else source.channels.get(m.name, m.rank)
+            if type(k) is not int or not 1 <= k <= m.rank:
+                raise UserError(f"{source.label} holds {k!r} channels of {m.name}, which has rank {m.rank}: it "
+                                "does not fit this base's spec")
+            held[:k] += weight
+        cover[lora_key(m.name, "B")] = held
+    return cover
 
 
 def require_exact(spec: AdapterSpec) -> None:
