@@ -91,6 +91,13 @@ class TrainingBackend(Protocol):
     def gradients(self, names: list[str]) -> dict[str, np.ndarray]:
         """Gradients accumulated so far in this step, by name (read between backward and the update)."""
 
+    def clear_gradients(self) -> None:
+        """Drop the gradients accumulated so far in this step: the next ``forward_backward`` starts from zero."""
+
+    def set_gradients(self, tensors: dict[str, np.ndarray]) -> None:
+        """Replace accumulated gradients by name (after a ``forward_backward``, before ``optimizer_step``): the
+        update is made of these (DP-SGD's clipped and noised sum, ``device/privacy.py``)."""
+
     def gate_channels(self, gains: dict[str, np.ndarray]) -> None:
         """Scale rank channels for this step (``gains``: module -> a float per channel; call before the
         first ``forward_backward``): channel k adds ``gains[k]`` times its update to the forward pass, as

@@ -128,5 +128,13 @@ class OrtTrainingBackend:
     def gradients(self, names: list[str]) -> dict[str, np.ndarray]:
         return {name: np.array(self.state.parameters[name].grad, copy=True) for name in names}
 
+    def clear_gradients(self) -> None:
+        self.module.lazy_reset_grad()
+
+    def set_gradients(self, tensors: dict[str, np.ndarray]) -> None:
+        """Written in place: a parameter's ``grad`` is a view of the buffer the optimizer reads."""
+        for name, value in tensors.items():
+            np.copyto(self.state.parameters[name].grad, value)
+
     def save_state(self, path: Path, include_optimizer: bool = True) -> None:
         self._api.CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=include_optimizer)

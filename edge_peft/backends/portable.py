@@ -162,7 +162,20 @@ class PortableBackend:
 
     def forward_backward(self, batch: "Batch", scale: float = 1.0) -> float:
         loss, self._pending = self._run(batch, scale, self._outputs)
+        self._last_batch = batch
         return loss
+
+    def clear_gradients(self) -> None:
+        self._pending = None
+
+    def set_gradients(self, tensors: dict[str, np.ndarray]) -> None:
+        """Run the step's last micro-batch again at loss scale 0 with ``tensors`` as the accumulated gradients, so
+        the graph's AdamW update is made of them: one extra forward and backward of that micro-batch."""
+        if self._pending is None:
+            raise RuntimeError("set_gradients needs a forward_backward in this step first")
+        for name, value in tensors.items():
+            self._pending[updated(accumulated(name))] = np.ascontiguousarray(value, dtype=np.float32)
+        _, self._pending = self._run(self._last_batch, 0.0, self._outputs)
 
     def optimizer_step(self) -> None:
         """Keep the update the step's last micro-batch computed (a step without any target changes nothing)."""

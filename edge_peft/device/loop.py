@@ -88,10 +88,15 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "bad_alloc" in text or "Failed to allocate" in text
 
 
+StepFn = Callable[[TrainingBackend, StepHooks, list[Batch], float, int], tuple[float, int, int]]
+
+
 def train(backend: TrainingBackend, hooks: StepHooks, batches: Callable[[int], list[Batch]],
           evaluate: Callable[[], float | None], lr_at: Callable[[int], float], schedule: Schedule,
-          callbacks: Sequence[Callback] = (), start: int = 0, totals: Totals | None = None) -> Totals:
-    """Train from step ``start`` to ``schedule.steps``; returns the updated totals."""
+          callbacks: Sequence[Callback] = (), start: int = 0, totals: Totals | None = None,
+          step_fn: StepFn = train_step) -> Totals:
+    """Train from step ``start`` to ``schedule.steps`` with ``step_fn`` (``train_step``, or DP-SGD's step from
+    ``privacy.dp_step``); returns the updated totals."""
     totals = totals or Totals()
     try:
         for step in range(start, schedule.steps):
@@ -99,7 +104,7 @@ def train(backend: TrainingBackend, hooks: StepHooks, batches: Callable[[int], l
             for callback in callbacks:
                 parts = callback.on_batches(step, parts)
             began = time.perf_counter()
-            loss, tokens, samples = train_step(backend, hooks, parts, lr_at(step), step)
+            loss, tokens, samples = step_fn(backend, hooks, parts, lr_at(step), step)
             if not math.isfinite(loss):
                 raise UserError(f"step {step} has loss {loss}: training diverged and stopped; the last good "
                                 "checkpoint is kept: lower --lr and start again (or --resume from it)")

@@ -27,6 +27,8 @@ from .loop import Callback, Schedule, targets, train, train_step
 from .memory import MB, current_rss, huge_pages_active, peak_rss
 from .memory_model import loaded_bytes
 from .planner import DEFAULT_MARGIN, BudgetGuard, Plan, make_plan, parse_budget
+from .privacy import DPSettings, dp_step
+from .privacy import settings as dp_settings
 from .run_dir import (Totals, create_run, read_checkpoint, read_run, read_summary, recover_checkpoint, start_over,
                       truncate_metrics, warm_start_of, write_adapter, write_checkpoint, write_run_info, write_summary)
 from .schedule import learning_rate
@@ -60,6 +62,10 @@ class TrainConfig:
     compute: str = "auto"  # frozen-base products: auto, fp32 or int8 (backends/compute.py)
     train_on_prompt: bool = False  # prompt/completion and chat data: train on every token, not the answers only
     pack: bool = False  # concatenate short examples into full sequences (data.Tokenized)
+    dp_clip: float | None = None  # DP-SGD: bound on each example's gradient norm (device/privacy.py)
+    noise_multiplier: float | None = None  # DP-SGD: noise std over dp_clip; or dp_epsilon calibrates it
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
 
     def validate(self, manifest: Manifest) -> None:
         checks = [
@@ -132,6 +138,7 @@ class TrainingRun:
     start_step: int = 0
     eval_before: float | None = None  # held-out loss before step 1 (kept across --resume in summary.json)
     totals: Totals = field(default_factory=Totals)
+    dp: DPSettings | None = None  # DP-SGD, when asked for
 
     @property
     def micro_batch_size(self) -> int:
@@ -177,6 +184,7 @@ class TrainingRun:
             "eval_loss_before": self.eval_before,
             "peak_rss_mb": round(peak_rss() / MB, 1), "tokens_per_s": round(t.tokens / max(t.wall_s, 1e-9), 1),
             "wall_s": round(t.wall_s, 2), "huge_pages": huge_pages_active(), "parent": warm_start_of(self.artifact),
+            **({"dp": self.dp.record(step)} if self.dp else {}),
         })
 
     def run(self, progress: bool = False, callbacks: list[Callback] | None = None) -> dict:
@@ -193,7 +201,8 @@ class TrainingRun:
         for callback in standard + list(callbacks or []):
             callback.on_train_begin(self.start_step, self.eval_before if self.start_step == 0 else None)
         train(self.backend, self.hooks, self.micro_batches, self.evaluate, self.lr, Schedule(c.steps, c.eval_every),
-              standard + list(callbacks or []), self.start_step, self.totals)
+              standard + list(callbacks or []), self.start_step, self.totals,
+              dp_step(self.dp.clip, self.dp.noise_multiplier) if self.dp else train_step)
         return read_summary(self.out)
 
 
@@ -220,6 +229,8 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
     train_file = data_files(config.data)[0]
     data_sha = sha256_file(train_file) if train_file.is_file() else None
     data = load_data(artifact, manifest, config, seq_len)
+    dp = dp_settings(config.dp_clip, config.noise_multiplier, config.dp_epsilon, config.dp_delta, config.batch_size,
+                     len(data.train_pool), config.steps)
     start, totals, hook_state, eval_before = 0, Totals(), {}, None
     compute = choose_compute(config.compute, manifest.computes, backend_name, cpu_flags())
     info = {"artifact": str(artifact.resolve()), "data": str(Path(config.data).resolve()), "data_sha256": data_sha,
@@ -243,7 +254,7 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
     hooks = build_hooks(config, manifest.adapter, backend, extra_hooks)
     hooks.load_state(hook_state)
     run = TrainingRun(artifact, out, config, manifest, backend, hooks, data, plan, defaults=defaults,
-                      start_step=start, totals=totals, eval_before=eval_before)
+                      start_step=start, totals=totals, eval_before=eval_before, dp=dp)
     _replan_on_measured_rss(run, backend_name, seq_len)
     if plan is not None:
         write_run_info(out, {**info, "plan": _plan_record(run.plan)})
