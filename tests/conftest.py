@@ -6,6 +6,7 @@ must not trigger them). Shared functions live in ``helpers.py``, not here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -77,3 +78,60 @@ def pytest_runtest_setup(item):
     if used and item.get_closest_marker("slow") is None:
         pytest.fail(f"{item.nodeid} uses the session fixture(s) {', '.join(used)}: mark it @pytest.mark.slow",
                     pytrace=False)
+
+
+# Real services on loopback (edge_peft/store/local_services.py), started once per session by the tests that
+# need them. Locally a missing server binary skips those tests with the reason; CI sets
+# EDGE_PEFT_REQUIRE_SERVICES=1 (.ci/run), which turns that skip into a failure.
+REQUIRE_SERVICES = os.environ.get("EDGE_PEFT_REQUIRE_SERVICES") == "1"
+
+
+def start_or_skip(start):
+    """``start()``, or skip (fail when services are required) if its program is not installed."""
+    try:
+        return start()
+    except FileNotFoundError as exc:
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{exc}; EDGE_PEFT_REQUIRE_SERVICES=1 forbids skipping (run scripts/services.sh)", pytrace=False)
+        pytest.skip(f"{exc}: run scripts/services.sh to install it")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL cluster on 127.0.0.1 (fsync off), stopped and deleted after the session."""
+    from edge_peft.store.local_services import LocalPostgres
+
+    server = start_or_skip(lambda: LocalPostgres(durable=False).start())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1; its endpoint and credentials are in os.environ for the session, so store
+    processes started by tests reach it too."""
+    from edge_peft.store.local_services import LocalS3
+
+    server = start_or_skip(lambda: LocalS3().start())
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres+s3"])
+def store_location(request, tmp_path):
+    """A fresh, empty store location on each backend: SQLite + blob directory, or PostgreSQL + S3 (a new
+    database and bucket per test)."""
+    from edge_peft.store.backends import StoreLocation
+
+    if request.param == "sqlite":
+        return StoreLocation(tmp_path / "store")
+    postgres, s3 = request.getfixturevalue("postgres"), request.getfixturevalue("s3_server")
+    name = "edge-peft-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:16]  # a valid database and bucket name
+    return StoreLocation(tmp_path / "store", postgres.new_database(name), s3.new_bucket(name), s3.endpoint)

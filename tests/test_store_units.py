@@ -19,6 +19,7 @@ from edge_peft.store import db
 from edge_peft.store.aggregate import AggregationPolicy, Source, aggregate
 from edge_peft.store.auth import authenticate, check_device_id, check_fingerprint
 from edge_peft.store.bases import parse_spec, spec_difference
+from edge_peft.store.backends import open_store
 from edge_peft.store.blobs import STALE_TEMP_SECONDS, FileBlobStore
 from edge_peft.store.push_meta import parse_push_meta
 from edge_peft.store.service import AdapterStore, content_digest
@@ -152,8 +153,8 @@ def test_registered_specs_are_checked_and_differences_named():
     assert spec_difference(registered, "x") == "spec is 'x', the registered spec has " + repr(registered)[:57] + "..."
 
 
-def test_store_completes_b_only_pushes_to_the_same_full_file(tmp_path):
-    store, _ = AdapterStore.open(tmp_path / "store")
+def test_store_completes_b_only_pushes_to_the_same_full_file(store_location):
+    store, _ = open_store(store_location)
     store.add_device("phone-1")
     spec = spec_of(labels=2)
     store.add_base(spec.to_dict())
@@ -170,10 +171,11 @@ def test_store_completes_b_only_pushes_to_the_same_full_file(tmp_path):
     again, created = store.push(spec.base_fingerprint, "phone-1", push_meta(spec, full_bytes), full_bytes)
     assert not created and again.id == record.id  # same tensors, sent in full: one version
     assert len(store.metadata.versions(spec.base_fingerprint)) == 1
+    store.close()
 
 
-def test_lora_fa_push_with_a_foreign_a_is_refused(tmp_path):
-    store, _ = AdapterStore.open(tmp_path / "store")
+def test_lora_fa_push_with_a_foreign_a_is_refused(store_location):
+    store, _ = open_store(store_location)
     store.add_device("phone-1")
     spec = spec_of()
     store.add_base(spec.to_dict())
@@ -183,6 +185,7 @@ def test_lora_fa_push_with_a_foreign_a_is_refused(tmp_path):
     with pytest.raises(StoreError, match="frozen LoRA-FA A") as err:
         store.push(spec.base_fingerprint, "phone-1", push_meta(spec, data), data)
     assert err.value.status == 422 and store.metadata.versions(spec.base_fingerprint) == []
+    store.close()
 
 
 def sources(adapters: list[dict], samples: list[int]) -> list[Source]:

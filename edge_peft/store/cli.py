@@ -66,13 +66,24 @@ def _open_local(data_dir: Path):
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), help="TLS certificate chain (PEM).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn's log level.")
+@click.option("--database", envvar="EDGE_PEFT_DATABASE",
+              help="postgresql://USER@HOST:PORT/DB for the metadata (or EDGE_PEFT_DATABASE; password in PGPASSWORD); "
+                   "default: SQLite in --data-dir.")
+@click.option("--blobs", help="s3://BUCKET/PREFIX for the adapter files (credentials and region from the AWS_* "
+                              "variables); default: --data-dir/blobs.")
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL (MinIO, a local server).")
+@click.option("--s3-region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION).")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Server processes sharing the port (uvicorn workers); several suit PostgreSQL + S3.")
 def serve(data_dir: Path, host: str, port: int, max_body_mb: float, max_device_versions: int, max_device_mb: int,
-          rate_limit: int, ssl_keyfile: str | None, ssl_certfile: str | None, log_level: str) -> None:
-    """Run the adapter store (OpenAPI docs at /docs). The first start prints the admin token."""
+          rate_limit: int, ssl_keyfile: str | None, ssl_certfile: str | None, log_level: str, database: str | None,
+          blobs: str | None, s3_endpoint: str | None, s3_region: str | None, processes: int) -> None:
+    """Run the adapter store (OpenAPI docs at /docs, the fleet page at /). The first start prints the admin token."""
     import uvicorn
 
+    from .backends import StoreLocation, open_store
     from .limits import StoreLimits
-    from .server import create_app
+    from .server import announce_admin_token, create_app
 
     if bool(ssl_keyfile) != bool(ssl_certfile):
         raise UserError("TLS needs both --ssl-keyfile and --ssl-certfile")
@@ -80,12 +91,33 @@ def serve(data_dir: Path, host: str, port: int, max_body_mb: float, max_device_v
         click.echo(f"warning: serving plain HTTP on {host}: tokens cross the network in clear; pass "
                    "--ssl-keyfile/--ssl-certfile or put a TLS proxy in front", err=True)
     sock = _listen(host, port)  # before the store is created: a busy port leaves nothing behind
+    location = StoreLocation(data_dir, database, blobs, s3_endpoint, s3_region)
+    limits = StoreLimits(int(max_body_mb * (1 << 20)), max_device_versions, max_device_mb << 20, rate_limit)
     with _one_line_errors():
-        app = create_app(data_dir, StoreLimits(int(max_body_mb * (1 << 20)), max_device_versions,
-                                               max_device_mb << 20, rate_limit))
-    config = uvicorn.Config(app, host=host, port=port, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
-                            log_level=log_level)
-    uvicorn.Server(config).run(sockets=[sock])
+        store, admin_token = open_store(location, limits)  # migrates once, before any worker starts
+    announce_admin_token(admin_token)
+    tls = {"ssl_keyfile": ssl_keyfile, "ssl_certfile": ssl_certfile, "log_level": log_level}
+    if processes == 1:
+        uvicorn.Server(uvicorn.Config(create_app(store, limits), host=host, port=port, **tls)).run(sockets=[sock])
+        return
+    _serve_workers(location, limits, processes, host, port, sock, tls)
+
+
+def _serve_workers(location, limits, processes: int, host: str, port: int, sock, tls: dict) -> None:
+    """``processes`` uvicorn workers on one socket, each opening the store from the environment."""
+    import json
+    import os
+    from dataclasses import asdict
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from .server import SERVE_ENV
+
+    os.environ[SERVE_ENV] = json.dumps({"location": location.to_json(), "limits": asdict(limits)})
+    config = uvicorn.Config("edge_peft.store.server:app_from_environment", factory=True, workers=processes,
+                            host=host, port=port, **tls)
+    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
 
 
 def _listen(host: str, port: int):

@@ -18,7 +18,8 @@ from .limits import PUSH_PATH, RateLimiter, StoreLimits
 from .service import AdapterStore
 from .storage import StoreError
 
-PUBLIC_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+PUBLIC_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                "/", "/login", "/logout"}  # the pages (pages.py) check the admin token or session themselves
 MAX_LENGTH_DIGITS = 18
 
 
@@ -38,7 +39,7 @@ class RequestGuard:
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             if scope["path"] not in PUBLIC_PATHS:
-                principal = await run_in_threadpool(self.store.authenticate, _bearer(headers.get("authorization")))
+                principal = await run_in_threadpool(self.store.authenticate, bearer(headers.get("authorization")))
                 if principal.kind == "device":
                     self.rate.take(principal.id)
                 scope.setdefault("state", {})["principal"] = principal
@@ -59,7 +60,7 @@ class RequestGuard:
         await self.app(scope, capped_receive, send)
 
 
-def _bearer(authorization: str | None) -> str | None:
+def bearer(authorization: str | None) -> str | None:
     scheme, _, token = (authorization or "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
 

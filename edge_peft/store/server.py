@@ -22,13 +22,16 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from .aggregate import AggregationPolicy
 from .auth import Principal, check_device_id, check_fingerprint, may_read_device, require_admin, require_device
+from .backends import StoreLocation, open_store
 from .guard import RequestGuard
 from .limits import StoreLimits
+from .pages import add_pages
 from .service import AdapterStore
 from .storage import StoreError
 from .wire import MAX_COUNT, PUSH_MEDIA_TYPE, decode_push
 
 ADAPTER_MEDIA_TYPE = "application/octet-stream"
+SERVE_ENV = "EDGE_PEFT_SERVE_CONFIG"  # JSON: the store location and limits, for worker processes
 _bearer = HTTPBearer(auto_error=False, description="`<device-id>.<secret>` or `admin.<secret>`")
 POLICY_SCHEMA = {"type": "object", "properties": {
     "min_devices": {"type": "integer", "minimum": 1, "default": 3},
@@ -43,14 +46,27 @@ class NewDevice(BaseModel):
     id: str
 
 
-def create_app(data_dir: str | os.PathLike, limits: StoreLimits = StoreLimits()) -> FastAPI:
-    """The store app over ``data_dir`` (created and migrated if needed).
+def app_from_environment() -> FastAPI:
+    """The app a ``serve --processes N`` worker runs: the store and limits its parent put in the environment."""
+    config = json.loads(os.environ[SERVE_ENV])
+    limits = StoreLimits(**config["limits"])
+    store, admin_token = open_store(StoreLocation.from_json(config["location"]), limits)
+    announce_admin_token(admin_token)
+    return create_app(store, limits)
 
-    On first start it prints the admin token to stderr, once; only its hash is stored.
-    """
-    store, admin_token = AdapterStore.open(data_dir, limits)
+
+def announce_admin_token(admin_token: str | None) -> None:
+    """Print a newly created admin token to stderr, once; only its hash is stored."""
     if admin_token:
         print(f"edge-peft store: admin token (shown once, keep it secret): {admin_token}", file=sys.stderr, flush=True)
+
+
+def create_app(store: AdapterStore | str | os.PathLike, limits: StoreLimits = StoreLimits()) -> FastAPI:
+    """The store app over an open store, or over a data directory (created and migrated if needed; the first
+    start prints the admin token)."""
+    if not isinstance(store, AdapterStore):
+        store, admin_token = AdapterStore.open(store, limits)
+        announce_admin_token(admin_token)
 
     app = FastAPI(title="edge-peft adapter store", version=__version__,
                   description="Push, pull and federated-average LoRA-FA adapters in PEFT format.")
@@ -167,6 +183,7 @@ def create_app(data_dir: str | os.PathLike, limits: StoreLimits = StoreLimits())
         return JSONResponse({**asdict(record), "created": created, "report": report},
                             status_code=201 if created else 200)
 
+    add_pages(app, store)
     return app
 
 

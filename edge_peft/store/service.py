@@ -67,15 +67,25 @@ class AdapterStore:
         """
         data_dir = Path(data_dir)
         lock = open_private(data_dir)
-        store = cls(SqliteMetadata(data_dir / DB_NAME), FileBlobStore(data_dir / BLOBS_NAME), limits, lock)
-        store.remove_leftovers(everything=lock.alone)
-        lock.share()
+        return cls.start(SqliteMetadata(data_dir / DB_NAME), FileBlobStore(data_dir / BLOBS_NAME), limits, lock)
+
+    @classmethod
+    def start(cls, metadata: MetadataStore, blobs: BlobStore, limits: StoreLimits = StoreLimits(),
+              lock: DataDirLock | None = None) -> tuple["AdapterStore", str | None]:
+        """The store over ready backends: leftovers removed (a local data directory only), the admin token
+        created if none exists yet (returned only by the call that created it)."""
+        store = cls(metadata, blobs, limits, lock)
+        if lock is not None:
+            store.remove_leftovers(everything=lock.alone)
+            lock.share()
         return store, store._create_admin_token()
 
     def close(self) -> None:
-        """Release the data directory (other processes may then clean it up)."""
+        """Release the data directory (other processes may then clean it up) and database connections."""
         if self.lock is not None:
             self.lock.release()
+        if hasattr(self.metadata, "close"):
+            self.metadata.close()
 
     def remove_leftovers(self, everything: bool) -> int:
         """Delete temp files of interrupted writes and blobs no row references (only when ``everything``:
