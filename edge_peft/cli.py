@@ -478,6 +478,23 @@ def demo(workdir: Path, llm: bool, json_path: Path | None, **settings) -> None:
         atomic_write_json(json_path, result)
 
 
+@main_group.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="HTML file to write (default: RUN/report.html); one PNG per chart goes beside it.")
+@click.option("--watch", type=click.FloatRange(min=1), help="Rewrite every this many seconds until the run finishes.")
+def report(run: Path, out: Path | None, watch: float | None) -> None:
+    """Plot RUN's loss, held-out loss, tokens/s, RSS against its memory budget, learning rate and total rank
+    (the [report] extra); works on a run still training."""
+    from .report.report import watch_report, write_report
+
+    out = out or run / "report.html"
+    if watch:
+        watch_report(run, out, watch, lambda paths, done: click.echo(f"wrote {paths[0]} ({'finished' if done else 'in progress'})"))
+    else:
+        click.echo(f"wrote {', '.join(map(str, write_report(run, out)))}")
+
+
 def _register_optional_commands() -> None:
     """Store commands live in edge_peft.store (the `store` extra); register them when present."""
     try:
