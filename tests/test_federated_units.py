@@ -102,3 +102,36 @@ def test_full_rank_sources_aggregate_as_before():
                                  for i, t in enumerate(full)], FEDAVG)
     for k in plain:
         np.testing.assert_allclose(marked[k], plain[k], rtol=1e-6, atol=1e-9)
+
+
+def test_the_strategy_average_decodes_int8_prefixes_and_refuses_what_does_not_fit():
+    from edge_peft.federated.average import Received, average
+    from edge_peft.federated.device_round import trained_shapes
+
+    spec = make_manifest(rank=4, labels=2).adapter
+    rng = np.random.default_rng(4)
+    ranks, samples = [4, 2, 4], [10, 20, 30]
+    full = [trained(spec, random_tensors(spec, rng))[0] for _ in ranks]
+    replies = []
+    for i, (t, k) in enumerate(zip(full, ranks)):
+        shapes = trained_shapes(spec, k)
+        sent = {key: np.ascontiguousarray(t[key][:, :k]) if key.endswith("lora_B.weight") else t[key] for key in shapes}
+        replies.append(Received(f"node {i}", spec.base_fingerprint, "int8", k, samples[i],
+                                compressed.encode(sent, "int8")))
+    alien = Received("node 9", "sha256:" + "0" * 64, "fp32", 4, 5, compressed.encode(full[0], "fp32"))
+    broken = compressed.encode(full[1], "int8")
+    b0 = lora_key(spec.modules[0].name, "B")
+    broken[b0 + compressed.SCALE_SUFFIX] = broken[b0 + compressed.SCALE_SUFFIX] * 0.5  # scales that do not fit
+    broken[b0] = (broken[b0] // 2).astype(np.int8)
+    damaged = Received("node 8", spec.base_fingerprint, "int8", 4, 5, broken)
+    merged, report, refused = average(spec, replies + [alien, damaged])
+    assert report["devices"] == 3 and len(refused) == 2
+    assert "node 9 sent an adapter for base" in refused[0] and "node 8" in refused[1]
+    for m in spec.modules:
+        b = lora_key(m.name, "B")
+        exact0 = sum(n * t[b][:, 0] for t, n in zip(full, samples)) / 60  # every node sent channel 0
+        exact3 = (10 * full[0][b][:, 3] + 30 * full[2][b][:, 3]) / 40  # node 1 sent 2 channels
+        bound = 0.5 * max(np.abs(t[b]).max() / 127 for t in full)
+        assert np.abs(merged[b][:, 0] - exact0).max() <= bound and np.abs(merged[b][:, 3] - exact3).max() <= bound
+    with pytest.raises(UserError, match="no update fits"):
+        average(spec, [alien])

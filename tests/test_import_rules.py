@@ -19,8 +19,9 @@ FORBIDDEN = {
     "adapters": {"backends", "device", "exporter", "store", "cli"},
     "backends": {"exporter", "store", "cli"},
     "device": {"exporter", "store", "cli"},
-    "store": {"backends", "device", "exporter", "cli"},
-    "exporter": {"store", "cli"},
+    "store": {"backends", "device", "exporter", "federated", "cli"},
+    "exporter": {"store", "federated", "cli"},
+    "federated": {"exporter", "cli"},
 }
 
 
@@ -63,7 +64,7 @@ def test_packages_import_only_what_the_layering_allows(package):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("package", ["artifact", "variants", "adapters", "backends", "device", "store"])
+@pytest.mark.parametrize("package", ["artifact", "variants", "adapters", "backends", "device", "store", "federated"])
 def test_only_the_exporter_imports_torch_at_module_level(package):
     bad = [f"{path.relative_to(PACKAGE)} imports {target}" for path in sorted((PACKAGE / package).rglob("*.py"))
            for target, top in _imports(path) if top and target.split(".")[0] in TORCH_SIDE]
@@ -76,7 +77,7 @@ def test_device_side_packages_import_with_torch_unavailable():
             "for name in ('torch', 'transformers', 'optimum', 'peft', 'onnx'):\n"
             "    sys.modules[name] = None\n"
             "import edge_peft\n"
-            "for package in ('artifact', 'variants', 'adapters', 'backends', 'device', 'store'):\n"
+            "for package in ('artifact', 'variants', 'adapters', 'backends', 'device', 'store', 'federated'):\n"
             "    root = importlib.import_module('edge_peft.' + package)\n"
             "    for info in pkgutil.walk_packages(root.__path__, root.__name__ + '.'):\n"
             "        importlib.import_module(info.name)\n"
