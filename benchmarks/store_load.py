@@ -12,6 +12,8 @@ of the global version without and with the attackers (robust aggregation on, and
 
     python benchmarks/store_load.py --json benchmarks/results/store_load.json           # about 10 minutes
     python benchmarks/store_load.py --duration 20 --requests 2 --small-requests 4 --aggregate 100   # a quick run
+    python benchmarks/store_load.py --backend all --processes 1,4 --requests 2 --small-requests 5 \
+        --json benchmarks/results/store_fleet.json    # SQLite vs PostgreSQL + S3 in 1 and 4 processes
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from edge_peft.store.testing import make_manifest, random_tensors
 from edge_peft.store.wire import PUSH_MEDIA_TYPE, encode_push
 from common import run_threads
 from store_attack import attack_phase, print_attack
+from store_fleet import backend_matrix
 
 SIZES = {
     # rank 8 on q/k/v/o of a 1B-class model (16 layers, hidden 2048): B-only push 4 MiB, full file 8 MiB
@@ -167,12 +170,33 @@ def main() -> None:
     parser.add_argument("--attackers", type=int, default=5, help="attacking devices in the attack phase")
     parser.add_argument("--trained", type=int, default=5, help="real adapters trained for the attack phase's honest devices")
     parser.add_argument("--train-steps", type=int, default=30, help="training steps of each of them")
+    parser.add_argument("--backend", choices=["sqlite", "postgres+s3", "all"],
+                        help="compare the store's backends instead (store_fleet.py): SQLite in one process, "
+                             "PostgreSQL + S3 in --processes processes, under --clients-list clients")
+    parser.add_argument("--processes", default="1,4", help="with --backend: store process counts, comma-separated")
+    parser.add_argument("--clients-list", default="50,200", help="with --backend: client counts, comma-separated")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--workdir", type=Path, help="where the store lives (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the store directory")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="store-load-", dir=args.workdir))
+    if args.backend:
+        try:
+            backends = ["sqlite", "postgres+s3"] if args.backend == "all" else [args.backend]
+            result = backend_matrix(tmp, backends, [int(n) for n in args.processes.split(",")],
+                                    [int(n) for n in args.clients_list.split(",")], SIZES,
+                                    {"1B-qkvo-r8": args.requests, "small": args.small_requests}, args.aggregate,
+                                    b_only_push)
+        finally:
+            if not args.keep:
+                shutil.rmtree(tmp, ignore_errors=True)
+        result["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        if not result["correct"]:
+            raise SystemExit("acknowledged and stored versions differ, numbers have gaps, or requests failed")
+        return
     try:
         data_dir = tmp / "store"
         store, admin = AdapterStore.open(data_dir)

@@ -39,9 +39,11 @@ class FileBlobStore:
             raise StoreError(400, f"{str(sha256)[:70]!r} is not a hex sha256: pass the 64-character digest")
         return self.root / sha256[:2] / sha256[2:]
 
-    def put(self, data: bytes) -> str:
-        """Store ``data`` (a no-op if present); StoreError(507), leaving nothing behind, when the disk is full."""
-        sha = hashlib.sha256(data).hexdigest()
+    def put(self, data: bytes, sha256: str | None = None) -> str:
+        """Store ``data`` (a no-op if present); StoreError(507), leaving nothing behind, when the disk is full.
+
+        ``sha256``: the digest the caller already computed of exactly these bytes (saves hashing them again)."""
+        sha = sha256 or hashlib.sha256(data).hexdigest()
         path = self.path(sha)
         if path.is_file() and path.stat().st_size == len(data):
             return sha

@@ -18,6 +18,7 @@ from .local_server import free_port
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "edge-peft-test", "AWS_SECRET_ACCESS_KEY": "edge-peft-test",
                   "AWS_DEFAULT_REGION": "us-east-1"}
+SPILL_BYTES = 1 << 20  # moto keeps objects up to this size in memory, larger ones in temp files
 
 
 def postgres_bin() -> Path | None:
@@ -109,7 +110,8 @@ class LocalS3:
     def start(self, timeout: float = 30.0) -> "LocalS3":
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([*self.command, "-H", "127.0.0.1", "-p", str(self.port)],
-                                            stdout=log, stderr=subprocess.STDOUT)
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(SPILL_BYTES)})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

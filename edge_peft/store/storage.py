@@ -1,7 +1,8 @@
 """The storage interfaces the store is written against, and the records they hold.
 
 The default implementations are SQLite (``db.SqliteMetadata``) and a local content-addressed
-directory (``blobs.FileBlobStore``); PostgreSQL and S3 would implement the same two protocols.
+directory (``blobs.FileBlobStore``); ``pg.PostgresMetadata`` and ``s3.S3BlobStore`` implement the same two
+protocols for several store processes (``backends.open_store`` picks them).
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ class MetadataStore(Protocol):
 class BlobStore(Protocol):
     """Immutable byte blobs addressed by their hex sha256."""
 
-    def put(self, data: bytes) -> str:
-        """Store ``data`` durably (a no-op if present) and return its sha256."""
+    def put(self, data: bytes, sha256: str | None = None) -> str:
+        """Store ``data`` durably (a no-op if present) and return its sha256 (``sha256``: already computed)."""
 
     def get(self, sha256: str) -> bytes:
         """The blob's bytes; StoreError(500) if it is missing or corrupt."""
