@@ -124,7 +124,7 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgres+s3"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres+s3", marks=pytest.mark.slow)])  # services start in ~3 s
 def store_location(request, tmp_path):
     """A fresh, empty store location on each backend: SQLite + blob directory, or PostgreSQL + S3 (a new
     database and bucket per test)."""

@@ -31,6 +31,7 @@ def push_body(spec, seed: int) -> bytes:
     return encode_push(meta, data)
 
 
+@pytest.mark.slow  # starts PostgreSQL (about 1 s, once per session)
 def test_postgres_migrates_once_and_refuses_a_newer_schema(postgres):
     dsn = postgres.new_database("migrations")
     with concurrent.futures.ThreadPoolExecutor(3) as pool:  # replicas starting together
@@ -45,6 +46,7 @@ def test_postgres_migrates_once_and_refuses_a_newer_schema(postgres):
         store.close()
 
 
+@pytest.mark.slow  # starts the S3 server, uploads 16 MiB: about 3 s
 def test_s3_blobs_are_content_addressed_verified_and_whole(s3_server):
     blobs = S3BlobStore(s3_server.new_bucket("blob-checks") + "/adapters", s3_server.endpoint)
     small = b"adapter bytes"
@@ -130,6 +132,7 @@ def test_bad_backend_options_are_one_line_errors(tmp_path, options, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow  # needs the S3 server
 def test_a_missing_bucket_is_a_one_line_error(tmp_path, s3_server):
     result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "s"), "--port", str(free_port()),
                                        "--blobs", "s3://no-such-bucket/x", "--s3-endpoint", s3_server.endpoint])
