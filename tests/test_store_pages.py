@@ -11,6 +11,7 @@ import pytest
 from browser import chromium
 from edge_peft.adapters.peft_format import encode_adapter
 from edge_peft.store.backends import StoreLocation, open_store
+from edge_peft.store.fleet import MAX_POINTS, pushes_chart
 from edge_peft.store.local_server import StoreServer
 from edge_peft.store.testing import make_manifest, random_tensors
 from edge_peft.store.wire import PUSH_MEDIA_TYPE, encode_push
@@ -85,3 +86,15 @@ def test_fleet_page_in_chromium_shows_what_the_api_holds(postgres, s3_server, tm
             shot = tmp_path / "fleet.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+
+
+def test_pushes_chart_is_cumulative_and_samples_a_large_fleet():
+    pushes = [{"time": f"2026-12-01T00:{i // 60:02d}:{i % 60:02d}.000+00:00", "label": f"phone v{i + 1}"}
+              for i in range(1200)]
+    chart = pushes_chart(pushes)
+    assert chart["total"] == 1200 and len(chart["points"]) == MAX_POINTS
+    assert chart["points"][-1]["title"] == "phone v1200 at 2026-12-01T00:19:59.000+00:00"
+    ys = [p["y"] for p in chart["points"]]
+    assert ys == sorted(ys, reverse=True) and ys[-1] == chart["y1"]  # rising to the top at the last push
+    assert [p["title"][:8] for p in pushes_chart(pushes[:3])["points"]] == ["phone v1", "phone v2", "phone v3"]
+    assert pushes_chart([])["total"] == 0

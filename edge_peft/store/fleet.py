@@ -9,6 +9,8 @@ from typing import Any
 from .service import AdapterStore
 
 CHART_W, CHART_H, PAD = 720, 220, 44
+MAX_ROWS = 200  # device versions listed per base (the latest); the totals count them all
+MAX_POINTS = 400  # pushes drawn as points; a larger fleet's curve is sampled evenly (the last push always drawn)
 
 
 def fleet_view(store: AdapterStore) -> dict[str, Any]:
@@ -29,7 +31,8 @@ def fleet_view(store: AdapterStore) -> dict[str, Any]:
                     for a in meta.aggregates(base.fingerprint)]
         bases.append({"fingerprint": base.fingerprint, "created": base.created, "variant": base.spec.get("variant"),
                       "task": base.spec.get("task"), "rank": base.spec.get("rank"),
-                      "modules": len(base.spec.get("modules", ())), "versions": rows, "globals": globals_})
+                      "modules": len(base.spec.get("modules", ())), "versions_total": len(rows),
+                      "versions": rows[-MAX_ROWS:], "globals": globals_})
     devices = [{"id": d.id, "created": d.created, "last_seen": d.last_seen, "versions": counts.get(d.id, 0)}
                for d in meta.devices()]
     pushes.sort(key=lambda p: p["time"])
@@ -51,10 +54,14 @@ def pushes_chart(pushes: list[dict[str, str]]) -> dict[str, Any]:
     n = len(pushes)
     x = lambda t: PAD + (t - t0) / (t1 - t0) * (CHART_W - 2 * PAD)  # noqa: E731
     y = lambda k: CHART_H - PAD - k / n * (CHART_H - 2 * PAD)  # noqa: E731
-    points, line = [], [f"{x(t0):.1f},{y(0):.1f}"]
-    for k, (t, push) in enumerate(zip(times, pushes), start=1):
-        line += [f"{x(t):.1f},{y(k - 1):.1f}", f"{x(t):.1f},{y(k):.1f}"]
+    stride = -(-n // MAX_POINTS)
+    drawn = sorted({*range(stride, n + 1, stride), n})  # cumulative counts k whose push is drawn
+    points, line, previous = [], [f"{x(t0):.1f},{y(0):.1f}"], 0
+    for k in drawn:
+        t, push = times[k - 1], pushes[k - 1]
+        line += [f"{x(t):.1f},{y(previous):.1f}", f"{x(t):.1f},{y(k):.1f}"]
         points.append({"x": round(x(t), 1), "y": round(y(k), 1), "title": f"{push['label']} at {push['time']}"})
+        previous = k
     return {"width": CHART_W, "height": CHART_H, "points": points, "line": " ".join(line), "total": n,
             "x0": PAD, "x1": CHART_W - PAD, "y0": CHART_H - PAD, "y1": PAD,
             "first": pushes[0]["time"][:19].replace("T", " "), "last": pushes[-1]["time"][:19].replace("T", " ")}
