@@ -25,8 +25,6 @@ from edge_peft.artifact.names import lora_key
 from edge_peft.store.backends import StoreLocation, open_store
 from edge_peft.store.local_server import StoreServer
 from edge_peft.store.local_services import LocalPostgres, LocalS3
-from edge_peft.store.service import content_digest, utc_now
-from edge_peft.store.storage import NewVersion
 from edge_peft.store.testing import make_manifest, random_tensors
 from edge_peft.store.wire import PUSH_MEDIA_TYPE
 from common import run_threads
@@ -79,35 +77,16 @@ def load_row(server: StoreServer, location: StoreLocation, sizes: dict, size: st
     def pushes(device: str, token: str, stage: Stage) -> None:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=600) as http:
             for k in range(requests):
-                t0 = time.perf_counter()
-                try:
-                    r = http.post(f"/v1/bases/{base}/devices/{device}/versions", content=bodies[k],
-                                  headers={"Content-Type": PUSH_MEDIA_TYPE})
-                except httpx.HTTPError as exc:
-                    with stage.lock:
-                        stage.errors.append(f"{device}: {exc.__class__.__name__}")
-                    continue
-                with stage.lock:
-                    stage.ms.append((time.perf_counter() - t0) * 1e3)
-                    if r.status_code == 201:
-                        stage.acknowledged += 1
-                    else:
-                        stage.errors.append(f"{device} push {r.status_code}: {r.text[:120]}")
+                timed(stage, device, lambda: http.post(f"/v1/bases/{base}/devices/{device}/versions", content=bodies[k],
+                                                       headers={"Content-Type": PUSH_MEDIA_TYPE}),
+                      lambda r: None if r.status_code == 201 else f"push {r.status_code}: {r.text[:120]}")
 
     def pulls(device: str, token: str, stage: Stage) -> None:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=600) as http:
             for _ in range(requests):
-                t0 = time.perf_counter()
-                try:
-                    g = http.get(f"/v1/bases/{base}/devices/{device}/versions/latest")
-                except httpx.HTTPError as exc:
-                    with stage.lock:
-                        stage.errors.append(f"{device}: {exc.__class__.__name__}")
-                    continue
-                with stage.lock:
-                    stage.ms.append((time.perf_counter() - t0) * 1e3)
-                    if g.status_code != 200 or hashlib.sha256(g.content).hexdigest() != g.headers.get("X-Edge-Peft-Sha256"):
-                        stage.errors.append(f"{device} pull {g.status_code}")
+                timed(stage, device, lambda: http.get(f"/v1/bases/{base}/devices/{device}/versions/latest"),
+                      lambda g: None if g.status_code == 200 and hashlib.sha256(g.content).hexdigest() == g.headers.get(
+                          "X-Edge-Peft-Sha256") else f"pull {g.status_code}")
 
     push, push_wall, push_cpu = run_stage(clients, pushes, pids)
     pull, pull_wall, pull_cpu = run_stage(clients, pulls, pids)
@@ -128,43 +107,32 @@ def load_row(server: StoreServer, location: StoreLocation, sizes: dict, size: st
     return row
 
 
+def timed(stage: Stage, device: str, request, problem) -> None:
+    """Time ``request()``; count it acknowledged unless ``problem(response)`` names one (then it is an error)."""
+    t0 = time.perf_counter()
+    try:
+        response = request()
+    except httpx.HTTPError as exc:
+        with stage.lock:
+            stage.errors.append(f"{device}: {exc.__class__.__name__}")
+        return
+    ms, wrong = (time.perf_counter() - t0) * 1e3, problem(response)
+    with stage.lock:
+        stage.ms.append(ms)
+        if wrong:
+            stage.errors.append(f"{device} {wrong}")
+        else:
+            stage.acknowledged += 1
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def aggregate_row(server: StoreServer, location: StoreLocation, sizes: dict, size: str, count: int, admin: str) -> dict:
-    """Store ``count`` device versions directly (setup, not timed), then time POST .../aggregates."""
-    store, _ = open_store(location)
-    spec = make_manifest(**sizes[size], fingerprint="sha256:" + hashlib.sha256(f"agg-{size}".encode()).hexdigest()).adapter
-    store.add_base(spec.to_dict())
-    full = random_tensors(spec, np.random.default_rng(1))
-    b = {lora_key(m.name, "B"): full[lora_key(m.name, "B")] for m in spec.modules}
-    from edge_peft.adapters.peft_format import encode_adapter
-
-    t0 = time.perf_counter()
-    for i in range(count):
-        device = f"agg-{i:05d}"
-        store.metadata.add_device(device, "0" * 64, utc_now())
-        tensors = {k: v * np.float32(1 + i / count) for k, v in b.items()}
-        data = encode_adapter(spec, tensors)
-        sha = store.blobs.put(data)
-        store.metadata.record_version(NewVersion(
-            spec.base_fingerprint, spec.to_dict(), device, sha, len(data), sha, len(data), content_digest(tensors),
-            1 + i % 50, 1, {}, None, utc_now()))
-    setup = time.perf_counter() - t0
-    store.close()
-    t0 = time.perf_counter()
-    r = httpx.post(f"{server.url}/v1/bases/{spec.base_fingerprint}/aggregates",
-                   headers={"Authorization": f"Bearer {admin}"}, timeout=3600)
-    seconds = time.perf_counter() - t0
-    r.raise_for_status()
-    return {"adapters": count, "size": size, "aggregate_s": seconds, "setup_s": setup, "inputs": len(r.json()["inputs"]),
-            "policy": r.json()["report"]["policy"]}
-
-
 def backend_matrix(tmp: Path, backends: list[str], processes: list[int], client_counts: list[int], sizes: dict,
-                   requests: dict[str, int], aggregate: int, push_body) -> dict:
-    """Every (backend, processes) configuration under every client count and size; aggregation on the last."""
+                   requests: dict[str, int], aggregate: int, push_body, aggregate_phase) -> dict:
+    """Every (backend, processes) configuration under every client count and size; then, on the last one,
+    ``aggregate_phase(server, store, admin, count, size)`` (store_load.py's) over ``aggregate`` adapters."""
     configs = [("sqlite", 1)] if "sqlite" in backends else []
     configs += [("postgres+s3", n) for n in processes] if "postgres+s3" in backends else []
     rows, aggregation = [], None
@@ -194,8 +162,10 @@ def backend_matrix(tmp: Path, backends: list[str], processes: list[int], client_
                         rows.append({"backend": backend, "processes": n, **row})
                         print_row(rows[-1])
                 if aggregate and index == len(configs) - 1:
+                    store, _ = open_store(location)
                     aggregation = {"backend": backend, "processes": n,
-                                   **aggregate_row(server, location, sizes, "1B-qkvo-r8", aggregate, admin)}
+                                   **aggregate_phase(server, store, admin, aggregate, "1B-qkvo-r8")}
+                    store.close()
                     print(f"aggregate {aggregate} x 1B-qkvo-r8 on {backend} ({n} processes): "
                           f"{aggregation['aggregate_s']:.2f} s")
     finally:

@@ -187,7 +187,7 @@ def main() -> None:
             result = backend_matrix(tmp, backends, [int(n) for n in args.processes.split(",")],
                                     [int(n) for n in args.clients_list.split(",")], SIZES,
                                     {"1B-qkvo-r8": args.requests, "small": args.small_requests}, args.aggregate,
-                                    b_only_push)
+                                    b_only_push, aggregate_phase)
         finally:
             if not args.keep:
                 shutil.rmtree(tmp, ignore_errors=True)

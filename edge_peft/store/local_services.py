@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from .local_server import free_port
+from .local_server import free_port, stop_process
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "edge-peft-test", "AWS_SECRET_ACCESS_KEY": "edge-peft-test",
                   "AWS_DEFAULT_REGION": "us-east-1"}
@@ -134,13 +134,7 @@ class LocalS3:
         return f"s3://{name}"
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.log.unlink(missing_ok=True)
 
     def __enter__(self) -> "LocalS3":
