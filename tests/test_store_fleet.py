@@ -77,6 +77,42 @@ def test_s3_blobs_are_content_addressed_verified_and_whole(s3_server):
     assert err.value.status == 503 and not faulty.exists(hashlib.sha256(b"pushed adapter").hexdigest())
 
 
+def test_both_backends_keep_the_same_records(store_location):
+    """The whole metadata and blob interface through the service, on SQLite + directory and PostgreSQL + S3."""
+    store, admin = open_store(store_location)
+    assert admin and store.authenticate(admin).kind == "admin"
+    tokens = {d: store.add_device(d) for d in ("phone-1", "phone-2", "phone-3")}
+    with pytest.raises(StoreError) as err:
+        store.add_device("phone-1")
+    assert err.value.status == 409
+    spec = make_manifest(labels=2).adapter
+    assert store.add_base(spec.to_dict())[1] and not store.add_base(spec.to_dict())[1]
+    pushed = {}
+    for i, device in enumerate(tokens):
+        data = encode_adapter(spec, random_tensors(spec, np.random.default_rng(i)))
+        meta = {"spec": spec.to_dict(), "samples": 10 + i, "steps": 3, "metrics": {"loss": 0.5}, "parent": None,
+                "sha256": hashlib.sha256(data).hexdigest()}
+        pushed[device], created = store.push(spec.base_fingerprint, device, meta, data)
+        assert created and pushed[device].number == 1 and store.blobs.get(pushed[device].sha256) == data
+    again, created = store.push(spec.base_fingerprint, "phone-3", meta, data)
+    assert not created and again.id == pushed["phone-3"].id  # the same tensors again: the same version
+    assert store.metadata.device_usage("phone-3") == (1, pushed["phone-3"].size)
+    record, created, report = store.aggregate(spec.base_fingerprint)
+    assert created and record.number == 1 and report["devices"] == 3
+    assert sorted(record.inputs) == sorted(v.id for v in store.metadata.latest_versions(spec.base_fingerprint))
+    assert store.aggregate(spec.base_fingerprint)[1] is False  # nothing new: the same global version
+    store.revoke_token("phone-2")
+    with pytest.raises(StoreError):
+        store.authenticate(tokens["phone-2"])
+    removed = store.remove_device("phone-2")
+    assert removed.versions_and_aggregates == 1 and not store.blobs.exists(pushed["phone-2"].sha256)
+    assert [d.id for d in store.metadata.devices()] == ["phone-1", "phone-3"]
+    removed = store.remove_base(spec.base_fingerprint)
+    assert not store.metadata.bases() and not store.blobs.exists(record.full_sha256)
+    assert store.metadata.referenced_blobs() == set()
+    store.close()
+
+
 @pytest.mark.slow  # two store processes and 16 pushes: about 6 s per backend
 def test_two_processes_number_versions_gap_free_and_make_one_global_version(store_location):
     store, admin = open_store(store_location)

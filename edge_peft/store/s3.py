@@ -59,15 +59,14 @@ class S3BlobStore:
         return f"{self.prefix}/{sha256[:2]}/{sha256[2:]}" if self.prefix else f"{sha256[:2]}/{sha256[2:]}"
 
     def put(self, data: bytes, sha256: str | None = None) -> str:
-        """Upload ``data`` (a no-op if present), then read it back: the object must hash to its key.
+        """Upload ``data``, then read it back: the object must hash to its key.
 
         The SHA-256 sent with the upload lets AWS S3 refuse corrupted bytes itself; not every S3-compatible
         server checks it (moto does not), so the read-back is what guarantees the key names its bytes.
-        ``sha256``: the digest the caller already computed of exactly these bytes.
+        ``sha256``: the digest the caller already computed of exactly these bytes. Bytes already stored are
+        uploaded again (the same object); the service asks ``exists`` first, saving a request per blob.
         """
         sha = sha256 or hashlib.sha256(data).hexdigest()
-        if self.exists(sha):
-            return sha
         try:
             self._upload(sha, data)
             stored = hashlib.sha256(self.client.get_object(Bucket=self.bucket, Key=self.key(sha))["Body"].read())
