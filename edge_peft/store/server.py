@@ -61,13 +61,8 @@ def announce_admin_token(admin_token: str | None) -> None:
         print(f"edge-peft store: admin token (shown once, keep it secret): {admin_token}", file=sys.stderr, flush=True)
 
 
-def create_app(store: AdapterStore | str | os.PathLike, limits: StoreLimits = StoreLimits()) -> FastAPI:
-    """The store app over an open store, or over a data directory (created and migrated if needed; the first
-    start prints the admin token)."""
-    if not isinstance(store, AdapterStore):
-        store, admin_token = AdapterStore.open(store, limits)
-        announce_admin_token(admin_token)
-
+def create_app(store: AdapterStore, limits: StoreLimits = StoreLimits()) -> FastAPI:
+    """The store app over an open store (``backends.open_store``)."""
     app = FastAPI(title="edge-peft adapter store", version=__version__,
                   description="Push, pull and federated-average LoRA-FA adapters in PEFT format.")
     app.state.store = store
