@@ -64,11 +64,15 @@ def _csv(value: str | None) -> list[str] | None:
               help="Frozen-base products of the portable step: fp32, or int8 (adds an int8-product graph beside "
                    "the fp32 one; train picks per CPU). bf16 is refused: onnxruntime's CPU provider has no bf16 "
                    "MatMul.")
+@click.option("--checkpointing", is_flag=True,
+              help="Recompute each transformer block's activations in the backward (ORT graph): less memory, "
+                   "about a third more compute per step.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, variant: str, targets: str | None,
            labels: str | None, seed: int, max_seq_len: int, weight_decay: float, max_grad_norm: float,
            layers: str | None, probe_data: Path | None, probe_steps: int, memory_budget: str | None,
-           device_profile: str | None, loss_chunks: int, backend: str, compute: str, force: bool) -> None:
+           device_profile: str | None, loss_chunks: int, backend: str, compute: str, checkpointing: bool,
+           force: bool) -> None:
     """Export a local Hugging Face MODEL_DIR to an on-device training artifact."""
     from .exporter.layer_selection import auto_count
     from .exporter.pipeline import ExportOptions, export_artifact
@@ -76,7 +80,7 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
     opts = ExportOptions(rank=rank, alpha=alpha, quantize=quantize, variant=variant, targets=_csv(targets),
                          seed=seed, max_seq_len=max_seq_len, labels=_csv(labels), weight_decay=weight_decay,
                          max_grad_norm=max_grad_norm, layers=layers, backend=backend, loss_chunks=loss_chunks,
-                         compute=compute)
+                         compute=compute, checkpointing=checkpointing)
     if memory_budget or device_profile:
         opts = _plan_export(model_dir, opts, memory_budget, device_profile)
     best = auto_count(opts.layers)

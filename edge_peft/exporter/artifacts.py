@@ -12,10 +12,11 @@ from typing import Iterator
 
 import onnx
 
-from ..artifact.files import INFERENCE_MODEL
+from ..artifact.files import INFERENCE_MODEL, ORT_TRAINING_MODEL
 from ..artifact.manifest import ADAMW_BETAS, IGNORE_INDEX
 from ..artifact.names import LABELS, LOSS_SCALE
-from . import graph
+from ..errors import UserError
+from . import graph, recompute
 from .loss_graph import target_loss_graph
 
 
@@ -59,11 +60,13 @@ def _scaled_loss():
 
 def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], frozen: list[str], out: Path,
                              weight_decay: float, max_grad_norm: float, flatten_width: int | None,
-                             loss_chunks: int = 0, hidden_size: int = 0) -> None:
+                             loss_chunks: int = 0, hidden_size: int = 0, checkpointing: bool = False) -> None:
     """Loss = scaled mean cross-entropy; optimizer = AdamW (HF mode) with gradient clipping by norm.
 
     A causal LM (``flatten_width`` = vocabulary) with ``loss_chunks`` > 0 gets the target-only, chunked LM
-    head and loss of ``loss_graph``; with 0 the naive full-logits loss.
+    head and loss of ``loss_graph``; with 0 the naive full-logits loss. The training model's backward then
+    dequantizes int8 weights where it reads them, and with ``checkpointing`` recomputes each block's
+    activations (``recompute.py``).
     """
     import onnxruntime
     from onnxruntime.training import artifacts, onnxblock
@@ -82,6 +85,19 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
     with _native_stderr_captured():
         artifacts.generate_artifacts(training, requires_grad=trainable, frozen_params=frozen, loss=loss,
                                      optimizer=optimizer, artifact_directory=str(out))
+    _recompute_in_backward(out / ORT_TRAINING_MODEL, checkpointing)
+
+
+def _recompute_in_backward(path: Path, checkpointing: bool) -> None:
+    """Rewrite the generated training model: late dequantization, and with ``checkpointing`` block recompute."""
+    training = onnx.load(str(path))
+    loss = training.graph.output[0].name
+    changed = recompute.dequantize_at_use(training, loss)
+    if checkpointing and not recompute.checkpoint_blocks(training, loss):
+        raise UserError("--checkpointing found no transformer blocks (nodes scoped /layers.N/) in this model's "
+                        "training graph: export without it")
+    if changed or checkpointing:
+        onnx.save(training, str(path))
 
 
 @contextlib.contextmanager

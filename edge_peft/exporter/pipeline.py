@@ -50,6 +50,7 @@ class ExportOptions:
     backend: str = ORT  # a key of backends.names.EXPORT_CHOICES: which training graphs the artifact carries
     loss_chunks: int = LOSS_CHUNKS  # causal LMs: target-only LM head and loss in this many chunks (0: naive full logits)
     compute: str = FP32  # export --compute: fp32, int8 or fp32,int8 (backends/compute.py)
+    checkpointing: bool = False  # recompute each block's activations in the ORT graph's backward (recompute.py)
 
 
 def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions, quiet: bool = False,
@@ -64,6 +65,9 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
     variant = get_variant(opts.variant)
     backends = EXPORT_CHOICES[opts.backend]
     computes = parse_export_computes(opts.compute, opts.quantize, backends)
+    if opts.checkpointing and backends != [ORT]:
+        raise UserError("--checkpointing rewrites the ORT training graph only: export with --backend ort "
+                        "(the portable step graph has no activation checkpointing yet)")
     stages = Stages(5 + len(backends), quiet)
     with stages.stage(f"loading {model_dir}"):
         loaded = load_model_dir(model_dir, opts.labels, init_seed=opts.seed)
@@ -97,7 +101,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
             with stages.stage("generating ORT training artifacts"):
                 write_training_artifacts(proto, trainable, frozen_list, tmp, opts.weight_decay, opts.max_grad_norm,
                                          flatten_width=config.vocab_size if causal else None,
-                                         loss_chunks=opts.loss_chunks, hidden_size=_hidden_size(config))
+                                         loss_chunks=opts.loss_chunks, hidden_size=_hidden_size(config),
+                                         checkpointing=opts.checkpointing)
         if PORTABLE in backends:
             with stages.stage("exporting the portable training graphs"):
                 write_portable_artifacts(model, causal, trainable, opts.quantize == "int8", opts.max_seq_len,
@@ -115,7 +120,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
             memory = MemoryFigures(
                 frozen_bytes=graph.nbytes(proto, frozen_list), quantized_bytes=graph.quantized_nbytes(proto),
                 trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
-                loss_chunks=opts.loss_chunks if causal else 0, **opts.memory)
+                loss_chunks=opts.loss_chunks if causal else 0, checkpointing=opts.checkpointing, **opts.memory)
             manifest = _manifest(loaded, config, opts, spec, memory, backends)
             manifest.computes = computes
             manifest.record_files(tmp)

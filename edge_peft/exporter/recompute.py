@@ -1,0 +1,223 @@
+"""Trade compute for memory in a joint forward + backward ONNX graph (the ORT training model).
+
+Two rewrites, both of which only add nodes that repeat forward work late in the backward:
+
+- ``dequantize_at_use``: a frozen weight dequantized from int8 is read by the forward *and* by the
+  input-gradient in the backward (``dX = dY W^T``). Each backward reader gets its own
+  ``DequantizeLinear``, so the fp32 copy made in the forward dies with its forward reader instead of
+  living until the backward.
+- ``checkpoint_blocks``: the forward activations a transformer block's backward reads are recomputed
+  from the block's inputs when the backward reaches the block (activation checkpointing per block);
+  between forward and backward only the block's inputs stay alive.
+
+ONNX Runtime orders nodes by their data dependencies, not by their place in the file, and would run a
+copy whose inputs are all ready (weights, the block's input) at the start of the step. Each copy's
+inputs therefore pass through a no-op ``Reshape`` whose target shape depends on a gradient that exists
+only once the backward reaches that point (``Shape(g)[0] * 0`` added to the input's own shape), which
+pins the copy to that point at the cost of a few integer ops.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+BLOCK = re.compile(r"/(?:layers|layer|h)\.(\d+)/")  # the node scope of a transformer block: Llama-like, BERT, GPT-2
+ZERO = "recompute.zero"
+
+
+class _Graph:
+    """Indexes of one graph: producers, consumers, the forward part and the names of constants."""
+
+    def __init__(self, graph: onnx.GraphProto, loss: str):
+        self.graph = graph
+        self.nodes = list(graph.node)
+        self.producer = {o: n for n in self.nodes for o in n.output if o}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.constants = ({i.name for i in graph.initializer} |
+                          {n.output[0] for n in self.nodes if n.op_type == "Constant"})
+        self.forward = self._ancestors([loss])
+
+    def _ancestors(self, names: list[str]) -> set[int]:
+        seen: set[int] = set()
+        stack = [self.producer[n] for n in names if n in self.producer]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            stack.extend(self.producer[i] for i in node.input if i in self.producer)
+        return seen
+
+    def is_forward(self, node: onnx.NodeProto) -> bool:
+        return id(node) in self.forward
+
+
+class _Rewriter:
+    """Collects the copies and the late inputs, then writes the graph back in a valid order."""
+
+    def __init__(self, g: _Graph):
+        self.g = g
+        self.before: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # id(node) -> copies to run before it
+        self.count = 0
+
+    def late(self, name: str, trigger: str, at: onnx.NodeProto) -> str:
+        """``name`` as a value that exists only once ``trigger`` does (a no-op Reshape)."""
+        self.count += 1
+        t = f"{name}.late{self.count}"
+        self.before[id(at)] += [
+            helper.make_node("Shape", [name], [f"{t}.shape"]),
+            helper.make_node("Shape", [trigger], [f"{t}.trigger"], end=1),
+            helper.make_node("Mul", [f"{t}.trigger", ZERO], [f"{t}.zero"]),
+            helper.make_node("Add", [f"{t}.shape", f"{t}.zero"], [f"{t}.same"]),
+            helper.make_node("Reshape", [name, f"{t}.same"], [t]),
+        ]
+        return t
+
+    def copy(self, nodes: list[onnx.NodeProto], trigger: str, at: onnx.NodeProto, suffix: str) -> dict[str, str]:
+        """Copies of ``nodes`` (in order) before ``at``, their outside inputs made late; old -> new output names."""
+        made = {o for n in nodes for o in n.output}
+        renames: dict[str, str] = {}
+        late: dict[str, str] = {}
+        for node in nodes:
+            clone = onnx.NodeProto()
+            clone.CopyFrom(node)
+            clone.name = f"{node.name}{suffix}"
+            for k, name in enumerate(clone.input):
+                if name in renames:
+                    clone.input[k] = renames[name]
+                elif name and name not in made and name not in self.g.constants and not _stored_weight(clone, k):
+                    if name not in late:
+                        late[name] = self.late(name, trigger, at)
+                    clone.input[k] = late[name]
+            for k, name in enumerate(clone.output):
+                if name:
+                    renames[name] = clone.output[k] = f"{name}{suffix}"
+            self.before[id(at)].append(clone)
+        return renames
+
+    def write(self) -> None:
+        graph = self.g.graph
+        ordered = [helper.make_node("Constant", [], [ZERO], value=numpy_helper.from_array(np.array(0, np.int64)))]
+        for node in self.g.nodes:
+            ordered += self.before.get(id(node), [])
+            ordered.append(node)
+        del graph.node[:]
+        graph.node.extend(_topological(ordered, {i.name for i in graph.input} | self.g.constants))
+
+
+def _stored_weight(node: onnx.NodeProto, k: int) -> bool:
+    """The int8 tensor of a ``DequantizeLinear``: its scale alone pins the copy late, without copying it."""
+    return node.op_type == "DequantizeLinear" and k == 0
+
+
+def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where every input is produced before it is read (stable otherwise)."""
+    ready = set(available) | {""}
+    produced_by_graph = {o for n in nodes for o in n.output}
+    pending = list(nodes)
+    out: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready or i not in produced_by_graph for i in node.input):
+                out.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise RuntimeError(f"recompute made a cycle at {rest[0].name or rest[0].op_type}")
+        pending = rest
+    return out
+
+
+def _trigger(g: _Graph, node: onnx.NodeProto) -> str | None:
+    """An input of backward ``node`` computed in the backward (a gradient)."""
+    for name in node.input:
+        producer = g.producer.get(name)
+        if producer is not None and not g.is_forward(producer):
+            return name
+    return None
+
+
+def dequantize_at_use(proto: onnx.ModelProto, loss: str) -> int:
+    """Give every backward reader of a dequantized weight its own late ``DequantizeLinear``; returns how many."""
+    g = _Graph(proto.graph, loss)
+    rw = _Rewriter(g)
+    for node in g.nodes:
+        if g.is_forward(node):
+            continue
+        for k, name in enumerate(node.input):
+            dq = g.producer.get(name)
+            trigger = _trigger(g, node)
+            if dq is None or dq.op_type != "DequantizeLinear" or trigger is None:
+                continue
+            node.input[k] = rw.copy([dq], trigger, node, f".bw{rw.count}")[name]
+    rw.write()
+    return rw.count
+
+
+def checkpoint_blocks(proto: onnx.ModelProto, loss: str) -> int:
+    """Recompute each transformer block's saved activations in the backward; returns the blocks rewritten."""
+    g = _Graph(proto.graph, loss)
+    rw = _Rewriter(g)
+    blocks: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    for node in g.nodes:
+        match = BLOCK.search(node.name)
+        if match and g.is_forward(node):
+            blocks[int(match.group(1))].append(node)
+    done = 0
+    for index, members in sorted(blocks.items()):
+        inside = {id(n) for n in members}
+        outputs = {o for n in members for o in n.output if o}
+        block_out = [o for o in outputs if any(id(c) not in inside and g.is_forward(c) for c in g.consumers[o])]
+        outputs -= set(block_out)  # what later blocks read stays: the checkpoints
+        readers = [n for n in g.nodes if not g.is_forward(n) and any(i in outputs for i in n.input)]
+        if not readers:
+            continue
+        trigger = _block_trigger(g, block_out, readers)
+        if trigger is None:
+            continue
+        saved = {i for n in readers for i in n.input if i in outputs}
+        needed = _needed(g, saved, inside)
+        renames = rw.copy(needed, trigger, readers[0], f".rc{index}")
+        for node in readers:
+            for k, name in enumerate(node.input):
+                if name in saved:
+                    node.input[k] = renames[name]
+        done += 1
+    rw.write()
+    return done
+
+
+def _block_trigger(g: _Graph, block_out: list[str], readers: list[onnx.NodeProto]) -> str | None:
+    """The gradient of one of the block's outputs that the block's own backward does not feed into."""
+    reader_ids = {id(n) for n in readers}
+    for name in sorted(block_out):
+        grad = f"{name}_grad"  # ORT's gradient builder names the gradient of tensor T ``T_grad``
+        if grad in g.producer and not (g._ancestors([grad]) & reader_ids):
+            return grad
+    return None
+
+
+def _needed(g: _Graph, saved: set[str], inside: set[int]) -> list[onnx.NodeProto]:
+    """The block's nodes (and the weight dequantizations they read) that ``saved`` depends on, in graph order."""
+    wanted: set[int] = set()
+    stack = [g.producer[s] for s in saved]
+    while stack:
+        node = stack.pop()
+        if id(node) in wanted:
+            continue
+        wanted.add(id(node))
+        for name in node.input:
+            producer = g.producer.get(name)
+            if producer is not None and (id(producer) in inside or producer.op_type == "DequantizeLinear"):
+                stack.append(producer)
+    return [n for n in g.nodes if id(n) in wanted]

@@ -1,0 +1,67 @@
+"""Recompute in the backward (``exporter/recompute.py``): int8 weights dequantized where the backward reads
+them, and ``export --checkpointing`` (each block's activations recomputed). Both change the memory a step
+holds, never its numbers: the losses equal those of the plain graph."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from families import make_family_model
+from helpers import train
+
+from edge_peft.artifact.files import ORT_TRAINING_MODEL
+from edge_peft.artifact.manifest import load_manifest
+from edge_peft.errors import UserError
+
+pytestmark = pytest.mark.slow  # exports and trains models
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_family_model("llama", tmp_path_factory.mktemp("llama") / "model")
+
+
+def _export(model, out, quantize: str, checkpointing: bool, backend: str = "ort"):
+    from edge_peft.exporter.pipeline import ExportOptions, export_artifact
+
+    export_artifact(model, out, ExportOptions(rank=4, alpha=8, quantize=quantize, targets=["all-linear"],
+                                              max_seq_len=32, seed=7, backend=backend,
+                                              checkpointing=checkpointing), quiet=True)
+    return out
+
+
+def _nodes(artifact):
+    return onnx.load(str(artifact / ORT_TRAINING_MODEL)).graph.node
+
+
+@pytest.mark.parametrize("quantize", ["int8", "none"])
+def test_checkpointing_keeps_the_losses(llama, data, tmp_path, quantize):
+    plain = _export(llama, tmp_path / "plain", quantize, checkpointing=False)
+    recomputed = _export(llama, tmp_path / "ckpt", quantize, checkpointing=True)
+    assert load_manifest(recomputed).memory.checkpointing and not load_manifest(plain).memory.checkpointing
+    names = [n.name for n in _nodes(recomputed)]
+    for block in range(2):  # every block of the tiny model has its recompute copies
+        assert any(f"/layers.{block}/" in n and n.endswith(f".rc{block}") for n in names)
+    expected = train(plain, data["lm"], tmp_path / "run-plain", steps=STEPS, threads=1)
+    got = train(recomputed, data["lm"], tmp_path / "run-ckpt", steps=STEPS, threads=1)
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert expected[-1] < expected[0]
+
+
+def test_int8_backward_dequantizes_its_own_copies(llama, tmp_path):
+    artifact = _export(llama, tmp_path / "int8", "int8", checkpointing=False)
+    nodes = _nodes(artifact)
+    late = [n for n in nodes if n.op_type == "DequantizeLinear" and ".bw" in n.name]
+    assert late, "the backward reads no dequantized copy of its own"
+    produced_by = {o: n for n in nodes for o in n.output}
+    # each late copy waits for a gradient: its scale goes through a Reshape whose shape reads one
+    for node in late:
+        assert produced_by[node.input[1]].op_type == "Reshape"
+
+
+def test_checkpointing_needs_the_ort_graph_alone(llama, tmp_path):
+    with pytest.raises(UserError, match="--backend ort"):
+        _export(llama, tmp_path / "both", "int8", checkpointing=True, backend="both")
+    assert not (tmp_path / "both").exists()
