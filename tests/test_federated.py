@@ -82,3 +82,102 @@ def test_a_flower_round_of_three_clients_averages_as_the_store_and_as_pytorch(ar
         expected = (weights[:, None, None] * per_device).sum(0)
         got = spec.scaling * torch.from_numpy(flower[b_key]).double() @ a
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def stop(procs) -> None:
+    """Terminate the processes this test started and the children they spawned (Flower's SuperExec)."""
+    import psutil
+
+    started = [psutil.Process(p.pid) for p in procs if p.poll() is None]
+    family = started + [c for p in started for c in p.children(recursive=True)]
+    for p in family:
+        p.terminate()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    for p in alive:
+        p.kill()
+
+
+@pytest.mark.slow
+def test_real_superlink_and_supernodes_on_loopback_train_int8_and_a_rank_prefix(artifacts, data, tmp_path):
+    """flower-superlink, two flower-supernode processes (one sends a rank-2 prefix) and `flwr run`, over loopback."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    artifact = artifacts("bert", "int8")
+    clients = split(data, tmp_path / "clients")
+    link, *node_ports = free_ports(3)
+    app, home, out = tmp_path / "app", tmp_path / "flwr-home", tmp_path / "server"
+    app.mkdir()
+    home.mkdir()
+    (app / "pyproject.toml").write_text(f"""
+[project]
+name = "edgepefttest"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "edgepeft"
+
+[tool.flwr.app.components]
+serverapp = "edge_peft.federated.apps:server"
+clientapp = "edge_peft.federated.apps:client"
+
+[tool.flwr.app.config]
+artifact = "{artifact}"
+rounds = 1
+local-steps = 2
+batch-size = 4
+max-seq-len = 32
+encoding = "int8"
+min-clients = 2
+out = "{out}"
+""")
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    procs = [subprocess.Popen([bin_dir / "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
+                               "--database", str(tmp_path / "link.db")], **quiet)]
+    try:
+        for i, (port, rank) in enumerate(zip(node_ports, (4, 2))):
+            procs.append(subprocess.Popen(
+                [bin_dir / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port),
+                 "--node-config", f"data='{clients / f'client-{i}.jsonl'}' rank={rank}"], **quiet))
+        submitted = None
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            if submitted is None or submitted.returncode != 0:  # the SuperLink may not listen yet
+                submitted = subprocess.run([bin_dir / "flwr", "run", str(app), "local"], capture_output=True,
+                                           text=True, env=env, timeout=60)
+            history = out / "history.json"
+            if history.is_file() and len(json.loads(history.read_text())) == 2:
+                break
+            time.sleep(1)
+        assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+        rounds = json.loads((out / "history.json").read_text())
+    finally:
+        stop(procs)
+    assert rounds[1]["devices"] == 2 and rounds[1]["refused"] == 0
+    assert rounds[1]["num-examples"] == SIZES[0] + SIZES[1]
+    assert rounds[1]["bytes-up"] < 0.3 * 4 * sum(np.prod(s) for s in trained_shapes(
+        load_manifest(artifact).adapter).values())  # int8, and one device sent half the rank
+    spec = load_manifest(artifact).adapter
+    merged = load_adapter(out / "round-1", spec)
+    for m in spec.modules:
+        b = merged[lora_key(m.name, "B")]
+        assert np.abs(b[:, :2]).max() > 0 and np.abs(b[:, 2:]).max() > 0  # channels 2, 3 come from device 0 alone
