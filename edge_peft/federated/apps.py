@@ -9,7 +9,6 @@ scores it on ``eval_data`` when given.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
