@@ -135,3 +135,52 @@ def test_the_strategy_average_decodes_int8_prefixes_and_refuses_what_does_not_fi
         assert np.abs(merged[b][:, 0] - exact0).max() <= bound and np.abs(merged[b][:, 3] - exact3).max() <= bound
     with pytest.raises(UserError, match="no update fits"):
         average(spec, [alien])
+
+
+def test_topk_deltas_round_trip_within_the_bound_and_refuse_what_does_not_fit():
+    from edge_peft.adapters import sparse
+
+    spec = make_manifest(labels=3).adapter
+    rng = np.random.default_rng(6)
+    start, shapes = trained(spec, random_tensors(spec, rng))
+    now = {k: v + rng.standard_normal(v.shape).astype(np.float32) * 0.01 for k, v in start.items()}
+    sent = sparse.encode_delta(now, start, 0.1)
+    dense = compressed.nbytes(compressed.encode(now, "fp32"))
+    assert compressed.nbytes(sent) < dense / 7  # a tenth of the entries at 1 byte + a 4-byte index
+    back = sparse.decode_delta(shapes, sent, start, 0.1, "node 3")
+    bound = sparse.error_bound(shapes, sent)
+    for k in shapes:
+        assert np.abs(back[k] - now[k]).max() <= bound[k] * (1 + 1e-5) + 1e-6, k
+    b = lora_key(spec.modules[0].name, "B")
+    for damage, message in [
+        (lambda s: s.update({b + sparse.INDEX_SUFFIX: s[b + sparse.INDEX_SUFFIX][::-1].copy()}), "increasing"),
+        (lambda s: s.update({b + sparse.INDEX_SUFFIX: s[b + sparse.INDEX_SUFFIX] + 10**6}), "inside the matrix"),
+        (lambda s: s.update({b: (s[b] // 2).astype(np.int8)}), "does not belong"),
+        (lambda s: s.update({b: np.concatenate([s[b], s[b]])}), "expected int8"),  # more entries than top-k allows
+    ]:
+        broken = {k: v.copy() for k, v in sent.items()}
+        damage(broken)
+        with pytest.raises(UserError, match=message):
+            sparse.decode_delta(shapes, broken, start, 0.1, "node 3")
+
+
+def test_the_strategy_average_adds_topk_deltas_to_the_round_s_global():
+    from edge_peft.adapters import sparse
+    from edge_peft.federated.average import Received, average
+    from edge_peft.federated.device_round import trained_shapes
+
+    spec = make_manifest(rank=4).adapter
+    rng = np.random.default_rng(7)
+    start, _ = trained(spec, random_tensors(spec, rng))
+    devices = [{k: v + rng.standard_normal(v.shape).astype(np.float32) * 0.01 for k, v in start.items()}
+               for _ in range(2)]
+    replies = [Received(f"node {i}", spec.base_fingerprint, sparse.TOPK, 4, 10, sparse.encode_delta(d, start, 1.0))
+               for i, d in enumerate(devices)]  # every entry sent: only int8 rounding remains
+    merged, _, refused = average(spec, replies, reference=start, topk=1.0)
+    assert not refused
+    bounds = [sparse.error_bound(trained_shapes(spec), r.tensors) for r in replies]
+    for k in start:
+        gap = np.abs(merged[k] - (devices[0][k] + devices[1][k]) / 2).max()
+        assert gap <= (bounds[0][k] + bounds[1][k]) / 2 * (1 + 1e-5) + 1e-7, k
+    with pytest.raises(UserError, match="no global version"):
+        average(spec, replies)

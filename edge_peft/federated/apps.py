@@ -27,8 +27,8 @@ from .device_round import train_round
 from .settings import FederatedSettings
 from .strategy import EdgePeftFedAvg, from_record, to_record
 
-ROUND_KEYS = ("rounds", "local-steps", "batch-size", "lr", "max-seq-len", "encoding", "nested-ranks", "dp-clip",
-              "dp-epsilon", "dp-delta")  # what the server decides for every device (sent in each round's config)
+ROUND_KEYS = ("rounds", "local-steps", "batch-size", "lr", "max-seq-len", "encoding", "topk", "nested-ranks",
+              "dp-clip", "dp-epsilon", "dp-delta")  # what the server decides for every device (sent in each round's config)
 STATE = "edge-peft"  # the device's record in Flower's node state: how many rounds it trained
 
 
@@ -79,7 +79,7 @@ def run_federation(grid: Grid, s: FederatedSettings) -> list[dict]:
     recorder = Recorder(s, manifest)
     start = {peft_key(n): v for n, v in initial_trainable(artifact, manifest).items()}
     recorder(0, start, {})
-    strategy = EdgePeftFedAvg(manifest.adapter, on_round=recorder, min_available_nodes=s.min_clients,
+    strategy = EdgePeftFedAvg(manifest.adapter, on_round=recorder, topk=s.topk, min_available_nodes=s.min_clients,
                               min_train_nodes=s.min_clients)
     strategy.start(grid, to_record(start), num_rounds=s.rounds, train_config=round_config(s))
     return recorder.history

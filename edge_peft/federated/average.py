@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..adapters import compressed
+from ..adapters import compressed, sparse
 from ..artifact.adapter_section import AdapterSpec
 from ..artifact.names import is_b
 from ..errors import UserError
@@ -36,8 +36,10 @@ class Received:
     tensors: Mapping[str, np.ndarray]
 
 
-def as_source(spec: AdapterSpec, reply: Received) -> Source:
-    """A reply as an aggregation source (full-rank tensors); UserError naming the device when it does not fit."""
+def as_source(spec: AdapterSpec, reply: Received, reference: Mapping[str, np.ndarray] | None = None,
+              topk: float = 0.1) -> Source:
+    """A reply as an aggregation source (full-rank tensors); UserError naming the device when it does not fit.
+    ``reference``: the global version the round started from, which an ``int8-topk`` delta is added to."""
     if reply.base != spec.base_fingerprint:
         raise UserError(f"{reply.label} sent an adapter for base {reply.base[:19]}..., this federation trains "
                         f"{spec.base_fingerprint[:19]}...: give that device the federation's artifact")
@@ -45,7 +47,14 @@ def as_source(spec: AdapterSpec, reply: Received) -> Source:
         raise UserError(f"{reply.label} sent {reply.rank!r} rank channels; this base's rank is {spec.rank}")
     if type(reply.examples) is not int or reply.examples < 1:
         raise UserError(f"{reply.label} reports {reply.examples!r} training examples: it must be a positive integer")
-    decoded = compressed.decode(trained_shapes(spec, reply.rank), reply.tensors, reply.encoding, reply.label)
+    shapes = trained_shapes(spec, reply.rank)
+    if reply.encoding == sparse.TOPK:
+        if reference is None:
+            raise UserError(f"{reply.label} sent a top-k delta, but no global version to add it to is known")
+        start = {k: reference[k][:, : shapes[k][1]] if is_b(k) else reference[k] for k in shapes}
+        decoded = sparse.decode_delta(shapes, reply.tensors, start, topk, reply.label)
+    else:
+        decoded = compressed.decode(shapes, reply.tensors, reply.encoding, reply.label)
     full = {}
     for key, value in decoded.items():
         if is_b(key) and reply.rank < spec.rank:
@@ -55,13 +64,15 @@ def as_source(spec: AdapterSpec, reply: Received) -> Source:
     return Source(reply.label, reply.examples, lambda: full, channels)
 
 
-def average(spec: AdapterSpec, replies: Sequence[Received],
-            policy: AggregationPolicy = FEDAVG) -> tuple[dict[str, np.ndarray], dict, list[str]]:
-    """(the global's trained tensors, the aggregation report, one line per refused reply)."""
+def average(spec: AdapterSpec, replies: Sequence[Received], policy: AggregationPolicy = FEDAVG,
+            reference: Mapping[str, np.ndarray] | None = None,
+            topk: float = 0.1) -> tuple[dict[str, np.ndarray], dict, list[str]]:
+    """(the global's trained tensors, the aggregation report, one line per refused reply); ``reference`` and
+    ``topk`` decode ``int8-topk`` deltas."""
     sources, refused = [], []
     for reply in replies:
         try:
-            sources.append(as_source(spec, reply))
+            sources.append(as_source(spec, reply, reference, topk))
         except UserError as exc:
             refused.append(str(exc))
     if not sources:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..adapters.compressed import ENCODINGS, FP32
+from ..adapters.sparse import TOPK
 from ..errors import UserError
 
 
@@ -26,7 +27,8 @@ class FederatedSettings:
     batch_size: int = 8
     lr: float = 1e-2
     max_seq_len: int = 128
-    encoding: str = FP32  # fp32 | int8 (adapters/compressed.py)
+    encoding: str = FP32  # fp32 | int8 (adapters/compressed.py) | int8-topk (adapters/sparse.py: deltas)
+    topk: float = 0.1  # int8-topk: the fraction of each matrix's entries sent
     rank: int = 0  # channels of each B a device sends (0: all); a nested-rank device sends the prefix its budget allows
     nested_ranks: bool = False  # devices train with --nested-ranks (so that every prefix is an adapter)
     dp_clip: float = 0.0  # client-side DP-SGD (0: off): per-example bound, and the target epsilon over all rounds
@@ -56,7 +58,8 @@ class FederatedSettings:
             (self.local_steps >= 1, "local-steps must be >= 1"),
             (self.batch_size >= 1, "batch-size must be >= 1"),
             (self.lr > 0, "lr must be positive"),
-            (self.encoding in ENCODINGS, f"encoding must be one of {', '.join(ENCODINGS)}"),
+            (self.encoding in (*ENCODINGS, TOPK), f"encoding must be one of {', '.join((*ENCODINGS, TOPK))}"),
+            (0 < self.topk <= 1, "topk must be in (0, 1]"),
             (self.rank >= 0, "rank must be >= 0 (0: every channel)"),
             (self.dp_epsilon >= 0 and self.dp_clip >= 0, "dp-epsilon and dp-clip must be >= 0"),
             ((self.dp_epsilon > 0) == (self.dp_clip > 0), "client-side DP needs both dp-clip and dp-epsilon"),

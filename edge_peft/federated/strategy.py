@@ -36,14 +36,16 @@ class EdgePeftFedAvg(FedAvg):
     """FedAvg of LoRA-FA adapters over a shared seeded A, averaged by ``store.aggregate`` (refuses other variants)."""
 
     def __init__(self, spec: AdapterSpec, policy: AggregationPolicy = FEDAVG, on_round: RoundHook | None = None,
-                 **fedavg) -> None:
+                 topk: float = 0.1, **fedavg) -> None:
         require_exact(spec)
         super().__init__(fraction_evaluate=0.0, **fedavg)
-        self.spec, self.policy, self.on_round = spec, policy, on_round
+        self.spec, self.policy, self.on_round, self.topk = spec, policy, on_round, topk
+        self.reference: dict[str, np.ndarray] | None = None  # the global version this round started from
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         config["base"] = self.spec.base_fingerprint
+        self.reference = from_record(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int,
@@ -52,7 +54,7 @@ class EdgePeftFedAvg(FedAvg):
         received = [_received(m) for m in valid]
         if not received:
             return None, None
-        tensors, report, refused = average(self.spec, received, self.policy)
+        tensors, report, refused = average(self.spec, received, self.policy, self.reference, self.topk)
         for line in refused:
             log(WARNING, "round %s: refused %s", server_round, line)
         weights = np.array([r.examples for r in received], np.float64)
