@@ -2,7 +2,8 @@
 on BBC News split non-IID over 10 simulated devices (each holds two topics mostly), on Flower's simulation engine.
 
 Rows: centralised training on the union of the devices' data (the same total steps: rounds x devices x local
-steps), FedAvg with fp32 updates, FedAvg with int8 updates, FedAvg with client-side DP-SGD at epsilon 8 and 1 (over
+steps), FedAvg with fp32 updates, with int8 updates, with int8 top-10 % deltas against the round's global, and with
+client-side DP-SGD at epsilon 8 and 1 (over
 all rounds, delta 1e-5, per-example clip 1.0). Per round: held-out accuracy of the global adapter (200 articles,
 40 per topic) and the bytes each device sends. Every row runs in its own process.
 
@@ -22,9 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_description, peak_rss_mb, print_table, run_worker, write_json  # noqa: E402
 
-ROWS = {"centralised": {}, "fedavg-fp32": {"encoding": "fp32"}, "fedavg-int8": {"encoding": "int8"},
+ROWS = {"fedavg-fp32": {"encoding": "fp32"}, "fedavg-int8": {"encoding": "int8"}, "centralised": {},
         "fedavg-dp-eps8": {"encoding": "fp32", "dp_epsilon": 8.0, "dp_clip": 1.0},
-        "fedavg-dp-eps1": {"encoding": "fp32", "dp_epsilon": 1.0, "dp_clip": 1.0}}
+        "fedavg-dp-eps1": {"encoding": "fp32", "dp_epsilon": 1.0, "dp_clip": 1.0},
+        "fedavg-int8-topk10": {"encoding": "int8-topk", "topk": 0.1}}  # in this order: the JSON is written after each
 
 
 def non_iid(rows: list[dict], labels: list[str], devices: int, minor_each: int) -> list[list[dict]]:
@@ -165,6 +167,15 @@ def main() -> None:
               "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
               "--max-seq-len", str(args.max_seq_len)]
     results = []
+    record = {
+        "benchmark": "federated", "date": time.strftime("%Y-%m-%d"), "cpu": cpu_description(),
+        "setup": {"model": "all-MiniLM-L6-v2 int8, LoRA-FA rank 8 (query, value), 5-way head",
+                  "data": f"BBC News, {len(train_rows)} training articles over {args.devices} devices (two topics "
+                          f"each mostly, 2 of every other), {len(test_rows)} held out",
+                  "devices": args.devices, "rounds": args.rounds, "local_steps": args.local_steps,
+                  "batch_size": args.batch_size, "lr": args.lr, "max_seq_len": args.max_seq_len,
+                  "device_sizes": [len(s) for s in shards], "dp": {"clip": 1.0, "delta": 1e-5}},
+        "rows": results}
     for name in [r for r in args.rows.split(",") if r]:
         print(f"[{name}] ...", flush=True)
         result = run_worker(Path(__file__), ["--row", name, "--out", str(work / name), *common], timeout=1800)
@@ -175,20 +186,14 @@ def main() -> None:
                         "epsilon": last.get("epsilon"), "wall_s": round(result["wall_s"], 1),
                         "peak_rss_mb": round(result["peak_rss_mb"], 1)})
         print(json.dumps(results[-1]), flush=True)
+        write_json(args.json, {**record, "complete": False})  # what is measured so far survives an interruption
     cost = run_worker(Path(__file__), ["--row", "step-cost", "--out", str(work / "step-cost"), *common])
     print(f"DP-SGD step {cost['dp_s_per_step']:.3f} s vs plain {cost['plain_s_per_step']:.3f} s "
           f"({cost['dp_s_per_step'] / cost['plain_s_per_step']:.2f}x)", flush=True)
     print_table(results, [("row", "row"), ("final_accuracy", "accuracy"), ("bytes_up_per_client_round", "bytes up"),
                           ("epsilon", "epsilon"), ("wall_s", "wall s")])
-    write_json(args.json, {
-        "benchmark": "federated", "date": time.strftime("%Y-%m-%d"), "cpu": cpu_description(),
-        "setup": {"model": "all-MiniLM-L6-v2 int8, LoRA-FA rank 8 (query, value), 5-way head",
-                  "data": f"BBC News, {len(train_rows)} training articles over {args.devices} devices (two topics "
-                          f"each mostly, 2 of every other), {len(test_rows)} held out",
-                  "devices": args.devices, "rounds": args.rounds, "local_steps": args.local_steps,
-                  "batch_size": args.batch_size, "lr": args.lr, "max_seq_len": args.max_seq_len,
-                  "device_sizes": [len(s) for s in shards], "dp": {"clip": 1.0, "delta": 1e-5}},
-        "rows": results, "step_cost": cost, "total_s": round(time.perf_counter() - began, 1)})
+    write_json(args.json, {**record, "step_cost": cost, "complete": True,
+                           "total_s": round(time.perf_counter() - began, 1)})
 
 
 if __name__ == "__main__":

@@ -103,8 +103,7 @@ class Recorder:
             if self.eval_rows:
                 from ..device.inference import Predictor, accuracy
 
-                entry["accuracy"] = accuracy(Predictor(self.s.artifact, adapter, threads=self.s.threads),
-                                             self.eval_rows)
+                entry["accuracy"] = accuracy(Predictor(self.s.artifact, adapter), self.eval_rows)  # all cores
         self.history.append(entry)
         if self.s.out:
             atomic_write_json(Path(self.s.out) / "history.json", self.history)

@@ -27,7 +27,8 @@ def simulate(settings: FederatedSettings, clients: int, parallel: int = 1, quiet
     resources = {"num_cpus": settings.threads, "num_gpus": 0.0}
     run_simulation(server_app(settings), client_app(settings), num_supernodes=clients,
                    backend_config={"client_resources": resources,
-                                   "init_args": {"num_cpus": settings.threads * parallel, "log_to_driver": not quiet}})
+                                   "init_args": {"num_cpus": settings.threads * parallel, "log_to_driver": not quiet,
+                                                 "include_dashboard": False}})
     history = Path(settings.out) / "history.json"
     if not history.is_file():
         raise UserError(f"the simulation wrote no {history}: it failed (run with quiet=False to see Flower's log)")
