@@ -1,6 +1,7 @@
 """Top-k sparsified int8 deltas: of the change since the global version a device started from, each matrix sends
 its ``k = ceil(fraction x size)`` largest entries by magnitude, as int8 with one scale ``s = max|x| / 127``, and
-their flat indices (int32, increasing); 1-D tensors send their whole delta in fp32. The receiver adds the delta to
+their flat indices (increasing; uint16 for matrices of at most 65,536 entries, else int32); 1-D tensors send their
+whole delta in fp32. The receiver adds the delta to
 the same global version.
 
 Error bound, per matrix: a sent entry is within ``s / 2`` of its delta; an entry left out was no larger than the
@@ -27,6 +28,11 @@ def kept(size: int, fraction: float) -> int:
     return max(1, min(size, math.ceil(fraction * size)))
 
 
+def index_dtype(size: int) -> type:
+    """The dtype of a matrix's flat indices: 2 bytes where they fit."""
+    return np.uint16 if size <= 1 << 16 else np.int32
+
+
 def encode_delta(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
                  fraction: float) -> dict[str, np.ndarray]:
     """``tensors - reference`` as sent: per matrix the top-k entries (int8 + one scale + indices)."""
@@ -38,7 +44,7 @@ def encode_delta(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.n
             continue
         flat = delta.ravel()
         k = kept(flat.size, fraction)
-        index = np.sort(np.argpartition(-np.abs(flat), k - 1)[:k]).astype(np.int32)
+        index = np.sort(np.argpartition(-np.abs(flat), k - 1)[:k]).astype(index_dtype(flat.size))
         values = flat[index]
         scale = np.float32(np.abs(values).max() / QMAX)
         out[key] = np.clip(np.rint(values / (scale if scale > 0 else 1.0)), -QMAX, QMAX).astype(np.int8)
@@ -55,9 +61,10 @@ def decode_delta(shapes: Mapping[str, tuple[int, ...]], sent: Mapping[str, np.nd
         if len(shape) != 2:
             expected[key] = (tuple(shape), np.float32)
             continue
-        k = kept(int(np.prod(shape)), fraction)
+        size = int(np.prod(shape))
+        k = kept(size, fraction)
         expected.update({key: ((k,), np.int8), key + SCALE_SUFFIX: ((1,), np.float32),
-                         key + INDEX_SUFFIX: ((k,), np.int32)})
+                         key + INDEX_SUFFIX: ((k,), index_dtype(size))})
     extra, missing = sorted(set(sent) - set(expected)), sorted(set(expected) - set(sent))
     if extra or missing:
         what = f"has no tensor {missing[0]}" if missing else f"has an unexpected tensor {extra[0]}"
@@ -75,7 +82,8 @@ def decode_delta(shapes: Mapping[str, tuple[int, ...]], sent: Mapping[str, np.nd
         if len(shape) != 2:
             out[key] = base + sent[key]
             continue
-        index, q, scale = sent[key + INDEX_SUFFIX], sent[key], float(sent[key + SCALE_SUFFIX][0])
+        index = sent[key + INDEX_SUFFIX].astype(np.int64)
+        q, scale = sent[key], float(sent[key + SCALE_SUFFIX][0])
         if index[0] < 0 or index[-1] >= base.size or np.any(np.diff(index) <= 0):
             raise UserError(f"{source}: the indices of {key} are not distinct, increasing and inside the matrix: "
                             "the update is corrupted")
