@@ -113,6 +113,35 @@ def test_both_backends_keep_the_same_records(store_location):
     store.close()
 
 
+@pytest.mark.slow  # its own S3 server, stopped mid-test: about 4 s
+def test_an_unreachable_bucket_refuses_pushes_with_503_and_records_nothing(tmp_path, monkeypatch):
+    from edge_peft.store.local_services import LocalS3
+
+    s3 = LocalS3().start()
+    try:
+        location = StoreLocation(tmp_path / "store", blobs=s3.new_bucket("going-away"), s3_endpoint=s3.endpoint)
+        for key in s3.env:
+            monkeypatch.delenv(key, raising=False)
+        with pytest.raises(StoreError, match="Unable to locate credentials.*check --blobs, --s3-endpoint and the AWS_"):
+            open_store(location)
+        for key, value in s3.env.items():
+            monkeypatch.setenv(key, value)
+        store, _ = open_store(location)  # SQLite metadata in the data directory, blobs in the bucket
+    finally:
+        s3.stop()
+    store.add_device("phone-1")
+    spec = make_manifest().adapter
+    store.add_base(spec.to_dict())
+    data = encode_adapter(spec, random_tensors(spec, np.random.default_rng(0)))
+    meta = {"spec": spec.to_dict(), "samples": 1, "steps": 1, "metrics": {}, "parent": None,
+            "sha256": hashlib.sha256(data).hexdigest()}
+    with pytest.raises(StoreError, match="the blob store failed") as err:
+        store.push(spec.base_fingerprint, "phone-1", meta, data)
+    assert err.value.status == 503 and err.value.headers == {"Retry-After": "5"}
+    assert store.metadata.versions(spec.base_fingerprint) == []
+    store.close()
+
+
 @pytest.mark.slow  # two store processes and 16 pushes: about 6 s per backend
 def test_two_processes_number_versions_gap_free_and_make_one_global_version(store_location):
     store, admin = open_store(store_location)

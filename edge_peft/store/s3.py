@@ -92,8 +92,8 @@ class S3BlobStore:
     def get(self, sha256: str) -> bytes:
         try:
             data = self.client.get_object(Bucket=self.bucket, Key=self.key(sha256))["Body"].read()
-        except ClientError as exc:
-            if _code(exc) in MISSING:
+        except (ClientError, BotoCoreError) as exc:
+            if isinstance(exc, ClientError) and _code(exc) in MISSING:
                 raise StoreError(500, f"blob {sha256[:12]} is missing from {self.url}: restore it from the bucket's "
                                       "versions or a backup") from None
             raise StoreError(503, f"the blob store failed ({_reason(exc)}): retry later", {"Retry-After": "5"}) from None
@@ -106,8 +106,8 @@ class S3BlobStore:
         try:
             self.client.head_object(Bucket=self.bucket, Key=self.key(sha256))
             return True
-        except ClientError as exc:
-            if _code(exc) in MISSING:
+        except (ClientError, BotoCoreError) as exc:
+            if isinstance(exc, ClientError) and _code(exc) in MISSING:
                 return False
             raise StoreError(503, f"the blob store failed ({_reason(exc)}): retry later", {"Retry-After": "5"}) from None
 
