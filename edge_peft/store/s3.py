@@ -44,7 +44,8 @@ class S3BlobStore:
         self.url = url
         config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32,
                         request_checksum_calculation="when_required", response_checksum_validation="when_required")
-        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+        session = boto3.session.Session()  # its own: credentials read now, not cached by boto3's default session
+        self.client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
         self.transfer = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES,
                                        use_threads=False)
         try:
