@@ -20,7 +20,6 @@ from ..errors import UserError
 class RunData:
     """A run's per-step records and the figures its charts are drawn against."""
 
-    run: Path
     records: list[dict[str, Any]]
     summary: dict[str, Any] | None  # None while the run is still training
     plan: dict[str, Any] | None  # run.json's memory plan (None without --memory-budget)
@@ -61,7 +60,7 @@ def read_run(run: Path) -> RunData:
             raise UserError(f"{metrics} line {number} has no integer 'step': the file was edited or damaged")
         records.append(record)
     info = _json_or_none(run / RUN_INFO) or {}
-    return RunData(run, records, _json_or_none(run / SUMMARY), info.get("plan"), info.get("config") or {})
+    return RunData(records, _json_or_none(run / SUMMARY), info.get("plan"), info.get("config") or {})
 
 
 def _json_or_none(path: Path) -> dict[str, Any] | None:
