@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--per-class-train", type=int, default=60)
     parser.add_argument("--per-class-test", type=int, default=40)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows --json already holds (same setup) and run only the others")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("row", "artifact", "data-dir", "union", "test", "out"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
@@ -176,7 +178,12 @@ def main() -> None:
                   "batch_size": args.batch_size, "lr": args.lr, "max_seq_len": args.max_seq_len,
                   "device_sizes": [len(s) for s in shards], "dp": {"clip": 1.0, "delta": 1e-5}},
         "rows": results}
-    for name in [r for r in args.rows.split(",") if r]:
+    earlier = json.loads(Path(args.json).read_text()) if args.resume and args.json and Path(args.json).is_file() else None
+    if earlier is not None:
+        if earlier["setup"] != record["setup"]:
+            raise SystemExit(f"{args.json} was measured with another setup: run without --resume")
+        results += earlier["rows"]
+    for name in [r for r in args.rows.split(",") if r and r not in {row["row"] for row in results}]:
         print(f"[{name}] ...", flush=True)
         result = run_worker(Path(__file__), ["--row", name, "--out", str(work / name), *common], timeout=1800)
         history = result["history"]
@@ -184,7 +191,8 @@ def main() -> None:
         results.append({"row": name, "accuracy_per_round": [round(h["accuracy"], 4) for h in history],
                         "final_accuracy": last["accuracy"], "bytes_up_per_client_round": last.get("bytes-up"),
                         "epsilon": last.get("epsilon"), "wall_s": round(result["wall_s"], 1),
-                        "peak_rss_mb": round(result["peak_rss_mb"], 1)})
+                        "peak_rss_mb": round(result["peak_rss_mb"], 1),
+                        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         print(json.dumps(results[-1]), flush=True)
         write_json(args.json, {**record, "complete": False})  # what is measured so far survives an interruption
     cost = run_worker(Path(__file__), ["--row", "step-cost", "--out", str(work / "step-cost"), *common])
