@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,13 +52,17 @@ def worker(artifact: str, batch: int, seq: int, threads: int, backend_name: str)
     ids = rng.integers(5, manifest.vocab_size, size=(batch, seq), dtype=np.int64)
     labels = (rng.integers(0, len(manifest.labels), size=batch, dtype=np.int64) if manifest.labels
               else rng.integers(5, manifest.vocab_size, size=(batch, seq), dtype=np.int64))
-    for _ in range(3):
+    started = 0.0
+    for step in range(3):
+        if step == 1:
+            started = time.perf_counter()
         backend.start_step(1e-3)
         backend.forward_backward(Batch(ids, np.ones_like(ids), labels))
         backend.optimizer_step()
+    step_s = (time.perf_counter() - started) / 2
     return {"artifact": Path(artifact).name, "path": str(Path(artifact).resolve()), "backend": backend_name, "batch": batch, "seq": seq, "threads": threads,
             "after_imports_mb": round(after_imports / MB, 1), "after_load_mb": round(after_load / MB, 1),
-            "peak_mb": round(peak_rss() / MB, 1),
+            "peak_mb": round(peak_rss() / MB, 1), "tokens_per_s": round(batch * seq / step_s, 1),
             "predicted_mb": round(predict(manifest, batch, seq, backend_name).total / MB, 1)}
 
 

@@ -53,7 +53,7 @@ def test_checkpointing_keeps_the_losses(llama, data, tmp_path, quantize):
 def test_int8_backward_dequantizes_its_own_copies(llama, tmp_path):
     artifact = _export(llama, tmp_path / "int8", "int8", checkpointing=False)
     nodes = _nodes(artifact)
-    late = [n for n in nodes if n.op_type == "DequantizeLinear" and ".bw" in n.name]
+    late = [n for n in nodes if n.op_type == "DequantizeLinear" and ".use" in n.name]
     assert late, "the backward reads no dequantized copy of its own"
     produced_by = {o: n for n in nodes for o in n.output}
     # each late copy waits for a gradient: its scale goes through a Reshape whose shape reads one

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import onnx
 
-from ..artifact.files import INFERENCE_MODEL, ORT_TRAINING_MODEL
+from ..artifact.files import INFERENCE_MODEL, ORT_EVAL_MODEL, ORT_TRAINING_MODEL
 from ..artifact.manifest import ADAMW_BETAS, IGNORE_INDEX
 from ..artifact.names import LABELS, LOSS_SCALE
 from ..errors import UserError
@@ -64,9 +64,9 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
     """Loss = scaled mean cross-entropy; optimizer = AdamW (HF mode) with gradient clipping by norm.
 
     A causal LM (``flatten_width`` = vocabulary) with ``loss_chunks`` > 0 gets the target-only, chunked LM
-    head and loss of ``loss_graph``; with 0 the naive full-logits loss. The training model's backward then
-    dequantizes int8 weights where it reads them, and with ``checkpointing`` recomputes each block's
-    activations (``recompute.py``).
+    head and loss of ``loss_graph``; with 0 the naive full-logits loss. The training and eval models then
+    dequantize int8 weights where they read them, and with ``checkpointing`` the training model recomputes
+    each block's activations (``recompute.py``).
     """
     import onnxruntime
     from onnxruntime.training import artifacts, onnxblock
@@ -85,19 +85,19 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
     with _native_stderr_captured():
         artifacts.generate_artifacts(training, requires_grad=trainable, frozen_params=frozen, loss=loss,
                                      optimizer=optimizer, artifact_directory=str(out))
-    _recompute_in_backward(out / ORT_TRAINING_MODEL, checkpointing)
+    _recompute(out / ORT_TRAINING_MODEL, checkpointing)
+    _recompute(out / ORT_EVAL_MODEL, False)
 
 
-def _recompute_in_backward(path: Path, checkpointing: bool) -> None:
-    """Rewrite the generated training model: late dequantization, and with ``checkpointing`` block recompute."""
-    training = onnx.load(str(path))
-    loss = training.graph.output[0].name
-    changed = recompute.dequantize_at_use(training, loss)
-    if checkpointing and not recompute.checkpoint_blocks(training, loss):
+def _recompute(path: Path, checkpointing: bool) -> None:
+    """Rewrite a generated model: int8 weights dequantized at each use, and with ``checkpointing`` block recompute."""
+    model = onnx.load(str(path))
+    changed = recompute.dequantize_at_use(model)
+    if checkpointing and not recompute.checkpoint_blocks(model, model.graph.output[0].name):
         raise UserError("--checkpointing found no transformer blocks (nodes scoped /layers.N/) in this model's "
                         "training graph: export without it")
     if changed or checkpointing:
-        onnx.save(training, str(path))
+        onnx.save(model, str(path))
 
 
 @contextlib.contextmanager

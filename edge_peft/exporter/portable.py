@@ -32,7 +32,7 @@ from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_INT8_STEP_MODEL, P
 from ..artifact.manifest import IGNORE_INDEX
 from ..artifact.names import BATCH_INPUTS, LOSS, grad_name, is_a
 from ..fileio import atomic_write_bytes
-from . import graph, low_precision
+from . import graph, low_precision, recompute
 from .portable_optim import append_update
 
 PORTABLE_OPSET = 18
@@ -188,12 +188,20 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
         _transpose_before_dequantize(proto)
     shapes = {name: list(params[name].shape) for name in trainable}
     append_update(proto.graph, shapes, weight_decay, max_grad_norm)
-    _save(proto, out / PORTABLE_STEP_MODEL)
+    _save(_dequantized_at_use(proto), out / PORTABLE_STEP_MODEL)
     if int8_compute:
         low_precision.int8_compute(proto)
-        _save(proto, out / PORTABLE_INT8_STEP_MODEL)
+        _save(_dequantized_at_use(proto), out / PORTABLE_INT8_STEP_MODEL)
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
     atomic_write_bytes(out / PORTABLE_INITIAL_STATE, save_safetensors(values))
+
+
+def _dequantized_at_use(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` whose int8 weights are dequantized at each use (``recompute.dequantize_at_use``)."""
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(proto)
+    recompute.dequantize_at_use(pinned)
+    return pinned
 
 
 def _transpose_before_dequantize(proto: onnx.ModelProto) -> None:

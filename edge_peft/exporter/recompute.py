@@ -1,20 +1,17 @@
-"""Trade compute for memory in a joint forward + backward ONNX graph (the ORT training model).
+"""Trade compute for memory in training graphs (the ORT training and eval models, the portable step).
 
-Two rewrites, both of which only add nodes that repeat forward work late in the backward:
-
-- ``dequantize_at_use``: a frozen weight dequantized from int8 is read by the forward *and* by the
-  input-gradient in the backward (``dX = dY W^T``). Each backward reader gets its own
-  ``DequantizeLinear``, so the fp32 copy made in the forward dies with its forward reader instead of
-  living until the backward.
+- ``dequantize_at_use``: every reader of a frozen int8 weight (the forward's product, the backward's
+  input-gradient ``dX = dY W^T``) gets its own ``DequantizeLinear``, made just before it: at any time the
+  base costs its int8 bytes plus the fp32 copies in use, not the whole base in fp32.
 - ``checkpoint_blocks``: the forward activations a transformer block's backward reads are recomputed
   from the block's inputs when the backward reaches the block (activation checkpointing per block);
   between forward and backward only the block's inputs stay alive.
 
-ONNX Runtime orders nodes by their data dependencies, not by their place in the file, and would run a
-copy whose inputs are all ready (weights, the block's input) at the start of the step. Each copy's
-inputs therefore pass through a no-op ``Reshape`` whose target shape depends on a gradient that exists
-only once the backward reaches that point (``Shape(g)[0] * 0`` added to the input's own shape), which
-pins the copy to that point at the cost of a few integer ops.
+ONNX Runtime orders nodes by their data dependencies, not by their place in the file, and runs a node
+whose inputs are all ready (stored weights, the block's input) at the start of the step. Each copy's
+inputs therefore pass through a no-op ``Reshape`` whose target shape depends on a value that exists only
+when its reader runs (``Shape(v)[0] * 0`` added to the input's own shape; ``v`` is the reader's latest
+input, a gradient in the backward), which pins the copy to that point at the cost of a few integer ops.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ ZERO = "recompute.zero"
 class _Graph:
     """Indexes of one graph: producers, consumers, the forward part and the names of constants."""
 
-    def __init__(self, graph: onnx.GraphProto, loss: str):
+    def __init__(self, graph: onnx.GraphProto, loss: str | None = None):
         self.graph = graph
         self.nodes = list(graph.node)
         self.producer = {o: n for n in self.nodes for o in n.output if o}
@@ -43,7 +40,8 @@ class _Graph:
                 self.consumers[name].append(node)
         self.constants = ({i.name for i in graph.initializer} |
                           {n.output[0] for n in self.nodes if n.op_type == "Constant"})
-        self.forward = self._ancestors([loss])
+        self.stored = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+        self.forward = self._ancestors([loss]) if loss else set()
 
     def _ancestors(self, names: list[str]) -> set[int]:
         seen: set[int] = set()
@@ -93,7 +91,7 @@ class _Rewriter:
             for k, name in enumerate(clone.input):
                 if name in renames:
                     clone.input[k] = renames[name]
-                elif name and name not in made and name not in self.g.constants and not _stored_weight(clone, k):
+                elif name and name not in made and _pins(clone, k, name in self.g.constants):
                     if name not in late:
                         late[name] = self.late(name, trigger, at)
                     clone.input[k] = late[name]
@@ -103,19 +101,24 @@ class _Rewriter:
             self.before[id(at)].append(clone)
         return renames
 
-    def write(self) -> None:
+    def write(self, dead: set[int] = frozenset()) -> None:
         graph = self.g.graph
-        ordered = [helper.make_node("Constant", [], [ZERO], value=numpy_helper.from_array(np.array(0, np.int64)))]
+        ordered = [] if ZERO in self.g.constants else [
+            helper.make_node("Constant", [], [ZERO], value=numpy_helper.from_array(np.array(0, np.int64)))]
         for node in self.g.nodes:
             ordered += self.before.get(id(node), [])
-            ordered.append(node)
+            if id(node) not in dead:
+                ordered.append(node)
         del graph.node[:]
         graph.node.extend(_topological(ordered, {i.name for i in graph.input} | self.g.constants))
 
 
-def _stored_weight(node: onnx.NodeProto, k: int) -> bool:
-    """The int8 tensor of a ``DequantizeLinear``: its scale alone pins the copy late, without copying it."""
-    return node.op_type == "DequantizeLinear" and k == 0
+def _pins(node: onnx.NodeProto, k: int, constant: bool) -> bool:
+    """Whether input ``k`` of a copy goes through a late Reshape: every computed input, and a
+    ``DequantizeLinear``'s scale (stored or not), which pins the copy late without copying its int8 tensor."""
+    if node.op_type == "DequantizeLinear":
+        return k == 1
+    return not constant
 
 
 def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
@@ -138,29 +141,34 @@ def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.
     return out
 
 
-def _trigger(g: _Graph, node: onnx.NodeProto) -> str | None:
-    """An input of backward ``node`` computed in the backward (a gradient)."""
-    for name in node.input:
-        producer = g.producer.get(name)
-        if producer is not None and not g.is_forward(producer):
-            return name
-    return None
+def _latest_input(g: _Graph, node: onnx.NodeProto, position: dict[int, int], skip: str) -> str | None:
+    """The computed input of ``node`` (not ``skip``) made last in graph order: a gradient for a backward node."""
+    computed = [i for i in node.input if i and i != skip and i in g.producer and i not in g.constants]
+    return max(computed, key=lambda i: position[id(g.producer[i])], default=None)
 
 
-def dequantize_at_use(proto: onnx.ModelProto, loss: str) -> int:
-    """Give every backward reader of a dequantized weight its own late ``DequantizeLinear``; returns how many."""
-    g = _Graph(proto.graph, loss)
+def dequantize_at_use(proto: onnx.ModelProto) -> int:
+    """Give every reader of a stored weight's ``DequantizeLinear`` its own copy, made just before it; returns how many.
+
+    Left alone, ONNX Runtime runs every such node at the start of the step (its inputs are ready) and keeps
+    each fp32 copy until its last reader: the whole base in fp32, the backward's readers keeping it to the end."""
+    g = _Graph(proto.graph)
     rw = _Rewriter(g)
-    for node in g.nodes:
-        if g.is_forward(node):
-            continue
-        for k, name in enumerate(node.input):
-            dq = g.producer.get(name)
-            trigger = _trigger(g, node)
-            if dq is None or dq.op_type != "DequantizeLinear" or trigger is None:
+    position = {id(n): k for k, n in enumerate(g.nodes)}
+    dead: set[int] = set()
+    for dq in [n for n in g.nodes if n.op_type == "DequantizeLinear" and all(i in g.stored for i in n.input if i)]:
+        weight, pinned = dq.output[0], 0
+        readers = g.consumers[weight]
+        for reader in readers:
+            trigger = _latest_input(g, reader, position, weight)
+            if trigger is None:
                 continue
-            node.input[k] = rw.copy([dq], trigger, node, f".bw{rw.count}")[name]
-    rw.write()
+            copy = rw.copy([dq], trigger, reader, f".use{rw.count}")[weight]
+            reader.input[:] = [copy if name == weight else name for name in reader.input]
+            pinned += 1
+        if readers and pinned == len(readers) and weight not in {o.name for o in proto.graph.output}:
+            dead.add(id(dq))
+    rw.write(dead)
     return rw.count
 
 

@@ -1,0 +1,141 @@
+"""Peak memory of a training step as the model grows: edge-peft's ORT artifacts (int8 / fp32 base, block
+checkpointing off / on) against PyTorch + PEFT LoRA on the same model and settings.
+
+Models: SmolLM2-135M (the bundled GGUF as an fp32 folder) and random Llama-shaped models built with
+``transformers`` from a config (SmolLM2's tokenizer and vocabulary; no download). Every row is its own
+process: edge-peft rows load the artifact without torch and run three steps of batch x sequence random
+tokens (``calibrate_memory.worker``: VmHWM, the memory model's prediction); the PyTorch row runs three
+steps of PEFT LoRA (rank 8, all linear projections, default SDPA attention, AdamW) on the same shapes.
+
+Usage: ``python benchmarks/memory_scale.py --json PATH [--models smollm2,llama-0.4b] [--seq 512]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, cpu_description, print_table, run_worker, write_json, write_smollm2_hf_dir  # noqa: E402
+
+# Llama-shaped sizes with SmolLM2's vocabulary (49,152) and tied embeddings: hidden, layers, MLP, heads, kv heads.
+SHAPES = {"llama-0.4b": (1152, 24, 3072, 16, 4)}
+CONFIGS = [("int8", False), ("int8", True), ("none", False), ("none", True)]
+
+
+def model_dir(name: str, work: Path) -> Path:
+    """The model folder of ``name``, built once under ``work``."""
+    smollm2 = write_smollm2_hf_dir(work / "smollm2")
+    if name == "smollm2":
+        return smollm2
+    out = work / name
+    if not (out / "config.json").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+        hidden, layers, mlp, heads, kv = SHAPES[name]
+        tok = AutoTokenizer.from_pretrained(smollm2)
+        config = LlamaConfig(vocab_size=49152, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=mlp,
+                             num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
+                             tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(out)
+        tok.save_pretrained(out)
+    return out
+
+
+def export(name: str, quantize: str, checkpointing: bool, seq: int, work: Path) -> tuple[Path, float]:
+    """The ORT artifact of one configuration (rank 8, all-linear), exported once; and its export seconds."""
+    from edge_peft.exporter.pipeline import ExportOptions, export_artifact
+
+    out = work / "artifacts" / f"{name}-{quantize}{'-ckpt' if checkpointing else ''}"
+    seconds_file = out.with_suffix(".seconds")
+    if not (out / "manifest.json").is_file():
+        start = time.perf_counter()
+        export_artifact(model_dir(name, work), out, ExportOptions(rank=8, alpha=16, quantize=quantize, targets=["all-linear"],
+                                                            max_seq_len=seq, checkpointing=checkpointing),
+                        quiet=True, overwrite=True)
+        seconds_file.write_text(f"{time.perf_counter() - start:.1f}")
+    return out, float(seconds_file.read_text())
+
+
+def torch_worker(model: str, batch: int, seq: int, threads: int) -> dict:
+    """Peak RSS and tokens/s of three PEFT LoRA steps (rank 8, all linear projections) in this process."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edge_peft.device.memory import MB, peak_rss
+
+    torch.set_num_threads(threads)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(5, base.config.vocab_size, size=(batch, seq)))
+    start = None
+    for step in range(3):
+        if step == 1:
+            start = time.perf_counter()
+        loss = peft(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"peak_mb": round(peak_rss() / MB, 1), "tokens_per_s": round(2 * batch * seq / (time.perf_counter() - start), 1)}
+
+
+def edge_row(artifact: Path, batch: int, seq: int, threads: int) -> dict:
+    """``calibrate_memory.worker`` in a fresh process: load without torch, three steps, VmHWM and prediction."""
+    return run_worker(ROOT / "benchmarks" / "calibrate_memory.py",
+                      [str(artifact), "--points", f"{batch}x{seq}", "--threads", str(threads), "--backend", "ort"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2,llama-0.4b")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json")
+    parser.add_argument("--work", help="Keep models and exports here (a rerun exports only what is missing).")
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "BxT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        batch, seq = map(int, args.worker[1].split("x"))
+        print(json.dumps(torch_worker(args.worker[0], batch, seq, args.threads)))
+        return
+    print(cpu_description())
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measure(args, Path(args.work or tmp))
+    print_table(rows, [("model", "model"), ("config", "configuration"), ("export_s", "export s"),
+                       ("loaded_mb", "loaded MB"), ("peak_mb", "peak MB"), ("predicted_mb", "predicted MB"),
+                       ("vs_torch", "x PyTorch"), ("tokens_per_s", "tokens/s")])
+    write_json(args.json, {"cpu": cpu_description(), "batch": args.batch, "seq": args.seq, "threads": args.threads,
+                           "rows": rows})
+
+
+def measure(args, work: Path) -> list[dict]:
+    """Every model's PyTorch row, then its edge-peft configurations."""
+    rows = []
+    for name in args.models.split(","):
+        torch_row = run_worker(Path(__file__), [str(model_dir(name, work)), f"{args.batch}x{args.seq}",
+                                                "--threads", str(args.threads)])
+        rows.append({"model": name, "config": "PyTorch + PEFT LoRA (SDPA)", **torch_row})
+        print(rows[-1], flush=True)
+        for quantize, checkpointing in CONFIGS:
+            artifact, seconds = export(name, quantize, checkpointing, args.seq, work)
+            row = edge_row(artifact, args.batch, args.seq, args.threads)
+            rows.append({"model": name, "config": f"edge-peft ort {quantize}{' checkpointing' if checkpointing else ''}",
+                         "export_s": seconds, "peak_mb": row["peak_mb"], "predicted_mb": row["predicted_mb"],
+                         "loaded_mb": row["after_load_mb"], "tokens_per_s": row["tokens_per_s"],
+                         "vs_torch": round(row["peak_mb"] / torch_row["peak_mb"], 2)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
