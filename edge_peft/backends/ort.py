@@ -40,6 +40,9 @@ class OrtTrainingBackend:
         self.manifest = manifest
         options = session_options(threads)
         options.enable_cpu_mem_arena = False  # arena growth is step-shaped; malloc is linear and predictable
+        # ORT's planner keeps a freed tensor's buffer for a later tensor of the same size (a forward activation
+        # for its recomputed copy in the backward): without the arena that holds it the whole way.
+        options.enable_mem_reuse = False
         self.state = api.CheckpointState.load_checkpoint(os.fspath(state_path or artifact / ORT_CHECKPOINT))
         self.module = api.Module(os.fspath(artifact / ORT_TRAINING_MODEL), self.state,
                                  os.fspath(artifact / ORT_EVAL_MODEL), session_options=options)

@@ -65,6 +65,7 @@ class PortableBackend:
         providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
         options = session_options(threads)
         options.enable_cpu_mem_arena = False  # as the ORT backend: linear, predictable RSS
+        options.enable_mem_reuse = False  # as the ORT backend: a buffer kept for a later tensor is held till then
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacking copies every weight
         # A memory pattern preallocates one block for all of a run's activations: past glibc's mmap threshold
         # it is page-faulted in afresh every step; per-tensor allocations reuse the pages the last step freed.

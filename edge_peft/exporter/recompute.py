@@ -25,6 +25,9 @@ from onnx import helper, numpy_helper
 
 BLOCK = re.compile(r"/(?:layers|layer|h)\.(\d+)/")  # the node scope of a transformer block: Llama-like, BERT, GPT-2
 ZERO = "recompute.zero"
+# Readers that get their own copy. Others (DoRA's weight norm reads it through a Transpose) keep the shared
+# one: ORT 1.19's transpose optimizer would push their Transpose through a copy and insert a uint8 QuantizeLinear.
+PRODUCTS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
 
 
 class _Graph:
@@ -161,7 +164,7 @@ def dequantize_at_use(proto: onnx.ModelProto) -> int:
         readers = g.consumers[weight]
         for reader in readers:
             trigger = _latest_input(g, reader, position, weight)
-            if trigger is None:
+            if trigger is None or reader.op_type not in PRODUCTS:
                 continue
             copy = rw.copy([dq], trigger, reader, f".use{rw.count}")[weight]
             reader.input[:] = [copy if name == weight else name for name in reader.input]
