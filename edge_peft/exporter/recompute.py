@@ -163,8 +163,8 @@ def dequantize_at_use(proto: onnx.ModelProto) -> int:
         weight, pinned = dq.output[0], 0
         readers = g.consumers[weight]
         for reader in readers:
-            trigger = _latest_input(g, reader, position, weight)
-            if trigger is None or reader.op_type not in PRODUCTS:
+            trigger = _latest_input(g, reader, position, weight) if reader.op_type in PRODUCTS else None
+            if trigger is None:
                 continue
             copy = rw.copy([dq], trigger, reader, f".use{rw.count}")[weight]
             reader.input[:] = [copy if name == weight else name for name in reader.input]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -25,10 +26,15 @@ def simulate(settings: FederatedSettings, clients: int, parallel: int = 1, quiet
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     resources = {"num_cpus": settings.threads, "num_gpus": 0.0}
-    run_simulation(server_app(settings), client_app(settings), num_supernodes=clients,
-                   backend_config={"client_resources": resources,
-                                   "init_args": {"num_cpus": settings.threads * parallel, "log_to_driver": not quiet,
-                                                 "include_dashboard": False}})
+    environment = dict(os.environ)  # Ray's driver rewrites PYTHONPATH and more; later subprocesses must not inherit it
+    try:
+        run_simulation(server_app(settings), client_app(settings), num_supernodes=clients,
+                       backend_config={"client_resources": resources,
+                                       "init_args": {"num_cpus": settings.threads * parallel,
+                                                     "log_to_driver": not quiet, "include_dashboard": False}})
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
     history = Path(settings.out) / "history.json"
     if not history.is_file():
         raise UserError(f"the simulation wrote no {history}: it failed (run with quiet=False to see Flower's log)")
