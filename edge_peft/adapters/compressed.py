@@ -61,17 +61,7 @@ def decode(shapes: Mapping[str, tuple[int, ...]], sent: Mapping[str, np.ndarray]
         expected[key] = (tuple(shape), np.int8 if quantized else np.float32)
         if quantized:
             expected[key + SCALE_SUFFIX] = ((shape[_axis(key)],), np.float32)
-    extra, missing = sorted(set(sent) - set(expected)), sorted(set(expected) - set(sent))
-    if extra or missing:
-        what = f"has no tensor {missing[0]}" if missing else f"has an unexpected tensor {extra[0]}"
-        raise UserError(f"{source} {what}: it was not made for this adapter's spec and {encoding} encoding")
-    for key, (shape, dtype) in expected.items():
-        value = sent[key]
-        if tuple(value.shape) != shape or value.dtype != dtype:
-            raise UserError(f"{source}: {key} is {value.dtype}{list(value.shape)}, expected "
-                            f"{np.dtype(dtype).name}{list(shape)}: the update is corrupted or for another spec")
-        if dtype == np.float32 and not np.all(np.isfinite(value)):
-            raise UserError(f"{source}: {key} holds NaN or Inf: the update is corrupted")
+    check_tensors(sent, expected, source, f"{encoding} encoding")
     out = {}
     for key, shape in shapes.items():
         if sent[key].dtype == np.float32:
@@ -106,3 +96,20 @@ def error_bound(shapes: Mapping[str, tuple[int, ...]], sent: Mapping[str, np.nda
 def nbytes(sent: Mapping[str, np.ndarray]) -> int:
     """Bytes of the tensor values sent (headers and names excluded)."""
     return int(sum(v.nbytes for v in sent.values()))
+
+
+def check_tensors(sent: dict[str, np.ndarray], expected: dict[str, tuple[tuple[int, ...], type]], source: str,
+                  encoding: str, detail: str = "") -> None:
+    """UserError naming the first tensor of ``sent`` missing, unexpected, of another shape or dtype than
+    ``expected`` (key -> (shape, dtype)), or holding NaN or Inf; ``detail`` follows the expected shape."""
+    extra, missing = sorted(set(sent) - set(expected)), sorted(set(expected) - set(sent))
+    if extra or missing:
+        what = f"has no tensor {missing[0]}" if missing else f"has an unexpected tensor {extra[0]}"
+        raise UserError(f"{source} {what}: it was not made for this adapter's spec and {encoding}")
+    for key, (shape, dtype) in expected.items():
+        value = sent[key]
+        if tuple(value.shape) != shape or value.dtype != dtype:
+            raise UserError(f"{source}: {key} is {value.dtype}{list(value.shape)}, expected {np.dtype(dtype).name}"
+                            f"{list(shape)}{detail}: the update is corrupted or for another spec")
+        if dtype == np.float32 and not np.all(np.isfinite(value)):
+            raise UserError(f"{source}: {key} holds NaN or Inf: the update is corrupted")

@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import UserError
-from .compressed import QMAX, SCALE_SUFFIX
+from .compressed import QMAX, SCALE_SUFFIX, check_tensors
 
 TOPK = "int8-topk"
 INDEX_SUFFIX = ".topk_index"
@@ -65,17 +65,7 @@ def decode_delta(shapes: Mapping[str, tuple[int, ...]], sent: Mapping[str, np.nd
         k = kept(size, fraction)
         expected.update({key: ((k,), np.int8), key + SCALE_SUFFIX: ((1,), np.float32),
                          key + INDEX_SUFFIX: ((k,), index_dtype(size))})
-    extra, missing = sorted(set(sent) - set(expected)), sorted(set(expected) - set(sent))
-    if extra or missing:
-        what = f"has no tensor {missing[0]}" if missing else f"has an unexpected tensor {extra[0]}"
-        raise UserError(f"{source} {what}: it was not made for this adapter's spec and top-k encoding")
-    for key, (shape, dtype) in expected.items():
-        value = sent[key]
-        if tuple(value.shape) != shape or value.dtype != dtype:
-            raise UserError(f"{source}: {key} is {value.dtype}{list(value.shape)}, expected {np.dtype(dtype).name}"
-                            f"{list(shape)} (top-k of {fraction}): the update is corrupted or for another spec")
-        if dtype == np.float32 and not np.all(np.isfinite(value)):
-            raise UserError(f"{source}: {key} holds NaN or Inf: the update is corrupted")
+    check_tensors(sent, expected, source, "top-k encoding", f" (top-k of {fraction})")
     out = {}
     for key, shape in shapes.items():
         base = np.array(reference[key], np.float32)
