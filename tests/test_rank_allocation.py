@@ -222,7 +222,7 @@ def test_adaptive_state_survives_a_resume(artifacts, data, tmp_path):
     kw = dict(adaptive_rank=True, target_rank=2, checkpoint_every=10)
 
     def config():
-        return TrainConfig(data=str(data["lm"]), steps=20, batch_size=8, lr=1e-2, eval_every=0, threads=2, **kw)
+        return TrainConfig(data=str(data["lm"]), steps=20, batch_size=8, lr=1e-2, eval_every=0, threads=1, **kw)
 
     open_run(artifact, config(), tmp_path / "straight").run()
     first = open_run(artifact, config(), tmp_path / "resumed")
