@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_description, peak_rss_mb, print_table, run_worker, write_json  # noqa: E402
 
 ROWS = {"fedavg-fp32": {"encoding": "fp32"}, "fedavg-int8": {"encoding": "int8"}, "centralised": {},
-        "fedavg-dp-eps8": {"encoding": "fp32", "dp_epsilon": 8.0, "dp_clip": 1.0},
-        "fedavg-dp-eps1": {"encoding": "fp32", "dp_epsilon": 1.0, "dp_clip": 1.0},
+        "fedavg-dp-eps8": {"encoding": "fp32", "dp_epsilon": 8.0, "max_grad_norm": 1.0},
+        "fedavg-dp-eps1": {"encoding": "fp32", "dp_epsilon": 1.0, "max_grad_norm": 1.0},
         "fedavg-int8-topk10": {"encoding": "int8-topk", "topk": 0.1}}  # in this order: the JSON is written after each
 
 

@@ -140,9 +140,9 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
 @click.option("--compute", type=click.Choice(COMPUTE_CHOICES), default="auto", show_default=True,
               help="Frozen-base products (portable backend): auto takes int8 where the artifact carries it and the "
                    "CPU has int8 dot-product instructions (VNNI, AMX, Arm dot product), else fp32.")
-@click.option("--dp-clip", type=float,
+@click.option("--max-grad-norm", "--dp-clip", "dp_clip", type=float,
               help="DP-SGD: clip each example's adapter gradient to this L2 norm (with --noise-multiplier or --dp-epsilon).")
-@click.option("--noise-multiplier", type=float, help="DP-SGD: Gaussian noise std as a multiple of --dp-clip.")
+@click.option("--noise-multiplier", type=float, help="DP-SGD: Gaussian noise std as a multiple of --max-grad-norm.")
 @click.option("--dp-epsilon", type=float,
               help="DP-SGD: calibrate the noise so that --steps steps spend this epsilon (RDP accountant).")
 @click.option("--dp-delta", default=1e-5, show_default=True, help="DP-SGD: the delta of (epsilon, delta); below 1/N.")

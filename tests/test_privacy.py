@@ -116,13 +116,14 @@ def test_a_dp_run_records_its_epsilon_in_summary_without_torch_and_refuses_bad_o
 
     proc = cli("train", artifacts("bert", "none", backend="both"), "--data", data["cls"], "--out", tmp_path / "run",
                "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--eval-every", "0", "--threads", "1", "--quiet",
-               "--dp-clip", "1.0", "--dp-epsilon", "8", "--dp-delta", "1e-3")
+               "--max-grad-norm", "1.0", "--dp-epsilon", "8", "--dp-delta", "1e-3")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]  # the NO_TORCH runner fails if torch was imported
     dp = json.loads((tmp_path / "run" / "summary.json").read_text())["dp"]
     assert dp["steps"] == 4 and dp["clip"] == 1.0 and dp["delta"] == 1e-3
     assert 7.9 < dp["epsilon"] <= 8.0 and dp["noise_multiplier"] > 0
-    for kw, message in [({"noise_multiplier": 1.0}, "needs --dp-clip"),
+    for kw, message in [({"noise_multiplier": 1.0}, "needs --max-grad-norm"),
+                        ({"dp_clip": 1.0}, "add --noise-multiplier or --dp-epsilon"),
                         ({"dp_clip": 1.0, "noise_multiplier": 1.0, "dp_epsilon": 2.0}, "not both"),
                         ({"dp_clip": 1.0, "noise_multiplier": 1.0, "dp_delta": 0.5}, "must be in \\(0, 1/N\\)")]:
         with pytest.raises(UserError, match=message):

@@ -52,11 +52,14 @@ def settings(clip: float | None, noise_multiplier: float | None, target_epsilon:
              batch_size: int, examples: int, steps: int) -> DPSettings | None:
     """The run's DP settings from its options (None: no DP); the noise is calibrated when a target epsilon is given."""
     if noise_multiplier is None and target_epsilon is None:
+        if clip is not None:
+            raise UserError("--max-grad-norm clips each example for DP-SGD: add --noise-multiplier or --dp-epsilon "
+                            "(--noise-multiplier 0 clips without noise)")
         return None
     checks = [
         (noise_multiplier is None or target_epsilon is None, "give --noise-multiplier or --dp-epsilon, not both"),
         (clip is not None and math.isfinite(clip) and clip > 0,
-         "DP-SGD needs --dp-clip, a positive bound on each example's gradient norm (e.g. 1.0)"),
+         "DP-SGD needs --max-grad-norm, a positive bound on each example's gradient norm (e.g. 1.0)"),
         (noise_multiplier is None or noise_multiplier >= 0, f"--noise-multiplier {noise_multiplier} must be >= 0"),
         (target_epsilon is None or target_epsilon > 0, f"--dp-epsilon {target_epsilon} must be positive"),
         (0 < delta < 1 / max(examples, 1),

@@ -28,7 +28,7 @@ from .settings import FederatedSettings
 from .strategy import EdgePeftFedAvg, from_record, to_record
 
 ROUND_KEYS = ("rounds", "local-steps", "batch-size", "lr", "max-seq-len", "encoding", "topk", "nested-ranks",
-              "dp-clip", "dp-epsilon", "dp-delta")  # what the server decides for every device (sent in each round's config)
+              "max-grad-norm", "dp-epsilon", "dp-delta")  # what the server decides for every device (sent in each round's config)
 STATE = "edge-peft"  # the device's record in Flower's node state: how many rounds it trained
 
 

@@ -65,7 +65,7 @@ def train_round(settings: FederatedSettings, data: Path, base: str, global_tenso
     if settings.dp_epsilon > 0:
         rate = settings.batch_size / len(read_examples(data, manifest.task, manifest.labels))
         sigma = _noise(settings.dp_epsilon, rate, settings.rounds * settings.local_steps, settings.dp_delta)
-        noise = {"dp_clip": settings.dp_clip, "noise_multiplier": sigma, "dp_delta": settings.dp_delta}
+        noise = {"dp_clip": settings.max_grad_norm, "noise_multiplier": sigma, "dp_delta": settings.dp_delta}
         dp = {"epsilon": epsilon(sigma, rate, rounds_trained * settings.local_steps, settings.dp_delta),
               "noise-multiplier": sigma}
     config = TrainConfig(data=str(data), steps=settings.local_steps, batch_size=settings.batch_size, lr=settings.lr,

@@ -31,7 +31,7 @@ class FederatedSettings:
     topk: float = 0.1  # int8-topk: the fraction of each matrix's entries sent
     rank: int = 0  # channels of each B a device sends (0: all); a nested-rank device sends the prefix its budget allows
     nested_ranks: bool = False  # devices train with --nested-ranks (so that every prefix is an adapter)
-    dp_clip: float = 0.0  # client-side DP-SGD (0: off): per-example bound, and the target epsilon over all rounds
+    max_grad_norm: float = 0.0  # client-side DP-SGD (0: off): per-example bound, and the target epsilon over all rounds
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
     threads: int = 1
@@ -61,8 +61,8 @@ class FederatedSettings:
             (self.encoding in (*ENCODINGS, TOPK), f"encoding must be one of {', '.join((*ENCODINGS, TOPK))}"),
             (0 < self.topk <= 1, "topk must be in (0, 1]"),
             (self.rank >= 0, "rank must be >= 0 (0: every channel)"),
-            (self.dp_epsilon >= 0 and self.dp_clip >= 0, "dp-epsilon and dp-clip must be >= 0"),
-            ((self.dp_epsilon > 0) == (self.dp_clip > 0), "client-side DP needs both dp-clip and dp-epsilon"),
+            (self.dp_epsilon >= 0 and self.max_grad_norm >= 0, "dp-epsilon and max-grad-norm must be >= 0"),
+            ((self.dp_epsilon > 0) == (self.max_grad_norm > 0), "client-side DP needs both max-grad-norm and dp-epsilon"),
         ]
         bad = [message for ok, message in problems if not ok]
         if bad:
