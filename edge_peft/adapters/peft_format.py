@@ -20,6 +20,8 @@ from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_bytes
 
 METADATA_KEY = "edge_peft"
+SAFETENSORS_INTEGERS = {np.dtype(np.int8): ("<i1", "I8"), np.dtype(np.uint16): ("<u2", "U16"),
+                        np.dtype(np.int32): ("<i4", "I32")}
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
 
 
@@ -60,7 +62,8 @@ def _layers(spec: AdapterSpec) -> dict:
 
 
 def encode_adapter(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], extra_meta: dict | None = None) -> bytes:
-    """Serialise PEFT-keyed tensors to safetensors bytes with edge-peft metadata in the header.
+    """Serialise PEFT-keyed tensors to safetensors bytes with edge-peft metadata in the header: float32, except
+    the integer tensors of an encoded update (int8 values, uint16 or int32 indices), which keep their dtype.
 
     The header is written here with sorted keys so that equal tensors always give equal bytes (the
     safetensors writer orders its metadata map differently per call), which keeps sha256 a stable identity.
@@ -70,8 +73,10 @@ def encode_adapter(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], extra_m
     header: dict = {"__metadata__": {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)}}
     chunks, offset = [], 0
     for key in sorted(tensors):
-        data = np.ascontiguousarray(tensors[key], dtype="<f4").tobytes()
-        header[key] = {"dtype": "F32", "shape": list(np.shape(tensors[key])), "data_offsets": [offset, offset + len(data)]}
+        kept = SAFETENSORS_INTEGERS.get(np.asarray(tensors[key]).dtype)
+        data = np.ascontiguousarray(tensors[key], dtype=kept[0] if kept else "<f4").tobytes()
+        header[key] = {"dtype": kept[1] if kept else "F32", "shape": list(np.shape(tensors[key])),
+                       "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
@@ -148,7 +153,7 @@ def load_adapter(adapter_dir: str | Path, spec: AdapterSpec) -> dict[str, np.nda
     if fp is not None and fp != spec.base_fingerprint:
         raise UserError(f"{adapter_dir} was trained on base {fp[:19]}..., this artifact's base is "
                         f"{spec.base_fingerprint[:19]}...: use an adapter trained on the same base model")
-    tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
+    tensors = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in tensors.items()}
     tensors = expand_if_compact(spec, tensors, meta, str(weights))
     check_tensors(spec, tensors, str(weights))
     spec.kind.check_seeded(spec.modules, tensors, str(weights))

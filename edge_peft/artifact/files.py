@@ -11,6 +11,7 @@ artifact/                       written by `edge-peft export`
   portable_step.onnx, portable_init.safetensors                                PORTABLE_* (backend "portable")
   portable_step_int8.onnx       PORTABLE_INT8_STEP_MODEL: the step with int8 products (--compute int8)
   warm_start.json               WARM_START: the adapter `adapter load` warm-started it from
+  warm_start.safetensors        WARM_START_WEIGHTS: that adapter's tensors (what a top-k push is a delta against)
   layer_probe.json              LAYER_PROBE: why `--layers auto:N` chose its blocks
 
 run/                            written by `edge-peft train`
@@ -25,6 +26,7 @@ adapter/                        PEFT format
   adapter_config.json           ADAPTER_CONFIG
   adapter_model.safetensors     ADAPTER_WEIGHTS
   checksums.json                ADAPTER_CHECKSUMS: the sha256 of the two (edge_peft/checksums.py)
+  pulled.json                   PULLED: what `edge-peft pull` fetched (kind, version, device, sha256, store)
 ```
 """
 
@@ -43,6 +45,7 @@ PORTABLE_STEP_MODEL = "portable_step.onnx"
 PORTABLE_INT8_STEP_MODEL = "portable_step_int8.onnx"  # the same step, frozen-base products in int8 (--compute int8)
 PORTABLE_INITIAL_STATE = "portable_init.safetensors"  # the trainable tensors a fresh portable run starts from
 WARM_START = "warm_start.json"
+WARM_START_WEIGHTS = "warm_start.safetensors"
 LAYER_PROBE = "layer_probe.json"
 
 RUN_INFO = "run.json"
@@ -58,3 +61,4 @@ OUTBOX = "outbox"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CHECKSUMS = "checksums.json"
+PULLED = "pulled.json"

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import UserError
 from ..fileio import atomic_write_json, sha256_file
 from .adapter_section import AdapterSpec
-from .files import LAYER_PROBE, MANIFEST, WARM_START
+from .files import LAYER_PROBE, MANIFEST, WARM_START, WARM_START_WEIGHTS
 from .memory_section import MemoryFigures
 
 SCHEMA_VERSION = 2
@@ -22,7 +22,7 @@ TASKS = ("causal-lm", "sequence-classification")
 QUANTIZATIONS = ("none", "int8")
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
 ADAMW_BETAS = (0.9, 0.999)
-UNCHECKED = {MANIFEST, WARM_START, LAYER_PROBE}  # written beside the artifact's files, not part of them  # in both backends' optimizers and wherever the device loop adjusts moments
+UNCHECKED = {MANIFEST, WARM_START, WARM_START_WEIGHTS, LAYER_PROBE}  # written beside the artifact's files, not part of them  # in both backends' optimizers and wherever the device loop adjusts moments
 
 
 @dataclass

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..adapters.peft_format import load_adapter, read_metadata, save_adapter
 from ..adapters.ranks import keep_channels, nested_prefix, surviving_channels
-from ..artifact.files import ADAPTER, ADAPTER_WEIGHTS, WARM_START
+from ..artifact.files import ADAPTER, ADAPTER_WEIGHTS, PULLED, WARM_START, WARM_START_WEIGHTS
 from ..artifact.manifest import load_manifest
 from ..artifact.names import onnx_name
 from ..backends import write_initial_trainable
 from ..checksums import record_adapter, verify_adapter
 from ..errors import UserError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json
 from .run_dir import read_run
 
 
@@ -55,6 +56,17 @@ def load_into_artifact(artifact: str | Path, adapter: str | Path) -> int:
     names = write_initial_trainable(artifact, manifest, tensors)
     manifest.record_files(artifact)  # the initial state changed: so do its checksums
     manifest.save(artifact)
-    meta = read_metadata((Path(adapter) / ADAPTER_WEIGHTS).read_bytes())
-    atomic_write_json(artifact / WARM_START, meta.get("store") or {"adapter": str(Path(adapter).resolve())})
+    atomic_write_bytes(artifact / WARM_START_WEIGHTS, (Path(adapter) / ADAPTER_WEIGHTS).read_bytes())
+    atomic_write_json(artifact / WARM_START, _parent(Path(adapter)))
     return len(names)
+
+
+def _parent(adapter: Path) -> dict:
+    """What a run warm-started from ``adapter`` names as its parent: the store version a pull fetched (kind,
+    version and, for a device's, the device: what a push sends as its parent), else the adapter's path."""
+    try:
+        pulled = json.loads((adapter / PULLED).read_text())
+        parent = {"kind": pulled["kind"], "version": int(pulled["version"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"adapter": str(adapter.resolve())}
+    return parent | ({"device": pulled["device"]} if pulled["kind"] == "device" and pulled.get("device") else {})

@@ -9,6 +9,8 @@ scores it on ``eval_data`` when given.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +18,17 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from ..adapters.peft_format import complete_tensors, save_adapter
+from ..adapters.peft_format import complete_tensors, encode_adapter, save_adapter
+from ..artifact.adapter_section import AdapterSpec
 from ..artifact.manifest import Manifest, load_manifest
 from ..artifact.names import peft_key
 from ..backends import initial_trainable
 from ..checksums import record_adapter
 from ..device.data import read_examples
+from ..errors import UserError
 from ..fileio import atomic_write_json
+from ..store.auth import ADMIN_TOKEN_ENV
+from ..store.client import StoreClient
 from .device_round import train_round
 from .settings import FederatedSettings
 from .strategy import EdgePeftFedAvg, from_record, to_record
@@ -95,6 +101,8 @@ class Recorder:
 
     def __call__(self, server_round: int, tensors: dict[str, np.ndarray], metrics: dict) -> None:
         entry = {"round": server_round, **metrics}
+        if self.s.store and server_round > 0:
+            entry["store-version"] = push_global(self.s.store, self.manifest.adapter, tensors, server_round, metrics)
         if self.s.out:
             adapter = Path(self.s.out) / f"round-{server_round}"
             save_adapter(adapter, self.manifest.adapter, complete_tensors(self.manifest.adapter, tensors),
@@ -107,6 +115,21 @@ class Recorder:
         self.history.append(entry)
         if self.s.out:
             atomic_write_json(Path(self.s.out) / "history.json", self.history)
+
+
+def push_global(url: str, spec: AdapterSpec, tensors: dict[str, np.ndarray], server_round: int, metrics: dict) -> int:
+    """Store a round's global adapter (B and saved modules; the store regenerates A) as the base's next global
+    version, with the admin token in ``EDGE_PEFT_ADMIN_TOKEN``; returns its version number."""
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    if not token:
+        raise UserError(f"the federation pushes each round's global adapter to {url}: set {ADMIN_TOKEN_ENV} to the store's "
+                        "admin token for the ServerApp")
+    data = encode_adapter(spec, tensors, extra_meta={"federated_round": server_round})
+    meta = {"spec": spec.to_dict(), "samples": int(metrics.get("num-examples", 0)), "steps": 0,
+            "metrics": {"federated_round": server_round, "devices": int(metrics.get("devices", 0))}, "parent": None,
+            "sha256": hashlib.sha256(data).hexdigest()}
+    with StoreClient(url, token) as client:
+        return int(client.push_global(spec.base_fingerprint, meta, data)["number"])
 
 
 client = client_app()

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..adapters import compressed, sparse
+from ..adapters.updates import decode_update
 from ..artifact.adapter_section import AdapterSpec
 from ..artifact.names import is_b
 from ..errors import UserError
@@ -48,13 +48,9 @@ def as_source(spec: AdapterSpec, reply: Received, reference: Mapping[str, np.nda
     if type(reply.examples) is not int or reply.examples < 1:
         raise UserError(f"{reply.label} reports {reply.examples!r} training examples: it must be a positive integer")
     shapes = trained_shapes(spec, reply.rank)
-    if reply.encoding == sparse.TOPK:
-        if reference is None:
-            raise UserError(f"{reply.label} sent a top-k delta, but no global version to add it to is known")
-        start = {k: reference[k][:, : shapes[k][1]] if is_b(k) else reference[k] for k in shapes}
-        decoded = sparse.decode_delta(shapes, reply.tensors, start, topk, reply.label)
-    else:
-        decoded = compressed.decode(shapes, reply.tensors, reply.encoding, reply.label)
+    start = None if reference is None else {k: reference[k][:, : shapes[k][1]] if is_b(k) else reference[k]
+                                            for k in shapes}
+    decoded = decode_update(shapes, reply.tensors, reply.encoding, reply.label, start, topk)
     full = {}
     for key, value in decoded.items():
         if is_b(key) and reply.rank < spec.rank:

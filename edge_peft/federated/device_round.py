@@ -16,7 +16,8 @@ from typing import Mapping
 
 import numpy as np
 
-from ..adapters import compressed, sparse
+from ..adapters import compressed
+from ..adapters.updates import encode_update
 from ..artifact.adapter_section import AdapterSpec
 from ..artifact.manifest import load_manifest
 from ..artifact.names import is_b, onnx_name, peft_key
@@ -80,11 +81,8 @@ def train_round(settings: FederatedSettings, data: Path, base: str, global_tenso
         trained = {peft_key(n): v for n, v in run.backend.trainable().items()}
     shapes = trained_shapes(spec, rank)
     sent = {k: np.ascontiguousarray(trained[k][:, : shapes[k][1]] if is_b(k) else trained[k]) for k in shapes}
-    if settings.encoding == sparse.TOPK:
-        reference = {k: start[k][:, : shapes[k][1]] if is_b(k) else start[k] for k in shapes}
-        encoded = sparse.encode_delta(sent, reference, settings.topk)
-    else:
-        encoded = compressed.encode(sent, settings.encoding)
+    reference = {k: start[k][:, : shapes[k][1]] if is_b(k) else start[k] for k in shapes}
+    encoded = encode_update(sent, settings.encoding, reference, settings.topk)
     metrics = {"train-loss": float(summary["final_loss"]), "bytes-up": float(compressed.nbytes(encoded)), **dp}
     return DeviceUpdate(encoded, settings.encoding, rank if 0 < rank < spec.rank else spec.rank, examples, metrics)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..adapters.compressed import ENCODINGS, FP32
-from ..adapters.sparse import TOPK
+from ..adapters.compressed import FP32
+from ..adapters.updates import UPDATE_ENCODINGS
 from ..errors import UserError
 
 
@@ -39,6 +39,7 @@ class FederatedSettings:
     min_clients: int = 2
     out: str = ""  # the server writes each round's global adapter and history.json here ("": nowhere)
     eval_data: str = ""  # the server scores each global adapter on this held-out .jsonl ("": not scored)
+    store: str = ""  # the server pushes each round's global adapter to this store URL (admin token: EDGE_PEFT_ADMIN_TOKEN)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], base: "FederatedSettings | None" = None) -> "FederatedSettings":
@@ -58,7 +59,7 @@ class FederatedSettings:
             (self.local_steps >= 1, "local-steps must be >= 1"),
             (self.batch_size >= 1, "batch-size must be >= 1"),
             (self.lr > 0, "lr must be positive"),
-            (self.encoding in (*ENCODINGS, TOPK), f"encoding must be one of {', '.join((*ENCODINGS, TOPK))}"),
+            (self.encoding in UPDATE_ENCODINGS, f"encoding must be one of {', '.join(UPDATE_ENCODINGS)}"),
             (0 < self.topk <= 1, "topk must be in (0, 1]"),
             (self.rank >= 0, "rank must be >= 0 (0: every channel)"),
             (self.dp_epsilon >= 0 and self.max_grad_norm >= 0, "dp-epsilon and max-grad-norm must be >= 0"),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .storage import MetadataStore, StoreError
 
 ADMIN = "admin"
+ADMIN_TOKEN_ENV = "EDGE_PEFT_ADMIN_TOKEN"  # where the command line and a Flower server read the admin token
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # always fullmatch: "phone\n" is no id
 FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 REVOKED = "revoked"  # stored in place of a device's token hash: no token hashes to it

@@ -13,7 +13,10 @@ from typing import Iterator
 
 import click
 
+from ..adapters.compressed import FP32
+from ..adapters.updates import UPDATE_ENCODINGS
 from ..errors import UserError
+from .auth import ADMIN_TOKEN_ENV
 from .limits import DEFAULT_MAX_DEVICE_BYTES, DEFAULT_MAX_DEVICE_VERSIONS, DEFAULT_RATE_PER_MINUTE
 from .storage import StoreError
 
@@ -24,7 +27,7 @@ STORE_URL = click.option("--store", "store_url", envvar="EDGE_PEFT_STORE", help=
 TOKEN = click.option("--token", envvar="EDGE_PEFT_TOKEN", help="Device token (or EDGE_PEFT_TOKEN).")
 ADMIN_STORE = click.option("--store", "store_url", default=None,
                            help="Act over HTTP on this store URL instead of on --data-dir (needs --admin-token).")
-ADMIN_TOKEN = click.option("--admin-token", envvar="EDGE_PEFT_ADMIN_TOKEN", help="Admin token (or EDGE_PEFT_ADMIN_TOKEN).")
+ADMIN_TOKEN = click.option("--admin-token", envvar=ADMIN_TOKEN_ENV, help=f"Admin token (or {ADMIN_TOKEN_ENV}).")
 
 
 @contextlib.contextmanager
@@ -338,15 +341,20 @@ def _print_refusal(moved: Path, refusal: Exception) -> None:
               help="Send only B (LoRA-FA default; the store regenerates A from the seeds) or the full file.")
 @click.option("--rank", type=click.IntRange(min=1),
               help="Send the rank-RANK adapter of a run trained with --nested-ranks: a smaller upload.")
+@click.option("--encoding", type=click.Choice(UPDATE_ENCODINGS), default=FP32, show_default=True,
+              help="int8: matrices as int8 with per-channel scales (4x smaller); int8-topk: the --topk largest changes "
+                   "since the global version the run trained from.")
+@click.option("--topk", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="int8-topk: the fraction of each matrix's entries sent.")
 def push(run_dir: Path, store_url: str | None, token: str | None, device: str | None, b_only: bool | None,
-         rank: int | None) -> None:
+         rank: int | None, encoding: str, topk: float) -> None:
     """Push RUN_DIR's adapter; when the store is unreachable, queue it in RUN_DIR/outbox for `sync`."""
     from .client import StoreUnreachable, build_push, device_of, enqueue, flush
 
     if not store_url:
         raise UserError("no store given: pass --store URL or set EDGE_PEFT_STORE")
     device = device_of(token, device)
-    base, meta, data = build_push(run_dir, b_only, rank)
+    base, meta, data = build_push(run_dir, b_only, rank, encoding, topk)
     entry, _ = enqueue(run_dir, base, meta, data, store_url)
     try:
         flush(run_dir, store_url, token, device, attempts=1, on_ack=_print_ack, on_refused=_print_refusal)

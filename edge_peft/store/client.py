@@ -19,12 +19,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+import numpy as np
 
+from ..adapters.compressed import FP32
 from ..adapters.peft_format import (check_tensors, complete_tensors, decode_adapter, encode_adapter, expand_if_compact,
                                     peft_config)
-from ..adapters.ranks import keep_channels, nested_prefix, surviving_channels
+from ..adapters.ranks import CHANNELS_KEY, keep_channels, nested_prefix, surviving_channels
+from ..adapters.sparse import TOPK
+from ..adapters.updates import check_encoding, encode_update, file_meta_for
 from ..artifact.adapter_section import AdapterSpec
-from ..artifact.files import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, OUTBOX, SUMMARY
+from ..artifact.files import (ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, OUTBOX, PULLED, RUN_INFO, SUMMARY, WARM_START,
+                              WARM_START_WEIGHTS)
 from ..artifact.manifest import load_manifest
 from ..artifact.names import is_a
 from ..checksums import record_adapter, verify_adapter
@@ -33,7 +38,6 @@ from ..fileio import atomic_directory, atomic_write_bytes, atomic_write_json, sh
 from .wire import PUSH_MEDIA_TYPE, encode_push, metrics_problem
 
 ENTRY_META = "push.json"
-PULLED_NAME = "pulled.json"
 REFUSED = "refused"  # <run>/refused/: pushes the store refused as invalid, each with refusal.json
 REFUSAL_NAME = "refusal.json"
 TRANSIENT_STATUSES = {429, 500, 502, 503, 504, 507}
@@ -86,6 +90,11 @@ class StoreClient:
     def push(self, base: str, device: str, meta: dict[str, Any], adapter: bytes) -> dict[str, Any]:
         body = encode_push(meta, adapter)
         return self.request("POST", f"/v1/bases/{base}/devices/{device}/versions", content=body,
+                            headers={"Content-Type": PUSH_MEDIA_TYPE}).json()
+
+    def push_global(self, base: str, meta: dict[str, Any], adapter: bytes) -> dict[str, Any]:
+        """Store a global adapter averaged elsewhere as the base's next global version (admin token)."""
+        return self.request("POST", f"/v1/bases/{base}/global", content=encode_push(meta, adapter),
                             headers={"Content-Type": PUSH_MEDIA_TYPE}).json()
 
     def spec(self, base: str) -> AdapterSpec:
@@ -145,14 +154,16 @@ def device_of(token: str | None, device: str | None) -> str:
 
 # --- building a push from a run directory --------------------------------------------------------
 
-def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
-               rank: int | None = None) -> tuple[str, dict[str, Any], bytes]:
+def build_push(run_dir: str | os.PathLike, b_only: bool | None = None, rank: int | None = None,
+               encoding: str = FP32, topk: float = 0.1) -> tuple[str, dict[str, Any], bytes]:
     """(base fingerprint, push metadata, adapter bytes) for ``<run>/adapter``.
 
     ``b_only`` (default: True for LoRA-FA) drops the A factors, which the store regenerates from their seeds,
     and sends only the channels that carry an update (an adaptive-rank run's survivors, compact).
     ``rank`` sends only a nested-rank run's rank-``rank`` adapter (its first ``rank`` channels, see
     ``ranks.nested_prefix``: a smaller upload). The store expands compact pushes to the full rank with zero columns.
+    ``encoding`` ``int8`` sends the matrices as int8 with per-channel scales (4x smaller); ``int8-topk`` sends the
+    ``topk`` fraction of each matrix's change since the global version the run's artifact was warm-started from.
     """
     run = Path(run_dir)
     spec = load_manifest(run).adapter
@@ -161,11 +172,17 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
         raise UserError(f"{weights} is missing: pass a run directory written by `edge-peft train`")
     verify_adapter(run / ADAPTER)
     data = weights.read_bytes()
+    check_encoding(encoding, topk)
+    summary = _read_summary(run / SUMMARY)
     if b_only is None:
         b_only = not spec.kind.trains_a
-    if b_only or rank is not None:
-        data = _payload(spec, data, str(weights), rank, drop_a=b_only)
-    summary = _read_summary(run / SUMMARY)
+    if encoding == TOPK:
+        if rank is not None:
+            raise UserError("--rank and --encoding int8-topk do not combine (a delta is against the full-rank "
+                            "global version): push the prefix with --encoding int8")
+        data = _delta_payload(spec, data, str(weights), _reference(run, spec, summary.get("parent")), topk)
+    elif b_only or rank is not None or encoding != FP32:
+        data = _payload(spec, data, str(weights), rank, drop_a=b_only, encoding=encoding)
     metrics = {k: v for k, v in summary.items() if k not in ("samples", "steps", "parent")}
     if problem := metrics_problem(metrics):
         raise UserError(f"{run / SUMMARY} cannot be pushed: {problem}; a NaN or Inf loss means the run diverged: "
@@ -175,21 +192,25 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None,
         "samples": summary["samples"],
         "steps": summary["steps"],
         "metrics": metrics,
-        "parent": summary.get("parent"),
+        "parent": store_parent(summary.get("parent")),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
     return spec.base_fingerprint, meta, data
 
 
-def _payload(spec: AdapterSpec, data: bytes, source: str, rank: int | None, drop_a: bool) -> bytes:
-    """The adapter to upload: a nested-rank run's rank-``rank`` adapter, or (``rank`` None) the surviving
-    ones, compact when fewer than all; without the seeded A when ``drop_a``."""
-    if drop_a and spec.kind.trains_a:
-        raise UserError(f"{source} is a {spec.variant!r} adapter whose A is trained: push it with --full")
+def _full_tensors(spec: AdapterSpec, data: bytes, source: str) -> tuple[dict[str, np.ndarray], dict]:
     tensors, file_meta = decode_adapter(data, source)
     expanded = expand_if_compact(spec, tensors, file_meta, source)
     check_tensors(spec, expanded, source)
-    full = complete_tensors(spec, expanded)
+    return complete_tensors(spec, expanded), file_meta
+
+
+def _payload(spec: AdapterSpec, data: bytes, source: str, rank: int | None, drop_a: bool, encoding: str) -> bytes:
+    """The adapter to upload: a nested-rank run's rank-``rank`` adapter, or (``rank`` None) the surviving
+    ones, compact when fewer than all; without the seeded A when ``drop_a``; in ``encoding``."""
+    if drop_a and spec.kind.trains_a:
+        raise UserError(f"{source} is a {spec.variant!r} adapter whose A is trained: push it with --full")
+    full, file_meta = _full_tensors(spec, data, source)
     if drop_a:
         spec.kind.check_seeded(spec.modules, full, source)
     if rank is not None:
@@ -199,7 +220,41 @@ def _payload(spec: AdapterSpec, data: bytes, source: str, rank: int | None, drop
     kept, meta, _ = keep_channels(spec, full, channels, file_meta)
     if drop_a:
         kept = {k: v for k, v in kept.items() if not is_a(k)}
-    return encode_adapter(spec, kept, extra_meta=meta)
+    return encode_adapter(spec, encode_update(kept, encoding), extra_meta={**meta, **file_meta_for(encoding, 0.1)})
+
+
+def _delta_payload(spec: AdapterSpec, data: bytes, source: str, reference: dict[str, np.ndarray], topk: float) -> bytes:
+    """The top-k int8 delta of every trained tensor (full rank, no seeded A) against ``reference``."""
+    full, file_meta = _full_tensors(spec, data, source)
+    trained = {k: full[k] for k in spec.expected_shapes(with_frozen=False)}
+    sent = encode_update(trained, TOPK, reference, topk)
+    meta = {k: v for k, v in file_meta.items() if k != CHANNELS_KEY}
+    return encode_adapter(spec, sent, extra_meta={**meta, **file_meta_for(TOPK, topk)})
+
+
+def store_parent(parent: Any) -> dict[str, Any] | None:
+    """A run's parent as a push names it: a store version (global, or a device's), else None (a local adapter)."""
+    return parent if isinstance(parent, dict) and parent.get("kind") in ("global", "device") else None
+
+
+def _reference(run: Path, spec: AdapterSpec, parent: Any) -> dict[str, np.ndarray]:
+    """The global version a run trained from (its artifact's warm start), by PEFT key: what a delta is against."""
+    if store_parent(parent) is None or parent["kind"] != "global":
+        raise UserError(f"{run} did not train from a global version (its parent is {parent!r}), and a top-k delta "
+                        "is against one: `edge-peft pull --global`, `edge-peft adapter load` it into the artifact "
+                        "and train again, or push with --encoding int8")
+    try:
+        artifact = Path(json.loads((run / RUN_INFO).read_text())["artifact"])
+        warm_start = json.loads((artifact / WARM_START).read_text())
+        data = (artifact / WARM_START_WEIGHTS).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"the global version {run} trained from is no longer in its artifact: push with "
+                        "--encoding int8") from None
+    if warm_start != parent:
+        raise UserError(f"{artifact} was warm-started from another adapter since {run} trained: push with "
+                        "--encoding int8")
+    full, _ = _full_tensors(spec, data, str(artifact / WARM_START_WEIGHTS))
+    return {k: full[k] for k in spec.expected_shapes(with_frozen=False)}
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
@@ -370,7 +425,7 @@ def pull(client: StoreClient, base: str, out_dir: str | os.PathLike, device: str
     with atomic_directory(out, overwrite=True) as tmp:
         atomic_write_bytes(tmp / ADAPTER_WEIGHTS, data)
         atomic_write_json(tmp / ADAPTER_CONFIG, peft_config(spec))
-        atomic_write_json(tmp / PULLED_NAME, pulled)
+        atomic_write_json(tmp / PULLED, pulled)
         record_adapter(tmp)
     return pulled
 
@@ -379,7 +434,7 @@ def _intact(path: Path, sha256: Any) -> bool:
     """Whether an earlier pull's file still has the sha256 it was pulled with (else it is pulled again)."""
     if path.is_file() and sha256_file(path) == sha256:
         return True
-    print(f"note: {path} is missing or corrupt (its sha256 differs from {PULLED_NAME}'s): pulling it again",
+    print(f"note: {path} is missing or corrupt (its sha256 differs from {PULLED}'s): pulling it again",
           file=sys.stderr)
     return False
 
@@ -389,6 +444,6 @@ def _previous_pull(out: Path) -> dict[str, Any] | None:
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
     try:
-        return json.loads((out / PULLED_NAME).read_text())
+        return json.loads((out / PULLED).read_text())
     except (OSError, ValueError):
         raise UserError(f"{out} exists and was not written by `edge-peft pull`: choose another --out or remove it") from None

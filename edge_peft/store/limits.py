@@ -15,7 +15,7 @@ DEFAULT_MAX_DEVICE_BYTES = 4 << 30
 DEFAULT_RATE_PER_MINUTE = 600
 SPEC_BODY_BYTES = 4 << 20  # POST /v1/bases: an adapter spec (a few KiB for most models)
 SMALL_BODY_BYTES = 64 << 10  # every other route: a device id, an aggregation policy, or nothing
-PUSH_PATH = re.compile(r"/v1/bases/[^/]+/devices/[^/]+/versions")
+PUSH_PATH = re.compile(r"/v1/bases/[^/]+/(devices/[^/]+/versions|global)")  # adapter uploads: a push, a global
 
 
 @dataclass(frozen=True)

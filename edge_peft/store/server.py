@@ -178,6 +178,17 @@ def create_app(store: AdapterStore, limits: StoreLimits = StoreLimits()) -> Fast
         return JSONResponse({**asdict(record), "created": created, "report": report},
                             status_code=201 if created else 200)
 
+    @app.post("/v1/bases/{base}/global", dependencies=[Depends(admin)], openapi_extra={"requestBody": {
+        "required": True,
+        "description": "A push body (JSON metadata line, then the adapter_model.safetensors bytes) of a global "
+                       "adapter averaged elsewhere, e.g. by a Flower server.",
+        "content": {PUSH_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
+    async def add_global(base: str, request: Request) -> JSONResponse:
+        """Store a global version made outside the store (admin): devices pull it as any global version."""
+        meta, data = decode_push(await request.body())
+        record, created = await run_in_threadpool(store.add_global, base, meta, data)
+        return JSONResponse({**asdict(record), "created": created}, status_code=201 if created else 200)
+
     add_pages(app, store)
     return app
 

@@ -13,8 +13,11 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
+from ..adapters.compressed import FP32, SCALE_SUFFIX
 from ..adapters.peft_format import check_tensors, complete_tensors, decode_adapter, encode_adapter, expand_if_compact
 from ..adapters.ranks import CHANNELS_KEY
+from ..adapters.sparse import TOPK
+from ..adapters.updates import ENCODING_KEY, TOPK_KEY, decode_update, file_encoding
 from ..artifact.adapter_section import AdapterSpec
 from ..artifact.names import a_name, peft_key
 from ..errors import UserError
@@ -26,7 +29,7 @@ from .blobs import STALE_TEMP_SECONDS, FileBlobStore
 from .data_dir import DataDirLock, open_private
 from .db import SqliteMetadata
 from .limits import StoreLimits
-from .push_meta import parse_push_meta
+from .push_meta import PushRequest, parse_push_meta
 from .storage import (AggregateRecord, BaseRecord, BlobStore, MetadataStore, NewVersion, Parent, StoreError,
                       VersionRecord)
 
@@ -209,15 +212,15 @@ class AdapterStore:
         spec = AdapterSpec.from_dict(registered.spec)
         if request.parent is not None:
             self._require_parent(base, device, request.parent)
-        tensors, file_meta = self._checked_tensors(spec, data)
+        tensors, file_meta, encoded = self._checked_tensors(spec, data, lambda: self._parent_tensors(base, request))
         full_tensors = _complete(spec, tensors)
         content = content_digest(full_tensors)
         existing = self.metadata.find_version(base, device, content_sha256=content)
         if existing is not None:
             return existing, False
-        if len(full_tensors) == len(tensors) and CHANNELS_KEY not in file_meta:
+        if len(full_tensors) == len(tensors) and CHANNELS_KEY not in file_meta and not encoded:
             full = data
-        else:  # B-only or compact (some rank channels) push: serve the full-rank PEFT file
+        else:  # B-only, compact (some rank channels) or encoded push: serve the full-rank fp32 PEFT file
             meta = {k: v for k, v in file_meta.items() if k != CHANNELS_KEY}
             full = encode_adapter(spec, full_tensors, extra_meta=meta)
         full_sha = hashlib.sha256(full).hexdigest() if full is not data else request.sha256
@@ -242,13 +245,19 @@ class AdapterStore:
             raise StoreError(422, f"parent {what} does not exist for this base: pull the parent from this store "
                                   "before training, or push to the store it came from")
 
-    @staticmethod
-    def _checked_tensors(spec: AdapterSpec, data: bytes) -> tuple[dict[str, np.ndarray], dict]:
-        """Parse the pushed safetensors (never pickle) and refuse anything that does not fit ``spec`` (422)."""
+    def _checked_tensors(self, spec: AdapterSpec, data: bytes, parent: Callable[[], dict[str, np.ndarray]]
+                         ) -> tuple[dict[str, np.ndarray], dict, bool]:
+        """Parse the pushed safetensors (never pickle), decode an int8 or top-k update (``parent``: the global
+        version a delta is against) and refuse anything that does not fit ``spec`` (422).
+        Returns (float32 tensors, the file's metadata without the encoding, whether it was encoded)."""
         try:
             tensors, file_meta = decode_adapter(data, "pushed adapter")
             if not isinstance(file_meta, dict):
                 raise UserError("the pushed adapter's edge-peft metadata is not a JSON object")
+            encoding, topk = file_encoding(file_meta, "pushed adapter")
+            if encoding != FP32:
+                tensors = _decoded(spec, tensors, encoding, topk, parent)
+                file_meta = {k: v for k, v in file_meta.items() if k not in (ENCODING_KEY, TOPK_KEY)}
             tensors = expand_if_compact(spec, tensors, file_meta, "pushed adapter")
             check_tensors(spec, tensors, "pushed adapter")
             spec.kind.check_seeded(spec.modules, tensors, "pushed adapter")
@@ -259,7 +268,16 @@ class AdapterStore:
             if key in file_meta and file_meta[key] != getattr(spec, key):
                 raise StoreError(422, f"the adapter file says {key}={str(file_meta[key])[:80]!r}, the base's spec says "
                                       f"{getattr(spec, key)!r}: push the run directory the adapter was trained in")
-        return tensors, file_meta
+        return tensors, file_meta, encoding != FP32
+
+    def _parent_tensors(self, base: str, request: PushRequest) -> dict[str, np.ndarray]:
+        """The tensors of the global version a top-k delta names as its parent (UserError without one)."""
+        parent = request.parent
+        if parent is None or parent.kind != "global":
+            raise UserError("a top-k delta must name as parent the global version it is a delta of: push it from "
+                            "a run trained from a pulled global version, or push with --encoding int8")
+        record = self.global_version(base, parent.version)
+        return decode_adapter(self.blobs.get(record.full_sha256), f"global version {parent.version}")[0]
 
     # --- blobs of one write ----------------------------------------------------------------------
 
@@ -343,9 +361,39 @@ class AdapterStore:
             base, inputs, sha, len(data), samples, utc_now()))
         return record, created, report
 
+    def add_global(self, base: str, meta: Any, data: bytes) -> tuple[AggregateRecord, bool]:
+        """Store a global version averaged elsewhere (a federated learning server's round) as the base's next
+        global version, for devices to pull as any other; the same tensors as the latest return it (False)."""
+        check_fingerprint(base)
+        request = parse_push_meta(meta)
+        registered = self._base(base)
+        if difference := spec_difference(registered.spec, request.spec):
+            raise StoreError(409, f"the global adapter's spec differs from the one base {base[:19]}... is registered "
+                                  f"with ({difference}): average adapters of the registered export")
+        if hashlib.sha256(data).hexdigest() != request.sha256:
+            raise StoreError(400, "the adapter bytes do not match the sha256 sent: the upload was corrupted; push again")
+        spec = AdapterSpec.from_dict(registered.spec)
+        tensors, file_meta, _ = self._checked_tensors(spec, data, lambda: {})
+        full = encode_adapter(spec, _complete(spec, tensors), extra_meta=file_meta)
+        sha = hashlib.sha256(full).hexdigest()
+        return self._with_blobs({sha: full}, lambda: self.metadata.record_aggregate(
+            base, [], sha, len(full), request.samples, utc_now()))
+
     def _loader(self, version: VersionRecord) -> Callable[[], dict[str, np.ndarray]]:
         label = f"device {version.device} version {version.number}"
         return lambda: decode_adapter(self.blobs.get(version.full_sha256), label)[0]
+
+
+def _decoded(spec: AdapterSpec, sent: dict[str, np.ndarray], encoding: str, topk: float,
+             parent: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """float32 tensors of an encoded push: int8 in the shapes it was sent in (B-only, compact or a rank prefix,
+    checked against the spec afterwards); a top-k delta added to every trained tensor of its parent."""
+    if encoding == TOPK:
+        shapes = spec.expected_shapes(with_frozen=False)
+        reference = parent()
+        return decode_update(shapes, sent, encoding, "pushed update", {k: reference[k] for k in shapes}, topk)
+    shapes = {k: tuple(v.shape) for k, v in sent.items() if not k.endswith(SCALE_SUFFIX)}
+    return decode_update(shapes, sent, encoding, "pushed update")
 
 
 def content_digest(tensors: dict[str, np.ndarray]) -> str:

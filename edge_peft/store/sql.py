@@ -224,7 +224,9 @@ class SqlMetadata:
         with self._transaction() as con:
             self._lock(con, f"aggregate:{base}")  # two processes aggregating the same inputs make one version
             latest = _latest_aggregate(con, base)
-            if latest is not None and sorted(latest.inputs) == sorted(inputs):
+            same = (sorted(latest.inputs) == sorted(inputs) if inputs else latest.full_sha256 == full_sha256) \
+                if latest is not None else False  # no inputs: a global made elsewhere (a Flower server's round)
+            if same:
                 return latest, False
             number = (latest.number if latest else 0) + 1
             row = con.execute("""INSERT INTO aggregates (base, number, full_sha256, full_size, samples, created)
