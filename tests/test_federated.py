@@ -15,6 +15,9 @@ from edge_peft.backends import initial_trainable
 from edge_peft.federated.device_round import train_round, trained_shapes
 from edge_peft.federated.settings import FederatedSettings
 from edge_peft.store.aggregate import AggregationPolicy
+from edge_peft.store.auth import ADMIN_TOKEN_ENV
+from edge_peft.store.client import StoreClient, pull
+from edge_peft.store.local_server import StoreServer
 from edge_peft.store.service import AdapterStore
 
 SIZES = (16, 32, 48)  # examples per client: FedAvg weighs them 1:2:3
@@ -48,20 +51,33 @@ def store_average(tmp_path, spec, adapters):
 
 
 @pytest.mark.slow
-def test_a_flower_round_of_three_clients_averages_as_the_store_and_as_pytorch(artifacts, data, tmp_path):
+def test_a_flower_round_of_three_clients_averages_as_the_store_and_as_pytorch(artifacts, data, tmp_path, monkeypatch):
     import torch
 
     from edge_peft.federated.simulation import simulate
 
     artifact = artifacts("bert", "int8")
-    settings = FederatedSettings(artifact=str(artifact), data_dir=str(split(data, tmp_path / "clients")), rounds=1,
-                                 local_steps=2, batch_size=4, max_seq_len=32, out=str(tmp_path / "server"))
-    history = simulate(settings, clients=3, parallel=2)
-    assert [h["round"] for h in history] == [0, 1] and history[1]["devices"] == 3
-    assert history[1]["num-examples"] == sum(SIZES) and history[1]["refused"] == 0
     manifest = load_manifest(artifact)
     spec = manifest.adapter
+    home, admin = AdapterStore.open(tmp_path / "home")  # the global adapter's home: the server pushes each round
+    device_token = home.add_device("phone-9")
+    home.add_base(spec.to_dict())
+    home.close()
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, admin)
+    with StoreServer(tmp_path / "home") as server:
+        settings = FederatedSettings(artifact=str(artifact), data_dir=str(split(data, tmp_path / "clients")),
+                                     rounds=1, local_steps=2, batch_size=4, max_seq_len=32,
+                                     out=str(tmp_path / "server"), store=server.url)
+        history = simulate(settings, clients=3, parallel=2)
+        with StoreClient(server.url, device_token) as client:  # a device pulls the round's global as any other
+            assert pull(client, spec.base_fingerprint, tmp_path / "pulled")["version"] == 1
+    assert [h["round"] for h in history] == [0, 1] and history[1]["devices"] == 3
+    assert history[1]["num-examples"] == sum(SIZES) and history[1]["refused"] == 0
+    assert history[1]["store-version"] == 1
     flower = load_adapter(tmp_path / "server" / "round-1", spec)
+    pulled = load_adapter(tmp_path / "pulled", spec)
+    for key, value in flower.items():
+        np.testing.assert_array_equal(pulled[key], value)
 
     # the same three devices' round, trained again here (deterministic on one thread), through the store
     start = {peft_key(n): v for n, v in initial_trainable(artifact, manifest).items()}
