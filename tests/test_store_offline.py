@@ -96,3 +96,71 @@ def test_sync_backoff_doubles_and_is_bounded(tmp_path):
         client.flush(run, None, "phone-1.secret", attempts=6, backoff=1.0, max_backoff=5.0, sleep=waits.append)
     assert waits == [1.0, 2.0, 4.0, 5.0, 5.0]
     assert len(entries(run)) == 1
+
+
+class KeepAliveThenDrop:
+    """An HTTP/1.1 server on loopback that answers the first request of each connection with keep-alive and closes
+    the connection, unanswered, when a second request arrives on it: what a client sees when the server's
+    keep-alive ran out just as it reused the connection."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _connection(conn) -> None:
+        with conn:
+            buffered = b""
+            for answer in (True, False):
+                while b"\r\n\r\n" not in buffered:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffered += chunk
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(buffered) < length:
+                    buffered += conn.recv(65536)
+                buffered = buffered[length:]
+                if answer:
+                    body = b'{"ok": true}'
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_request_on_a_connection_the_store_closed_is_sent_again_when_repeatable():
+    """A pull (GET) or a push (deduplicated by its tensors) goes out again on a fresh connection; adding a device,
+    which is not repeatable, reports the store unreachable instead of perhaps registering it twice."""
+    server = KeepAliveThenDrop()
+    try:
+        with client.StoreClient(server.url, "phone.x") as store:
+            assert store.request("GET", "/healthz").json() == {"ok": True}
+            assert store.request("GET", "/healthz").json() == {"ok": True}  # the reused connection was dropped
+            assert server.connections == 2
+            assert store.request("POST", "/v1/bases/b/devices/d/versions", content=b"x", repeatable=True).json()
+            assert server.connections == 3
+            with pytest.raises(client.StoreUnreachable, match="RemoteProtocolError"):
+                store.request("POST", "/v1/devices", json={"id": "phone-2"})
+            assert server.connections == 3
+    finally:
+        server.close()

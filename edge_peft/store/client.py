@@ -43,6 +43,7 @@ REFUSAL_NAME = "refusal.json"
 TRANSIENT_STATUSES = {429, 500, 502, 503, 504, 507}
 INVALID_STATUSES = {400, 404, 409, 413, 422}  # the push itself is refused: sending it again cannot succeed
 STALE_OUTBOX_TEMP_SECONDS = 600
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)  # closed under a reused connection
 
 
 class StoreUnreachable(Exception):
@@ -75,11 +76,22 @@ class StoreClient:
     def __exit__(self, *exc: object) -> None:
         self.http.close()
 
-    def request(self, method: str, path: str, ok: tuple[int, ...] = (200, 201), **kwargs: Any) -> httpx.Response:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise StoreUnreachable(f"cannot reach the store at {self.url} ({exc.__class__.__name__}: {exc})") from None
+    def request(self, method: str, path: str, ok: tuple[int, ...] = (200, 201), repeatable: bool | None = None,
+                **kwargs: Any) -> httpx.Response:
+        """One request; a ``repeatable`` one (default: GET) is sent once more on a fresh connection when the pooled
+        connection it went out on was closed by the server without an answer (its keep-alive ran out as the
+        request left): sending it again cannot do anything twice."""
+        repeatable = method == "GET" if repeatable is None else repeatable
+        for attempt in (1, 2):
+            try:
+                response = self.http.request(method, path, **kwargs)
+                break
+            except STALE_CONNECTION as exc:
+                if attempt == 1 and repeatable:
+                    continue
+                raise StoreUnreachable(f"cannot reach the store at {self.url} ({exc.__class__.__name__}: {exc})") from None
+            except httpx.TransportError as exc:
+                raise StoreUnreachable(f"cannot reach the store at {self.url} ({exc.__class__.__name__}: {exc})") from None
         if response.status_code in ok:
             return response
         detail = _detail(response)
@@ -89,12 +101,12 @@ class StoreClient:
 
     def push(self, base: str, device: str, meta: dict[str, Any], adapter: bytes) -> dict[str, Any]:
         body = encode_push(meta, adapter)
-        return self.request("POST", f"/v1/bases/{base}/devices/{device}/versions", content=body,
-                            headers={"Content-Type": PUSH_MEDIA_TYPE}).json()
+        return self.request("POST", f"/v1/bases/{base}/devices/{device}/versions", content=body, repeatable=True,
+                            headers={"Content-Type": PUSH_MEDIA_TYPE}).json()  # the same tensors: the same version
 
     def push_global(self, base: str, meta: dict[str, Any], adapter: bytes) -> dict[str, Any]:
         """Store a global adapter averaged elsewhere as the base's next global version (admin token)."""
-        return self.request("POST", f"/v1/bases/{base}/global", content=encode_push(meta, adapter),
+        return self.request("POST", f"/v1/bases/{base}/global", content=encode_push(meta, adapter), repeatable=True,
                             headers={"Content-Type": PUSH_MEDIA_TYPE}).json()
 
     def spec(self, base: str) -> AdapterSpec:
