@@ -40,6 +40,8 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scaling alpha/r).")
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="int8", show_default=True,
               help="Storage of the frozen base weights.")
+@click.option("--block-size", default=32, show_default=True,
+              help="--quantize int4: values per block (32, 64 or 128) along each weight's reduced axis.")
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default=DEFAULT_VARIANT, show_default=True,
               help="; ".join(f"{name}: {v.description}" for name, v in VARIANTS.items()) + ".")
 @click.option("--targets", help="Comma-separated module names to adapt, or all-linear (every attention and MLP "
@@ -68,8 +70,9 @@ def _csv(value: str | None) -> list[str] | None:
               help="Recompute each transformer block's activations in the backward (ORT graph): less memory, "
                    "about a third more compute per step.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, variant: str, targets: str | None,
-           labels: str | None, seed: int, max_seq_len: int, weight_decay: float, max_grad_norm: float,
+def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, block_size: int, variant: str,
+           targets: str | None, labels: str | None, seed: int, max_seq_len: int, weight_decay: float,
+           max_grad_norm: float,
            layers: str | None, probe_data: Path | None, probe_steps: int, memory_budget: str | None,
            device_profile: str | None, loss_chunks: int, backend: str, compute: str, checkpointing: bool,
            force: bool) -> None:
@@ -77,9 +80,10 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, v
     from .exporter.layer_selection import auto_count
     from .exporter.pipeline import ExportOptions, export_artifact
 
-    opts = ExportOptions(rank=rank, alpha=alpha, quantize=quantize, variant=variant, targets=_csv(targets),
-                         seed=seed, max_seq_len=max_seq_len, labels=_csv(labels), weight_decay=weight_decay,
-                         max_grad_norm=max_grad_norm, layers=layers, backend=backend, loss_chunks=loss_chunks,
+    opts = ExportOptions(rank=rank, alpha=alpha, quantize=quantize, block_size=block_size, variant=variant,
+                         targets=_csv(targets), seed=seed, max_seq_len=max_seq_len, labels=_csv(labels),
+                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, layers=layers, backend=backend,
+                         loss_chunks=loss_chunks,
                          compute=compute, checkpointing=checkpointing)
     if memory_budget or device_profile:
         opts = _plan_export(model_dir, opts, memory_budget, device_profile)

@@ -56,8 +56,9 @@ def cli(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-def reference_model(model_dir, artifact):
-    """The torch model with the same LoRA-FA adapters and the artifact's initial trainable values."""
+def reference_model(model_dir, artifact, base=None):
+    """The torch model with the same LoRA-FA adapters and the artifact's initial trainable values; ``base`` (name ->
+    array) replaces frozen parameters (a quantized artifact's dequantized weights)."""
     import numpy as np
     import torch
 
@@ -72,6 +73,9 @@ def reference_model(model_dir, artifact):
     inject_adapters(model, [m.name for m in spec.modules], spec.kind, spec.rank, spec.alpha, spec.seed)
     state = training_api().CheckpointState.load_checkpoint(os.fspath(artifact / "checkpoint"))
     params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in (base or {}).items():
+            params[name].copy_(torch.from_numpy(value))
     trainable = []
     for name, p in state.parameters:
         if p.requires_grad:
@@ -82,9 +86,10 @@ def reference_model(model_dir, artifact):
     return model, trainable, manifest
 
 
-def reference_losses(model_dir, artifact, data_path, steps: int, out) -> list[float]:
+def reference_losses(model_dir, artifact, data_path, steps: int, out, base=None) -> list[float]:
     """The first ``steps`` losses of the PyTorch reference: the artifact's adapters and initial values, the device
-    loop's own batches and learning rates (a run opened in ``out``), gradient clipping at 1.0 and HF AdamW."""
+    loop's own batches and learning rates (a run opened in ``out``), gradient clipping at 1.0 and HF AdamW;
+    ``base`` as in ``reference_model``."""
     import torch
 
     from edge_peft.artifact.manifest import IGNORE_INDEX
@@ -93,7 +98,7 @@ def reference_losses(model_dir, artifact, data_path, steps: int, out) -> list[fl
     config = TrainConfig(data=str(data_path), steps=steps, batch_size=8, lr=1e-2, eval_every=0,
                          checkpoint_every=steps, threads=1)
     batches = open_run(artifact, config, out)
-    model, params, _ = reference_model(model_dir, artifact)
+    model, params, _ = reference_model(model_dir, artifact, base)
     adam: dict = {}
     losses = []
     for step in range(steps):

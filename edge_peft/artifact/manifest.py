@@ -19,7 +19,8 @@ from .memory_section import MemoryFigures
 
 SCHEMA_VERSION = 2
 TASKS = ("causal-lm", "sequence-classification")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
+INT4_BLOCK_SIZES = (32, 64, 128)  # int4: values per block along the reduced axis (exporter/int4.py)
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
 ADAMW_BETAS = (0.9, 0.999)
 UNCHECKED = {MANIFEST, WARM_START, WARM_START_WEIGHTS, LAYER_PROBE}  # written beside the artifact's files, not part of them  # in both backends' optimizers and wherever the device loop adjusts moments
@@ -46,6 +47,7 @@ class Manifest:
     eos_token_id: int | None = None
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of every file the export wrote
     computes: list[str] = field(default_factory=lambda: ["fp32"])  # portable step graphs: backends/compute.py
+    block_size: int | None = None  # int4: values per block (INT4_BLOCK_SIZES); None otherwise
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -91,6 +93,8 @@ class Manifest:
             problems.append(f"task {self.task!r} not in {TASKS}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization {self.quantization!r} not in {QUANTIZATIONS}")
+        if (self.quantization == "int4") != (self.block_size in INT4_BLOCK_SIZES):
+            problems.append(f"block size {self.block_size!r} does not fit quantization {self.quantization!r}")
         if not self.backends or set(self.backends) - set(BACKENDS):
             problems.append(f"backends {self.backends!r} not a non-empty subset of {BACKENDS}")
         if "fp32" not in self.computes or set(self.computes) - {"fp32", "int8"}:

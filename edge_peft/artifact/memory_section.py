@@ -15,11 +15,12 @@ from ..errors import UserError
 @dataclass
 class MemoryFigures:
     frozen_bytes: int  # storage of every frozen tensor of the training graph (int8 weights, scales, fp32 rest)
-    quantized_bytes: int  # of which int8 weights and their scales (0 for an fp32 base)
+    quantized_bytes: int  # of which quantized weights and their scales (0 for an fp32 base)
     trainable_values: int  # values training updates (each has a gradient and two AdamW moments)
     intermediate_size: int  # MLP width, for the activation term
     loss_chunks: int = 0  # > 0: the target-only LM head and loss in this many chunks (ORT training graph)
     checkpointing: bool = False  # the ORT training graph recomputes each block's activations in the backward
+    quantized_values: int = 0  # values stored int8 or int4 (their fp32 copies are what dequantizing makes); 0: unknown
     budget_mb: float | None = None
     margin: float | None = None
     profile: str | None = None

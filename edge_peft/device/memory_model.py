@@ -9,8 +9,9 @@ Structure (what lives at the peak of a step, forward activations kept for backwa
   ORT's CPU arena is disabled for training sessions (``backends/``): its growth is step-shaped and
   cost up to +60 % RSS on a causal LM, while plain malloc grows linearly with the step.
 - ``optimizer``: one gradient and two AdamW moments per trainable value (fp32).
-- ``dequantized``: an int8 base is dequantized to fp32 on the fly; ORT keeps those fp32 copies from
-  forward to backward, so they cost ``4 x int8 bytes`` times a measured factor during a step.
+- ``dequantized``: a quantized base is dequantized to fp32 on the fly; ORT kept those fp32 copies from
+  forward to backward, so they cost ``4 x quantized values`` (manifest ``memory.quantized_values``; older
+  manifests: the quantized bytes, which int8 is close to) times a measured factor during a step.
 - ``activations``: per layer and token ``9 h + 2 i`` floats (attention inputs, Q/K/V, context,
   norms; MLP up-projection and activation; the layout of Korthikanti et al. 2022, "Reducing
   Activation Recomputation", ``34 s b h`` 16-bit bytes at ``i = 4h``), plus ``heads x T^2`` floats per
@@ -74,6 +75,7 @@ class ModelFigures:
     causal: bool
     backend: str  # which backend trains (its factors apply)
     chunked_loss: bool = False  # the backend trains with the target-only chunked LM head and loss
+    quantized_values: int = 0  # values stored quantized (0: take quantized_bytes, as int8 nearly is)
 
     @classmethod
     def of(cls, manifest: Manifest, backend: str) -> "ModelFigures":
@@ -82,7 +84,8 @@ class ModelFigures:
                    trainable_values=mem.trainable_values, layers=manifest.num_layers, hidden=manifest.hidden_size,
                    intermediate=mem.intermediate_size, heads=manifest.num_heads, vocab=manifest.vocab_size,
                    causal=manifest.task == "causal-lm", backend=backend,
-                   chunked_loss=backend_class(backend).chunked_loss(mem.loss_chunks))
+                   chunked_loss=backend_class(backend).chunked_loss(mem.loss_chunks),
+                   quantized_values=mem.quantized_values)
 
 
 def loaded_bytes(manifest: Manifest, backend: str) -> int:
@@ -101,7 +104,7 @@ def step_terms(f: ModelFigures, batch: int, seq_len: int) -> dict[str, float]:
     tokens = batch * seq_len
     logits = FLOAT * tokens * f.vocab if f.causal else 0
     chunked = f.chunked_loss
-    return {"dequantized": FLOAT * f.quantized_bytes,
+    return {"dequantized": FLOAT * (f.quantized_values or f.quantized_bytes),
             "tokens": FLOAT * f.layers * (9 * f.hidden + 2 * f.intermediate) * tokens,
             "scores": FLOAT * f.layers * f.heads * batch * seq_len * seq_len,
             "logits": 0 if chunked else logits,

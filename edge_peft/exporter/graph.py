@@ -15,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..artifact.names import is_a
+from . import int4
 
 INT8_MIN_ELEMENTS = 1024  # smaller 2-D tensors (e.g. token-type tables) stay fp32: nothing to gain
 
@@ -74,6 +75,46 @@ def fold_transposes(proto: onnx.ModelProto, frozen: set[str]) -> dict[str, str]:
     return folded
 
 
+def _readers(name: str, uses: dict, axes: dict[str, int] | None) -> tuple[list, list, int]:
+    """(Gather readers, other readers, channel axis) of a 2-D weight: the axis its scales run along, the one a
+    product keeps (1 for ``MatMul``'s and ``Gemm``'s right operand, else 0; ``axes`` overrides it)."""
+    nodes = uses.get(name, [])
+    gathers = [(n, k) for n, k in nodes if n.op_type == "Gather" and k == 0 and _attr(n, "axis", 0) == 0]
+    others = [(n, k) for n, k in nodes if (n, k) not in gathers]
+    in_out = others and all(
+        (n.op_type == "MatMul" and k == 1) or (n.op_type == "Gemm" and k == 1 and not _attr(n, "transB", 0))
+        for n, k in others
+    )
+    axis = 1 if in_out and not gathers else 0
+    if axes and name in axes and not gathers:
+        axis = axes[name]
+    return gathers, others, axis
+
+
+def _transposes(others: list) -> list[onnx.NodeProto]:
+    return [n for n, _ in others if n.op_type == "Transpose" and list(_attr(n, "perm", [1, 0])) == [1, 0]]
+
+
+def _rewire(node: onnx.NodeProto, uses: dict, new_name: str) -> None:
+    for user, k in uses.get(node.output[0], []):
+        user.input[k] = new_name
+
+
+def _write_order(graph: onnx.GraphProto, prologue: list, after: dict, dead: set[int]) -> None:
+    ordered = list(prologue)
+    for node in graph.node:
+        if id(node) not in dead:
+            ordered.append(node)
+        ordered.extend(after.get(id(node), []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _quantizable(init: onnx.TensorProto | None) -> bool:
+    return (init is not None and len(init.dims) == 2 and init.data_type == TensorProto.FLOAT
+            and int(np.prod(init.dims)) >= INT8_MIN_ELEMENTS)
+
+
 def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] | None = None) -> list[str]:
     """Symmetric per-output-channel int8 for the named fp32 2-D initializers; returns the new frozen names.
 
@@ -93,21 +134,10 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
     new_frozen: list[str] = []
     for name in sorted(names):
         init = inits.get(name)
-        if init is None or len(init.dims) != 2 or init.data_type != TensorProto.FLOAT:
+        if not _quantizable(init):
             continue
         w = numpy_helper.to_array(init)
-        if w.size < INT8_MIN_ELEMENTS:
-            continue
-        nodes = uses.get(name, [])
-        gathers = [(n, k) for n, k in nodes if n.op_type == "Gather" and k == 0 and _attr(n, "axis", 0) == 0]
-        others = [(n, k) for n, k in nodes if (n, k) not in gathers]
-        in_out = others and all(
-            (n.op_type == "MatMul" and k == 1) or (n.op_type == "Gemm" and k == 1 and not _attr(n, "transB", 0))
-            for n, k in others
-        )
-        axis = 1 if in_out and not gathers else 0
-        if axes and name in axes and not gathers:
-            axis = axes[name]
+        gathers, others, axis = _readers(name, uses, axes)
         absmax = np.abs(w).max(axis=1 - axis)
         scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
         shaped = scale[None, :] if axis == 1 else scale[:, None]
@@ -116,7 +146,7 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
         init.CopyFrom(numpy_helper.from_array(q, qname))
         graph.initializer.append(numpy_helper.from_array(scale, sname))
         new_frozen += [qname, sname]
-        transposes = [n for n, _ in others if n.op_type == "Transpose" and list(_attr(n, "perm", [1, 0])) == [1, 0]]
+        transposes = _transposes(others)
         if gathers and transposes and len(transposes) == len(others):
             # A tied LM head reads the embedding table transposed. DequantizeLinear -> Transpose makes
             # ORT 1.19's transpose optimizer insert a uint8 QuantizeLinear it then rejects, so the head
@@ -128,8 +158,7 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
                                              name=f"{tname}.dq"))
             for node in transposes:
                 dead.add(id(node))
-                for user, k in uses.get(node.output[0], []):
-                    user.input[k] = tname
+                _rewire(node, uses, tname)
         elif others:
             prologue.append(helper.make_node("DequantizeLinear", [qname, sname], [name], axis=axis, name=f"{name}.dq"))
         for node, _ in gathers:
@@ -146,18 +175,76 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
                 helper.make_node("Unsqueeze", [row_scale, unsqueeze_axes], [row_scale_u]),
                 helper.make_node("Mul", [rows_f, row_scale_u], [out]),
             ]
-    ordered = list(prologue)
-    for node in graph.node:
-        if id(node) not in dead:
-            ordered.append(node)
-        ordered.extend(after.get(id(node), []))
-    del graph.node[:]
-    graph.node.extend(ordered)
+    _write_order(graph, prologue, after, dead)
     return new_frozen
 
 
-def prepare_frozen(proto: onnx.ModelProto, trainable: list[str], int8: bool) -> list[str]:
-    """Fold the transposes of the frozen base weights and, with ``int8``, quantize them; return the frozen names.
+def quantize_int4(proto: onnx.ModelProto, names: set[str], block: int, axes: dict[str, int] | None = None) -> list[str]:
+    """Blockwise 4-bit (``int4.py``) for the named fp32 2-D initializers; returns the new frozen names.
+
+    Blocks run along the reduced axis (the one ``quantize_int8``'s channel axis is not). Readers of ``W``
+    read the dequantized weight under its old name; a ``Transpose`` reader gets a chain that transposes the
+    unpacked uint8 values instead of the fp32 copy (the portable backward); a tied LM head that only reads the
+    embedding table transposed gets its own transposed copy, as with int8; ``Gather`` readers (embeddings)
+    dequantize only the gathered rows.
+    """
+    graph = proto.graph
+    uses = _consumers(graph)
+    inits = {i.name: i for i in graph.initializer}
+    prologue: list[onnx.NodeProto] = []
+    after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    dead: set[int] = set()
+    new_frozen: list[str] = []
+
+    def store(weight: str, w: np.ndarray, reduced: int) -> None:
+        graph.initializer.extend(int4.stored(weight, *int4.quantize(w, reduced, block, weight)))
+        new_frozen.extend(int4.stored_names(weight))
+
+    def dequantize(weight: str, shape, reduced: int, out: str, readers: list) -> None:
+        """``out`` = the dequantized ``weight`` for ``readers``; a Transpose among them is replaced by a chain
+        making its output directly."""
+        transposes = _transposes(readers)
+        chains = [(out, False)] if len(transposes) < len(readers) else []
+        for node in transposes:
+            dead.add(id(node))
+            chains.append((node.output[0], True))
+        for target, transposed in chains:
+            nodes, shapes = int4.dequantize_nodes(weight, shape, reduced, block, target, transposed)
+            prologue.extend(nodes)
+            graph.initializer.extend(shapes)
+
+    for name in sorted(names):
+        init = inits.get(name)
+        if not _quantizable(init):
+            continue
+        w = numpy_helper.to_array(init)
+        gathers, others, axis = _readers(name, uses, axes)
+        reduced = 1 - axis
+        graph.initializer.remove(init)
+        store(name, w, reduced)
+        transposes = _transposes(others)
+        if gathers and transposes and len(transposes) == len(others):
+            tname = f"{name}.T"  # the tied head's own copy, reduced along the same (now first) axis
+            store(tname, np.ascontiguousarray(w.T), axis)
+            readers = [r for node in transposes for r in uses.get(node.output[0], [])]
+            for node in transposes:
+                dead.add(id(node))
+                _rewire(node, uses, tname)
+            dequantize(tname, w.T.shape, axis, tname, readers)
+        elif others:
+            dequantize(name, w.shape, reduced, name, others)
+        for node, _ in gathers:
+            dead.add(id(node))
+            after[id(node)] += int4.gather_nodes(name, w.shape[1], block, node.input[1], node.output[0])
+    if new_frozen:
+        graph.initializer.extend(int4.constants())
+    _write_order(graph, prologue, after, dead)
+    return new_frozen
+
+
+def prepare_frozen(proto: onnx.ModelProto, trainable: list[str], quantize: str, block: int = 0) -> list[str]:
+    """Fold the transposes of the frozen base weights and quantize them (``quantize``: none, int8, or int4 in
+    blocks of ``block``); return the frozen names.
 
     A frozen LoRA A stays fp32 (it is the adapter's). Every graph of an artifact goes through this, so they
     all hold the same stored weights."""
@@ -165,8 +252,10 @@ def prepare_frozen(proto: onnx.ModelProto, trainable: list[str], int8: bool) -> 
     frozen_base = {n for n in frozen if not is_a(n)}
     folded = fold_transposes(proto, frozen_base)
     frozen_base = (frozen_base - set(folded)) | set(folded.values())
-    if int8:
+    if quantize == "int8":
         quantize_int8(proto, frozen_base)
+    elif quantize == "int4":
+        quantize_int4(proto, frozen_base, block)
     return [n for n in weight_names(proto) if n not in set(trainable)]
 
 
@@ -196,8 +285,9 @@ def initializers_to_inputs(proto: onnx.ModelProto, names: list[str]) -> None:
 
 
 def weight_names(proto: onnx.ModelProto) -> list[str]:
-    """Names of all floating-point and int8 initializers (the model's parameters, not shape constants)."""
-    kinds = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8}
+    """Names of all floating-point, int8 and int4-storage (uint8, uint16) initializers (the model's parameters and
+    the int4 decoding tables, not shape constants)."""
+    kinds = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8, TensorProto.UINT16}
     return [i.name for i in proto.graph.initializer if i.data_type in kinds and len(i.dims) > 0]
 
 
@@ -208,11 +298,23 @@ def nbytes(proto: onnx.ModelProto, names: list[str]) -> int:
 
 
 def quantized_nbytes(proto: onnx.ModelProto) -> int:
-    """Storage bytes of the int8 weights ``quantize_int8`` wrote and of their fp32 scales."""
+    """Storage bytes of the quantized weights (int8 with their fp32 scales, or int4 nibbles with their scales and
+    offsets)."""
     inits = proto.graph.initializer
     int8 = [i for i in inits if i.data_type == TensorProto.INT8]
     scales = {f"{i.name.removesuffix('.T.int8').removesuffix('.int8')}.scale" for i in int8}
-    return sum(numpy_helper.to_array(i).nbytes for i in int8) + nbytes(proto, sorted(scales))
+    packed = [i.name.removesuffix(".int4") for i in inits
+              if i.data_type == TensorProto.UINT8 and i.name.endswith(".int4")]
+    int4_names = [n for w in packed for n in int4.stored_names(w)]
+    return sum(numpy_helper.to_array(i).nbytes for i in int8) + nbytes(proto, sorted(scales) + int4_names)
+
+
+def quantized_values(proto: onnx.ModelProto) -> int:
+    """How many values the quantized weights hold (int8: one a byte; int4: two a byte)."""
+    inits = proto.graph.initializer
+    int8 = sum(int(np.prod(i.dims)) for i in inits if i.data_type == TensorProto.INT8)
+    packed = sum(int(np.prod(i.dims)) for i in inits if i.data_type == TensorProto.UINT8 and i.name.endswith(".int4"))
+    return int8 + 2 * packed
 
 
 def expose_layernorm_stats(proto: onnx.ModelProto) -> None:

@@ -6,7 +6,7 @@ head_dim]; it returns ``logits`` of the last position only [batch, vocab] and ``
 ``present.<i>.value`` [batch, kv_heads, past + new, head_dim]. Prefill feeds the prompt with an empty past
 (length 0); each further token feeds one position. The adapter tensors stay graph inputs (as in the
 inference model), so any adapter of the artifact is fed at run time; the frozen base goes through the same
-transpose folding and int8 quantization as the other graphs (``graph.prepare_frozen``).
+transpose folding and quantization (int8 or int4) as the other graphs (``graph.prepare_frozen``).
 
 Traced with the legacy exporter (``dynamo=False``, opset 17): the wrapper builds transformers'
 ``DynamicCache`` from the flat tensors inside ``forward`` and flattens the updated cache back.
@@ -59,8 +59,8 @@ def cache_shape(model: nn.Module) -> tuple[int, int, int]:
     return len(layers), int(heads), int(dim)
 
 
-def export_generation_model(model: nn.Module, trainable: dict[str, torch.Tensor], int8: bool, context_length: int,
-                            out: Path) -> None:
+def export_generation_model(model: nn.Module, trainable: dict[str, torch.Tensor], quantize: str, block: int,
+                            context_length: int, out: Path) -> None:
     """Write ``GENERATION_MODEL`` into ``out``: trace, restore trainable values, quantize, adapters as inputs."""
     num_layers, heads, dim = cache_shape(model)
     wrapper = CachedStep(model, num_layers).eval()
@@ -85,7 +85,7 @@ def export_generation_model(model: nn.Module, trainable: dict[str, torch.Tensor]
     graph.undo_value_dedup(proto, tied_names(wrapper))
     restore_initializers(proto, {f"{WRAPPER_PREFIX}{k}": v.numpy() for k, v in true_values.items()})
     graph.strip_prefix(proto, WRAPPER_PREFIX)
-    graph.prepare_frozen(proto, list(trainable), int8)
+    graph.prepare_frozen(proto, list(trainable), quantize, block)
     graph.initializers_to_inputs(proto, list(trainable))
     onnx.helper.set_model_props(proto, {CONTEXT_LENGTH_KEY: str(context_length)})
     onnx.save(proto, str(path))

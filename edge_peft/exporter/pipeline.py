@@ -20,7 +20,7 @@ from ..fileio import atomic_directory
 from ..progress import Stages
 from ..variants import DEFAULT as DEFAULT_VARIANT
 from ..variants import get_variant
-from . import graph
+from . import graph, int4
 from .artifacts import write_inference_model, write_training_artifacts
 from .inject import inject_adapters, resolve_targets
 from .kv_cache import export_generation_model
@@ -51,6 +51,7 @@ class ExportOptions:
     loss_chunks: int = LOSS_CHUNKS  # causal LMs: target-only LM head and loss in this many chunks (0: naive full logits)
     compute: str = FP32  # export --compute: fp32, int8 or fp32,int8 (backends/compute.py)
     checkpointing: bool = False  # recompute each block's activations in the ORT graph's backward (recompute.py)
+    block_size: int = int4.DEFAULT_BLOCK_SIZE  # int4: values per block along the reduced axis (int4.py)
 
 
 def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions, quiet: bool = False,
@@ -62,6 +63,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         raise UserError(f"--quantize {opts.quantize} is not supported: use {' or '.join(QUANTIZATIONS)}")
     if opts.backend not in EXPORT_CHOICES:
         raise UserError(f"--backend {opts.backend} is not supported: use {', '.join(EXPORT_CHOICES)}")
+    if opts.quantize == "int4":
+        int4.check_block_size(opts.block_size)
     variant = get_variant(opts.variant)
     backends = EXPORT_CHOICES[opts.backend]
     computes = parse_export_computes(opts.compute, opts.quantize, backends)
@@ -95,8 +98,10 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
             missing = set(trainable) - {i.name for i in proto.graph.initializer}
             if missing:
                 raise RuntimeError(f"trainable tensors lost in export: {sorted(missing)[:3]}")
-        with stages.stage("quantizing base weights to int8" if opts.quantize == "int8" else "preparing base weights"):
-            frozen_list = graph.prepare_frozen(proto, trainable, opts.quantize == "int8")
+        block = opts.block_size if opts.quantize == "int4" else 0
+        with stages.stage(f"quantizing base weights to {opts.quantize}" if opts.quantize != "none"
+                          else "preparing base weights"):
+            frozen_list = graph.prepare_frozen(proto, trainable, opts.quantize, block)
         if ORT in backends:
             with stages.stage("generating ORT training artifacts"):
                 write_training_artifacts(proto, trainable, frozen_list, tmp, opts.weight_decay, opts.max_grad_norm,
@@ -105,12 +110,13 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                                          checkpointing=opts.checkpointing)
         if PORTABLE in backends:
             with stages.stage("exporting the portable training graphs"):
-                write_portable_artifacts(model, causal, trainable, opts.quantize == "int8", opts.max_seq_len,
+                write_portable_artifacts(model, causal, trainable, opts.quantize, block, opts.max_seq_len,
                                          opts.weight_decay, opts.max_grad_norm, tmp, int8_compute=INT8 in computes)
         with stages.stage("writing inference model, tokenizer and manifest"):
             write_inference_model(proto, trainable, tmp)
             if causal:
-                export_generation_model(model, trainable_params, opts.quantize == "int8", _context_length(config), tmp)
+                export_generation_model(model, trainable_params, opts.quantize, block, _context_length(config),
+                                        tmp)
             loaded.tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER))
             ChatTemplate(loaded.tokenizer.chat_template, loaded.tokenizer.special_tokens_map).save(tmp)
             spec = AdapterSpec(base_fingerprint=base_fp, model_type=config.model_type,
@@ -119,6 +125,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                                modules=modules, modules_to_save=heads, base_model=str(Path(model_dir).resolve()))
             memory = MemoryFigures(
                 frozen_bytes=graph.nbytes(proto, frozen_list), quantized_bytes=graph.quantized_nbytes(proto),
+                quantized_values=graph.quantized_values(proto),
                 trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
                 loss_chunks=opts.loss_chunks if causal else 0, checkpointing=opts.checkpointing, **opts.memory)
             manifest = _manifest(loaded, config, opts, spec, memory, backends)
@@ -166,4 +173,5 @@ def _manifest(loaded, config, opts: ExportOptions, spec: AdapterSpec, memory: Me
         labels=loaded.labels,
         pad_token_id=int(pad),
         eos_token_id=tok.eos_token_id,
+        block_size=opts.block_size if opts.quantize == "int4" else None,
     )

@@ -170,12 +170,14 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
                              for name, v in values.items() if name in used)
 
 
-def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: bool, max_seq_len: int,
-                             weight_decay: float, max_grad_norm: float, out: Path, int8_compute: bool = False) -> None:
+def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: str, block: int,
+                             max_seq_len: int, weight_decay: float, max_grad_norm: float, out: Path,
+                             int8_compute: bool = False) -> None:
     """Write the training-step graph and the initial trainable state into ``out``.
 
-    Frozen base weights (not the LoRA A factors) are stored int8 behind ``DequantizeLinear`` when
-    ``quantize``; ``int8_compute`` also writes the step with int8 products (``low_precision.py``).
+    Frozen base weights (not the LoRA A factors) are stored as ``quantize`` says: int8 behind
+    ``DequantizeLinear``, int4 in blocks of ``block`` behind ``int4.py``'s nodes, or fp32 (none);
+    ``int8_compute`` also writes the step with int8 products (``low_precision.py``).
     """
     proto = export_gradient_model(model, causal, trainable, max_seq_len)
     params = dict(model.named_parameters())
@@ -183,9 +185,11 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     base = {i.name for i in proto.graph.initializer if i.name in frozen and not is_a(i.name)}
     folded = graph.fold_transposes(proto, base)
     base = (base - set(folded)) | set(folded.values())
-    if quantize:
+    if quantize == "int8":
         graph.quantize_int8(proto, base, _quantization_axes(model, folded))
         _transpose_before_dequantize(proto)
+    elif quantize == "int4":
+        graph.quantize_int4(proto, base, block, _quantization_axes(model, folded))
     shapes = {name: list(params[name].shape) for name in trainable}
     append_update(proto.graph, shapes, weight_decay, max_grad_norm)
     _save(_dequantized_at_use(proto), out / PORTABLE_STEP_MODEL)
@@ -197,7 +201,7 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
 
 
 def _dequantized_at_use(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``proto`` whose int8 weights are dequantized at each use (``recompute.dequantize_at_use``)."""
+    """A copy of ``proto`` whose quantized weights are dequantized at each use (``recompute.dequantize_at_use``)."""
     pinned = onnx.ModelProto()
     pinned.CopyFrom(proto)
     recompute.dequantize_at_use(pinned)

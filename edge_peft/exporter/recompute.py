@@ -1,8 +1,9 @@
 """Trade compute for memory in training graphs (the ORT training and eval models, the portable step).
 
-- ``dequantize_at_use``: every reader of a frozen int8 weight (the forward's product, the backward's
-  input-gradient ``dX = dY W^T``) gets its own ``DequantizeLinear``, made just before it: at any time the
-  base costs its int8 bytes plus the fp32 copies in use, not the whole base in fp32.
+- ``dequantize_at_use``: every reader of a frozen quantized weight (the forward's product, the backward's
+  input-gradient ``dX = dY W^T``) gets its own dequantization (int8: a ``DequantizeLinear``; int4: a copy of
+  the weight's ``int4.dequantize_nodes`` chain), made just before it: at any time the base costs its
+  quantized bytes plus the fp32 copies in use, not the whole base in fp32.
 - ``checkpoint_blocks``: the forward activations a transformer block's backward reads are recomputed
   from the block's inputs when the backward reaches the block (activation checkpointing per block);
   between forward and backward only the block's inputs stay alive.
@@ -22,6 +23,8 @@ from collections import defaultdict
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from . import int4
 
 BLOCK = re.compile(r"/(?:layers|layer|h)\.(\d+)/")  # the node scope of a transformer block: Llama-like, BERT, GPT-2
 ZERO = "recompute.zero"
@@ -117,11 +120,19 @@ class _Rewriter:
 
 
 def _pins(node: onnx.NodeProto, k: int, constant: bool) -> bool:
-    """Whether input ``k`` of a copy goes through a late Reshape: every computed input, and a
-    ``DequantizeLinear``'s scale (stored or not), which pins the copy late without copying its int8 tensor."""
+    """Whether input ``k`` of a copy goes through a late Reshape: every computed input, a
+    ``DequantizeLinear``'s scale (stored or not), which pins the copy late without copying its int8 tensor,
+    and in an int4 chain the small input of each root (``int4.PINNED_INPUTS``), never the packed weight."""
     if node.op_type == "DequantizeLinear":
         return k == 1
+    if int4.is_chain_node(node):
+        return (node.op_type, k) in int4.PINNED_INPUTS
     return not constant
+
+
+def _dequantizes(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is (part of) a stored weight's dequantization: int8's ``DequantizeLinear`` or an int4 chain."""
+    return node.op_type == "DequantizeLinear" or int4.is_chain_node(node)
 
 
 def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
@@ -151,28 +162,45 @@ def _latest_input(g: _Graph, node: onnx.NodeProto, position: dict[int, int], ski
 
 
 def dequantize_at_use(proto: onnx.ModelProto) -> int:
-    """Give every reader of a stored weight's ``DequantizeLinear`` its own copy, made just before it; returns how many.
+    """Give every product reader of a stored weight's dequantization its own copy, made just before it; returns how
+    many late values were made (0: nothing changed).
 
-    Left alone, ONNX Runtime runs every such node at the start of the step (its inputs are ready) and keeps
-    each fp32 copy until its last reader: the whole base in fp32, the backward's readers keeping it to the end."""
+    Left alone, ONNX Runtime runs every such dequantization at the start of the step (its inputs are ready) and
+    keeps each fp32 copy until its last reader: the whole base in fp32, the backward's readers keeping it to the end."""
     g = _Graph(proto.graph)
     rw = _Rewriter(g)
     position = {id(n): k for k, n in enumerate(g.nodes)}
     dead: set[int] = set()
-    for dq in [n for n in g.nodes if n.op_type == "DequantizeLinear" and all(i in g.stored for i in n.input if i)]:
-        weight, pinned = dq.output[0], 0
+    outputs = {o.name for o in proto.graph.output}
+    stored_dq = [[n] for n in g.nodes if n.op_type == "DequantizeLinear" and all(i in g.stored for i in n.input if i)]
+    chains = [_chain(g, n) for n in g.nodes if int4.is_chain_end(n)]
+    for chain in stored_dq + chains:
+        weight, pinned = chain[-1].output[0], 0
         readers = g.consumers[weight]
         for reader in readers:
             trigger = _latest_input(g, reader, position, weight) if reader.op_type in PRODUCTS else None
             if trigger is None:
                 continue
-            copy = rw.copy([dq], trigger, reader, f".use{rw.count}")[weight]
+            copy = rw.copy(chain, trigger, reader, f".use{rw.count}")[weight]
             reader.input[:] = [copy if name == weight else name for name in reader.input]
             pinned += 1
-        if readers and pinned == len(readers) and weight not in {o.name for o in proto.graph.output}:
-            dead.add(id(dq))
+        if readers and pinned == len(readers) and weight not in outputs:
+            dead.update(id(n) for n in chain)
     rw.write(dead)
     return rw.count
+
+
+def _chain(g: _Graph, end: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The nodes of the int4 dequantization chain ending in ``end``, in graph order."""
+    members: set[int] = set()
+    stack = [end]
+    while stack:
+        node = stack.pop()
+        if id(node) in members:
+            continue
+        members.add(id(node))
+        stack.extend(p for i in node.input if (p := g.producer.get(i)) is not None and int4.is_chain_node(p))
+    return [n for n in g.nodes if id(n) in members]
 
 
 def checkpoint_blocks(proto: onnx.ModelProto, loss: str) -> int:
@@ -229,6 +257,6 @@ def _needed(g: _Graph, saved: set[str], inside: set[int]) -> list[onnx.NodeProto
         wanted.add(id(node))
         for name in node.input:
             producer = g.producer.get(name)
-            if producer is not None and (id(producer) in inside or producer.op_type == "DequantizeLinear"):
+            if producer is not None and (id(producer) in inside or _dequantizes(producer)):
                 stack.append(producer)
     return [n for n in g.nodes if id(n) in wanted]

@@ -1,0 +1,179 @@
+"""``export --quantize int4``: blockwise 4-bit frozen weights (``exporter/int4.py``) in every graph of an artifact,
+dequantized at each use, trained on both backends with the numbers of a PyTorch model holding the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from families import make_family_model
+from helpers import reference_losses, train
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_peft.artifact.files import (GENERATION_MODEL, INFERENCE_MODEL, ORT_EVAL_MODEL, ORT_TRAINING_MODEL,
+                                      PORTABLE_STEP_MODEL)
+from edge_peft.artifact.manifest import load_manifest
+from edge_peft.backends import open_backend
+from edge_peft.cli import main
+from edge_peft.exporter import int4
+
+STEPS = 5
+
+
+def _run(nodes, inits, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+    """Run a small graph on the ONNX Runtime of this environment (ORT 1.19 in .venv)."""
+    import onnxruntime
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.INT64, list(v.shape))
+                                           for n, v in inputs.items()],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([output], inputs)[0]
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_graph_dequantizes_exactly_as_numpy(axis):
+    w = np.random.default_rng(axis).standard_normal((64, 96)).astype(np.float32)
+    packed, d, m = int4.quantize(w, axis, 32)
+    expected = int4.dequantize(packed, d, m)
+    step = np.abs(d.view(np.float16).astype(np.float32)).max()
+    assert np.abs(expected - w).max() <= step / 2 + 1e-3  # rounding to the nearest of 16 levels
+    inits = int4.stored("W", packed, d, m) + int4.constants()
+    for transposed in (False, True):
+        nodes, shapes = int4.dequantize_nodes("W", w.shape, axis, 32, "out", transposed)
+        got = _run(nodes, inits + shapes, {}, "out")
+        np.testing.assert_array_equal(got, expected.T if transposed else expected)
+    if axis == 1:  # embeddings: only the gathered rows
+        ids = np.array([[3, 0, 63], [5, 5, 1]], np.int64)
+        got = _run(int4.gather_nodes("W", 96, 32, "ids", "out"), inits, {"ids": ids}, "out")
+        np.testing.assert_array_equal(got, expected[ids])
+
+
+def test_fp16_bits_decode_exactly():
+    bits = np.arange(65536, dtype=np.uint16)
+    finite = bits[np.isfinite(bits.view(np.float16))]
+    nodes = int4._decode_fp16("bits", "out")
+    got = _run([helper.make_node("Cast", ["b64"], ["bits"], to=TensorProto.UINT16), *nodes], int4.constants(),
+               {"b64": finite.astype(np.int64)}, "out")
+    np.testing.assert_array_equal(got, finite.view(np.float16).astype(np.float32))
+
+
+def _refused(capsys, *args) -> list[str]:
+    """Run the CLI in-process, expecting a user error; return what it wrote to stderr, line by line."""
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_block_size_outside_32_64_128_is_refused(tmp_path, capsys):
+    lines = _refused(capsys, "export", tmp_path / "model", "--out", tmp_path / "art", "--quantize", "int4",
+                     "--block-size", "48")
+    assert lines == ["error: --block-size 48 is not supported: use 32, 64, 128"]
+    assert not (tmp_path / "art").exists()
+
+
+# -- exported tiny Llama-shaped models (slow) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_family_model("llama", tmp_path_factory.mktemp("llama") / "model")
+
+
+def _export(model, out, quantize: str = "int4", backend: str = "ort", checkpointing: bool = False, block: int = 32):
+    from edge_peft.exporter.pipeline import ExportOptions, export_artifact
+
+    export_artifact(model, out, ExportOptions(rank=4, alpha=8, quantize=quantize, targets=["all-linear"],
+                                              max_seq_len=32, seed=7, backend=backend, checkpointing=checkpointing,
+                                              block_size=block), quiet=True)
+    return out
+
+
+def _stored(artifact) -> dict[str, np.ndarray]:
+    """The int4 arrays of the inference graph (nibbles, scale and offset bits), by initializer name."""
+    proto = onnx.load(str(artifact / INFERENCE_MODEL))
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer
+            if i.data_type in (TensorProto.UINT8, TensorProto.UINT16) and len(i.dims) > 1}
+
+
+def _dequantized_base(artifact) -> dict[str, np.ndarray]:
+    """torch parameter name -> the fp32 weight the artifact's graphs compute from its int4 storage."""
+    stored = _stored(artifact)
+    base = {}
+    for name in (n.removesuffix(".int4") for n in stored if n.endswith(".int4")):
+        w = int4.dequantize(stored[f"{name}.int4"], stored[f"{name}.d"], stored[f"{name}.m"])
+        base[name.removesuffix(".T")] = np.ascontiguousarray(w.T if name.endswith(".T") else w)
+    return base
+
+
+@pytest.mark.slow
+def test_int4_trains_on_both_backends_and_keeps_its_weights(llama, data, tmp_path):
+    artifact = _export(llama, tmp_path / "int4", backend="both")
+    assert load_manifest(artifact).block_size == 32
+    for graph in (ORT_TRAINING_MODEL, ORT_EVAL_MODEL, INFERENCE_MODEL, GENERATION_MODEL, PORTABLE_STEP_MODEL):
+        proto = onnx.load(str(artifact / graph))
+        big = [i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2
+               and np.prod(i.dims) >= 1024 and "lora_" not in i.name]
+        assert not big, f"{graph} stores base weights in fp32: {big[:3]}"
+        assert not [n.name for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    names = list(_stored(artifact))
+    manifest = load_manifest(artifact)
+    for backend in ("ort", "portable"):
+        run = tmp_path / f"run-{backend}"
+        got = train(artifact, data["lm"], run, steps=STEPS, threads=1, backend=backend)
+        assert got[-1] < got[0]
+        before = open_backend(artifact, manifest, threads=1, choice=backend)
+        after = open_backend(artifact, manifest, run / "checkpoint" / "state", threads=1, choice=backend)
+        for name in names:
+            assert after.frozen(name).tobytes() == before.frozen(name).tobytes()
+
+
+@pytest.mark.slow
+def test_int4_losses_equal_checkpointing_and_pytorch(llama, data, tmp_path):
+    plain = _export(llama, tmp_path / "plain")
+    recomputed = _export(llama, tmp_path / "ckpt", checkpointing=True)
+    training = onnx.load(str(plain / ORT_TRAINING_MODEL)).graph.node
+    assert not [n for n in training if int4.is_chain_end(n)], "a dequantization left to run at the step's start"
+    expected = train(plain, data["lm"], tmp_path / "run-plain", steps=STEPS, threads=1)
+    got = train(recomputed, data["lm"], tmp_path / "run-ckpt", steps=STEPS, threads=1)
+    assert got == pytest.approx(expected, abs=1e-5)
+    reference = reference_losses(llama, plain, data["lm"], STEPS, tmp_path / "batches", _dequantized_base(plain))
+    np.testing.assert_allclose(expected, reference, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """A Llama-shaped model whose matrices outweigh its norms and adapters (hidden 256, 2 blocks)."""
+    import toy
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("wide") / "model"
+    out.mkdir()
+    vocab = toy.save_tokenizer(out, classifier=False)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_int4_stores_about_half_of_int8(wide_llama, tmp_path):
+    exported = {(q, b): _export(wide_llama, tmp_path / f"{q}-{b}", quantize=q, block=b)
+                for q, b in (("int8", 32), ("int4", 32), ("int4", 128))}
+    quantized = {key: load_manifest(path).memory.quantized_bytes for key, path in exported.items()}
+    checkpoint = {key: (path / "checkpoint").stat().st_size for key, path in exported.items()}
+    # a value costs 4 bits + 32 bits of fp16 scale and offset per block: 5 bits at block 32, 4.25 at 128; int8: 8
+    assert quantized["int4", 32] / quantized["int8", 32] == pytest.approx(5 / 8, abs=0.01)
+    assert quantized["int4", 128] / quantized["int8", 32] == pytest.approx(4.25 / 8, abs=0.01)
+    assert checkpoint["int4", 128] < checkpoint["int4", 32] < 0.7 * checkpoint["int8", 32]
+
+
+@pytest.mark.slow
+def test_a_block_size_that_does_not_divide_a_weight_is_refused(llama, tmp_path, capsys):
+    lines = _refused(capsys, "export", llama, "--out", tmp_path / "art", "--quantize", "int4", "--block-size", "64")
+    assert lines[-1].startswith("error: --block-size 64 does not divide dimension 32 of ")
+    assert sum(line.startswith("error") for line in lines) == 1
+    assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.*"))
