@@ -36,6 +36,7 @@ import numpy as np
 from edge_peft.artifact.adapter_section import AdapterSpec
 from edge_peft.adapters.peft_format import encode_adapter
 from edge_peft.artifact.names import lora_key
+from edge_peft.store.aggregate import version_norms
 from edge_peft.store.service import AdapterStore, content_digest, utc_now
 from edge_peft.store.storage import NewVersion
 from edge_peft.store.local_server import StoreServer
@@ -143,9 +144,9 @@ def aggregate_phase(server: StoreServer, store: AdapterStore, admin: str, count:
         tensors = {k: v * np.float32(1 + i / count) for k, v in b.items()}
         data = encode_adapter(spec, tensors)
         sha = store.blobs.put(data)
-        store.metadata.record_version(NewVersion(
+        store.metadata.record_version(NewVersion(  # as a B-only push records it: its norms, its B-only blob
             spec.base_fingerprint, spec.to_dict(), device, sha, len(data), sha, len(data), content_digest(tensors),
-            1 + i % 50, 1, {}, None, utc_now()))
+            1 + i % 50, 1, {}, None, utc_now(), version_norms(spec, tensors, device), sha))
     setup = time.perf_counter() - t0
     t0 = time.perf_counter()
     r = httpx.post(f"{server.url}/v1/bases/{spec.base_fingerprint}/aggregates",

@@ -174,6 +174,33 @@ def test_store_completes_b_only_pushes_to_the_same_full_file(store_location):
     store.close()
 
 
+def test_aggregation_reads_each_b_only_push_once_and_matches_reading_twice(store_location):
+    """The default clipping needs every device's norm before the sum: recorded at push, the store reads each
+    adapter once, and only its pushed B (half the full file here); the result is the two-pass one, exactly."""
+    store, _ = open_store(store_location)
+    spec = spec_of(labels=3)
+    store.add_base(spec.to_dict())
+    rng = np.random.default_rng(11)
+    adapters = [random_tensors(spec, rng, scale=s) for s in (0.01, 0.02, 0.05, 0.3)]
+    records = []
+    for i, tensors in enumerate(adapters):
+        store.add_device(f"phone-{i}")
+        b_only = encode_adapter(spec, {k: v for k, v in tensors.items() if ".lora_A." not in k})
+        records.append(store.push(spec.base_fingerprint, f"phone-{i}", push_meta(spec, b_only), b_only)[0])
+    assert all(r.trained_sha256 == r.sha256 and r.norms and len(r.norms) == 2 for r in records)
+    reads: list[str] = []
+    get = store.blobs.get
+    store.blobs.get = lambda sha: reads.append(sha) or get(sha)
+    record, _, report = store.aggregate(spec.base_fingerprint)
+    assert sorted(reads) == sorted(r.sha256 for r in records)  # once each, the B-only blob
+    assert report["clipped"] == 2
+    once = decode_adapter(get(record.full_sha256))[0]
+    twice, _ = aggregate(spec, sources(adapters, [10] * 4), AggregationPolicy())  # norms read from the tensors
+    for key, value in twice.items():
+        np.testing.assert_array_equal(once[key], value)
+    store.close()
+
+
 def test_lora_fa_push_with_a_foreign_a_is_refused(store_location):
     store, _ = open_store(store_location)
     store.add_device("phone-1")

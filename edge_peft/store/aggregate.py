@@ -94,6 +94,7 @@ class Source:
     samples: int
     load: Callable[[], Mapping[str, np.ndarray]]  # full-rank tensors: a channel the source does not hold is zero
     channels: Mapping[str, int] | None = None  # per adapted module, how many leading rank channels it holds (None: all)
+    norms: Sequence[float] | None = None  # its norm per clipping group, if known (``version_norms``): saves a read
 
 
 def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationPolicy) -> tuple[dict[str, np.ndarray], dict]:
@@ -102,8 +103,9 @@ def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationP
     Raises UserError when the variant cannot be averaged, there are too few devices, or an input is not
     finite. The result is then finite by construction: every method combines finite float32 values with
     weights summing to 1 (or picks among them) after scaling each by at most 1, so it stays within their range.
-    The mean holds one adapter and the sum (clipping at the median reads each source twice: norms, then the
-    sum); the median and trimmed mean hold every device's trained tensors at once.
+    The mean holds one adapter and the sum (clipping at the median reads each source twice, norms then the
+    sum, unless every source's norms are known); the median and trimmed mean hold every device's trained tensors
+    at once.
     """
     require_exact(spec)
     partial = any(s.channels is not None for s in sources)
@@ -119,7 +121,9 @@ def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationP
     key_group = {key: g for g, keys in enumerate(groups.values()) for key in keys}
     held = [_trained(shapes, s) for s in sources] if policy.method != "mean" else None
     bounds = _fixed_bounds(policy, len(groups))
-    if bounds is None:  # "auto": the median device's norms
+    if bounds is None and held is None and all(s.norms is not None for s in sources):
+        bounds = np.median(np.array([s.norms for s in sources], np.float64), axis=0)  # "auto", from recorded norms
+    elif bounds is None:  # "auto": the median device's norms
         tensors = held or (_trained(shapes, s) for s in sources)
         bounds = np.median([_norms(t, groups, s.label) for t, s in zip(tensors, sources)], axis=0)
     scales = []
@@ -152,6 +156,14 @@ def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationP
               "clip_bounds": {g: float(b) if np.isfinite(b) else None for g, b in zip(groups, bounds)},
               "policy": policy.to_dict()}
     return complete_tensors(spec, {key: v.astype(np.float32) for key, v in total.items()}), report
+
+
+def version_norms(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], label: str) -> list[float]:
+    """A full adapter's norm per clipping group, as ``aggregate`` computes it (recorded at push: with every
+    device's norms known, the default clipping reads each adapter once instead of twice)."""
+    shapes = spec.expected_shapes(with_frozen=False)
+    trained = {k: np.asarray(tensors[k], np.float64) for k in shapes}
+    return [float(n) for n in _norms(trained, _groups(spec, shapes), label)]
 
 
 def _coverage(spec: AdapterSpec, sources: Sequence[Source], weights: np.ndarray) -> dict[str, np.ndarray]:

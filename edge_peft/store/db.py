@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .data_dir import private_file
-from .sql import SqlMetadata
+from .sql import TRAINED_COLUMNS, SqlMetadata
 from .storage import StoreError
 
 # Append only: migration i (1-based) takes the schema from version i-1 to i. Never edit a released one.
@@ -44,6 +44,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
     (  # per-device quotas count a device's versions across bases
         "CREATE INDEX versions_by_device ON versions (device)",
     ),
+    TRAINED_COLUMNS,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import threading
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..artifact.adapter_section import AdapterSpec
 from ..artifact.names import a_name, peft_key
 from ..errors import UserError
 from ..variants import lora_a_from_seed
-from .aggregate import AggregationPolicy, Source, aggregate
+from .aggregate import AggregationPolicy, Source, aggregate, version_norms
 from .auth import ADMIN, REVOKED, Principal, authenticate, check_device_id, check_fingerprint, hash_token, new_token
 from .bases import parse_spec, spec_difference
 from .blobs import STALE_TEMP_SECONDS, FileBlobStore
@@ -37,6 +38,7 @@ DB_NAME = "store.sqlite3"
 BLOBS_NAME = "blobs"
 LAST_SEEN_RESOLUTION = timedelta(seconds=60)
 MAX_TOTAL_SAMPLES = 2**63 - 1
+PREFETCH = 4  # adapters read ahead while aggregating
 T = TypeVar("T")
 
 
@@ -224,8 +226,11 @@ class AdapterStore:
             meta = {k: v for k, v in file_meta.items() if k != CHANNELS_KEY}
             full = encode_adapter(spec, full_tensors, extra_meta=meta)
         full_sha = hashlib.sha256(full).hexdigest() if full is not data else request.sha256
+        trained_only = not encoded and CHANNELS_KEY not in file_meta and set(tensors) == set(
+            spec.expected_shapes(with_frozen=False))
         new = NewVersion(base, registered.spec, device, request.sha256, len(data), full_sha, len(full), content,
-                         request.samples, request.steps, request.metrics, request.parent, utc_now())
+                         request.samples, request.steps, request.metrics, request.parent, utc_now(),
+                         version_norms(spec, full_tensors, "pushed adapter"), request.sha256 if trained_only else None)
         return self._with_blobs({request.sha256: data, full_sha: full},
                                 lambda: self.metadata.record_version(new, self.limits))
 
@@ -349,11 +354,13 @@ class AdapterStore:
         current = self.metadata.aggregate(base, None)
         if current is not None and sorted(current.inputs) == sorted(inputs):
             return current, False, {}
-        sources = [Source(f"device {v.device} version {v.number}", v.samples, self._loader(v)) for v in latest]
-        try:
-            tensors, report = aggregate(spec, sources, policy.checked())
-        except UserError as exc:
-            raise StoreError(409, str(exc)) from None
+        with Prefetch(self.blobs, [(v.trained_sha256 or v.full_sha256, _label(v)) for v in latest]) as ahead:
+            sources = [Source(_label(v), v.samples, functools.partial(ahead.get, i), norms=v.norms)
+                       for i, v in enumerate(latest)]
+            try:
+                tensors, report = aggregate(spec, sources, policy.checked())
+            except UserError as exc:
+                raise StoreError(409, str(exc)) from None
         data = encode_adapter(spec, tensors, extra_meta={"devices": report["devices"]})
         sha = hashlib.sha256(data).hexdigest()
         samples = min(sum(v.samples for v in latest), MAX_TOTAL_SAMPLES)
@@ -379,9 +386,38 @@ class AdapterStore:
         return self._with_blobs({sha: full}, lambda: self.metadata.record_aggregate(
             base, [], sha, len(full), request.samples, utc_now()))
 
-    def _loader(self, version: VersionRecord) -> Callable[[], dict[str, np.ndarray]]:
-        label = f"device {version.device} version {version.number}"
-        return lambda: decode_adapter(self.blobs.get(version.full_sha256), label)[0]
+
+
+def _label(version: VersionRecord) -> str:
+    return f"device {version.device} version {version.number}"
+
+
+class Prefetch:
+    """Reads and parses adapters a few ahead of their use on threads (an S3 read waits on the network), for a
+    caller that reads them in order: ``get(i)`` returns the tensors of blob ``i``, starting the next reads."""
+
+    def __init__(self, blobs: BlobStore, items: list[tuple[str, str]], ahead: int = PREFETCH) -> None:
+        self.blobs, self.items, self.ahead = blobs, items, ahead
+        self.pool = ThreadPoolExecutor(ahead, thread_name_prefix="edge-peft-prefetch")
+        self.pending: dict[int, Future] = {}
+
+    def __enter__(self) -> "Prefetch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+    def _read(self, i: int) -> dict[str, np.ndarray]:
+        sha, label = self.items[i]
+        return decode_adapter(self.blobs.get(sha), label)[0]
+
+    def get(self, i: int) -> dict[str, np.ndarray]:
+        for j in range(i, min(i + self.ahead, len(self.items))):
+            if j not in self.pending:
+                self.pending[j] = self.pool.submit(self._read, j)
+        return self.pending.pop(i).result()
 
 
 def _decoded(spec: AdapterSpec, sent: dict[str, np.ndarray], encoding: str, topk: float,

@@ -17,6 +17,11 @@ from .storage import AggregateRecord, BaseRecord, DeviceRecord, NewVersion, Pare
 ADMIN_KEY = "admin_token_hash"
 
 
+TRAINED_COLUMNS = (  # migration: what aggregation reads instead of each full file twice (see NewVersion)
+    "ALTER TABLE versions ADD COLUMN norms_json TEXT",
+    "ALTER TABLE versions ADD COLUMN trained_sha256 TEXT",
+)
+
 class Connection(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
 
@@ -184,11 +189,13 @@ class SqlMetadata:
             p = new.parent
             row = con.execute(
                 """INSERT INTO versions (base, device, number, sha256, size, full_sha256, full_size, content_sha256,
-                   samples, steps, metrics_json, parent_kind, parent_device, parent_number, created)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *""",
+                   samples, steps, metrics_json, parent_kind, parent_device, parent_number, created, norms_json,
+                   trained_sha256)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *""",
                 (new.base, new.device, number, new.sha256, new.size, new.full_sha256, new.full_size,
                  new.content_sha256, new.samples, new.steps, json.dumps(new.metrics, sort_keys=True), p and p.kind,
-                 p and p.device, p and p.version, new.created)).fetchall()[0]
+                 p and p.device, p and p.version, new.created, json.dumps(new.norms) if new.norms else None,
+                 new.trained_sha256)).fetchall()[0]
             con.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (new.created, new.device))
         return _version(row), True
 
@@ -278,7 +285,7 @@ def _version(row: Any) -> VersionRecord:
     return VersionRecord(
         row["id"], row["base"], row["device"], row["number"], row["sha256"], row["size"], row["full_sha256"],
         row["full_size"], row["content_sha256"], row["samples"], row["steps"], json.loads(row["metrics_json"]),
-        parent, row["created"])
+        parent, row["created"], json.loads(row["norms_json"]) if row["norms_json"] else None, row["trained_sha256"])
 
 
 def _aggregate(con: Connection, row: Any) -> AggregateRecord:

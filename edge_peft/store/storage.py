@@ -49,6 +49,8 @@ class NewVersion:
     metrics: dict[str, Any]
     parent: Parent | None
     created: str
+    norms: list[float] | None = None  # the trained tensors' norm per clipping group (aggregate.version_norms)
+    trained_sha256: str | None = None  # the pushed blob, when it holds exactly the trained tensors in fp32
 
     @property
     def stored_bytes(self) -> int:
@@ -75,6 +77,8 @@ class VersionRecord:
     metrics: dict[str, Any]
     parent: Parent | None
     created: str
+    norms: list[float] | None = None  # None: pushed before the store recorded them
+    trained_sha256: str | None = None  # None: read the trained tensors from the full file
 
 
 @dataclass(frozen=True)
