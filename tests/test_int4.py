@@ -32,31 +32,26 @@ def _run(nodes, inits, inputs: dict[str, np.ndarray], output: str) -> np.ndarray
     return session.run([output], inputs)[0]
 
 
-@pytest.mark.parametrize("axis", [0, 1])
-def test_graph_dequantizes_exactly_as_numpy(axis):
-    w = np.random.default_rng(axis).standard_normal((64, 96)).astype(np.float32)
-    packed, d, m = int4.quantize(w, axis, 32)
-    expected = int4.dequantize(packed, d, m)
-    step = np.abs(d.view(np.float16).astype(np.float32)).max()
-    assert np.abs(expected - w).max() <= step / 2 + 1e-3  # rounding to the nearest of 16 levels
-    inits = int4.stored("W", packed, d, m) + int4.constants()
-    for transposed in (False, True):
-        nodes, shapes = int4.dequantize_nodes("W", w.shape, axis, 32, "out", transposed)
-        got = _run(nodes, inits + shapes, {}, "out")
-        np.testing.assert_array_equal(got, expected.T if transposed else expected)
-    if axis == 1:  # embeddings: only the gathered rows
-        ids = np.array([[3, 0, 63], [5, 5, 1]], np.int64)
-        got = _run(int4.gather_nodes("W", 96, 32, "ids", "out"), inits, {"ids": ids}, "out")
-        np.testing.assert_array_equal(got, expected[ids])
+def test_graph_dequantizes_exactly_as_numpy():
+    s = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32)
+    packed, scale, zero = int4.quantize(s, 32)
+    expected = int4.dequantize(packed, scale, zero)
+    assert np.abs(expected - s).max() <= scale.max() / 2 + 1e-6  # rounding to the nearest of 16 levels
+    inits = int4.stored("S", packed, scale, zero) + int4.constants()
+    np.testing.assert_array_equal(_run(int4.dequantize_nodes("S", s.shape, 32, "out"), inits, {}, "out"), expected)
+    ids = np.array([[3, 0, 63], [5, 5, 1]], np.int64)  # embeddings: only the gathered rows
+    got = _run(int4.gather_nodes("S", 96, 32, "ids", "out"), inits, {"ids": ids}, "out")
+    np.testing.assert_array_equal(got, expected[ids])
 
 
-def test_fp16_bits_decode_exactly():
-    bits = np.arange(65536, dtype=np.uint16)
-    finite = bits[np.isfinite(bits.view(np.float16))]
-    nodes = int4._decode_fp16("bits", "out")
-    got = _run([helper.make_node("Cast", ["b64"], ["bits"], to=TensorProto.UINT16), *nodes], int4.constants(),
-               {"b64": finite.astype(np.int64)}, "out")
-    np.testing.assert_array_equal(got, finite.view(np.float16).astype(np.float32))
+def test_gguf_q4_0_blocks_are_representable_exactly():
+    """Q4_0: w = d * (q - 8) with an fp16 d: scale d, zero point 8."""
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 16, size=(4, 64)).astype(np.uint8)
+    d = rng.random((4, 2)).astype(np.float16).astype(np.float32)
+    packed = q[:, :32] | (q[:, 32:] << 4)
+    w = int4.dequantize(packed, d, np.full((4, 2), 8, np.uint8))
+    np.testing.assert_array_equal(w.reshape(4, 2, 32), (q.reshape(4, 2, 32).astype(np.float32) - 8) * d[..., None])
 
 
 def _refused(capsys, *args) -> list[str]:
@@ -92,20 +87,20 @@ def _export(model, out, quantize: str = "int4", backend: str = "ort", checkpoint
 
 
 def _stored(artifact) -> dict[str, np.ndarray]:
-    """The int4 arrays of the inference graph (nibbles, scale and offset bits), by initializer name."""
+    """The int4 arrays of the inference graph (nibbles, scales, zero points), by initializer name."""
     proto = onnx.load(str(artifact / INFERENCE_MODEL))
-    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer
-            if i.data_type in (TensorProto.UINT8, TensorProto.UINT16) and len(i.dims) > 1}
+    names = {n for i in proto.graph.initializer if i.name.endswith(".int4")
+             for n in int4.stored_names(i.name.removesuffix(".int4"))}
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer if i.name in names}
 
 
 def _dequantized_base(artifact) -> dict[str, np.ndarray]:
-    """torch parameter name -> the fp32 weight the artifact's graphs compute from its int4 storage."""
+    """torch parameter name -> the fp32 weight the artifact's graphs compute from its int4 storage. A Llama stores
+    each projection as the torch weight (``W.T`` in the graph, its transposes folded: ``S = W``) and the tied
+    embedding table as it is."""
     stored = _stored(artifact)
-    base = {}
-    for name in (n.removesuffix(".int4") for n in stored if n.endswith(".int4")):
-        w = int4.dequantize(stored[f"{name}.int4"], stored[f"{name}.d"], stored[f"{name}.m"])
-        base[name.removesuffix(".T")] = np.ascontiguousarray(w.T if name.endswith(".T") else w)
-    return base
+    return {name.removesuffix(".T"): int4.dequantize(*(stored[n] for n in int4.stored_names(name)))
+            for name in (n.removesuffix(".int4") for n in stored if n.endswith(".int4"))}
 
 
 @pytest.mark.slow
@@ -117,7 +112,7 @@ def test_int4_trains_on_both_backends_and_keeps_its_weights(llama, data, tmp_pat
         big = [i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2
                and np.prod(i.dims) >= 1024 and "lora_" not in i.name]
         assert not big, f"{graph} stores base weights in fp32: {big[:3]}"
-        assert not [n.name for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+        assert not [i.name for i in proto.graph.initializer if i.data_type == TensorProto.INT8]
     names = list(_stored(artifact))
     manifest = load_manifest(artifact)
     for backend in ("ort", "portable"):
@@ -139,7 +134,8 @@ def test_int4_losses_equal_checkpointing_and_pytorch(llama, data, tmp_path):
     expected = train(plain, data["lm"], tmp_path / "run-plain", steps=STEPS, threads=1)
     got = train(recomputed, data["lm"], tmp_path / "run-ckpt", steps=STEPS, threads=1)
     assert got == pytest.approx(expected, abs=1e-5)
-    reference = reference_losses(llama, plain, data["lm"], STEPS, tmp_path / "batches", _dequantized_base(plain))
+    base = _dequantized_base(plain)
+    reference = reference_losses(llama, plain, data["lm"], STEPS, tmp_path / "batches", base)
     np.testing.assert_allclose(expected, reference, rtol=1e-4)
 
 
@@ -165,9 +161,9 @@ def test_int4_stores_about_half_of_int8(wide_llama, tmp_path):
                 for q, b in (("int8", 32), ("int4", 32), ("int4", 128))}
     quantized = {key: load_manifest(path).memory.quantized_bytes for key, path in exported.items()}
     checkpoint = {key: (path / "checkpoint").stat().st_size for key, path in exported.items()}
-    # a value costs 4 bits + 32 bits of fp16 scale and offset per block: 5 bits at block 32, 4.25 at 128; int8: 8
-    assert quantized["int4", 32] / quantized["int8", 32] == pytest.approx(5 / 8, abs=0.01)
-    assert quantized["int4", 128] / quantized["int8", 32] == pytest.approx(4.25 / 8, abs=0.01)
+    # a value costs 4 bits + 40 bits of scale and zero point a block: 5.25 bits at block 32, 4.3 at 128; int8: 8
+    assert quantized["int4", 32] / quantized["int8", 32] == pytest.approx(5.25 / 8, abs=0.01)
+    assert quantized["int4", 128] / quantized["int8", 32] == pytest.approx(4.3125 / 8, abs=0.01)
     assert checkpoint["int4", 128] < checkpoint["int4", 32] < 0.7 * checkpoint["int8", 32]
 
 

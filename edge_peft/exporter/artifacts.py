@@ -16,7 +16,7 @@ from ..artifact.files import INFERENCE_MODEL, ORT_EVAL_MODEL, ORT_TRAINING_MODEL
 from ..artifact.manifest import ADAMW_BETAS, IGNORE_INDEX
 from ..artifact.names import LABELS, LOSS_SCALE
 from ..errors import UserError
-from . import graph, recompute
+from . import graph, int4, recompute
 from .loss_graph import target_loss_graph
 
 
@@ -64,9 +64,9 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
     """Loss = scaled mean cross-entropy; optimizer = AdamW (HF mode) with gradient clipping by norm.
 
     A causal LM (``flatten_width`` = vocabulary) with ``loss_chunks`` > 0 gets the target-only, chunked LM
-    head and loss of ``loss_graph``; with 0 the naive full-logits loss. The training and eval models then
-    dequantize int8 weights where they read them, and with ``checkpointing`` the training model recomputes
-    each block's activations (``recompute.py``).
+    head and loss of ``loss_graph``; with 0 the naive full-logits loss. An int4 base's products become ``Gemm``
+    (``int4.products_as_gemm``). The training and eval models then dequantize quantized weights where they read
+    them, and with ``checkpointing`` the training model recomputes each block's activations (``recompute.py``).
     """
     import onnxruntime
     from onnxruntime.training import artifacts, onnxblock
@@ -80,6 +80,7 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
         if flatten_width is not None:
             graph.flatten_logits(training, flatten_width)
         loss = _scaled_cross_entropy()
+    int4.products_as_gemm(training)
     optimizer = onnxblock.optim.AdamW(betas=ADAMW_BETAS, eps=1e-8, weight_decay=weight_decay,
                                       clip_grad=onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm > 0 else None)
     with _native_stderr_captured():
@@ -90,7 +91,8 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
 
 
 def _recompute(path: Path, checkpointing: bool) -> None:
-    """Rewrite a generated model: int8 weights dequantized at each use, and with ``checkpointing`` block recompute."""
+    """Rewrite a generated model: quantized weights dequantized at each use, and with ``checkpointing`` block
+    recompute."""
     model = onnx.load(str(path))
     changed = recompute.dequantize_at_use(model)
     if checkpointing and not recompute.checkpoint_blocks(model, model.graph.output[0].name):

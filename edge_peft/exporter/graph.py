@@ -182,11 +182,11 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
 def quantize_int4(proto: onnx.ModelProto, names: set[str], block: int, axes: dict[str, int] | None = None) -> list[str]:
     """Blockwise 4-bit (``int4.py``) for the named fp32 2-D initializers; returns the new frozen names.
 
-    Blocks run along the reduced axis (the one ``quantize_int8``'s channel axis is not). Readers of ``W``
-    read the dequantized weight under its old name; a ``Transpose`` reader gets a chain that transposes the
-    unpacked uint8 values instead of the fp32 copy (the portable backward); a tied LM head that only reads the
-    embedding table transposed gets its own transposed copy, as with int8; ``Gather`` readers (embeddings)
-    dequantize only the gathered rows.
+    ``W`` is stored as ``S``: itself when the axis its products reduce over (the one ``quantize_int8``'s channel
+    axis is not) is its last, else its transpose. Products read ``S`` (those of ``S^T``, through a ``Transpose``
+    or not, become ``FusedMatMul`` / ``Gemm`` with ``transB`` flipped; a ``Transpose`` whose readers all go
+    this way is dropped); other readers read ``W`` (``Transpose(S)`` where ``S`` is the transpose). ``Gather``
+    readers (embeddings) dequantize only the gathered rows.
     """
     graph = proto.graph
     uses = _consumers(graph)
@@ -195,51 +195,62 @@ def quantize_int4(proto: onnx.ModelProto, names: set[str], block: int, axes: dic
     after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     dead: set[int] = set()
     new_frozen: list[str] = []
-
-    def store(weight: str, w: np.ndarray, reduced: int) -> None:
-        graph.initializer.extend(int4.stored(weight, *int4.quantize(w, reduced, block, weight)))
-        new_frozen.extend(int4.stored_names(weight))
-
-    def dequantize(weight: str, shape, reduced: int, out: str, readers: list) -> None:
-        """``out`` = the dequantized ``weight`` for ``readers``; a Transpose among them is replaced by a chain
-        making its output directly."""
-        transposes = _transposes(readers)
-        chains = [(out, False)] if len(transposes) < len(readers) else []
-        for node in transposes:
-            dead.add(id(node))
-            chains.append((node.output[0], True))
-        for target, transposed in chains:
-            nodes, shapes = int4.dequantize_nodes(weight, shape, reduced, block, target, transposed)
-            prologue.extend(nodes)
-            graph.initializer.extend(shapes)
-
     for name in sorted(names):
         init = inits.get(name)
         if not _quantizable(init):
             continue
         w = numpy_helper.to_array(init)
         gathers, others, axis = _readers(name, uses, axes)
-        reduced = 1 - axis
+        flipped = axis == 1  # reduced along axis 0: S = W^T
+        stored = np.ascontiguousarray(w.T if flipped else w)
         graph.initializer.remove(init)
-        store(name, w, reduced)
-        transposes = _transposes(others)
-        if gathers and transposes and len(transposes) == len(others):
-            tname = f"{name}.T"  # the tied head's own copy, reduced along the same (now first) axis
-            store(tname, np.ascontiguousarray(w.T), axis)
-            readers = [r for node in transposes for r in uses.get(node.output[0], [])]
-            for node in transposes:
-                dead.add(id(node))
-                _rewire(node, uses, tname)
-            dequantize(tname, w.T.shape, axis, tname, readers)
-        elif others:
-            dequantize(name, w.shape, reduced, name, others)
+        graph.initializer.extend(int4.stored(name, *int4.quantize(stored, block, name)))
+        new_frozen.extend(int4.stored_names(name))
+        s_name = f"{name}.int4s"
+        direct = _read_stored(others, s_name, flipped, uses, dead)
+        if direct:
+            value = name if flipped else s_name
+            if flipped:
+                prologue.append(helper.make_node("Transpose", [s_name], [name], perm=[1, 0]))
+            for node, k in direct:
+                node.input[k] = value
+        if others:
+            prologue.extend(int4.dequantize_nodes(name, stored.shape, block, s_name))
         for node, _ in gathers:
             dead.add(id(node))
             after[id(node)] += int4.gather_nodes(name, w.shape[1], block, node.input[1], node.output[0])
     if new_frozen:
         graph.initializer.extend(int4.constants())
+        if all(o.domain != int4.MS_DOMAIN for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid(int4.MS_DOMAIN, 1))
     _write_order(graph, prologue, after, dead)
     return new_frozen
+
+
+def _read_stored(readers: list, s_name: str, transposed: bool, uses: dict, dead: set[int]) -> list:
+    """Point ``readers`` of a weight (equal to ``S^T`` if ``transposed``, else ``S``) at ``s_name`` (``S``);
+    return those that need the weight itself. A ``Transpose`` reader is followed to its own readers."""
+    direct = []
+    for node, k in readers:
+        if node.op_type == "Transpose" and list(_attr(node, "perm", [1, 0])) == [1, 0]:
+            inner = uses.get(node.output[0], [])
+            rest = _read_stored(inner, s_name, not transposed, uses, dead)
+            if rest:  # the transposed value is still needed by someone: keep the Transpose, reading the weight
+                direct.append((node, k))
+                for user, j in rest:
+                    user.input[j] = node.output[0]
+            else:
+                dead.add(id(node))
+            continue
+        if not transposed:
+            node.input[k] = s_name
+            continue
+        rewritten = int4.transposed_product(node, k, s_name)
+        if rewritten is None:
+            direct.append((node, k))
+        else:
+            node.CopyFrom(rewritten)
+    return direct
 
 
 def prepare_frozen(proto: onnx.ModelProto, trainable: list[str], quantize: str, block: int = 0) -> list[str]:
@@ -285,9 +296,9 @@ def initializers_to_inputs(proto: onnx.ModelProto, names: list[str]) -> None:
 
 
 def weight_names(proto: onnx.ModelProto) -> list[str]:
-    """Names of all floating-point, int8 and int4-storage (uint8, uint16) initializers (the model's parameters and
-    the int4 decoding tables, not shape constants)."""
-    kinds = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8, TensorProto.UINT16}
+    """Names of all floating-point, int8 and uint8 (int4 storage) initializers (the model's parameters, not shape
+    constants)."""
+    kinds = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8}
     return [i.name for i in proto.graph.initializer if i.data_type in kinds and len(i.dims) > 0]
 
 

@@ -33,6 +33,7 @@ def _const(name: str, values: list[int]) -> onnx.NodeProto:
 
 
 SOFTCAP_OPS = ("Div", "Tanh", "Mul")  # logit soft-capping: tanh(x / cap) * cap
+HEAD_OPS = ("MatMul", "FusedMatMul")  # FusedMatMul: an int4 head read as stored (int4.transposed_product)
 
 
 def _head(graph: onnx.GraphProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]]:
@@ -46,7 +47,7 @@ def _head(graph: onnx.GraphProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]]
     while node is not None and node.op_type in SOFTCAP_OPS and all(i in constants for i in node.input[1:]):
         tail.insert(0, node)
         node = producer.get(node.input[0])
-    if node is None or node.op_type != "MatMul":
+    if node is None or node.op_type not in HEAD_OPS:
         raise RuntimeError(f"the LM head is not a MatMul (then soft-capping) producing 'logits': "
                            f"{[n.op_type for n in tail]} after {node.op_type if node is not None else 'a graph input'}")
     return node, tail
@@ -56,7 +57,7 @@ def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LO
     """Replace the ``logits`` output by ``target_loss`` (mean CE over labels != -100), taking flat ``labels``."""
     graph = proto.graph
     head, tail = _head(graph)
-    hidden, weight = head.input[0], head.input[1]
+    hidden = head.input[0]
     removed = {id(head)} | {id(n) for n in tail}
     kept = [n for n in graph.node if id(n) not in removed]
     del graph.node[:]
@@ -96,7 +97,11 @@ def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LO
     sums = []
     for k in range(chunks):
         logits = f"{p}head.{k}"
-        nodes.append(helper.make_node("MatMul", [f"{p}rows.{k}", weight], [logits]))
+        chunk_head = onnx.NodeProto()
+        chunk_head.CopyFrom(head)  # MatMul, or an int4 head's FusedMatMul with its attributes
+        chunk_head.name = f"{p}head_product.{k}"
+        chunk_head.input[0], chunk_head.output[0] = f"{p}rows.{k}", logits
+        nodes.append(chunk_head)
         for j, op in enumerate(tail):
             capped = onnx.NodeProto()
             capped.CopyFrom(op)
