@@ -173,3 +173,20 @@ def test_a_block_size_that_does_not_divide_a_weight_is_refused(llama, tmp_path, 
     assert lines[-1].startswith("error: --block-size 64 does not divide dimension 32 of ")
     assert sum(line.startswith("error") for line in lines) == 1
     assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.*"))
+
+
+@pytest.mark.slow
+def test_a_budgeted_export_keeps_int4_and_its_figures_match_the_artifact(wide_llama, tmp_path):
+    from edge_peft.device.memory_model import MB, ModelFigures
+    from edge_peft.exporter.export_plan import model_figures, plan_export
+    from edge_peft.exporter.load import meta_model
+    from edge_peft.exporter.pipeline import ExportOptions, export_artifact
+
+    asked = ExportOptions(rank=4, quantize="int4", targets=["all-linear"], max_seq_len=32)
+    opts = plan_export(wide_llama, asked, 1024 * MB, 0.15)
+    assert opts.quantize == opts.memory["export_plan"]["quantize"] == "int4"
+    manifest = export_artifact(wide_llama, tmp_path / "artifact", opts, quiet=True)
+    planned = model_figures(meta_model(wide_llama, None), opts, opts.rank, opts.layers, "int4")
+    real = ModelFigures.of(manifest, "ort")
+    assert planned.quantized_values == real.quantized_values
+    assert planned.quantized_bytes == pytest.approx(real.quantized_bytes, rel=0.02)

@@ -121,7 +121,8 @@ def test_unknown_variant_is_refused(tmp_path):
     (lambda d: d["memory"].update(colour="red"), "the memory section has unexpected fields"),
     (lambda d: d["memory"].pop("frozen_bytes"), "the memory section is incomplete"),
     (lambda d: d["adapter"].pop("modules"), "the adapter section is malformed"),
-    (lambda d: d.update(quantization="int4"), "quantization 'int4' not in"),
+    (lambda d: d.update(quantization="int3"), "quantization 'int3' not in"),
+    (lambda d: d.update(quantization="int4"), "block size None does not fit quantization 'int4'"),
     (lambda d: d.update(backends=["cuda"]), "backends ['cuda'] not a non-empty subset"),
 ])
 def test_damaged_sections_are_refused(tmp_path, edit, expect):

@@ -2,7 +2,8 @@
 
 The memory model (``device/memory_model.py``) is applied to figures computed from the model's config
 on the meta device (shapes only, no weights loaded), for a minimal useful run: micro-batch 1 at
-``min(256, max_seq_len)`` tokens. Preference: int8 base; all of the recipe's layers, then fewer
+``min(256, max_seq_len)`` tokens. Preference: int8 base (int4 when ``--quantize int4`` asks for it); all of the
+recipe's layers, then fewer
 (``top:N``; with ``--layers auto``: the most blocks, ``auto:N``, the probe then choosing which); for
 each, the requested rank, then halves of it. The first choice that fits wins.
 """
@@ -48,18 +49,23 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
     tensors = {name: shape for m in modules for name, shape in variant.tensor_shapes(m).items()}
     trained = {name for m in modules for name in variant.trained(m)}
     trainable = sum(int(np.prod(shape)) for name, shape in tensors.items() if name in trained)
-    frozen = quantized = 0
+    frozen = quantized = values = 0
     for name, p in model.named_parameters():
         if name.startswith(head):
             trainable += p.numel()
-        elif quantize == "int8" and p.dim() == 2 and p.numel() >= INT8_MIN_ELEMENTS:
-            quantized += p.numel() + FLOAT * p.shape[0]
+        elif quantize != "none" and p.dim() == 2 and p.numel() >= INT8_MIN_ELEMENTS:
+            values += p.numel()
+            # int8: a byte a value and an fp32 scale a channel; int4: half a byte, and per block (int4.py)
+            # an fp32 scale and a uint8 zero point
+            quantized += (p.numel() + FLOAT * p.shape[0] if quantize == "int8"
+                          else p.numel() // 2 + (FLOAT + 1) * (p.numel() // opts.block_size))
         else:
             frozen += FLOAT * p.numel()
     causal = meta.task == "causal-lm"
     embeddings = model.get_input_embeddings().weight
     if quantize == "int8" and causal and model.get_output_embeddings().weight is embeddings:
         quantized += embeddings.numel()  # the tied head's transposed int8 copy (graph.quantize_int8)
+        values += embeddings.numel()
     frozen += sum(FLOAT * int(np.prod(shape)) for name, shape in tensors.items() if name not in trained)  # frozen A
     hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
     return ModelFigures(frozen_bytes=frozen + quantized, quantized_bytes=quantized, trainable_values=trainable,
@@ -68,7 +74,8 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
                                          or 4 * hidden),
                         heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
                         vocab=int(config.vocab_size), causal=causal, backend=backend,
-                        chunked_loss=backend_class(backend).chunked_loss(opts.loss_chunks if causal else 0))
+                        chunked_loss=backend_class(backend).chunked_loss(opts.loss_chunks if causal else 0),
+                        quantized_values=values)
 
 
 def _needed(figures: ModelFigures, seq_len: int, margin: float) -> float:
@@ -95,28 +102,30 @@ def plan_export(model_dir: str | Path, opts, budget: int, margin: float, profile
     while ranks[-1] > 1:
         ranks.append(ranks[-1] // 2)
     smallest = None
+    quantize = "int4" if opts.quantize == "int4" else "int8"  # int8 unless int4 was asked for
     for layers in layer_choices:
         for rank in ranks:
             # the backend(s) the artifact will carry; with both, the costlier one must fit
-            figures = max((model_figures(meta, opts, rank, layers, "int8", b) for b in EXPORT_CHOICES[opts.backend]),
+            figures = max((model_figures(meta, opts, rank, layers, quantize, b) for b in EXPORT_CHOICES[opts.backend]),
                           key=lambda f: _needed(f, seq_len, margin))
             needed = _needed(figures, seq_len, margin)
             if needed <= budget:
-                plan = {"quantize": "int8", "rank": rank, "layers": layers or "all", "micro_batch": 1,
+                plan = {"quantize": quantize, "rank": rank, "layers": layers or "all", "micro_batch": 1,
                         "seq_len": seq_len, "predicted_peak_mb": round(needed / (1 + margin) / MB, 1)}
                 memory = {**opts.memory, "budget_mb": round(budget / MB, 1), "margin": margin, "profile": profile,
                           "export_plan": plan}
-                return dataclasses.replace(opts, rank=rank, layers=layers, quantize="int8", memory=memory)
+                return dataclasses.replace(opts, rank=rank, layers=layers, quantize=quantize, memory=memory)
             smallest = figures
-    raise UserError(_refusal(smallest, budget, margin, seq_len, ranks[-1], layer_choices[-1]))
+    raise UserError(_refusal(smallest, budget, margin, seq_len, ranks[-1], layer_choices[-1], quantize))
 
 
-def _refusal(figures: ModelFigures, budget: int, margin: float, seq_len: int, rank: int, layers: str | None) -> str:
+def _refusal(figures: ModelFigures, budget: int, margin: float, seq_len: int, rank: int, layers: str | None,
+             quantize: str) -> str:
     needed = _needed(figures, seq_len, margin)
     fix = f"a --memory-budget of at least {needed / MB:.0f}MB"
     shorter = [t for t in range(seq_len - 1, MIN_USEFUL_SEQ_LEN - 1, -1) if _needed(figures, t, margin) <= budget]
     if shorter:
         fix = f"--max-seq-len {shorter[0]}, or {fix}"
-    return (f"--memory-budget {budget / MB:.0f} MB cannot be met at export: the smallest choice (int8, rank {rank}, "
-            f"layers {layers or 'all'}, micro-batch 1 x {seq_len} tokens) needs {needed / MB:.0f} MB with the "
-            f"{margin:.0%} margin; try {fix}")
+    return (f"--memory-budget {budget / MB:.0f} MB cannot be met at export: the smallest choice ({quantize}, "
+            f"rank {rank}, layers {layers or 'all'}, micro-batch 1 x {seq_len} tokens) needs {needed / MB:.0f} MB "
+            f"with the {margin:.0%} margin; try {fix}")

@@ -15,10 +15,11 @@ unpacked values viewed as [M*K/B, B] go through one per-axis ``DequantizeLinear`
 which writes the fp32 matrix once: a chain of ``Cast``, ``Mul`` and ``Add`` would hold two fp32 copies at a
 time (ONNX Runtime's training sessions run without memory reuse, so nothing is computed in place), and the
 reshapes alias their input. Products read ``S`` as it is: a product with the transpose becomes
-``com.microsoft.FusedMatMul(X, S, transB=1)`` (``Gemm`` flips ``transB``), so no fp32 transpose is made.
-Everything is in opset 17 plus that contrib op, which ORT 1.19 (with its gradient) and current onnxruntime run.
-The chain's roots are the ``BitShift`` of the stored nibbles by a small shift tensor:
-``recompute.dequantize_at_use`` pins that shift to make each copy at its use.
+``com.microsoft.FusedMatMul(X, S, transB=1)`` (``Gemm`` flips ``transB``), so no fp32 transpose is made. ORT 1.19
+has no gradient for ``FusedMatMul``: the ORT training graph gets ``Gemm`` on ``X`` reshaped to 2-D instead
+(``products_as_gemm``). The rest is opset 17, which ORT 1.19 and current onnxruntime both run.
+The chain's roots are the ``BitShift`` of the stored nibbles by a small shift tensor (the reshapes of the scales
+and zero points alias them): ``recompute.dequantize_at_use`` pins that shift to make each copy at its use.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def quantize(s: np.ndarray, block: int, name: str = "weight") -> tuple[np.ndarra
     zero = np.clip(np.rint(-low / safe), 0, 15).astype(np.uint8)
     q = np.clip(np.rint(blocks / safe[..., None]) + zero[..., None], 0, 15).astype(np.uint8).reshape(rows, k)
     packed = q[:, : k // 2] | (q[:, k // 2:] << 4)
-    return np.ascontiguousarray(packed), np.where(scale > 0, scale, 1.0).astype(np.float32), zero
+    return np.ascontiguousarray(packed), safe, zero
 
 
 def dequantize(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
