@@ -138,6 +138,10 @@ def test_a_global_version_averaged_elsewhere_is_stored_for_devices_to_pull(env, 
         np.testing.assert_array_equal(pulled[key], first[key])  # B and the head as sent, A regenerated
     assert global_version(server, admin, random_tensors(SPEC, np.random.default_rng(4)), 2)["number"] == 2
     assert json.loads((tmp_path / "g1" / "pulled.json").read_text())["version"] == 1
+    delta = sparse.encode_delta({k: first[k] for k in TRAINED}, {k: first[k] * 0 for k in TRAINED}, 0.5)
+    meta = {"spec": SPEC.to_dict(), "samples": 3, "steps": 0, "metrics": {}, "parent": None}
+    response = post(server, admin, body_of(meta, delta, {"encoding": "int8-topk", "topk": 0.5}), path="global")
+    assert response.status_code == 422 and "not as a top-k delta" in response.json()["detail"], response.text
 
 
 def warm_started_run(tmp_path, server, token, trained) -> tuple:

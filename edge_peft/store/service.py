@@ -380,12 +380,16 @@ class AdapterStore:
         if hashlib.sha256(data).hexdigest() != request.sha256:
             raise StoreError(400, "the adapter bytes do not match the sha256 sent: the upload was corrupted; push again")
         spec = AdapterSpec.from_dict(registered.spec)
-        tensors, file_meta, _ = self._checked_tensors(spec, data, lambda: {})
+        tensors, file_meta, _ = self._checked_tensors(spec, data, _no_parent)
         full = encode_adapter(spec, _complete(spec, tensors), extra_meta=file_meta)
         sha = hashlib.sha256(full).hexdigest()
         return self._with_blobs({sha: full}, lambda: self.metadata.record_aggregate(
             base, [], sha, len(full), request.samples, utc_now()))
 
+
+
+def _no_parent() -> dict[str, np.ndarray]:
+    raise UserError("a global version is sent whole (fp32 or int8), not as a top-k delta")
 
 
 def _label(version: VersionRecord) -> str:
