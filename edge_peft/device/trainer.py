@@ -66,6 +66,8 @@ class TrainConfig:
     noise_multiplier: float | None = None  # DP-SGD: noise std over dp_clip; or dp_epsilon calibrates it
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
+    schedule_start: int = 0  # steps of a longer schedule already taken (a federated round continues the federation's)
+    schedule_steps: int | None = None  # that schedule's length (None: ``steps``)
 
     def validate(self, manifest: Manifest) -> None:
         checks = [
@@ -85,8 +87,12 @@ class TrainConfig:
                 raise UserError(message)
 
     @property
+    def schedule_length(self) -> int:
+        return self.schedule_steps or self.steps
+
+    @property
     def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.schedule_length // 20)
 
 
 @dataclass
@@ -152,7 +158,8 @@ class TrainingRun:
         return [batch.rows(i, i + size) for i in range(0, c.batch_size, size)]
 
     def lr(self, step: int) -> float:
-        return learning_rate(step, self.config.steps, self.config.lr, self.config.warmup)
+        c = self.config
+        return learning_rate(c.schedule_start + step, c.schedule_length, c.lr, c.warmup)
 
     def train_step(self, step: int) -> tuple[float, int, int]:
         """One optimizer step without callbacks (the layer probe's and tests' entry); (loss, tokens, samples)."""

@@ -72,6 +72,8 @@ def train_round(settings: FederatedSettings, data: Path, base: str, global_tenso
     config = TrainConfig(data=str(data), steps=settings.local_steps, batch_size=settings.batch_size, lr=settings.lr,
                          max_seq_len=settings.max_seq_len, eval_every=0, eval_fraction=0.0,
                          checkpoint_every=settings.local_steps, seed=server_round, threads=settings.threads,
+                         schedule_start=(server_round - 1) * settings.local_steps,  # the federation's warm-up and decay
+                         schedule_steps=settings.rounds * settings.local_steps,
                          backend=settings.backend, nested_ranks=settings.nested_ranks, **noise)
     with tempfile.TemporaryDirectory(prefix="edge-peft-round-") as tmp:
         run = open_run(artifact, config, Path(tmp) / "run")
