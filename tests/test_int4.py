@@ -37,8 +37,8 @@ def test_graph_dequantizes_exactly_as_numpy():
     packed, scale, zero = int4.quantize(s, 32)
     expected = int4.dequantize(packed, scale, zero)
     assert np.abs(expected - s).max() <= scale.max() / 2 + 1e-6  # rounding to the nearest of 16 levels
-    inits = int4.stored("S", packed, scale, zero) + int4.constants()
-    np.testing.assert_array_equal(_run(int4.dequantize_nodes("S", s.shape, 32, "out"), inits, {}, "out"), expected)
+    inits = int4.stored("S", packed, scale, zero) + int4.constants(32)
+    np.testing.assert_array_equal(_run(int4.dequantize_nodes("S", "out"), inits, {}, "out"), expected)
     ids = np.array([[3, 0, 63], [5, 5, 1]], np.int64)  # embeddings: only the gathered rows
     got = _run(int4.gather_nodes("S", 96, 32, "ids", "out"), inits, {"ids": ids}, "out")
     np.testing.assert_array_equal(got, expected[ids])

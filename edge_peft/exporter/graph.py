@@ -215,12 +215,12 @@ def quantize_int4(proto: onnx.ModelProto, names: set[str], block: int, axes: dic
             for node, k in direct:
                 node.input[k] = value
         if others:
-            prologue.extend(int4.dequantize_nodes(name, stored.shape, block, s_name))
+            prologue.extend(int4.dequantize_nodes(name, s_name))
         for node, _ in gathers:
             dead.add(id(node))
             after[id(node)] += int4.gather_nodes(name, w.shape[1], block, node.input[1], node.output[0])
     if new_frozen:
-        graph.initializer.extend(int4.constants())
+        graph.initializer.extend(int4.constants(block))
         if all(o.domain != int4.MS_DOMAIN for o in proto.opset_import):
             proto.opset_import.append(helper.make_opsetid(int4.MS_DOMAIN, 1))
     _write_order(graph, prologue, after, dead)

@@ -7,7 +7,8 @@ case zero = 8 with an fp16 scale, which converts exactly; Q4_1's float offset do
 
 - ``<W>.int4``: uint8 [M, K/2], two values a byte: the first half of each row in the low nibbles, the second
   half in the high ones (unpacking is one ``Concat``);
-- ``<W>.scale`` fp32 and ``<W>.zero`` uint8, both [M, K/B].
+- ``<W>.scale`` fp32 and ``<W>.zero`` uint8, both [M*K/B] (row-major: the blocks of row 0 first), and
+  ``<W>.shape`` (int64 [M, K]).
 
 Why this form: ORT 1.19's training checkpoint refuses int4 and fp16 tensors (``DequantizeLinear`` on int4
 fails there), and ``MatMulNBits`` has no gradient. Unpacking is ``BitShift`` + ``Concat`` on uint8; the
@@ -32,6 +33,7 @@ from ..artifact.manifest import INT4_BLOCK_SIZES
 from ..errors import UserError
 
 FOUR = "int4.four"  # the nibble shift, uint8 [1]
+ROWS = "int4.rows"  # [-1, block]: the unpacked values a block a row
 DEFAULT_BLOCK_SIZE = INT4_BLOCK_SIZES[0]
 MARK, END = ".int4/", ".int4/out"  # in the names of a stored weight's dequantization nodes; END: the last one
 PINNED_INPUTS = {("BitShift", 1)}  # the small input of each root a copy made at use waits on
@@ -71,19 +73,21 @@ def quantize(s: np.ndarray, block: int, name: str = "weight") -> tuple[np.ndarra
     zero = np.clip(np.rint(-low / safe), 0, 15).astype(np.uint8)
     q = np.clip(np.rint(blocks / safe[..., None]) + zero[..., None], 0, 15).astype(np.uint8).reshape(rows, k)
     packed = q[:, : k // 2] | (q[:, k // 2:] << 4)
-    return np.ascontiguousarray(packed), safe, zero
+    return np.ascontiguousarray(packed), safe.reshape(-1), zero.reshape(-1)
 
 
 def dequantize(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
     """The fp32 ``S`` the graph's dequantization computes from the stored arrays (numpy: references, tests)."""
     q = np.concatenate([packed & 15, packed >> 4], axis=1).astype(np.int32)
+    scale, zero = scale.reshape(packed.shape[0], -1), zero.reshape(packed.shape[0], -1)
     blocks = q.reshape(scale.shape[0], scale.shape[1], -1) - zero[..., None].astype(np.int32)
     return (blocks.astype(np.float32) * scale[..., None]).reshape(q.shape)
 
 
-def constants() -> list[onnx.TensorProto]:
+def constants(block: int) -> list[onnx.TensorProto]:
     """The shared constants the dequantization nodes read (one set per graph)."""
-    return [numpy_helper.from_array(np.array([4], np.uint8), FOUR)]
+    return [numpy_helper.from_array(np.array([4], np.uint8), FOUR),
+            numpy_helper.from_array(np.array([-1, block], np.int64), ROWS)]
 
 
 def _unpack(packed: str, out: str) -> list[onnx.NodeProto]:
@@ -97,28 +101,19 @@ def _unpack(packed: str, out: str) -> list[onnx.NodeProto]:
     ]
 
 
-def _dequantize_blocks(q: str, scale: str, zero: str, block: int, out: str) -> list[onnx.NodeProto]:
+def _dequantize_blocks(q: str, scale: str, zero: str, out: str) -> list[onnx.NodeProto]:
     """fp32 ``out`` [-1, block] = unpacked ``q`` viewed a block a row, through one per-axis DequantizeLinear."""
-    make = helper.make_node
-    return [
-        make("Constant", [], [f"{out}.rows"], value=numpy_helper.from_array(np.array([-1, block], np.int64))),
-        make("Constant", [], [f"{out}.flat"], value=numpy_helper.from_array(np.array([-1], np.int64))),
-        make("Reshape", [q, f"{out}.rows"], [f"{out}.q"]),
-        make("Reshape", [scale, f"{out}.flat"], [f"{out}.scale"]),
-        make("Reshape", [zero, f"{out}.flat"], [f"{out}.zero"]),
-        make("DequantizeLinear", [f"{out}.q", f"{out}.scale", f"{out}.zero"], [out], axis=0),
-    ]
+    return [helper.make_node("Reshape", [q, ROWS], [f"{out}.q"]),
+            helper.make_node("DequantizeLinear", [f"{out}.q", scale, zero], [out], axis=0)]
 
 
-def dequantize_nodes(weight: str, shape: tuple[int, int], block: int, out: str) -> list[onnx.NodeProto]:
-    """Nodes computing fp32 ``out`` = the stored ``weight`` ``S`` (``shape`` [M, K])."""
+def dequantize_nodes(weight: str, out: str) -> list[onnx.NodeProto]:
+    """Nodes computing fp32 ``out`` = the stored ``weight`` ``S``: seven, so that the copies made at each use
+    (``recompute.dequantize_at_use``) add few nodes to the session."""
     t = f"{out}.int4"
     nodes = _unpack(f"{weight}.int4", f"{t}.q")
-    nodes += _dequantize_blocks(f"{t}.q", f"{weight}.scale", f"{weight}.zero", block, f"{t}.blocks")
-    shape_value = numpy_helper.from_array(np.array(shape, np.int64))
-    nodes += [helper.make_node("Constant", [], [f"{t}.shape"], value=shape_value),
-              helper.make_node("Reshape", [f"{t}.blocks", f"{t}.shape"], [out])]
-    nodes = _constants_first(nodes)
+    nodes += _dequantize_blocks(f"{t}.q", f"{weight}.scale", f"{weight}.zero", f"{t}.blocks")
+    nodes.append(helper.make_node("Reshape", [f"{t}.blocks", f"{weight}.shape"], [out]))
     for k, node in enumerate(nodes):
         node.name = f"{out}{END}" if k == len(nodes) - 1 else f"{out}{MARK}{k}"
     return nodes
@@ -129,28 +124,30 @@ def gather_nodes(weight: str, width: int, block: int, indices: str, out: str) ->
     gathered rows are unpacked and dequantized (embeddings)."""
     make = helper.make_node
     t = f"{out}.int4"
-    nodes = [make("Gather", [f"{weight}.int4", indices], [f"{t}.packed"], axis=0),
-             make("Gather", [f"{weight}.scale", indices], [f"{t}.scale"], axis=0),
-             make("Gather", [f"{weight}.zero", indices], [f"{t}.zero"], axis=0)]
+    def const(name: str, values: list[int]) -> onnx.NodeProto:
+        return make("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64)))
+
+    nodes = [const(f"{t}.table", [-1, width // block]), const(f"{t}.flat", [-1]), const(f"{t}.width", [width])]
+    for part in ("scale", "zero"):  # the stored blocks a table row a weight row, gathered, flat again
+        nodes += [make("Reshape", [f"{weight}.{part}", f"{t}.table"], [f"{t}.{part}_table"]),
+                  make("Gather", [f"{t}.{part}_table", indices], [f"{t}.{part}_rows"], axis=0),
+                  make("Reshape", [f"{t}.{part}_rows", f"{t}.flat"], [f"{t}.{part}"])]
+    nodes.append(make("Gather", [f"{weight}.int4", indices], [f"{t}.packed"], axis=0))
     nodes += _unpack(f"{t}.packed", f"{t}.q")
-    nodes += _dequantize_blocks(f"{t}.q", f"{t}.scale", f"{t}.zero", block, f"{t}.blocks")
+    nodes += _dequantize_blocks(f"{t}.q", f"{t}.scale", f"{t}.zero", f"{t}.blocks")
     nodes += [
-        make("Constant", [], [f"{t}.width"], value=numpy_helper.from_array(np.array([width], np.int64))),
         make("Shape", [indices], [f"{t}.index_shape"]),
         make("Concat", [f"{t}.index_shape", f"{t}.width"], [f"{t}.shape"], axis=0),
         make("Reshape", [f"{t}.blocks", f"{t}.shape"], [out]),
     ]
-    return _constants_first(nodes)
-
-
-def _constants_first(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    return [n for n in nodes if n.op_type == "Constant"] + [n for n in nodes if n.op_type != "Constant"]
+    return nodes
 
 
 def stored(weight: str, packed: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> list[onnx.TensorProto]:
-    """The initializers of one quantized weight."""
+    """The initializers of one quantized weight (its nibbles, scales and zero points, and its shape)."""
+    shape = np.array([packed.shape[0], 2 * packed.shape[1]], np.int64)
     return [numpy_helper.from_array(packed, f"{weight}.int4"), numpy_helper.from_array(scale, f"{weight}.scale"),
-            numpy_helper.from_array(zero, f"{weight}.zero")]
+            numpy_helper.from_array(zero, f"{weight}.zero"), numpy_helper.from_array(shape, f"{weight}.shape")]
 
 
 def stored_names(weight: str) -> list[str]:
