@@ -19,16 +19,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_description, print_table, write_json  # noqa: E402
-from store_load import SIZES  # noqa: E402
+from store_load import store_versions  # noqa: E402
 
 from edge_peft.adapters.peft_format import encode_adapter  # noqa: E402
-from edge_peft.artifact.names import lora_key  # noqa: E402
-from edge_peft.store.aggregate import version_norms  # noqa: E402
 from edge_peft.store.backends import StoreLocation, open_store  # noqa: E402
 from edge_peft.store.local_services import LocalS3  # noqa: E402
-from edge_peft.store.service import content_digest, utc_now  # noqa: E402
-from edge_peft.store.storage import NewVersion  # noqa: E402
-from edge_peft.store.testing import make_manifest, random_tensors  # noqa: E402
+from edge_peft.store.testing import random_tensors  # noqa: E402
 
 SIZE = "1B-qkvo-r8"
 
@@ -36,34 +32,14 @@ SIZE = "1B-qkvo-r8"
 def measure(location: StoreLocation, adapters: int, recorded: bool) -> dict:
     """Store ``adapters`` versions (setup, not timed), then time one aggregation in this process."""
     store, _ = open_store(location)
-    spec = make_manifest(**SIZES[SIZE], fingerprint="sha256:" + "a" * 64).adapter
-    store.add_base(spec.to_dict())
-    full = random_tensors(spec, np.random.default_rng(1))
-    b = {lora_key(m.name, "B"): full[lora_key(m.name, "B")] for m in spec.modules}
-    start = time.perf_counter()
-    for i in range(adapters):
-        device = f"agg-{i:05d}"
-        store.metadata.add_device(device, "0" * 64, utc_now())
-        tensors = {k: v * np.float32(1 + i / adapters) for k, v in b.items()}
-        pushed = encode_adapter(spec, tensors)
-        sha = store.blobs.put(pushed)
-        if recorded:  # as a B-only push records it
-            new = NewVersion(spec.base_fingerprint, spec.to_dict(), device, sha, len(pushed), sha, len(pushed),
-                             content_digest(tensors), 1 + i % 50, 1, {}, None, utc_now(),
-                             version_norms(spec, tensors, device), sha)
-        else:  # pushed before the store recorded norms: only the full file (B and the seeded A) is known
-            served = encode_adapter(spec, {**full, **tensors})
-            full_sha = store.blobs.put(served)
-            new = NewVersion(spec.base_fingerprint, spec.to_dict(), device, sha, len(pushed), full_sha, len(served),
-                             content_digest(tensors), 1 + i % 50, 1, {}, None, utc_now())
-        store.metadata.record_version(new)
-    setup = time.perf_counter() - start
+    spec, setup = store_versions(store, SIZE, adapters, recorded)
     start = time.perf_counter()
     record, _, report = store.aggregate(spec.base_fingerprint)
     seconds = time.perf_counter() - start
     store.close()
+    b_only = {k: v for k, v in random_tensors(spec, np.random.default_rng(1)).items() if ".lora_B." in k}
     return {"adapters": adapters, "aggregate_s": round(seconds, 2), "setup_s": round(setup, 1),
-            "pushed_mib": round(len(encode_adapter(spec, b)) / 2**20, 2), "devices": report["devices"],
+            "pushed_mib": round(len(encode_adapter(spec, b_only)) / 2**20, 2), "devices": report["devices"],
             "global_version": record.number}
 
 

@@ -130,10 +130,11 @@ def run_phase(name: str, server: StoreServer, store: AdapterStore, tokens: dict[
     }
 
 
-def aggregate_phase(server: StoreServer, store: AdapterStore, admin: str, count: int, size: str) -> dict:
-    """Store ``count`` device versions directly (setup, not timed), then time POST .../aggregates."""
-    manifest = make_manifest(**SIZES[size], fingerprint="sha256:" + hashlib.sha256(f"agg-{size}".encode()).hexdigest())
-    spec = manifest.adapter
+def store_versions(store: AdapterStore, size: str, count: int, recorded: bool = True) -> tuple[AdapterSpec, float]:
+    """Register a base of ``size`` and store ``count`` device versions of it directly (B only, each scaled
+    differently): as a push records them (``recorded``: norms and the B-only blob) or as pushes before the store
+    recorded those (only the full file, B and the seeded A). Returns the spec and the seconds it took."""
+    spec = make_manifest(**SIZES[size], fingerprint="sha256:" + hashlib.sha256(f"agg-{size}".encode()).hexdigest()).adapter
     store.add_base(spec.to_dict())
     full = random_tensors(spec, np.random.default_rng(1))
     b = {lora_key(m.name, "B"): full[lora_key(m.name, "B")] for m in spec.modules}
@@ -142,18 +143,31 @@ def aggregate_phase(server: StoreServer, store: AdapterStore, admin: str, count:
         device = f"agg-{i:05d}"
         store.metadata.add_device(device, "0" * 64, utc_now())
         tensors = {k: v * np.float32(1 + i / count) for k, v in b.items()}
-        data = encode_adapter(spec, tensors)
-        sha = store.blobs.put(data)
-        store.metadata.record_version(NewVersion(  # as a B-only push records it: its norms, its B-only blob
-            spec.base_fingerprint, spec.to_dict(), device, sha, len(data), sha, len(data), content_digest(tensors),
-            1 + i % 50, 1, {}, None, utc_now(), version_norms(spec, tensors, device), sha))
-    setup = time.perf_counter() - t0
+        pushed = encode_adapter(spec, tensors)
+        sha = store.blobs.put(pushed)
+        if recorded:
+            new = NewVersion(spec.base_fingerprint, spec.to_dict(), device, sha, len(pushed), sha, len(pushed),
+                             content_digest(tensors), 1 + i % 50, 1, {}, None, utc_now(),
+                             version_norms(spec, tensors, device), sha)
+        else:
+            served = encode_adapter(spec, {**full, **tensors})
+            full_sha = store.blobs.put(served)
+            new = NewVersion(spec.base_fingerprint, spec.to_dict(), device, sha, len(pushed), full_sha, len(served),
+                             content_digest(tensors), 1 + i % 50, 1, {}, None, utc_now())
+        store.metadata.record_version(new)
+    return spec, time.perf_counter() - t0
+
+
+def aggregate_phase(server: StoreServer, store: AdapterStore, admin: str, count: int, size: str) -> dict:
+    """Store ``count`` device versions directly (setup, not timed), then time POST .../aggregates."""
+    spec, setup = store_versions(store, size, count)
     t0 = time.perf_counter()
     r = httpx.post(f"{server.url}/v1/bases/{spec.base_fingerprint}/aggregates",
                    headers={"Authorization": f"Bearer {admin}"}, timeout=3600)
     seconds = time.perf_counter() - t0
     r.raise_for_status()
-    return {"adapters": count, "size": size, "adapter_mib": len(encode_adapter(spec, b)) / 2**20,
+    b_only = {k: v for k, v in random_tensors(spec, np.random.default_rng(1)).items() if ".lora_B." in k}
+    return {"adapters": count, "size": size, "adapter_mib": len(encode_adapter(spec, b_only)) / 2**20,
             "aggregate_s": seconds, "setup_s": setup, "global_version": r.json()["number"],
             "inputs": len(r.json()["inputs"]), "policy": r.json()["report"]["policy"]}
 

@@ -198,15 +198,9 @@ class AdapterStore:
         so a crash can leave at most an unreferenced blob (removed at the next start), never a version
         without its bytes; a refused transaction (quota, full disk) removes the blobs it wrote.
         """
-        check_fingerprint(base)
         check_device_id(device)
-        request = parse_push_meta(meta)
-        registered = self._base(base)
-        if difference := spec_difference(registered.spec, request.spec):
-            raise StoreError(409, f"the push's adapter spec differs from the one base {base[:19]}... is registered "
-                                  f"with ({difference}): export with the settings the store's admin registered")
-        if hashlib.sha256(data).hexdigest() != request.sha256:
-            raise StoreError(400, "the adapter bytes do not match the sha256 sent: the upload was corrupted; push again")
+        request, registered = self._upload(base, meta, data, "the push's adapter spec",
+                                           "export with the settings the store's admin registered")
         existing = self.metadata.find_version(base, device, sha256=request.sha256)
         if existing is not None:
             return existing, False
@@ -233,6 +227,19 @@ class AdapterStore:
                          version_norms(spec, full_tensors, "pushed adapter"), request.sha256 if trained_only else None)
         return self._with_blobs({request.sha256: data, full_sha: full},
                                 lambda: self.metadata.record_version(new, self.limits))
+
+    def _upload(self, base: str, meta: Any, data: bytes, what: str, fix: str) -> tuple[PushRequest, BaseRecord]:
+        """An upload's checked metadata and its registered base: the spec sent is exactly the base's (409 naming
+        the first difference) and the bytes have the sha256 sent (400)."""
+        check_fingerprint(base)
+        request = parse_push_meta(meta)
+        registered = self._base(base)
+        if difference := spec_difference(registered.spec, request.spec):
+            raise StoreError(409, f"{what} differs from the one base {base[:19]}... is registered with ({difference}): "
+                                  f"{fix}")
+        if hashlib.sha256(data).hexdigest() != request.sha256:
+            raise StoreError(400, "the adapter bytes do not match the sha256 sent: the upload was corrupted; push again")
+        return request, registered
 
     def _require_parent(self, base: str, device: str, parent: Parent) -> None:
         """The version a push was trained from must be in this store: a global version or the device's own.
@@ -371,14 +378,8 @@ class AdapterStore:
     def add_global(self, base: str, meta: Any, data: bytes) -> tuple[AggregateRecord, bool]:
         """Store a global version averaged elsewhere (a federated learning server's round) as the base's next
         global version, for devices to pull as any other; the same tensors as the latest return it (False)."""
-        check_fingerprint(base)
-        request = parse_push_meta(meta)
-        registered = self._base(base)
-        if difference := spec_difference(registered.spec, request.spec):
-            raise StoreError(409, f"the global adapter's spec differs from the one base {base[:19]}... is registered "
-                                  f"with ({difference}): average adapters of the registered export")
-        if hashlib.sha256(data).hexdigest() != request.sha256:
-            raise StoreError(400, "the adapter bytes do not match the sha256 sent: the upload was corrupted; push again")
+        request, registered = self._upload(base, meta, data, "the global adapter's spec",
+                                           "average adapters of the registered export")
         spec = AdapterSpec.from_dict(registered.spec)
         tensors, file_meta, _ = self._checked_tensors(spec, data, _no_parent)
         full = encode_adapter(spec, _complete(spec, tensors), extra_meta=file_meta)
