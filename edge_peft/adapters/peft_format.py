@@ -148,16 +148,23 @@ def load_adapter(adapter_dir: str | Path, spec: AdapterSpec) -> dict[str, np.nda
     if not weights.is_file():
         raise UserError(f"{weights} is missing: pass a directory written by `edge-peft adapter save` or PEFT's save_pretrained")
     data = weights.read_bytes()
-    tensors, meta = decode_adapter(data, str(weights))
-    fp = meta.get("base_fingerprint")
+    fp = read_metadata(data).get("base_fingerprint")
     if fp is not None and fp != spec.base_fingerprint:
         raise UserError(f"{adapter_dir} was trained on base {fp[:19]}..., this artifact's base is "
                         f"{spec.base_fingerprint[:19]}...: use an adapter trained on the same base model")
+    return full_adapter(spec, data, str(weights))[0]
+
+
+def full_adapter(spec: AdapterSpec, data: bytes, source: str) -> tuple[dict[str, np.ndarray], dict]:
+    """(full-rank float32 tensors with every seeded A, edge-peft metadata) of safetensors bytes for ``spec``:
+    a compact file expanded, then refused unless its names, shapes, dtypes and values fit the spec and a frozen A
+    it holds is the one its seed regenerates."""
+    tensors, meta = decode_adapter(data, source)
     tensors = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in tensors.items()}
-    tensors = expand_if_compact(spec, tensors, meta, str(weights))
-    check_tensors(spec, tensors, str(weights))
-    spec.kind.check_seeded(spec.modules, tensors, str(weights))
-    return complete_tensors(spec, tensors)
+    tensors = expand_if_compact(spec, tensors, meta, source)
+    check_tensors(spec, tensors, source)
+    spec.kind.check_seeded(spec.modules, tensors, source)
+    return complete_tensors(spec, tensors), meta
 
 
 def expand_if_compact(spec: AdapterSpec, tensors: dict[str, np.ndarray], meta: dict, source: str) -> dict[str, np.ndarray]:

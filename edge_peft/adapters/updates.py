@@ -63,7 +63,7 @@ def file_encoding(file_meta: Mapping[str, Any], source: str) -> tuple[str, float
     return encoding, float(topk)
 
 
-def file_meta_for(encoding: str, topk: float) -> dict[str, Any]:
+def file_meta_for(encoding: str, topk: float = 0.1) -> dict[str, Any]:
     """The metadata a pushed file carries for its encoding (nothing for fp32)."""
     if encoding == compressed.FP32:
         return {}

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 from ..adapters.compressed import FP32
-from ..adapters.peft_format import (check_tensors, complete_tensors, decode_adapter, encode_adapter, expand_if_compact,
+from ..adapters.peft_format import (check_tensors, decode_adapter, encode_adapter, full_adapter,
                                     peft_config)
 from ..adapters.ranks import CHANNELS_KEY, keep_channels, nested_prefix, surviving_channels
 from ..adapters.sparse import TOPK
@@ -210,21 +210,12 @@ def build_push(run_dir: str | os.PathLike, b_only: bool | None = None, rank: int
     return spec.base_fingerprint, meta, data
 
 
-def _full_tensors(spec: AdapterSpec, data: bytes, source: str) -> tuple[dict[str, np.ndarray], dict]:
-    tensors, file_meta = decode_adapter(data, source)
-    expanded = expand_if_compact(spec, tensors, file_meta, source)
-    check_tensors(spec, expanded, source)
-    return complete_tensors(spec, expanded), file_meta
-
-
 def _payload(spec: AdapterSpec, data: bytes, source: str, rank: int | None, drop_a: bool, encoding: str) -> bytes:
     """The adapter to upload: a nested-rank run's rank-``rank`` adapter, or (``rank`` None) the surviving
     ones, compact when fewer than all; without the seeded A when ``drop_a``; in ``encoding``."""
     if drop_a and spec.kind.trains_a:
         raise UserError(f"{source} is a {spec.variant!r} adapter whose A is trained: push it with --full")
-    full, file_meta = _full_tensors(spec, data, source)
-    if drop_a:
-        spec.kind.check_seeded(spec.modules, full, source)
+    full, file_meta = full_adapter(spec, data, source)
     if rank is not None:
         full, channels, file_meta = nested_prefix(spec, full, file_meta, rank)
     else:
@@ -232,12 +223,12 @@ def _payload(spec: AdapterSpec, data: bytes, source: str, rank: int | None, drop
     kept, meta, _ = keep_channels(spec, full, channels, file_meta)
     if drop_a:
         kept = {k: v for k, v in kept.items() if not is_a(k)}
-    return encode_adapter(spec, encode_update(kept, encoding), extra_meta={**meta, **file_meta_for(encoding, 0.1)})
+    return encode_adapter(spec, encode_update(kept, encoding), extra_meta={**meta, **file_meta_for(encoding)})
 
 
 def _delta_payload(spec: AdapterSpec, data: bytes, source: str, reference: dict[str, np.ndarray], topk: float) -> bytes:
     """The top-k int8 delta of every trained tensor (full rank, no seeded A) against ``reference``."""
-    full, file_meta = _full_tensors(spec, data, source)
+    full, file_meta = full_adapter(spec, data, source)
     trained = {k: full[k] for k in spec.expected_shapes(with_frozen=False)}
     sent = encode_update(trained, TOPK, reference, topk)
     meta = {k: v for k, v in file_meta.items() if k != CHANNELS_KEY}
@@ -265,7 +256,7 @@ def _reference(run: Path, spec: AdapterSpec, parent: Any) -> dict[str, np.ndarra
     if warm_start != parent:
         raise UserError(f"{artifact} was warm-started from another adapter since {run} trained: push with "
                         "--encoding int8")
-    full, _ = _full_tensors(spec, data, str(artifact / WARM_START_WEIGHTS))
+    full, _ = full_adapter(spec, data, str(artifact / WARM_START_WEIGHTS))
     return {k: full[k] for k in spec.expected_shapes(with_frozen=False)}
 
 
