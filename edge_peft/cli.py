@@ -67,7 +67,7 @@ def _csv(value: str | None) -> list[str] | None:
                    "the fp32 one; train picks per CPU). bf16 is refused: onnxruntime's CPU provider has no bf16 "
                    "MatMul.")
 @click.option("--checkpointing", is_flag=True,
-              help="Recompute each transformer block's activations in the backward (ORT graph): less memory, "
+              help="Recompute each transformer block's activations in the backward (both backends): less memory, "
                    "about a third more compute per step.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, block_size: int, variant: str,

@@ -9,9 +9,8 @@ import pytest
 from families import make_family_model
 from helpers import train
 
-from edge_peft.artifact.files import ORT_TRAINING_MODEL
+from edge_peft.artifact.files import ORT_TRAINING_MODEL, PORTABLE_STEP_MODEL
 from edge_peft.artifact.manifest import load_manifest
-from edge_peft.errors import UserError
 
 pytestmark = pytest.mark.slow  # exports and trains models
 
@@ -61,7 +60,19 @@ def test_int8_backward_dequantizes_its_own_copies(llama, tmp_path):
         assert produced_by[node.input[1]].op_type == "Reshape"
 
 
-def test_checkpointing_needs_the_ort_graph_alone(llama, tmp_path):
-    with pytest.raises(UserError, match="--backend ort"):
-        _export(llama, tmp_path / "both", "int8", checkpointing=True, backend="both")
-    assert not (tmp_path / "both").exists()
+def test_portable_checkpointing_keeps_the_losses(llama, data, tmp_path):
+    """The block-wise portable step recomputes each block from its pinned input and trains identically."""
+    plain = _export(llama, tmp_path / "plain", "int8", checkpointing=False, backend="portable")
+    recomputed = _export(llama, tmp_path / "ckpt", "int8", checkpointing=True, backend="both")
+    nodes = onnx.load(str(recomputed / PORTABLE_STEP_MODEL)).graph.node
+    produced_by = {o: n for n in nodes for o in n.output}
+    for block in range(2):  # each block's backward reads its input only once the gradient from above exists
+        pin = produced_by[f"b{block}/hidden.late"]
+        assert pin.op_type == "Reshape" and pin.input[0] == f"h{block}"
+    assert not any(n.output[0] == "b0/hidden.late" for n in onnx.load(str(plain / PORTABLE_STEP_MODEL)).graph.node)
+    expected = train(plain, data["lm"], tmp_path / "run-plain", steps=STEPS, threads=1, backend="portable")
+    got = train(recomputed, data["lm"], tmp_path / "run-ckpt", steps=STEPS, threads=1, backend="portable")
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert expected[-1] < expected[0]
+    ort = train(recomputed, data["lm"], tmp_path / "run-ort", steps=STEPS, threads=1, backend="ort")
+    assert ort == pytest.approx(expected, rel=1e-4)

@@ -50,7 +50,7 @@ class ExportOptions:
     backend: str = ORT  # a key of backends.names.EXPORT_CHOICES: which training graphs the artifact carries
     loss_chunks: int = LOSS_CHUNKS  # causal LMs: target-only LM head and loss in this many chunks (0: naive full logits)
     compute: str = FP32  # export --compute: fp32, int8 or fp32,int8 (backends/compute.py)
-    checkpointing: bool = False  # recompute each block's activations in the ORT graph's backward (recompute.py)
+    checkpointing: bool = False  # recompute each block's activations in the backward (recompute.py, portable_blocks.py)
     block_size: int = int4.DEFAULT_BLOCK_SIZE  # int4: values per block along the reduced axis (int4.py)
 
 
@@ -68,9 +68,6 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
     variant = get_variant(opts.variant)
     backends = EXPORT_CHOICES[opts.backend]
     computes = parse_export_computes(opts.compute, opts.quantize, backends)
-    if opts.checkpointing and backends != [ORT]:
-        raise UserError("--checkpointing rewrites the ORT training graph only: export with --backend ort "
-                        "(the portable step graph has no activation checkpointing yet)")
     stages = Stages(5 + len(backends), quiet)
     with stages.stage(f"loading {model_dir}"):
         loaded = load_model_dir(model_dir, opts.labels, init_seed=opts.seed)
@@ -111,7 +108,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         if PORTABLE in backends:
             with stages.stage("exporting the portable training graphs"):
                 write_portable_artifacts(model, causal, trainable, opts.quantize, block, opts.max_seq_len,
-                                         opts.weight_decay, opts.max_grad_norm, tmp, int8_compute=INT8 in computes)
+                                         opts.weight_decay, opts.max_grad_norm, tmp, int8_compute=INT8 in computes,
+                                         checkpointing=opts.checkpointing)
         with stages.stage("writing inference model, tokenizer and manifest"):
             write_inference_model(proto, trainable, tmp)
             if causal:

@@ -14,11 +14,7 @@ standard ONNX ops.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from pathlib import Path
-from typing import Iterator
-from unittest import mock
 
 import numpy as np
 import onnx
@@ -29,48 +25,26 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_INT8_STEP_MODEL, PORTABLE_STEP_MODEL
-from ..artifact.manifest import IGNORE_INDEX
 from ..artifact.names import BATCH_INPUTS, LOSS, grad_name, is_a
 from ..fileio import atomic_write_bytes
 from . import graph, low_precision, recompute
+from ..errors import UserError
+from .portable_blocks import BlockwiseExport, find_blocks
 from .portable_optim import append_update
+from .portable_trace import BATCH, SEQUENCE, Input, mean_cross_entropy, trace
 
-PORTABLE_OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-class _GradientStep(nn.Module):
-    """(batch, loss_scale, trainable, frozen) -> (loss, *gradients) around the traced function."""
-
-    def __init__(self, traced: nn.Module):
-        super().__init__()
-        self.traced = traced
-
-    def forward(self, input_ids, attention_mask, labels, loss_scale, trainable, frozen):
-        return self.traced(input_ids, attention_mask, labels, loss_scale, *trainable, *frozen)
-
-
-def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over targets that are not -100, written out in elementwise ops: the exported
-    gradient of ``aten.nll_loss`` drops the division by the number of targets."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    targets = labels.reshape(-1)
-    valid = targets != IGNORE_INDEX
-    log_probs = torch.log_softmax(flat, dim=-1)
-    picked = log_probs.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
-    count = valid.sum().clamp(min=1).to(flat.dtype)
-    return -(picked * valid.to(flat.dtype)).sum() / count
-
-
 def _step_function(model: nn.Module, causal: bool, trainable: list[str], frozen: list[str]):
-    """The function make_fx traces: scaled mean cross-entropy (labels -100 ignored) and its adapter gradients."""
+    """The function traced: scaled mean cross-entropy (labels -100 ignored) and its adapter gradients."""
     extra = {"use_cache": False} if causal else {}
 
     def loss_of(train, fixed, input_ids, attention_mask, labels, loss_scale):
         out = functional_call(model, {**fixed, **train}, args=(),
                               kwargs={"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True,
                                       **extra})
-        loss = _mean_cross_entropy(out.logits, labels)
+        loss = mean_cross_entropy(out.logits, labels)
         return loss * loss_scale, loss
 
     def step(input_ids, attention_mask, labels, loss_scale, *tensors):
@@ -83,77 +57,40 @@ def _step_function(model: nn.Module, causal: bool, trainable: list[str], frozen:
     return step
 
 
-def export_gradient_model(model: nn.Module, causal: bool, trainable: list[str], max_seq_len: int) -> onnx.ModelProto:
+def batch_inputs(causal: bool) -> list[Input]:
+    """The step graph's batch inputs with example values: ``input_ids``, ``attention_mask``, ``labels``, ``loss_scale``."""
+    tokens = {0: BATCH, 1: SEQUENCE}
+    ids, mask, labels, scale = BATCH_INPUTS
+    return [Input(ids, torch.ones(2, 8, dtype=torch.long), tokens), Input(mask, torch.ones(2, 8, dtype=torch.long), tokens),
+            Input(labels, torch.ones(2, 8, dtype=torch.long), tokens) if causal else
+            Input(labels, torch.ones(2, dtype=torch.long), {0: BATCH}),
+            Input(scale, torch.tensor(1.0), {})]
+
+
+def export_gradient_model(model: nn.Module, causal: bool, trainable: list[str], max_seq_len: int,
+                          checkpointing: bool = False) -> onnx.ModelProto:
     """Export the gradient graph of ``model`` (LoRA already injected) for the named trainable parameters.
 
     Inputs: input_ids, attention_mask, labels, loss_scale and the trainable tensors by name. Outputs:
     ``loss`` (unscaled mean) and ``<name>.grad`` = d(loss_scale * loss)/d(name). Frozen parameters are
     initializers under their Hugging Face names (tied weights appear once, under the first name).
+    A model with a list of transformer blocks is traced block by block (``portable_blocks``), which is also
+    where ``checkpointing`` applies; others whole.
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     model.eval()
     params = dict(model.named_parameters())
     frozen = [name for name in params if name not in set(trainable)]
-    step = _step_function(model, causal, trainable, frozen)
-    ids = torch.ones(2, 8, dtype=torch.long)
-    mask = torch.ones(2, 8, dtype=torch.long)
-    labels = torch.ones(2, 8, dtype=torch.long) if causal else torch.ones(2, dtype=torch.long)
-    scale = torch.tensor(1.0)
-    train_values = [params[name].detach() for name in trainable]
-    frozen_values = [params[name].detach() for name in frozen]
-    with warnings.catch_warnings(), _tracing_for_transformers():
-        warnings.simplefilter("ignore")
-        traced = make_fx(step, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
-            *_symbolic_inputs((ids, mask, labels, scale), (*train_values, *frozen_values)))
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_seq_len)
-        label_dims = {0: batch, 1: seq} if causal else {0: batch}
-        dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, label_dims, None, (None,) * len(trainable),
-                   (None,) * len(frozen))
-        program = torch.export.export(_GradientStep(traced), (ids, mask, labels, scale, tuple(train_values),
-                                                              tuple(frozen_values)), dynamic_shapes=dynamic, strict=False)
-        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=PORTABLE_OPSET,
-                                         input_names=[*BATCH_INPUTS, *trainable, *frozen],
-                                         output_names=[LOSS, *[grad_name(n) for n in trainable]],
-                                         optimize=True, verbose=False)
-    proto = onnx_program.model_proto
+    if find_blocks(model) is not None:
+        proto = BlockwiseExport(model, causal, trainable, max_seq_len).export(batch_inputs(causal), checkpointing)
+    elif checkpointing:
+        raise UserError(f"--checkpointing needs a model with a list of transformer blocks; {type(model).__name__} "
+                        "has none: export without it")
+    else:
+        step = _step_function(model, causal, trainable, frozen)
+        proto = trace(step, batch_inputs(causal), [(n, params[n].detach()) for n in (*trainable, *frozen)],
+                      [LOSS, *[grad_name(n) for n in trainable]], max_seq_len)
     _inputs_to_initializers(proto, {name: params[name].detach().numpy() for name in frozen})
     return proto
-
-
-def _symbolic_inputs(batch: tuple[torch.Tensor, ...], weights: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """Fake inputs for ``make_fx``: the batch tensors with symbolic sizes, the weights with their own sizes.
-
-    Symbolic weight sizes would turn every head split (``view(b, t, -1, head_dim)``) into floor divisions
-    of symbols, whose guards make tracing time grow with the square of the layer count."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
-    dynamic = [mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(
-        dynamic_sizes=[DimDynamic.DYNAMIC] * t.ndim)) for t in batch]
-    return [*dynamic, *(mode.from_tensor(w, static_shapes=True) for w in weights)]
-
-
-@contextlib.contextmanager
-def _tracing_for_transformers() -> Iterator[None]:
-    """Tell transformers' mask code it is being traced: under ``grad_and_value`` the mask is a functorch
-    wrapper its own check does not recognise, and it would branch on the mask's values (all ones?)."""
-    from torch.fx.experimental import _config as fx_config
-
-    # Without duck sizing a batch of 2 is not unified with some weight dimension that happens to be 2
-    # (which the weights' shape guards would then specialise to a constant).
-    # F.linear's C++ decomposition under functorch reads concrete sizes, which pins batch and sequence.
-    with mock.patch("transformers.masking_utils.is_tracing", lambda *args, **kwargs: True), \
-            mock.patch.object(fx_config, "use_duck_shape", False), \
-            mock.patch.object(nn.functional, "linear", _linear):
-        yield
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` as a matmul, which traces with symbolic batch and sequence sizes."""
-    out = torch.matmul(x, weight.t())
-    return out if bias is None else out + bias
 
 
 def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
@@ -172,14 +109,15 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
 
 def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: str, block: int,
                              max_seq_len: int, weight_decay: float, max_grad_norm: float, out: Path,
-                             int8_compute: bool = False) -> None:
+                             int8_compute: bool = False, checkpointing: bool = False) -> None:
     """Write the training-step graph and the initial trainable state into ``out``.
 
     Frozen base weights (not the LoRA A factors) are stored as ``quantize`` says: int8 behind
     ``DequantizeLinear``, int4 in blocks of ``block`` behind ``int4.py``'s nodes, or fp32 (none);
-    ``int8_compute`` also writes the step with int8 products (``low_precision.py``).
+    ``int8_compute`` also writes the step with int8 products (``low_precision.py``); ``checkpointing`` recomputes
+    each transformer block in the backward.
     """
-    proto = export_gradient_model(model, causal, trainable, max_seq_len)
+    proto = export_gradient_model(model, causal, trainable, max_seq_len, checkpointing)
     params = dict(model.named_parameters())
     frozen = set(params) - set(trainable)
     base = {i.name for i in proto.graph.initializer if i.name in frozen and not is_a(i.name)}

@@ -76,13 +76,7 @@ class _Rewriter:
         """``name`` as a value that exists only once ``trigger`` does (a no-op Reshape)."""
         self.count += 1
         t = f"{name}.late{self.count}"
-        self.before[id(at)] += [
-            helper.make_node("Shape", [name], [f"{t}.shape"]),
-            helper.make_node("Shape", [trigger], [f"{t}.trigger"], end=1),
-            helper.make_node("Mul", [f"{t}.trigger", ZERO], [f"{t}.zero"]),
-            helper.make_node("Add", [f"{t}.shape", f"{t}.zero"], [f"{t}.same"]),
-            helper.make_node("Reshape", [name, f"{t}.same"], [t]),
-        ]
+        self.before[id(at)] += late_value(name, trigger, t)
         return t
 
     def copy(self, nodes: list[onnx.NodeProto], trigger: str, at: onnx.NodeProto, suffix: str) -> dict[str, str]:
@@ -109,14 +103,30 @@ class _Rewriter:
 
     def write(self, dead: set[int] = frozenset()) -> None:
         graph = self.g.graph
-        ordered = [] if ZERO in self.g.constants else [
-            helper.make_node("Constant", [], [ZERO], value=numpy_helper.from_array(np.array(0, np.int64)))]
+        ordered = [] if ZERO in self.g.constants else [zero_constant()]
         for node in self.g.nodes:
             ordered += self.before.get(id(node), [])
             if id(node) not in dead:
                 ordered.append(node)
         del graph.node[:]
-        graph.node.extend(_topological(ordered, {i.name for i in graph.input} | self.g.constants))
+        graph.node.extend(topological(ordered, {i.name for i in graph.input} | self.g.constants))
+
+
+def late_value(name: str, trigger: str, out: str) -> list[onnx.NodeProto]:
+    """Nodes making ``out``: ``name`` unchanged (a no-op ``Reshape``), but only once ``trigger`` exists. They read
+    ``ZERO`` (``zero_constant``)."""
+    return [
+        helper.make_node("Shape", [name], [f"{out}.shape"]),
+        helper.make_node("Shape", [trigger], [f"{out}.trigger"], end=1),
+        helper.make_node("Mul", [f"{out}.trigger", ZERO], [f"{out}.zero"]),
+        helper.make_node("Add", [f"{out}.shape", f"{out}.zero"], [f"{out}.same"]),
+        helper.make_node("Reshape", [name, f"{out}.same"], [out]),
+    ]
+
+
+def zero_constant() -> onnx.NodeProto:
+    """The int64 zero ``late_value`` reads."""
+    return helper.make_node("Constant", [], [ZERO], value=numpy_helper.from_array(np.array(0, np.int64)))
 
 
 def _pins(node: onnx.NodeProto, k: int, constant: bool) -> bool:
@@ -135,7 +145,7 @@ def _dequantizes(node: onnx.NodeProto) -> bool:
     return node.op_type == "DequantizeLinear" or int4.is_chain_node(node)
 
 
-def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+def topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
     """``nodes`` in an order where every input is produced before it is read (stable otherwise)."""
     ready = set(available) | {""}
     produced_by_graph = {o for n in nodes for o in n.output}
