@@ -1,5 +1,5 @@
-"""Peak memory of a training step as the model grows: edge-peft's ORT artifacts (int8 / fp32 base, block
-checkpointing off / on) against PyTorch + PEFT LoRA on the same model and settings.
+"""Peak memory of a training step as the model grows: edge-peft's artifacts (fp32 / int8 / int4 base, block
+checkpointing off / on, ORT and portable backends) against PyTorch + PEFT LoRA on the same model and settings.
 
 Models: SmolLM2-135M (the bundled GGUF as an fp32 folder) and random Llama-shaped models built with
 ``transformers`` from a config (SmolLM2's tokenizer and vocabulary; no download). Every row is its own
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +27,8 @@ from common import ROOT, cpu_description, print_table, run_worker, write_json, w
 
 # Llama-shaped sizes with SmolLM2's vocabulary (49,152) and tied embeddings: hidden, layers, MLP, heads, kv heads.
 SHAPES = {"llama-0.4b": (1152, 24, 3072, 16, 4)}
-CONFIGS = [("int8", False), ("int8", True), ("none", False), ("none", True)]
+CONFIGS = [("int8", False), ("int8", True), ("int4", True), ("none", False)]  # (--quantize, --checkpointing)
+BACKENDS = ("ort", "portable")
 
 
 def model_dir(name: str, work: Path) -> Path:
@@ -48,19 +52,28 @@ def model_dir(name: str, work: Path) -> Path:
     return out
 
 
-def export(name: str, quantize: str, checkpointing: bool, seq: int, work: Path) -> tuple[Path, float]:
-    """The ORT artifact of one configuration (rank 8, all-linear), exported once; and its export seconds."""
-    from edge_peft.exporter.pipeline import ExportOptions, export_artifact
-
+def export(name: str, quantize: str, checkpointing: bool, seq: int, work: Path) -> tuple[Path, dict]:
+    """The artifact of one configuration (rank 8, all-linear, both backends), exported once by ``edge-peft export``
+    in its own process; and that export's wall seconds and peak RSS."""
     out = work / "artifacts" / f"{name}-{quantize}{'-ckpt' if checkpointing else ''}"
-    seconds_file = out.with_suffix(".seconds")
+    record = out.with_suffix(".export.json")
     if not (out / "manifest.json").is_file():
+        command = [sys.executable, "-m", "edge_peft.cli", "export", str(model_dir(name, work)), "--out", str(out),
+                   "--rank", "8", "--quantize", quantize, "--targets", "all-linear", "--max-seq-len", str(seq),
+                   "--backend", "both", "--force", *(["--checkpointing"] if checkpointing else [])]
         start = time.perf_counter()
-        export_artifact(model_dir(name, work), out, ExportOptions(rank=8, alpha=16, quantize=quantize, targets=["all-linear"],
-                                                            max_seq_len=seq, checkpointing=checkpointing),
-                        quiet=True, overwrite=True)
-        seconds_file.write_text(f"{time.perf_counter() - start:.1f}")
-    return out, float(seconds_file.read_text())
+        log = out.with_suffix(".export.log")
+        with log.open("wb") as sink:
+            child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(child.pid, 0)
+        text = log.read_text(errors="replace")
+        if status:
+            raise SystemExit(f"export of {out.name} failed: {text[-2000:]}")
+        portable = re.search(r"exporting the portable training graphs \.\.\..*?done \(([\d.]+) s\)", text, re.S)
+        record.write_text(json.dumps({"export_s": round(time.perf_counter() - start, 1),
+                                      "portable_export_s": float(portable.group(1)),
+                                      "export_peak_mb": round(usage.ru_maxrss / 1024, 1)}))
+    return out, json.loads(record.read_text())
 
 
 def torch_worker(model: str, batch: int, seq: int, threads: int) -> dict:
@@ -88,10 +101,10 @@ def torch_worker(model: str, batch: int, seq: int, threads: int) -> dict:
     return {"peak_mb": round(peak_rss() / MB, 1), "tokens_per_s": round(2 * batch * seq / (time.perf_counter() - start), 1)}
 
 
-def edge_row(artifact: Path, batch: int, seq: int, threads: int) -> dict:
+def edge_row(artifact: Path, batch: int, seq: int, threads: int, backend: str) -> dict:
     """``calibrate_memory.worker`` in a fresh process: load without torch, three steps, VmHWM and prediction."""
     return run_worker(ROOT / "benchmarks" / "calibrate_memory.py",
-                      [str(artifact), "--points", f"{batch}x{seq}", "--threads", str(threads), "--backend", "ort"])
+                      [str(artifact), "--points", f"{batch}x{seq}", "--threads", str(threads), "--backend", backend])
 
 
 def main() -> None:
@@ -112,6 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(args, Path(args.work or tmp))
     print_table(rows, [("model", "model"), ("config", "configuration"), ("export_s", "export s"),
+                       ("portable_export_s", "portable graphs s"), ("export_peak_mb", "export peak MB"),
                        ("loaded_mb", "loaded MB"), ("peak_mb", "peak MB"), ("predicted_mb", "predicted MB"),
                        ("vs_torch", "x PyTorch"), ("tokens_per_s", "tokens/s")])
     write_json(args.json, {"cpu": cpu_description(), "batch": args.batch, "seq": args.seq, "threads": args.threads,
@@ -127,13 +141,15 @@ def measure(args, work: Path) -> list[dict]:
         rows.append({"model": name, "config": "PyTorch + PEFT LoRA (SDPA)", **torch_row})
         print(rows[-1], flush=True)
         for quantize, checkpointing in CONFIGS:
-            artifact, seconds = export(name, quantize, checkpointing, args.seq, work)
-            row = edge_row(artifact, args.batch, args.seq, args.threads)
-            rows.append({"model": name, "config": f"edge-peft ort {quantize}{' checkpointing' if checkpointing else ''}",
-                         "export_s": seconds, "peak_mb": row["peak_mb"], "predicted_mb": row["predicted_mb"],
-                         "loaded_mb": row["after_load_mb"], "tokens_per_s": row["tokens_per_s"],
-                         "vs_torch": round(row["peak_mb"] / torch_row["peak_mb"], 2)})
-            print(rows[-1], flush=True)
+            artifact, exported = export(name, quantize, checkpointing, args.seq, work)
+            for backend in BACKENDS:
+                row = edge_row(artifact, args.batch, args.seq, args.threads, backend)
+                rows.append({"model": name, "config": f"edge-peft {backend} {quantize}"
+                                                      f"{' checkpointing' if checkpointing else ''}",
+                             **exported, "peak_mb": row["peak_mb"], "predicted_mb": row["predicted_mb"],
+                             "loaded_mb": row["after_load_mb"], "tokens_per_s": row["tokens_per_s"],
+                             "vs_torch": round(row["peak_mb"] / torch_row["peak_mb"], 2)})
+                print(rows[-1], flush=True)
     return rows
 
 

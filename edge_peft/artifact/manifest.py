@@ -17,7 +17,7 @@ from .adapter_section import AdapterSpec
 from .files import LAYER_PROBE, MANIFEST, WARM_START, WARM_START_WEIGHTS
 from .memory_section import MemoryFigures
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: portable step graphs block-wise, with the chunked LM loss and checkpointing
 TASKS = ("causal-lm", "sequence-classification")
 QUANTIZATIONS = ("none", "int8", "int4")
 INT4_BLOCK_SIZES = (32, 64, 128)  # int4: values per block along the reduced axis (exporter/int4.py)

@@ -19,7 +19,7 @@ class MemoryFigures:
     trainable_values: int  # values training updates (each has a gradient and two AdamW moments)
     intermediate_size: int  # MLP width, for the activation term
     loss_chunks: int = 0  # > 0: the target-only LM head and loss in this many chunks (ORT training graph)
-    checkpointing: bool = False  # the ORT training graph recomputes each block's activations in the backward
+    checkpointing: bool = False  # the training graphs recompute each block's activations in the backward
     quantized_values: int = 0  # values stored int8 or int4 (their fp32 copies are what dequantizing makes); 0: unknown
     budget_mb: float | None = None
     margin: float | None = None

@@ -92,7 +92,7 @@ class PortableBackend:
 
     @classmethod
     def chunked_loss(cls, loss_chunks: int) -> bool:
-        return False  # the portable graph computes full logits
+        return loss_chunks > 0
 
     @classmethod
     def owns_state(cls, path: Path) -> bool:

@@ -53,27 +53,19 @@ def _head(graph: onnx.GraphProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]]
     return node, tail
 
 
-def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LOSS_CHUNKS) -> None:
-    """Replace the ``logits`` output by ``target_loss`` (mean CE over labels != -100), taking flat ``labels``."""
-    graph = proto.graph
-    head, tail = _head(graph)
-    hidden = head.input[0]
-    removed = {id(head)} | {id(n) for n in tail}
-    kept = [n for n in graph.node if id(n) not in removed]
-    del graph.node[:]
-    graph.node.extend(kept)
-    p = "target_loss."
-    nodes = [
-        _const(p + "flat", [-1, hidden_size]),
-        helper.make_node("Reshape", [hidden, p + "flat"], [p + "hidden"]),
+def target_rows(hidden: str, labels: str, chunks: int, p: str) -> list[onnx.NodeProto]:
+    """Nodes that gather the rows of ``hidden`` ([N, H]) whose flat ``labels`` are not -100 and split them, padded
+    with ignored rows, into ``chunks`` equal parts: ``{p}rows.k`` and ``{p}targets.k``; also ``{p}index`` (the rows'
+    positions), ``{p}n`` ([1] int64) and ``{p}count`` (their number as a float scalar)."""
+    return [
         _const(p + "ignore", [IGNORE_INDEX]),
-        helper.make_node("Equal", [LABELS, p + "ignore"], [p + "ignored"]),
+        helper.make_node("Equal", [labels, p + "ignore"], [p + "ignored"]),
         helper.make_node("Not", [p + "ignored"], [p + "kept"]),
         helper.make_node("NonZero", [p + "kept"], [p + "where"]),
         _const(p + "minus1", [-1]),
         helper.make_node("Reshape", [p + "where", p + "minus1"], [p + "index"]),
-        helper.make_node("Gather", [p + "hidden", p + "index"], [p + "rows"], axis=0),
-        helper.make_node("Gather", [LABELS, p + "index"], [p + "targets"], axis=0),
+        helper.make_node("Gather", [hidden, p + "index"], [p + "rows"], axis=0),
+        helper.make_node("Gather", [labels, p + "index"], [p + "targets"], axis=0),
         helper.make_node("Shape", [p + "targets"], [p + "n"]),
         helper.make_node("Cast", [p + "n"], [p + "n_float"], to=TensorProto.FLOAT),
         helper.make_node("ReduceSum", [p + "n_float"], [p + "count"], keepdims=0),
@@ -94,6 +86,20 @@ def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LO
         helper.make_node("Split", [p + "rows_padded"], [f"{p}rows.{k}" for k in range(chunks)], axis=0),
         helper.make_node("Split", [p + "targets_padded"], [f"{p}targets.{k}" for k in range(chunks)], axis=0),
     ]
+
+
+def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LOSS_CHUNKS) -> None:
+    """Replace the ``logits`` output by ``target_loss`` (mean CE over labels != -100), taking flat ``labels``."""
+    graph = proto.graph
+    head, tail = _head(graph)
+    hidden = head.input[0]
+    removed = {id(head)} | {id(n) for n in tail}
+    kept = [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    p = "target_loss."
+    nodes = [_const(p + "flat", [-1, hidden_size]), helper.make_node("Reshape", [hidden, p + "flat"], [p + "hidden"])]
+    nodes += target_rows(p + "hidden", LABELS, chunks, p)
     sums = []
     for k in range(chunks):
         logits = f"{p}head.{k}"

@@ -109,7 +109,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
             with stages.stage("exporting the portable training graphs"):
                 write_portable_artifacts(model, causal, trainable, opts.quantize, block, opts.max_seq_len,
                                          opts.weight_decay, opts.max_grad_norm, tmp, int8_compute=INT8 in computes,
-                                         checkpointing=opts.checkpointing)
+                                         checkpointing=opts.checkpointing,
+                                         loss_chunks=opts.loss_chunks if causal else 0)
         with stages.stage("writing inference model, tokenizer and manifest"):
             write_inference_model(proto, trainable, tmp)
             if causal:

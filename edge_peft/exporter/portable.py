@@ -27,7 +27,7 @@ from torch.func import functional_call, grad_and_value
 from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_INT8_STEP_MODEL, PORTABLE_STEP_MODEL
 from ..artifact.names import BATCH_INPUTS, LOSS, grad_name, is_a
 from ..fileio import atomic_write_bytes
-from . import graph, low_precision, recompute
+from . import graph, int4, low_precision, recompute
 from ..errors import UserError
 from .portable_blocks import BlockwiseExport, find_blocks
 from .portable_optim import append_update
@@ -68,20 +68,21 @@ def batch_inputs(causal: bool) -> list[Input]:
 
 
 def export_gradient_model(model: nn.Module, causal: bool, trainable: list[str], max_seq_len: int,
-                          checkpointing: bool = False) -> onnx.ModelProto:
+                          checkpointing: bool = False, loss_chunks: int = 0) -> onnx.ModelProto:
     """Export the gradient graph of ``model`` (LoRA already injected) for the named trainable parameters.
 
     Inputs: input_ids, attention_mask, labels, loss_scale and the trainable tensors by name. Outputs:
     ``loss`` (unscaled mean) and ``<name>.grad`` = d(loss_scale * loss)/d(name). Frozen parameters are
     initializers under their Hugging Face names (tied weights appear once, under the first name).
     A model with a list of transformer blocks is traced block by block (``portable_blocks``), which is also
-    where ``checkpointing`` applies; others whole.
+    where ``checkpointing`` and a causal LM's chunked target-only loss (``loss_chunks`` > 0) apply; others whole.
     """
     model.eval()
     params = dict(model.named_parameters())
     frozen = [name for name in params if name not in set(trainable)]
     if find_blocks(model) is not None:
-        proto = BlockwiseExport(model, causal, trainable, max_seq_len).export(batch_inputs(causal), checkpointing)
+        proto = BlockwiseExport(model, causal, trainable, max_seq_len, loss_chunks).export(batch_inputs(causal),
+                                                                                          checkpointing)
     elif checkpointing:
         raise UserError(f"--checkpointing needs a model with a list of transformer blocks; {type(model).__name__} "
                         "has none: export without it")
@@ -109,15 +110,16 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
 
 def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: str, block: int,
                              max_seq_len: int, weight_decay: float, max_grad_norm: float, out: Path,
-                             int8_compute: bool = False, checkpointing: bool = False) -> None:
+                             int8_compute: bool = False, checkpointing: bool = False, loss_chunks: int = 0) -> None:
     """Write the training-step graph and the initial trainable state into ``out``.
 
     Frozen base weights (not the LoRA A factors) are stored as ``quantize`` says: int8 behind
     ``DequantizeLinear``, int4 in blocks of ``block`` behind ``int4.py``'s nodes, or fp32 (none);
     ``int8_compute`` also writes the step with int8 products (``low_precision.py``); ``checkpointing`` recomputes
-    each transformer block in the backward.
+    each transformer block in the backward; ``loss_chunks`` > 0 puts a causal LM's head and loss on target tokens
+    only, in that many chunks (``portable_loss``).
     """
-    proto = export_gradient_model(model, causal, trainable, max_seq_len, checkpointing)
+    proto = export_gradient_model(model, causal, trainable, max_seq_len, checkpointing, loss_chunks)
     params = dict(model.named_parameters())
     frozen = set(params) - set(trainable)
     base = {i.name for i in proto.graph.initializer if i.name in frozen and not is_a(i.name)}
@@ -125,13 +127,18 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     base = (base - set(folded)) | set(folded.values())
     if quantize == "int8":
         graph.quantize_int8(proto, base, _quantization_axes(model, folded))
-        _transpose_before_dequantize(proto)
     elif quantize == "int4":
         graph.quantize_int4(proto, base, block, _quantization_axes(model, folded))
     shapes = {name: list(params[name].shape) for name in trainable}
     append_update(proto.graph, shapes, weight_decay, max_grad_norm)
-    _save(_dequantized_at_use(proto), out / PORTABLE_STEP_MODEL)
+    fp32_products = onnx.ModelProto()
+    fp32_products.CopyFrom(proto)
+    if quantize == "int8":
+        _products_read_dequantized(fp32_products)
+    _transpose_before_dequantize(fp32_products)  # what transB cannot take
+    _save(_dequantized_at_use(fp32_products), out / PORTABLE_STEP_MODEL)
     if int8_compute:
+        _transpose_before_dequantize(proto)
         low_precision.int8_compute(proto)
         _save(_dequantized_at_use(proto), out / PORTABLE_INT8_STEP_MODEL)
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
@@ -144,6 +151,35 @@ def _dequantized_at_use(proto: onnx.ModelProto) -> onnx.ModelProto:
     pinned.CopyFrom(proto)
     recompute.dequantize_at_use(pinned)
     return pinned
+
+
+def _products_read_dequantized(proto: onnx.ModelProto) -> None:
+    """Rewrite ``DequantizeLinear(W) -> Transpose -> product`` as the product reading the dequantized ``W`` with
+    ``transB`` (``int4.transposed_product``, then ``Gemm``) where every reader of the ``Transpose`` allows it.
+
+    A ``Transpose`` of the int8 tensor instead (``_transpose_before_dequantize``) is folded by ONNX Runtime into a
+    second, transposed int8 copy of every weight the backward reads: twice the base's bytes in memory."""
+    dequantized = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    dead = set()
+    for node in proto.graph.node:
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if node.op_type != "Transpose" or node.input[0] not in dequantized or perm not in ([], [[1, 0]]):
+            continue
+        users = readers.get(node.output[0], [])
+        rewritten = [int4.transposed_product(u, list(u.input).index(node.output[0]), node.input[0]) for u in users]
+        if users and all(r is not None for r in rewritten) and node.output[0] not in {o.name for o in proto.graph.output}:
+            for user, new in zip(users, rewritten):
+                user.CopyFrom(new)
+            dead.add(id(node))
+    if dead:
+        kept = [n for n in proto.graph.node if id(n) not in dead]
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept)
+        int4.products_as_gemm(proto)  # standard ops only: Gemm on the input reshaped to 2-D
 
 
 def _transpose_before_dequantize(proto: onnx.ModelProto) -> None:

@@ -33,6 +33,7 @@ from torch.func import functional_call, grad_and_value, vjp
 
 from ..artifact.names import BATCH_INPUTS, LOSS, grad_name, layer_index
 from . import recompute
+from .portable_loss import head_loss_nodes
 from .portable_trace import BATCH, SEQUENCE, Input, mean_cross_entropy, trace
 
 HIDDEN, HIDDEN_GRAD, HIDDEN_OUT, HIDDEN_IN_GRAD = "hidden", "hidden.grad", "hidden.out", "hidden.in.grad"
@@ -94,7 +95,7 @@ class _Instance:
 class BlockwiseExport:
     """Traces and stitches the step graph of ``model`` (adapters injected) for the ``trainable`` tensors."""
 
-    def __init__(self, model: nn.Module, causal: bool, trainable: list[str], max_seq_len: int):
+    def __init__(self, model: nn.Module, causal: bool, trainable: list[str], max_seq_len: int, loss_chunks: int = 0):
         found = find_blocks(model)
         if found is None:
             raise ValueError("the model has no list of transformer blocks")
@@ -110,6 +111,8 @@ class BlockwiseExport:
         for i in range(len(self.blocks)):
             groups.setdefault(self._signature(i), _Group(template=i)).members.append(i)
         self.groups = list(groups.values())
+        self.head = self._chunkable_head() if causal and loss_chunks > 0 else None
+        self.loss_chunks = loss_chunks
 
     def _prefix(self, index: int) -> str:
         return f"{self.path}.{index}."
@@ -219,6 +222,54 @@ class BlockwiseExport:
         return trace(fn, [*batch, self._hidden(HIDDEN)], [(n, self.outside[n]) for n in (*train, *fixed)],
                      [LOSS, HIDDEN_GRAD, *[grad_name(n) for n in train]], self.max_seq_len)
 
+    def _chunkable_head(self) -> tuple[str, str] | None:
+        """(module path, weight name) of a bias-free linear LM head nothing trains, or None."""
+        head = self.model.get_output_embeddings()
+        if self.outside_trainable or not isinstance(head, nn.Linear) or head.bias is not None:
+            return None
+        path = next(n for n, m in self.model.named_modules() if m is head)
+        weight = next(n for n, p in self.model.named_parameters() if p is head.weight)
+        return path, weight
+
+    def norm_step(self) -> onnx.ModelProto:
+        """``(input_ids, attention_mask, hidden, normed.grad) -> (normed, hidden.in.grad)``: from the last block's
+        output to the LM head's input (the final norm) and its vector-Jacobian product."""
+        parent_path, _, child = self.head[0].rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        names = list(self.outside)
+
+        def run(hidden, values, input_ids, attention_mask):
+            head = getattr(parent, child)
+            setattr(parent, child, _StandIn(stop=True))
+            try:
+                with self._stand_ins(lambda i: _StandIn(value=[hidden])):
+                    self._run_model(dict(zip(names, values)), input_ids, attention_mask)
+            except _Stop as stop:
+                return stop.args[0]
+            finally:
+                setattr(parent, child, head)
+            raise RuntimeError("the model never called its LM head")
+
+        def step(input_ids, attention_mask, hidden, grad_out, *values):
+            out, pull = vjp(lambda h: run(h, values, input_ids, attention_mask), hidden)
+            return (out, pull(grad_out)[0])
+
+        return trace(step, [*self._tokens(), self._hidden(HIDDEN), self._hidden(HIDDEN_GRAD)],
+                     [(n, self.outside[n]) for n in names], [HIDDEN_OUT, HIDDEN_IN_GRAD], self.max_seq_len)
+
+    def _head_loss(self, hidden: str, grad: str) -> tuple[_Instance, list[onnx.NodeProto]]:
+        """The final norm's instance and the chunked head-and-loss nodes, from ``hidden`` (the last block's output)
+        to ``loss`` and ``grad`` (its gradient)."""
+        config = self.model.config
+        norm = _Instance(self.norm_step(), "norm", {**{n: n for n in (*BATCH_INPUTS, *self.outside)}, HIDDEN: hidden,
+                                                    HIDDEN_GRAD: "normed.grad"},
+                         {HIDDEN_OUT: "normed", HIDDEN_IN_GRAD: grad})
+        width = self._hidden("x").example.shape[-1]
+        nodes = head_loss_nodes("normed", BATCH_INPUTS[2], BATCH_INPUTS[3], self.head[1], width,
+                                int(config.vocab_size), getattr(config, "final_logit_softcapping", None),
+                                self.loss_chunks, LOSS, "normed.grad")
+        return norm, nodes
+
     # -- the step --------------------------------------------------------------------------------------------
 
     def export(self, batch: list[Input], checkpointing: bool) -> onnx.ModelProto:
@@ -246,9 +297,14 @@ class BlockwiseExport:
             if i < self.lowest or checkpointing:
                 instances.append(_Instance(graph_of(i, False), f"f{i}", {**bind(i), HIDDEN: hidden[i]},
                                            {HIDDEN_OUT: hidden[i + 1]}))
-        instances.append(_Instance(self.epilogue(batch), "epilogue", {**shared, HIDDEN: hidden[n]},
-                                   {LOSS: LOSS, HIDDEN_GRAD: grads[n],
-                                    **{grad_name(t): grad_name(t) for t in self.outside_trainable}}))
+        extra: list[onnx.NodeProto] = []
+        if self.head:
+            norm, extra = self._head_loss(hidden[n], grads[n])
+            instances.append(norm)
+        else:
+            instances.append(_Instance(self.epilogue(batch), "epilogue", {**shared, HIDDEN: hidden[n]},
+                                       {LOSS: LOSS, HIDDEN_GRAD: grads[n],
+                                        **{grad_name(t): grad_name(t) for t in self.outside_trainable}}))
         for i in range(self.lowest, n):
             prefix = self._prefix(i)
             outputs = {HIDDEN_IN_GRAD: grads[i],
@@ -260,14 +316,15 @@ class BlockwiseExport:
                                                                     HIDDEN_GRAD: grads[i + 1]}, outputs,
                                        late={HIDDEN: grads[i + 1]} if checkpointing else {}))
         outputs = [LOSS, *[grad_name(t) for t in self.trainable]]
-        return stitch(instances, [*batch], self.params, outputs)
+        return stitch(instances, [*batch], self.params, outputs, extra)
 
 
 def stitch(instances: list[_Instance], batch: list[Input], params: dict[str, torch.Tensor],
-           outputs: list[str]) -> onnx.ModelProto:
-    """One graph of the instances' nodes, their values renamed apart, identical work merged and unread work
-    dropped. Inputs: the batch and every parameter by name; outputs: ``outputs``."""
-    nodes: list[onnx.NodeProto] = []
+           outputs: list[str], extra: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """One graph of the instances' nodes and the ``extra`` ones, their values renamed apart, identical work merged
+    and unread work dropped. Inputs: the batch and every parameter by name; outputs: ``outputs`` (``loss``, then
+    gradients of parameters)."""
+    nodes: list[onnx.NodeProto] = list(extra)
     constants: dict[str, onnx.TensorProto] = {}
     value_info: dict[str, onnx.ValueInfoProto] = {}
     opsets: dict[str, int] = {}
@@ -313,17 +370,15 @@ def stitch(instances: list[_Instance], batch: list[Input], params: dict[str, tor
                 copy.name = names[vi.name]
                 value_info[copy.name] = copy
     graph_inputs = [*(i.name for i in batch), *params]
-    if any(inst.late for inst in instances):
-        nodes.insert(0, recompute.zero_constant())
+    nodes.insert(0, recompute.zero_constant())  # what pins read (dropped below when nothing does)
     nodes = _merge_duplicates(recompute.topological(nodes, {*graph_inputs, *constants}))
     nodes = _live(nodes, outputs)
     used = {v for node in nodes for v in node.input}
-    source = {i.name: i for inst in instances for i in inst.proto.graph.input}
     inputs = [i.name for i in batch] + [n for n in params if n in used]
     graph = helper.make_graph(
         nodes, "portable_step",
-        [_input_info(name, source, params) for name in inputs],
-        [_output_info(name, instances) for name in outputs],
+        [_input_info(name, batch, params) for name in inputs],
+        [_output_info(name, params) for name in outputs],
         [c for k, c in constants.items() if k in used],
         value_info=[v for k, v in value_info.items() if k in used])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
@@ -359,18 +414,18 @@ def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProt
     return kept[::-1]
 
 
-def _input_info(name: str, source: dict, params: dict[str, torch.Tensor]) -> onnx.ValueInfoProto:
+def _input_info(name: str, batch: list[Input], params: dict[str, torch.Tensor]) -> onnx.ValueInfoProto:
+    """A parameter (float, its shape) or a batch input (its dtype, batch and sequence axes named)."""
     if name in params:
         return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(params[name].shape))
-    return source[name]
+    given = next(i for i in batch if i.name == name)
+    dtype = onnx.TensorProto.INT64 if given.example.dtype == torch.long else onnx.TensorProto.FLOAT
+    return helper.make_tensor_value_info(name, dtype, [given.axes.get(k, size) for k, size in enumerate(given.example.shape)])
 
 
-def _output_info(name: str, instances: list[_Instance]) -> onnx.ValueInfoProto:
-    for inst in instances:
-        for out in inst.proto.graph.output:
-            if inst.outputs.get(out.name) == name:
-                info = onnx.ValueInfoProto()
-                info.CopyFrom(out)
-                info.name = name
-                return info
-    raise KeyError(name)
+def _output_info(name: str, params: dict[str, torch.Tensor]) -> onnx.ValueInfoProto:
+    """``loss`` (a float scalar) or a parameter's gradient (the parameter's shape)."""
+    if name == LOSS:
+        return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [])
+    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
+                                         list(next(p for n, p in params.items() if grad_name(n) == name).shape))
