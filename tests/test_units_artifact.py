@@ -83,13 +83,14 @@ def refusal(directory) -> str:
 
 @pytest.mark.parametrize("raw", [
     {"schema_version": 1},
+    {"schema_version": 2},  # whole-model portable graphs, planned with other factors
     {"schema_version": 1, "rank": 4, "alpha": 8.0, "modules": [], "frozen_bytes": 0},  # the flat schema-1 layout
     {"adapter": {}, "memory": {}},  # no version at all
 ])
 def test_other_schema_versions_are_refused_with_re_export(tmp_path, raw):
     write(tmp_path / "art", raw)
     message = refusal(tmp_path / "art")
-    assert f"has schema version {raw.get('schema_version')!r}, this edge-peft reads version 2" in message
+    assert f"has schema version {raw.get('schema_version')!r}, this edge-peft reads version {SCHEMA_VERSION}" in message
     assert "re-export the artifact" in message and str(tmp_path / "art" / "manifest.json") in message
 
 
@@ -136,7 +137,7 @@ def test_damaged_sections_are_refused(tmp_path, edit, expect):
 def test_to_dict_from_dict_round_trip(tmp_path, kw):
     manifest = make_manifest(**kw)
     data = manifest.to_dict()
-    assert data["schema_version"] == SCHEMA_VERSION == 2
+    assert data["schema_version"] == SCHEMA_VERSION == 3
     assert set(data["adapter"]) >= {"base_fingerprint", "variant", "modules"} and "frozen_bytes" in data["memory"]
     assert Manifest.from_dict(json.loads(json.dumps(data))) == manifest
     manifest.save(tmp_path)

@@ -56,6 +56,11 @@ class TrainingBackend(Protocol):
         ``loss_chunks`` (manifest ``memory.loss_chunks``) carries."""
 
     @classmethod
+    def checkpointed(cls, checkpointing: bool) -> bool:
+        """Whether, in an artifact exported with ``--checkpointing``, only block inputs stay alive between this
+        backend's forward and backward (what the memory model then charges)."""
+
+    @classmethod
     def owns_state(cls, path: Path) -> bool:
         """Whether the saved training state at ``path`` was written by this backend."""
 

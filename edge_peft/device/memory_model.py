@@ -15,7 +15,9 @@ Structure (what lives at the peak of a step, forward activations kept for backwa
 - ``activations``: per layer and token ``9 h + 2 i`` floats (attention inputs, Q/K/V, context,
   norms; MLP up-projection and activation; the layout of Korthikanti et al. 2022, "Reducing
   Activation Recomputation", ``34 s b h`` 16-bit bytes at ``i = 4h``), plus ``heads x T^2`` floats per
-  layer and row for attention scores and probabilities; each term times a measured factor.
+  layer and row for attention scores and probabilities; each term times a measured factor. With block
+  checkpointing on a backend that keeps only block inputs between the passes (``checkpointed``): ``h`` floats
+  per layer and token, plus one block's ``9 h + 2 i`` and scores.
 - ``logits``: ``B x T x V`` fp32 for a causal LM (logits, log-softmax, their gradient), times a
   measured factor; negligible for a classifier. Artifacts with the target-only chunked LM head and
   loss (manifest ``memory.loss_chunks`` > 0) keep only the log-softmax for backward, plus one chunk's
@@ -76,6 +78,7 @@ class ModelFigures:
     backend: str  # which backend trains (its factors apply)
     chunked_loss: bool = False  # the backend trains with the target-only chunked LM head and loss
     quantized_values: int = 0  # values stored quantized (0: take quantized_bytes, as int8 nearly is)
+    checkpointed: bool = False  # only block inputs stay between forward and backward (one block's activations live)
 
     @classmethod
     def of(cls, manifest: Manifest, backend: str) -> "ModelFigures":
@@ -85,7 +88,8 @@ class ModelFigures:
                    intermediate=mem.intermediate_size, heads=manifest.num_heads, vocab=manifest.vocab_size,
                    causal=manifest.task == "causal-lm", backend=backend,
                    chunked_loss=backend_class(backend).chunked_loss(mem.loss_chunks),
-                   quantized_values=mem.quantized_values)
+                   quantized_values=mem.quantized_values,
+                   checkpointed=backend_class(backend).checkpointed(mem.checkpointing))
 
 
 def loaded_bytes(manifest: Manifest, backend: str) -> int:
@@ -104,9 +108,11 @@ def step_terms(f: ModelFigures, batch: int, seq_len: int) -> dict[str, float]:
     tokens = batch * seq_len
     logits = FLOAT * tokens * f.vocab if f.causal else 0
     chunked = f.chunked_loss
+    block = 9 * f.hidden + 2 * f.intermediate
     return {"dequantized": FLOAT * (f.quantized_values or f.quantized_bytes),
-            "tokens": FLOAT * f.layers * (9 * f.hidden + 2 * f.intermediate) * tokens,
-            "scores": FLOAT * f.layers * f.heads * batch * seq_len * seq_len,
+            # checkpointed: every block's input, plus the activations of the one block being recomputed
+            "tokens": FLOAT * tokens * ((f.layers * f.hidden + block) if f.checkpointed else f.layers * block),
+            "scores": FLOAT * (1 if f.checkpointed else f.layers) * f.heads * batch * seq_len * seq_len,
             "logits": 0 if chunked else logits,
             "chunked_logits": logits if chunked else 0,
             # an int8 LM head dequantized to fp32 for the full logits (the portable graph keeps it for backward)
