@@ -27,7 +27,7 @@ from common import ROOT, cpu_description, print_table, run_worker, write_json, w
 
 # Llama-shaped sizes with SmolLM2's vocabulary (49,152) and tied embeddings: hidden, layers, MLP, heads, kv heads.
 SHAPES = {"llama-0.4b": (1152, 24, 3072, 16, 4)}
-CONFIGS = [("int8", False), ("int8", True), ("int4", True), ("none", False)]  # (--quantize, --checkpointing)
+CONFIGS = [("int8", False), ("int8", True), ("int4", True)]  # (--quantize, --checkpointing)
 BACKENDS = ("ort", "portable")
 
 
@@ -63,6 +63,7 @@ def export(name: str, quantize: str, checkpointing: bool, seq: int, work: Path) 
                    "--backend", "both", "--force", *(["--checkpointing"] if checkpointing else [])]
         start = time.perf_counter()
         log = out.with_suffix(".export.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as sink:
             child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
             _, status, usage = os.wait4(child.pid, 0)
