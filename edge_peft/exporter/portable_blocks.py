@@ -261,7 +261,7 @@ class BlockwiseExport:
         """The final norm's instance and the chunked head-and-loss nodes, from ``hidden`` (the last block's output)
         to ``loss`` and ``grad`` (its gradient)."""
         config = self.model.config
-        norm = _Instance(self.norm_step(), "norm", {**{n: n for n in (*BATCH_INPUTS, *self.outside)}, HIDDEN: hidden,
+        norm = _Instance(self.norm_step(), "norm", {**self._shared(), HIDDEN: hidden,
                                                     HIDDEN_GRAD: "normed.grad"},
                          {HIDDEN_OUT: "normed", HIDDEN_IN_GRAD: grad})
         width = self._hidden("x").example.shape[-1]
@@ -269,6 +269,10 @@ class BlockwiseExport:
                                 int(config.vocab_size), getattr(config, "final_logit_softcapping", None),
                                 self.loss_chunks, LOSS, "normed.grad")
         return norm, nodes
+
+    def _shared(self) -> dict[str, str]:
+        """The inputs every traced graph binds to the step's own names: the batch and the weights outside the blocks."""
+        return {name: name for name in (*BATCH_INPUTS, *self.outside)}
 
     # -- the step --------------------------------------------------------------------------------------------
 
@@ -278,7 +282,7 @@ class BlockwiseExport:
         n = len(self.blocks)
         hidden = [f"h{i}" for i in range(n + 1)]
         grads = [f"g{i}" for i in range(n + 1)]
-        shared = {name: name for name in (*BATCH_INPUTS, *self.outside)}
+        shared = self._shared()
         instances = [_Instance(self.prologue(), "prologue", shared, {HIDDEN: hidden[0]})]
         traced: dict[tuple[int, bool], onnx.ModelProto] = {}
         group_of = {m: g for g in self.groups for m in g.members}
