@@ -56,10 +56,11 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--probe-data", type=click.Path(path_type=Path), help="Data for --layers auto:N (.jsonl/.txt).")
 @click.option("--probe-steps", default=8, show_default=True, help="Steps of the --layers auto:N probe.")
 @click.option("--memory-budget", help="Peak RSS a minimal run (micro-batch 1, 256 tokens) must fit: chooses rank, "
-              "layers and quantization, e.g. 512MB.")
+              "layers, quantization and (causal LMs) checkpointing, e.g. 512MB.")
 @click.option("--device-profile", help="Plan for the budget and margin of devices/NAME.toml (see `edge-peft devices`).")
 @click.option("--loss-chunks", default=8, show_default=True,
-              help="Causal LMs: LM head and loss on target tokens only, in this many chunks (0: naive full logits).")
+              help="Causal LMs: LM head and loss on target tokens only, in this many chunks (0: naive full logits); "
+                   "the portable step reads the head in this many row slices.")
 @click.option("--backend", type=click.Choice(list(EXPORT_CHOICES)), default=ORT, show_default=True,
               help="Training graphs to write: ORT's training API, the portable ones (plain onnxruntime), or both.")
 @click.option("--compute", default="fp32", show_default=True,
@@ -202,7 +203,7 @@ def _plan_export(model_dir: Path, opts, memory_budget: str | None, device_profil
                           device_profile)
     chosen = planned.memory["export_plan"]
     click.echo(f"planned for {options['memory_budget']}: rank {chosen['rank']}, layers {chosen['layers']}, "
-               f"{chosen['quantize']} base, predicted peak {chosen['predicted_peak_mb']:.0f} MB at micro-batch 1 x "
+               f"{chosen['quantize']} base{', checkpointing' if chosen['checkpointing'] else ''}, predicted peak {chosen['predicted_peak_mb']:.0f} MB at micro-batch 1 x "
                f"{chosen['seq_len']} tokens")
     return planned
 

@@ -218,9 +218,37 @@ def test_impossible_export_budget_is_refused_before_export(models, tmp_path, mon
         cli_module.main(["export", str(models["llama"]), "--out", str(tmp_path / "artifact"), "--memory-budget", "64MB"])
     err = capsys.readouterr().err
     assert caught.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert err.startswith("error: --memory-budget 64 MB cannot be met at export: the smallest choice (int8, rank 1, "
-                          "layers top:1, micro-batch 1 x 64 tokens) needs ")
+    assert err.startswith("error: --memory-budget 64 MB cannot be met at export: the smallest choice (int4, "
+                          "checkpointing, rank 1, layers top:1, micro-batch 1 x 64 tokens) needs ")
     assert "try a --memory-budget of at least" in err and not (tmp_path / "artifact").exists()
+
+
+def test_export_plan_keeps_every_block_and_the_rank_by_checkpointing_then_int4(tmp_path):
+    """On the portable backend a causal LM's budget first costs time (blocks recomputed), then base precision,
+    before rank or depth (planned on SmolLM2-135M's shape: a config, no weights)."""
+    import dataclasses
+
+    from transformers import LlamaConfig
+
+    from edge_peft.exporter.export_plan import _needed, model_figures, plan_export
+    from edge_peft.exporter.load import meta_model
+    from edge_peft.exporter.pipeline import ExportOptions
+
+    LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True).save_pretrained(tmp_path)
+    opts = ExportOptions(rank=8, max_seq_len=512, backend="portable")
+    meta = meta_model(tmp_path, None)
+    ladder = [("int8", False), ("int8", True), ("int4", True)]
+    need = [_needed(model_figures(meta, dataclasses.replace(opts, checkpointing=c), 8, None, q, "portable"), 256, 0.1)
+            for q, c in ladder]
+    assert need[0] > need[1] > need[2]
+    for (quantize, checkpointing), needed in zip(ladder, need):
+        planned = plan_export(tmp_path, opts, int(needed) + 1, 0.1)
+        chosen = planned.memory["export_plan"]
+        assert (planned.quantize, planned.checkpointing, planned.rank, planned.layers) == \
+            (quantize, checkpointing, 8, None)
+        assert (chosen["quantize"], chosen["checkpointing"], chosen["layers"]) == (quantize, checkpointing, "all")
+    assert plan_export(tmp_path, opts, int(need[2]), 0.1).rank < 8  # below the last rung: a smaller rank
 
 
 @pytest.mark.slow
@@ -230,10 +258,12 @@ def test_export_plan_auto_layers_takes_as_many_blocks_as_fit(models):
     from edge_peft.exporter.load import meta_model
     from edge_peft.exporter.pipeline import ExportOptions
 
-    opts = ExportOptions(rank=4, quantize="none", max_seq_len=64, targets=toy.TARGETS["gpt2"], layers="auto")
+    # int4 with checkpointing: the last rung of the quantization / checkpointing ladder, so depth is what gives
+    opts = ExportOptions(rank=4, quantize="int4", checkpointing=True, max_seq_len=64, targets=toy.TARGETS["gpt2"],
+                         layers="auto")
     meta = meta_model(models["gpt2"], None)
     depth = meta.model.config.n_layer
-    need = {n: _needed(model_figures(meta, opts, 1, f"top:{n}", "int8"), 64, 0.1) for n in (depth - 1, depth)}
+    need = {n: _needed(model_figures(meta, opts, 1, f"top:{n}", "int4"), 64, 0.1) for n in (depth - 1, depth)}
     assert need[depth - 1] < need[depth]
     planned = plan_export(models["gpt2"], opts, int(need[depth - 1]) + 1, 0.1)
     assert planned.layers == f"auto:{depth - 1}" and planned.memory["export_plan"]["layers"] == f"auto:{depth - 1}"

@@ -79,6 +79,7 @@ class ModelFigures:
     chunked_loss: bool = False  # the backend trains with the target-only chunked LM head and loss
     quantized_values: int = 0  # values stored quantized (0: take quantized_bytes, as int8 nearly is)
     checkpointed: bool = False  # only block inputs stay between forward and backward (one block's activations live)
+    loss_chunks: int = 0  # the chunked LM loss's parts (the portable step reads its head in this many row slices)
 
     @classmethod
     def of(cls, manifest: Manifest, backend: str) -> "ModelFigures":
@@ -89,7 +90,7 @@ class ModelFigures:
                    causal=manifest.task == "causal-lm", backend=backend,
                    chunked_loss=backend_class(backend).chunked_loss(mem.loss_chunks),
                    quantized_values=mem.quantized_values,
-                   checkpointed=backend_class(backend).checkpointed(mem.checkpointing))
+                   checkpointed=backend_class(backend).checkpointed(mem.checkpointing), loss_chunks=mem.loss_chunks)
 
 
 def loaded_bytes(manifest: Manifest, backend: str) -> int:
@@ -115,8 +116,9 @@ def step_terms(f: ModelFigures, batch: int, seq_len: int) -> dict[str, float]:
             "scores": FLOAT * (1 if f.checkpointed else f.layers) * f.heads * batch * seq_len * seq_len,
             "logits": 0 if chunked else logits,
             "chunked_logits": logits if chunked else 0,
-            # an int8 LM head dequantized to fp32 for the full logits (the portable graph keeps it for backward)
-            "dequantized_head": FLOAT * f.vocab * f.hidden if f.causal and f.quantized_bytes else 0}
+            # a quantized LM head in fp32: whole for full logits, one row slice with the chunked loss (portable)
+            "dequantized_head": (FLOAT * f.vocab * f.hidden // (f.loss_chunks if chunked else 1)
+                                 if f.causal and f.quantized_bytes else 0)}
 
 
 def predict_figures(f: ModelFigures, batch: int, seq_len: int) -> Prediction:

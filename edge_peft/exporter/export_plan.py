@@ -75,7 +75,8 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
                         heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
                         vocab=int(config.vocab_size), causal=causal, backend=backend,
                         chunked_loss=backend_class(backend).chunked_loss(opts.loss_chunks if causal else 0),
-                        quantized_values=values)
+                        quantized_values=values, checkpointed=backend_class(backend).checkpointed(opts.checkpointing),
+                        loss_chunks=opts.loss_chunks if causal else 0)
 
 
 def _needed(figures: ModelFigures, seq_len: int, margin: float) -> float:
@@ -102,30 +103,50 @@ def plan_export(model_dir: str | Path, opts, budget: int, margin: float, profile
     while ranks[-1] > 1:
         ranks.append(ranks[-1] // 2)
     smallest = None
-    quantize = "int4" if opts.quantize == "int4" else "int8"  # int8 unless int4 was asked for
+    modes = _modes(opts, meta.task == "causal-lm")
     for layers in layer_choices:
         for rank in ranks:
-            # the backend(s) the artifact will carry; with both, the costlier one must fit
-            figures = max((model_figures(meta, opts, rank, layers, quantize, b) for b in EXPORT_CHOICES[opts.backend]),
-                          key=lambda f: _needed(f, seq_len, margin))
-            needed = _needed(figures, seq_len, margin)
-            if needed <= budget:
-                plan = {"quantize": quantize, "rank": rank, "layers": layers or "all", "micro_batch": 1,
-                        "seq_len": seq_len, "predicted_peak_mb": round(needed / (1 + margin) / MB, 1)}
-                memory = {**opts.memory, "budget_mb": round(budget / MB, 1), "margin": margin, "profile": profile,
-                          "export_plan": plan}
-                return dataclasses.replace(opts, rank=rank, layers=layers, quantize=quantize, memory=memory)
-            smallest = figures
-    raise UserError(_refusal(smallest, budget, margin, seq_len, ranks[-1], layer_choices[-1], quantize))
+            for quantize, checkpointing in modes:
+                chosen = dataclasses.replace(opts, checkpointing=checkpointing)
+                # the backend(s) the artifact will carry; with both, the costlier one must fit
+                figures = max((model_figures(meta, chosen, rank, layers, quantize, b)
+                               for b in EXPORT_CHOICES[opts.backend]), key=lambda f: _needed(f, seq_len, margin))
+                needed = _needed(figures, seq_len, margin)
+                if needed <= budget:
+                    plan = {"quantize": quantize, "checkpointing": checkpointing, "rank": rank,
+                            "layers": layers or "all", "micro_batch": 1, "seq_len": seq_len,
+                            "predicted_peak_mb": round(needed / (1 + margin) / MB, 1)}
+                    memory = {**opts.memory, "budget_mb": round(budget / MB, 1), "margin": margin,
+                              "profile": profile, "export_plan": plan}
+                    return dataclasses.replace(chosen, rank=rank, layers=layers, quantize=quantize, memory=memory)
+                smallest = figures
+    quantize, checkpointing = modes[-1]
+    base = f"{quantize}, checkpointing" if checkpointing else quantize
+    raise UserError(_refusal(smallest, budget, margin, seq_len, ranks[-1], layer_choices[-1], base))
+
+
+def _modes(opts, causal: bool) -> list[tuple[str, bool]]:
+    """(quantization, checkpointing) in the order a budget tries them at each rank and depth, cheapest in quality
+    first: int8 (int4 when asked for), then a causal LM's blocks recomputed in the backward (slower, same result;
+    portable backend), then its base in int4."""
+    quantize = "int4" if opts.quantize == "int4" else "int8"
+    modes = [(quantize, opts.checkpointing)]
+    # only where every backend written keeps just block inputs with it (the ORT graphs' peak is not modelled lower)
+    credited = all(backend_class(b).checkpointed(True) for b in EXPORT_CHOICES[opts.backend])
+    if causal and credited and not opts.checkpointing:
+        modes.append((quantize, True))
+    if causal and quantize == "int8":
+        modes.append(("int4", True))
+    return modes
 
 
 def _refusal(figures: ModelFigures, budget: int, margin: float, seq_len: int, rank: int, layers: str | None,
-             quantize: str) -> str:
+             base: str) -> str:
     needed = _needed(figures, seq_len, margin)
     fix = f"a --memory-budget of at least {needed / MB:.0f}MB"
     shorter = [t for t in range(seq_len - 1, MIN_USEFUL_SEQ_LEN - 1, -1) if _needed(figures, t, margin) <= budget]
     if shorter:
         fix = f"--max-seq-len {shorter[0]}, or {fix}"
-    return (f"--memory-budget {budget / MB:.0f} MB cannot be met at export: the smallest choice ({quantize}, "
+    return (f"--memory-budget {budget / MB:.0f} MB cannot be met at export: the smallest choice ({base}, "
             f"rank {rank}, layers {layers or 'all'}, micro-batch 1 x {seq_len} tokens) needs {needed / MB:.0f} MB "
             f"with the {margin:.0%} margin; try {fix}")

@@ -265,8 +265,9 @@ class BlockwiseExport:
                                                     HIDDEN_GRAD: "normed.grad"},
                          {HIDDEN_OUT: "normed", HIDDEN_IN_GRAD: grad})
         width = self._hidden("x").example.shape[-1]
+        rows = int(self.model.get_output_embeddings().weight.shape[0])
         nodes = head_loss_nodes("normed", BATCH_INPUTS[2], BATCH_INPUTS[3], self.head[1], width,
-                                int(config.vocab_size), getattr(config, "final_logit_softcapping", None),
+                                rows, getattr(config, "final_logit_softcapping", None),
                                 self.loss_chunks, LOSS, "normed.grad")
         return norm, nodes
 

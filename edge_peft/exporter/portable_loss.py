@@ -1,12 +1,21 @@
-"""The portable step's causal-LM head and loss on target tokens only, in chunks, with their gradient written out.
+"""The portable step's causal-LM head and loss on target tokens only, in vocabulary slices, with their gradient
+written out.
 
-The forward is ``loss_graph.target_rows``' gather-pad-split, then per chunk ``logits = rows W^T`` (soft-capped
-``tanh(x / c) * c`` where the family does) and a summed ``SoftmaxCrossEntropyLoss``; the loss is the sum over
-chunks over the number of targets. Its gradient needs no autodiff: ``d logits = (softmax - onehot(target)) *
-loss_scale / targets`` on target rows (times ``1 - tanh^2`` under soft-capping) and ``d rows = d logits W``; the
-rows' gradients are scattered back to their positions, zeros elsewhere. Each chunk's rows are pinned to the
-previous chunk's row gradient (``recompute.late_value``), so one chunk's ``[rows, vocabulary]`` tensors are alive
-at a time instead of the ``[batch x sequence, vocabulary]`` logits, log-softmax and gradient of the whole batch.
+The target rows come from ``loss_graph.target_rows`` (one part). The head ``W`` [V, H] is read a slice of rows
+at a time, through a ``Gather`` of that slice's row numbers, so a quantized base dequantizes only that slice
+(``graph.quantize_int8`` / ``quantize_int4`` dequantize a ``Gather``'s rows alone) and no fp32 copy of the whole
+head exists. Two passes over the slices:
+
+- forward: per slice ``logits = rows W_s^T`` (soft-capped ``tanh(x / c) * c`` where the family does), its
+  ``log-sum-exp`` per row, and the target's logit where the target falls in the slice; the loss is the sum over
+  rows of ``logsumexp(all slices) - target logit``, over the number of targets;
+- backward: per slice the logits again, ``d logits = (exp(logits - logsumexp) - onehot(target)) * loss_scale /
+  targets`` (times ``1 - tanh^2`` under soft-capping) and ``d rows += d logits W_s``; the rows' gradients are
+  scattered back to their positions, zeros elsewhere.
+
+Each slice's row numbers are pinned to everything the previous slice computes from its logits
+(``recompute.late_value``), so ONNX Runtime makes and frees one slice's weights and ``[targets, V / slices]``
+tensors at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +24,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..artifact.manifest import IGNORE_INDEX
 from . import recompute
 from .loss_graph import target_rows
 
@@ -26,80 +34,116 @@ def _const(name: str, value, dtype=np.int64) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype), name))
 
 
+def slice_bounds(vocab: int, slices: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` row ranges of ``slices`` near-equal parts of a ``vocab``-row head (none empty)."""
+    edges = np.linspace(0, vocab, min(slices, vocab) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _logits(q: str, rows: str, weight: str, start: int, stop: int, trigger: str,
+            softcap: float | None) -> tuple[list[onnx.NodeProto], str, str | None]:
+    """Nodes computing slice ``[start, stop)``'s (soft-capped) logits once ``trigger`` exists; returns them, the
+    logits' name and, under soft-capping, the name of their ``tanh``."""
+    make = helper.make_node
+    nodes = [_const(q + "ids", np.arange(start, stop))]
+    nodes += recompute.late_value(q + "ids", trigger, q + "late_ids")
+    nodes += [make("Gather", [weight, q + "late_ids"], [q + "weight"], axis=0),
+              make("Gemm", [rows, q + "weight"], [q + "logits"], transB=1)]
+    if not softcap:
+        return nodes, q + "logits", None
+    nodes += [make("Div", [q + "logits", P + "cap"], [q + "scaled"]),
+              make("Tanh", [q + "scaled"], [q + "tanh"]),
+              make("Mul", [q + "tanh", P + "cap"], [q + "capped"])]
+    return nodes, q + "capped", q + "tanh"
+
+
+def _target_column(q: str, start: int, stop: int) -> list[onnx.NodeProto]:
+    """``{q}column`` ([N, 1] int64): each target's column in slice ``[start, stop)``, clipped into it, and
+    ``{q}inside`` ([N, 1] fp32): 1 where the target falls in the slice."""
+    make = helper.make_node
+    return [_const(q + "start", start), _const(q + "last", stop - start - 1),
+            make("Sub", [P + "target_col", q + "start"], [q + "local"]),
+            make("Clip", [q + "local", P + "first_column", q + "last"], [q + "column"]),
+            make("Equal", [q + "local", q + "column"], [q + "inside_bool"]),
+            make("Cast", [q + "inside_bool"], [q + "inside"], to=TensorProto.FLOAT)]
+
+
 def head_loss_nodes(normed: str, labels: str, loss_scale: str, weight: str, hidden_size: int, vocab: int,
-                    softcap: float | None, chunks: int, loss: str, d_normed: str) -> list[onnx.NodeProto]:
-    """Nodes computing ``loss`` (mean cross-entropy over labels != -100 of the head ``weight`` [V, H] applied to
-    ``normed`` [B, T, H]) and ``d_normed``, the gradient of ``loss_scale * loss`` with respect to ``normed``."""
+                    softcap: float | None, slices: int, loss: str, d_normed: str) -> list[onnx.NodeProto]:
+    """Nodes (opset 18) computing ``loss`` (mean cross-entropy over labels != -100 of the head ``weight`` [``vocab``, H]
+    applied to ``normed`` [B, T, H], read in ``slices`` row slices) and ``d_normed``, the gradient of
+    ``loss_scale * loss`` with respect to ``normed``."""
+    make = helper.make_node
     nodes = [
         _const(P + "flat_shape", [-1, hidden_size]),
-        helper.make_node("Reshape", [normed, P + "flat_shape"], [P + "hidden"]),
-        _const(P + "minus1", [-1]),
-        helper.make_node("Reshape", [labels, P + "minus1"], [P + "labels"]),
+        make("Reshape", [normed, P + "flat_shape"], [P + "hidden"]),
+        _const(P + "flat", [-1]),
+        make("Reshape", [labels, P + "flat"], [P + "labels"]),
     ]
-    nodes += target_rows(P + "hidden", P + "labels", chunks, P)
+    nodes += target_rows(P + "hidden", P + "labels", 1, P)
+    rows = P + "rows.0"
     nodes += [
         _const(P + "one", 1.0, np.float32),
-        helper.make_node("Max", [P + "count", P + "one"], [P + "divisor"]),
-        helper.make_node("Div", [loss_scale, P + "divisor"], [P + "factor"]),
-        helper.make_node("Transpose", [weight], [P + "weight_t"], perm=[1, 0]),
-        _const(P + "depth", vocab),
-        _const(P + "onehot_values", [0.0, 1.0], np.float32),
-        _const(P + "ignore_row", IGNORE_INDEX),
-        _const(P + "zero_label", 0),
+        make("Max", [P + "count", P + "one"], [P + "divisor"]),
+        make("Div", [loss_scale, P + "divisor"], [P + "factor"]),
+        _const(P + "first_column", 0),
         _const(P + "axis1", [1]),
+        make("Unsqueeze", [P + "targets.0", P + "axis1"], [P + "target_col"]),
     ]
     if softcap:
         nodes.append(_const(P + "cap", float(softcap), np.float32))
-    sums, grads = [], []
-    for k in range(chunks):
-        q = f"{P}{k}."
-        rows = f"{P}rows.{k}"
-        if grads:
-            nodes += recompute.late_value(rows, grads[-1], q + "rows")
-            rows = q + "rows"
-        targets = f"{P}targets.{k}"
-        nodes.append(helper.make_node("MatMul", [rows, P + "weight_t"], [q + "logits"]))
-        logits = q + "logits"
-        if softcap:
-            nodes += [helper.make_node("Div", [logits, P + "cap"], [q + "scaled"]),
-                      helper.make_node("Tanh", [q + "scaled"], [q + "tanh"]),
-                      helper.make_node("Mul", [q + "tanh", P + "cap"], [q + "capped"])]
-            logits = q + "capped"
+    bounds = slice_bounds(vocab, slices)
+    trigger, sums, hits = rows, [], []
+    for s, (start, stop) in enumerate(bounds):
+        q = f"{P}f{s}."
+        made, logits, _ = _logits(q, rows, weight, start, stop, trigger, softcap)
+        nodes += made + _target_column(q, start, stop)
+        nodes += [make("ReduceLogSumExp", [logits, P + "axis1"], [q + "lse"], keepdims=1),
+                  make("GatherElements", [logits, q + "column"], [q + "at_target"], axis=1),
+                  make("Mul", [q + "at_target", q + "inside"], [q + "hit"]),
+                  make("Concat", [q + "lse", q + "hit"], [q + "done"], axis=1)]  # both read the logits first
+        sums.append(q + "lse")
+        hits.append(q + "hit")
+        trigger = q + "done"
+    nodes += [
+        make("Concat", sums, [P + "slice_lse"], axis=1),
+        make("ReduceLogSumExp", [P + "slice_lse", P + "axis1"], [P + "lse"], keepdims=1),
+        make("Sum", hits, [P + "target_logit"]),
+        make("Sub", [P + "lse", P + "target_logit"], [P + "row_loss"]),
+        make("ReduceSum", [P + "row_loss"], [P + "total"], keepdims=0),
+        make("Div", [P + "total", P + "divisor"], [loss]),
+    ]
+    trigger, d_rows = P + "row_loss", None  # after every forward slice's log-sum-exp and target logit
+    for s, (start, stop) in enumerate(bounds):
+        q = f"{P}b{s}."
+        made, logits, tanh = _logits(q, rows, weight, start, stop, trigger, softcap)
+        nodes += made + _target_column(q, start, stop)
         nodes += [
-            helper.make_node("SoftmaxCrossEntropyLoss", [logits, targets], [q + "sum", q + "log_probs"],
-                             reduction="sum", ignore_index=IGNORE_INDEX),
-            helper.make_node("Exp", [q + "log_probs"], [q + "probs"]),
-            helper.make_node("Equal", [targets, P + "ignore_row"], [q + "ignored"]),
-            helper.make_node("Where", [q + "ignored", P + "zero_label", targets], [q + "safe_targets"]),
-            helper.make_node("OneHot", [q + "safe_targets", P + "depth", P + "onehot_values"], [q + "onehot"], axis=-1),
-            helper.make_node("Sub", [q + "probs", q + "onehot"], [q + "residual"]),
-            helper.make_node("Not", [q + "ignored"], [q + "kept"]),
-            helper.make_node("Cast", [q + "kept"], [q + "kept_float"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [q + "kept_float", P + "factor"], [q + "weight_row"]),
-            helper.make_node("Unsqueeze", [q + "weight_row", P + "axis1"], [q + "weight_col"]),
-            helper.make_node("Mul", [q + "residual", q + "weight_col"], [q + "d_logits"]),
+            make("Sub", [logits, P + "lse"], [q + "shifted"]),
+            make("Exp", [q + "shifted"], [q + "probs"]),
+            make("GatherElements", [q + "probs", q + "column"], [q + "p_target"], axis=1),
+            make("Sub", [q + "p_target", q + "inside"], [q + "p_minus_hit"]),
+            make("ScatterElements", [q + "probs", q + "column", q + "p_minus_hit"], [q + "residual"], axis=1),
+            make("Mul", [q + "residual", P + "factor"], [q + "d_logits"]),
         ]
         d_logits = q + "d_logits"
-        if softcap:
-            nodes += [helper.make_node("Mul", [q + "tanh", q + "tanh"], [q + "tanh2"]),
-                      helper.make_node("Sub", [P + "one", q + "tanh2"], [q + "slope"]),
-                      helper.make_node("Mul", [d_logits, q + "slope"], [q + "d_uncapped"])]
+        if tanh:
+            nodes += [make("Mul", [tanh, tanh], [q + "tanh2"]),
+                      make("Sub", [P + "one", q + "tanh2"], [q + "slope"]),
+                      make("Mul", [d_logits, q + "slope"], [q + "d_uncapped"])]
             d_logits = q + "d_uncapped"
-        nodes.append(helper.make_node("MatMul", [d_logits, weight], [q + "d_rows"]))
-        sums.append(q + "sum")
-        grads.append(q + "d_rows")
+        nodes.append(make("MatMul", [d_logits, q + "weight"], [q + "d_rows"]))
+        if d_rows is not None:
+            nodes.append(make("Add", [d_rows, q + "d_rows"], [q + "d_rows_sum"]))
+        d_rows = q + "d_rows_sum" if s else q + "d_rows"
+        trigger = d_rows
     nodes += [
-        helper.make_node("Sum", sums, [P + "total"]),
-        helper.make_node("Div", [P + "total", P + "divisor"], [loss]),
-        helper.make_node("Concat", grads, [P + "d_rows_padded"], axis=0),
-        _const(P + "start", [0]),
-        helper.make_node("Slice", [P + "d_rows_padded", P + "start", P + "n"], [P + "d_rows"]),
-        helper.make_node("Shape", [P + "hidden"], [P + "hidden_shape"]),
+        make("Shape", [P + "hidden"], [P + "hidden_shape"]),
         _const(P + "zero_float", [0.0], np.float32),
-        helper.make_node("Expand", [P + "zero_float", P + "hidden_shape"], [P + "zeros"]),
-        helper.make_node("Unsqueeze", [P + "index", P + "axis1"], [P + "scatter_index"]),
-        helper.make_node("ScatterND", [P + "zeros", P + "scatter_index", P + "d_rows"], [P + "d_hidden"]),
-        helper.make_node("Shape", [normed], [P + "normed_shape"]),
-        helper.make_node("Reshape", [P + "d_hidden", P + "normed_shape"], [d_normed]),
+        make("Expand", [P + "zero_float", P + "hidden_shape"], [P + "zeros"]),
+        make("Unsqueeze", [P + "index", P + "axis1"], [P + "scatter_index"]),
+        make("ScatterND", [P + "zeros", P + "scatter_index", d_rows], [P + "d_hidden"]),
+        make("Shape", [normed], [P + "normed_shape"]),
+        make("Reshape", [P + "d_hidden", P + "normed_shape"], [d_normed]),
     ]
     return nodes
