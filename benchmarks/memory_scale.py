@@ -7,7 +7,10 @@ process: edge-peft rows load the artifact without torch and run three steps of b
 tokens (``calibrate_memory.worker``: VmHWM, the memory model's prediction); the PyTorch row runs three
 steps of PEFT LoRA (rank 8, all linear projections, default SDPA attention, AdamW) on the same shapes.
 
-Usage: ``python benchmarks/memory_scale.py --json PATH [--models smollm2,llama-0.4b] [--seq 512]``.
+Usage: ``python benchmarks/memory_scale.py --json PATH [--models smollm2,llama-0.5b,llama-1b] [--seq 512]
+[--configs int8,int8-ckpt,int4-ckpt] [--backends ort,portable] [--merge]``. ``--merge`` keeps the rows already in
+``--json`` that this run does not measure again (large models one at a time). With only the portable backend asked
+for, the export writes only the portable graphs.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, cpu_description, print_table, run_worker, write_json, write_smollm2_hf_dir  # noqa: E402
 
 # Llama-shaped sizes with SmolLM2's vocabulary (49,152) and tied embeddings: hidden, layers, MLP, heads, kv heads.
-SHAPES = {"llama-0.4b": (1152, 24, 3072, 16, 4)}
-CONFIGS = [("int8", False), ("int8", True), ("int4", True)]  # (--quantize, --checkpointing)
+SHAPES = {"llama-0.4b": (1152, 24, 3072, 16, 4),
+          "llama-0.5b": (1280, 24, 3584, 20, 4),  # 0.49 B parameters
+          "llama-1b": (2048, 16, 8192, 32, 8)}  # Llama-3.2-1B's blocks: 1.07 B parameters
+CONFIGS = {"int8": ("int8", False), "int8-ckpt": ("int8", True), "int4-ckpt": ("int4", True)}  # (quantize, ckpt)
 BACKENDS = ("ort", "portable")
 
 
@@ -52,15 +57,15 @@ def model_dir(name: str, work: Path) -> Path:
     return out
 
 
-def export(name: str, quantize: str, checkpointing: bool, seq: int, work: Path) -> tuple[Path, dict]:
-    """The artifact of one configuration (rank 8, all-linear, both backends), exported once by ``edge-peft export``
-    in its own process; and that export's wall seconds and peak RSS."""
-    out = work / "artifacts" / f"{name}-{quantize}{'-ckpt' if checkpointing else ''}"
+def export(name: str, quantize: str, checkpointing: bool, seq: int, work: Path, backend: str) -> tuple[Path, dict]:
+    """The artifact of one configuration (rank 8, all-linear, ``backend``: both or portable), exported once by
+    ``edge-peft export`` in its own process; and that export's wall seconds and peak RSS."""
+    out = work / "artifacts" / f"{name}-{quantize}{'-ckpt' if checkpointing else ''}-{backend}"
     record = out.with_suffix(".export.json")
     if not (out / "manifest.json").is_file():
         command = [sys.executable, "-m", "edge_peft.cli", "export", str(model_dir(name, work)), "--out", str(out),
                    "--rank", "8", "--quantize", quantize, "--targets", "all-linear", "--max-seq-len", str(seq),
-                   "--backend", "both", "--force", *(["--checkpointing"] if checkpointing else [])]
+                   "--backend", backend, "--force", *(["--checkpointing"] if checkpointing else [])]
         start = time.perf_counter()
         log = out.with_suffix(".export.log")
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +115,10 @@ def edge_row(artifact: Path, batch: int, seq: int, threads: int, backend: str) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="smollm2,llama-0.4b")
+    parser.add_argument("--models", default="smollm2,llama-0.5b,llama-1b")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, of: " + ", ".join(CONFIGS))
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--merge", action="store_true", help="Keep --json's rows this run does not measure again.")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -125,6 +133,10 @@ def main() -> None:
     print(cpu_description())
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(args, Path(args.work or tmp))
+    if args.merge and args.json and Path(args.json).is_file():
+        measured = {(r["model"], r["config"]) for r in rows}
+        rows = [r for r in json.loads(Path(args.json).read_text())["rows"]
+                if (r["model"], r["config"]) not in measured] + rows
     print_table(rows, [("model", "model"), ("config", "configuration"), ("export_s", "export s"),
                        ("portable_export_s", "portable graphs s"), ("export_peak_mb", "export peak MB"),
                        ("loaded_mb", "loaded MB"), ("peak_mb", "peak MB"), ("predicted_mb", "predicted MB"),
@@ -141,9 +153,11 @@ def measure(args, work: Path) -> list[dict]:
                                                 "--threads", str(args.threads)])
         rows.append({"model": name, "config": "PyTorch + PEFT LoRA (SDPA)", **torch_row})
         print(rows[-1], flush=True)
-        for quantize, checkpointing in CONFIGS:
-            artifact, exported = export(name, quantize, checkpointing, args.seq, work)
-            for backend in BACKENDS:
+        backends = args.backends.split(",")
+        for quantize, checkpointing in (CONFIGS[c] for c in args.configs.split(",")):
+            artifact, exported = export(name, quantize, checkpointing, args.seq, work,
+                                        "both" if "ort" in backends else "portable")
+            for backend in backends:
                 row = edge_row(artifact, args.batch, args.seq, args.threads, backend)
                 rows.append({"model": name, "config": f"edge-peft {backend} {quantize}"
                                                       f"{' checkpointing' if checkpointing else ''}",

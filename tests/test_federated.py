@@ -116,13 +116,19 @@ def stop(procs) -> None:
     """Terminate the processes this test started and the children they spawned (Flower's SuperExec)."""
     import psutil
 
-    started = [psutil.Process(p.pid) for p in procs if p.poll() is None]
-    family = started + [c for p in started for c in p.children(recursive=True)]
+    def gone_or(action, default=None):  # any of them may exit on its own while we look
+        try:
+            return action()
+        except psutil.NoSuchProcess:
+            return default
+
+    started = [q for p in procs if p.poll() is None and (q := gone_or(lambda: psutil.Process(p.pid)))]
+    family = started + [c for p in started for c in gone_or(lambda: p.children(recursive=True), [])]
     for p in family:
-        p.terminate()
+        gone_or(p.terminate)
     _, alive = psutil.wait_procs(family, timeout=10)
     for p in alive:
-        p.kill()
+        gone_or(p.kill)
 
 
 @pytest.mark.slow

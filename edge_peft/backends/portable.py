@@ -45,12 +45,13 @@ class PortableBackend:
     """``TrainingBackend`` over the one plain ONNX training-step graph."""
 
     name = PORTABLE
-    # Fit of benchmarks/calibration/memory_portable.json, 2026-12-01 (block-wise step graphs, chunked LM loss, no
-    # checkpointing; MiniLM, a 4-layer GPT-2 and a SmolLM2-135M-shaped Llama). The naive-logit factor and the fp32
-    # floor are the 2026-11-25 fit's (whole-model graphs; floor fitted by hand to MiniLM fp32 at 1x32..8x32).
-    memory_factors = MemoryFactors(runtime=int(40.3 * MB), session=int(27.3 * MB), weight_load=1.671,
-                                   step=0, dequant=0.294, token=0.688, score=1.002, logit=4.428,
-                                   chunked_logit=0.286, fp32_floor=0.4, dequantized_head=1.279)
+    # Fit of benchmarks/calibration/memory_portable.json, 2026-12-01 (block-wise step graphs, LM head read in row
+    # slices, glibc's mmap threshold fixed at 128 KB; MiniLM, a 4-layer GPT-2 and a SmolLM2-135M-shaped Llama int8 /
+    # int8 checkpointed / int4 checkpointed; 20 points). The naive-logit factor and the fp32 floor are the
+    # 2026-11-25 fit's (whole-model graphs; floor fitted by hand to MiniLM fp32 at 1x32..8x32).
+    memory_factors = MemoryFactors(runtime=int(40.2 * MB), session=int(25.4 * MB), weight_load=1.628,
+                                   step=0, dequant=0.0, token=1.121, score=0.903, logit=4.428,
+                                   chunked_logit=0.167, fp32_floor=0.4, dequantized_head=1.604, int4_load=0.189)
 
     def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
                  provider: str = "CPUExecutionProvider", compute: str = FP32):

@@ -14,7 +14,7 @@ MB = 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 MMAP_THRESHOLD = 32 * MB  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 TRIM_THRESHOLD = 1 << 30
-PREDICTABLE_MMAP_THRESHOLD = 1 * MB
+PREDICTABLE_MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, held fixed
 
 
 def _mallopt():
@@ -38,9 +38,9 @@ def predictable_memory() -> bool:
 
     glibc's mmap threshold is dynamic: it rises to the size of the largest block freed so far (up to
     32 MB), after which such blocks come from the heap, whose freed holes stay resident and fragment,
-    so the same run's peak depends on the order of frees. A fixed 1 MB threshold maps every
-    activation-sized block on its own and unmaps it when freed: the peak is the live tensors, linear in
-    micro-batch x sequence, at the cost of page faults on every step. The memory model
+    so the same run's peak depends on the order of frees. A fixed 128 KB threshold maps every block
+    of that size or more on its own and unmaps it when freed: the peak is the live tensors, with smaller
+    blocks only in the heap. The price is page faults on every step. The memory model
     (``memory_model.py``) is calibrated under this setting (measurements: ``docs/memory.md``).
     """
     mallopt = _mallopt()

@@ -80,6 +80,7 @@ class ModelFigures:
     quantized_values: int = 0  # values stored quantized (0: take quantized_bytes, as int8 nearly is)
     checkpointed: bool = False  # only block inputs stay between forward and backward (one block's activations live)
     loss_chunks: int = 0  # the chunked LM loss's parts (the portable step reads its head in this many row slices)
+    int4: bool = False  # the base is stored in 4 bits (int4.py)
 
     @classmethod
     def of(cls, manifest: Manifest, backend: str) -> "ModelFigures":
@@ -90,13 +91,25 @@ class ModelFigures:
                    causal=manifest.task == "causal-lm", backend=backend,
                    chunked_loss=backend_class(backend).chunked_loss(mem.loss_chunks),
                    quantized_values=mem.quantized_values,
-                   checkpointed=backend_class(backend).checkpointed(mem.checkpointing), loss_chunks=mem.loss_chunks)
+                   checkpointed=backend_class(backend).checkpointed(mem.checkpointing), loss_chunks=mem.loss_chunks,
+                   int4=manifest.quantization == "int4")
+
+
+def load_terms(f: ModelFigures) -> dict[str, float]:
+    """The byte counts the load factors multiply: weights (``weight_load``) and an int4 base's values (``int4_load``)."""
+    return {"weights": f.frozen_bytes + FLOAT * f.trainable_values,
+            "int4_values": FLOAT * (f.quantized_values or f.quantized_bytes) if f.int4 else 0}
+
+
+def _weights(f: ModelFigures, k) -> float:
+    t = load_terms(f)
+    return k.weight_load * t["weights"] + k.int4_load * t["int4_values"]
 
 
 def loaded_bytes(manifest: Manifest, backend: str) -> int:
     """Predicted RSS once the training session is loaded, before the first step."""
     f, k = ModelFigures.of(manifest, backend), memory_factors(backend)
-    return int(k.runtime + k.session + k.weight_load * (f.frozen_bytes + FLOAT * f.trainable_values))
+    return int(k.runtime + k.session + _weights(f, k))
 
 
 def predict(manifest: Manifest, batch: int, seq_len: int, backend: str) -> Prediction:
@@ -131,7 +144,7 @@ def predict_figures(f: ModelFigures, batch: int, seq_len: int) -> Prediction:
     workspace = max(0.0, k.fp32_floor * (f.frozen_bytes - f.quantized_bytes) - step)
     return Prediction(
         runtime=int(k.runtime + k.session + k.step + workspace),
-        weights=int(k.weight_load * (f.frozen_bytes + FLOAT * f.trainable_values)),
+        weights=int(_weights(f, k)),
         optimizer=int(3 * FLOAT * f.trainable_values),
         dequantized=int(dequantized),
         activations=int(activations),

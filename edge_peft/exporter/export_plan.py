@@ -76,7 +76,7 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
                         vocab=int(config.vocab_size), causal=causal, backend=backend,
                         chunked_loss=backend_class(backend).chunked_loss(opts.loss_chunks if causal else 0),
                         quantized_values=values, checkpointed=backend_class(backend).checkpointed(opts.checkpointing),
-                        loss_chunks=opts.loss_chunks if causal else 0)
+                        loss_chunks=opts.loss_chunks if causal else 0, int4=quantize == "int4")
 
 
 def _needed(figures: ModelFigures, seq_len: int, margin: float) -> float:
