@@ -136,7 +136,7 @@ def _modes(opts, causal: bool) -> list[tuple[str, bool]]:
     if causal and credited and not opts.checkpointing:
         modes.append((quantize, True))
     if causal and quantize == "int8":
-        modes.append(("int4", True))
+        modes.append(("int4", opts.checkpointing or credited))
     return modes
 
 
