@@ -93,14 +93,16 @@ def head_loss_nodes(normed: str, labels: str, loss_scale: str, weight: str, hidd
     if softcap:
         nodes.append(_const(P + "cap", float(softcap), np.float32))
     bounds = slice_bounds(vocab, slices)
+    for s, (start, stop) in enumerate(bounds):  # [N, 1] each, read by both passes
+        nodes += _target_column(f"{P}t{s}.", start, stop)
     trigger, sums, hits = rows, [], []
     for s, (start, stop) in enumerate(bounds):
-        q = f"{P}f{s}."
+        q, t = f"{P}f{s}.", f"{P}t{s}."
         made, logits, _ = _logits(q, rows, weight, start, stop, trigger, softcap)
-        nodes += made + _target_column(q, start, stop)
+        nodes += made
         nodes += [make("ReduceLogSumExp", [logits, P + "axis1"], [q + "lse"], keepdims=1),
-                  make("GatherElements", [logits, q + "column"], [q + "at_target"], axis=1),
-                  make("Mul", [q + "at_target", q + "inside"], [q + "hit"]),
+                  make("GatherElements", [logits, t + "column"], [q + "at_target"], axis=1),
+                  make("Mul", [q + "at_target", t + "inside"], [q + "hit"]),
                   make("Concat", [q + "lse", q + "hit"], [q + "done"], axis=1)]  # both read the logits first
         sums.append(q + "lse")
         hits.append(q + "hit")
@@ -115,15 +117,15 @@ def head_loss_nodes(normed: str, labels: str, loss_scale: str, weight: str, hidd
     ]
     trigger, d_rows = P + "row_loss", None  # after every forward slice's log-sum-exp and target logit
     for s, (start, stop) in enumerate(bounds):
-        q = f"{P}b{s}."
+        q, t = f"{P}b{s}.", f"{P}t{s}."
         made, logits, tanh = _logits(q, rows, weight, start, stop, trigger, softcap)
-        nodes += made + _target_column(q, start, stop)
+        nodes += made
         nodes += [
             make("Sub", [logits, P + "lse"], [q + "shifted"]),
             make("Exp", [q + "shifted"], [q + "probs"]),
-            make("GatherElements", [q + "probs", q + "column"], [q + "p_target"], axis=1),
-            make("Sub", [q + "p_target", q + "inside"], [q + "p_minus_hit"]),
-            make("ScatterElements", [q + "probs", q + "column", q + "p_minus_hit"], [q + "residual"], axis=1),
+            make("GatherElements", [q + "probs", t + "column"], [q + "p_target"], axis=1),
+            make("Sub", [q + "p_target", t + "inside"], [q + "p_minus_hit"]),
+            make("ScatterElements", [q + "probs", t + "column", q + "p_minus_hit"], [q + "residual"], axis=1),
             make("Mul", [q + "residual", P + "factor"], [q + "d_logits"]),
         ]
         d_logits = q + "d_logits"
