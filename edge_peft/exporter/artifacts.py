@@ -18,6 +18,7 @@ from ..artifact.names import LABELS, LOSS_SCALE
 from ..errors import UserError
 from . import graph, int4, recompute
 from .loss_graph import target_loss_graph
+from .onnx_files import save_model
 
 
 def _scaled_cross_entropy():
@@ -126,4 +127,4 @@ def write_inference_model(proto: onnx.ModelProto, trainable: list[str], out: Pat
     """The forward graph with the trainable tensors as inputs, so any adapter can be fed at run time."""
     inference = copy.deepcopy(proto)
     graph.initializers_to_inputs(inference, trainable)
-    onnx.save(inference, str(out / INFERENCE_MODEL))
+    save_model(inference, out / INFERENCE_MODEL)

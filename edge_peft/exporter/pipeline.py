@@ -87,8 +87,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
     causal = loaded.task == "causal-lm"
     with atomic_directory(out, overwrite=overwrite) as tmp:
         with stages.stage("exporting to ONNX"):
-            proto = export_logits_model(model, causal, trainable_params, tmp / "forward.onnx")
-            (tmp / "forward.onnx").unlink()
+            proto = export_logits_model(model, causal, trainable_params, tmp)
             graph.strip_prefix(proto, WRAPPER_PREFIX)
             graph.expose_layernorm_stats(proto)
             trainable = list(trainable_params)

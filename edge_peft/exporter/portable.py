@@ -29,11 +29,11 @@ from ..artifact.names import BATCH_INPUTS, LOSS, grad_name, is_a
 from ..fileio import atomic_write_bytes
 from . import graph, int4, low_precision, recompute
 from ..errors import UserError
+from .onnx_files import save_model
 from .portable_blocks import BlockwiseExport, find_blocks
 from .portable_optim import append_update
 from .portable_trace import BATCH, SEQUENCE, Input, mean_cross_entropy, trace
 
-EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def _step_function(model: nn.Module, causal: bool, trainable: list[str], frozen: list[str]):
@@ -136,11 +136,11 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     if quantize == "int8":
         _products_read_dequantized(fp32_products)
     _transpose_before_dequantize(fp32_products)  # what transB cannot take
-    _save(_dequantized_at_use(fp32_products), out / PORTABLE_STEP_MODEL)
+    save_model(_dequantized_at_use(fp32_products), out / PORTABLE_STEP_MODEL)
     if int8_compute:
         _transpose_before_dequantize(proto)
         low_precision.int8_compute(proto)
-        _save(_dequantized_at_use(proto), out / PORTABLE_INT8_STEP_MODEL)
+        save_model(_dequantized_at_use(proto), out / PORTABLE_INT8_STEP_MODEL)
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
     atomic_write_bytes(out / PORTABLE_INITIAL_STATE, save_safetensors(values))
 
@@ -218,11 +218,3 @@ def _quantization_axes(model: nn.Module, folded: dict[str, str]) -> dict[str, in
     axes.update({new: 1 - axes[old] for old, new in folded.items() if old in axes})
     return axes
 
-
-def _save(proto: onnx.ModelProto, path: Path) -> None:
-    """Save ``proto``; weights go to ``<file>.data`` beside it when the model nears protobuf's 2 GB limit."""
-    if proto.ByteSize() < EXTERNAL_DATA_BYTES:
-        onnx.save(proto, str(path))
-        return
-    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=f"{path.name}.data", size_threshold=1024)

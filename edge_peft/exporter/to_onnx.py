@@ -21,6 +21,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from .graph import undo_value_dedup
+from .onnx_files import scratch_file
 
 OPSET = 17
 INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -39,18 +40,20 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra).logits
 
 
-def export_logits_model(model: nn.Module, causal: bool, trainable: dict[str, torch.Tensor], path: Path) -> onnx.ModelProto:
-    """Export ``model`` to ONNX at ``path``; trainable initializers keep their names and true values."""
+def export_logits_model(model: nn.Module, causal: bool, trainable: dict[str, torch.Tensor],
+                        scratch: Path) -> onnx.ModelProto:
+    """Trace ``model`` to ONNX (the tracer's files go to a scratch folder under ``scratch``, removed after);
+    trainable initializers keep their names and true values."""
     wrapper = LogitsOnly(model, causal).eval()
     ids = torch.ones(2, 8, dtype=torch.long)
     mask = torch.ones(2, 8, dtype=torch.long)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "logits": {0: "batch", 1: "sequence"} if causal else {0: "batch"}}
-    with distinct_values(trainable) as true_values, warnings.catch_warnings():
+    with distinct_values(trainable) as true_values, warnings.catch_warnings(), scratch_file(scratch) as path:
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (ids, mask), str(path), input_names=INPUT_NAMES, output_names=["logits"],
                           dynamic_axes=axes, opset_version=OPSET, do_constant_folding=False, dynamo=False)
-    proto = onnx.load(str(path))
+        proto = onnx.load(str(path))
     undo_value_dedup(proto, tied_names(wrapper))
     restore_initializers(proto, {f"model.{k}": v.numpy() for k, v in true_values.items()})
     return proto
