@@ -7,7 +7,7 @@ three full steps (forward+backward+AdamW) on random tokens of exactly B x T. The
 
 - runtime: the mean RSS after the imports;
 - load: least squares of ``loaded - imports = SESSION + WEIGHT_LOAD x (frozen bytes + 4 x trainable values)
-  [+ INT4_LOAD x 4 x int4-stored values]`` (``memory_model.load_terms``);
+  [+ NODE_LOAD x nodes of the portable step graph]`` (``memory_model.load_terms``);
 - step: least squares, with non-negative factors, of ``peak - loaded - 12 x trainable values`` (AdamW's
   gradient and moments) ``= STEP + sum factor_k x term_k`` over ``memory_model.step_terms`` (dequantized
   int8 base, token activations, attention scores, full or chunked logits).
@@ -80,10 +80,10 @@ def fit(rows: list[dict]) -> dict[str, float]:
     peak = np.array([r["peak_mb"] for r in rows]) * MB
     load = [load_terms(figures[r["path"]]) for r in rows]
     columns = [np.ones(len(rows)), np.array([t["weights"] for t in load], float)]
-    int4 = np.array([t["int4_values"] for t in load], float)
-    if int4.any():  # an int4 base's dequantization graphs load beside its bytes
-        columns.append(int4)
-    (session, weight_load, *int4_load), *_ = np.linalg.lstsq(np.stack(columns, 1), loaded - imports, rcond=None)
+    nodes = np.array([t["nodes"] for t in load], float)
+    if nodes.any():  # the portable step graph's nodes (per-node session structures)
+        columns.append(nodes)
+    (session, weight_load, *node_load), *_ = np.linalg.lstsq(np.stack(columns, 1), loaded - imports, rcond=None)
     terms = [step_terms(figures[r["path"]], r["batch"], r["seq"]) for r in rows]
     names = [k for k in terms[0] if any(t[k] for t in terms)]
     optimizer = np.array([3 * FLOAT * figures[r["path"]].trainable_values for r in rows])
@@ -97,7 +97,7 @@ def fit(rows: list[dict]) -> dict[str, float]:
         active.pop(int(np.argmin(coef)))
     factors = dict.fromkeys(names, 0.0) | dict(zip(active, map(float, coef)))
     return {"runtime_mb": float(imports.mean() / MB), "session_mb": float(session / MB), "weight_load": float(weight_load),
-            "int4_load": float(int4_load[0]) if int4_load else 0.0,
+            "node_load": float(node_load[0]) if node_load else 0.0,
             "step_mb": factors.pop("step", 0.0) / MB, **factors}
 
 

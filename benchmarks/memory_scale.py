@@ -34,6 +34,7 @@ SHAPES = {"llama-0.4b": (1152, 24, 3072, 16, 4),
           "llama-1b": (2048, 16, 8192, 32, 8)}  # Llama-3.2-1B's blocks: 1.07 B parameters
 CONFIGS = {"int8": ("int8", False), "int8-ckpt": ("int8", True), "int4-ckpt": ("int4", True)}  # (quantize, ckpt)
 BACKENDS = ("ort", "portable")
+TORCH_CONFIG = "PyTorch + PEFT LoRA (SDPA)"
 
 
 def model_dir(name: str, work: Path) -> Path:
@@ -119,6 +120,8 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, of: " + ", ".join(CONFIGS))
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--merge", action="store_true", help="Keep --json's rows this run does not measure again.")
+    parser.add_argument("--skip-torch", action="store_true",
+                        help="Measure no PyTorch row (with --merge, the rows already in --json stay).")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -145,14 +148,24 @@ def main() -> None:
                            "rows": rows})
 
 
+def earlier_torch_row(args, name: str) -> dict | None:
+    """The PyTorch row of ``name`` already in ``--json`` (for ``--skip-torch``), if there is one."""
+    if not (args.json and Path(args.json).is_file()):
+        return None
+    return next((r for r in json.loads(Path(args.json).read_text())["rows"]
+                 if r["model"] == name and r["config"] == TORCH_CONFIG), None)
+
+
 def measure(args, work: Path) -> list[dict]:
     """Every model's PyTorch row, then its edge-peft configurations."""
     rows = []
     for name in args.models.split(","):
-        torch_row = run_worker(Path(__file__), [str(model_dir(name, work)), f"{args.batch}x{args.seq}",
-                                                "--threads", str(args.threads)])
-        rows.append({"model": name, "config": "PyTorch + PEFT LoRA (SDPA)", **torch_row})
-        print(rows[-1], flush=True)
+        torch_row = earlier_torch_row(args, name) if args.skip_torch else None
+        if torch_row is None:
+            torch_row = run_worker(Path(__file__), [str(model_dir(name, work)), f"{args.batch}x{args.seq}",
+                                                    "--threads", str(args.threads)])
+            rows.append({"model": name, "config": TORCH_CONFIG, **torch_row})
+            print(rows[-1], flush=True)
         backends = args.backends.split(",")
         for quantize, checkpointing in (CONFIGS[c] for c in args.configs.split(",")):
             artifact, exported = export(name, quantize, checkpointing, args.seq, work,

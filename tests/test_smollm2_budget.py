@@ -7,10 +7,14 @@ import json
 import subprocess
 import sys
 
+import onnx
 import pytest
 from helpers import cli
 
+from edge_peft.artifact.files import PORTABLE_STEP_MODEL
+from edge_peft.artifact.manifest import load_manifest
 from edge_peft.bundled import smollm2_dir
+from edge_peft.device.memory_model import estimated_step_nodes
 
 BUDGET_MB = 520  # SmolLM2-135M's int4 base is 84 MB; ORT's runtime and the 30-block session graph most of the rest
 SEQ = 128
@@ -34,6 +38,12 @@ def test_int4_smollm2_trains_under_a_small_memory_budget(tmp_path):
                              "--targets", "all-linear", "--max-seq-len", str(SEQ)],
                             capture_output=True, text=True, timeout=900)
     assert export.returncode == 0, export.stderr[-2000:]
+    # the memory model's load term counts the step graph's nodes: recorded exactly, and the estimate the
+    # export-time planner uses is close to it
+    memory = load_manifest(artifact).memory
+    nodes = len(onnx.load(str(artifact / PORTABLE_STEP_MODEL), load_external_data=False).graph.node)
+    assert memory.step_nodes == nodes
+    assert abs(estimated_step_nodes(30, True, True) - nodes) < 0.05 * nodes
     data = tmp_path / "notes.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(NOTES[i:] + NOTES[:i])}) + "\n" for i in range(6)))
     run = tmp_path / "run"

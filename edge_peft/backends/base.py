@@ -32,7 +32,7 @@ class MemoryFactors:
     chunked_logit: float  # the same with the target-only LM head and loss in 8 chunks
     fp32_floor: float = 0.8  # a step of an fp32 base never costs less than this x its weights
     dequantized_head: float = 0.0  # per fp32 byte of a quantized causal LM head (vocab x hidden; a slice if chunked)
-    int4_load: float = 0.0  # load slope per fp32 byte of the values an int4 base stores (its dequantization graphs)
+    node_load: float = 0.0  # load bytes per node of the step graph (memory_model.load_terms)
 
 
 class TrainingBackend(Protocol):

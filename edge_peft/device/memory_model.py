@@ -5,7 +5,9 @@ Structure (what lives at the peak of a step, forward activations kept for backwa
 - ``runtime``: the interpreter, numpy, tokenizers and ONNX Runtime after import, the training
   session's graphs and kernels, and a per-step workspace: constants, measured.
 - ``weights``: the checkpoint state and the training session built from it: the frozen base
-  (int8 or fp32, manifest ``memory.frozen_bytes``) and the trainable tensors, times a measured load factor.
+  (int8, int4 or fp32, manifest ``memory.frozen_bytes``) and the trainable tensors, times a measured load factor;
+  on the portable backend also a measured cost per node of the step graph (manifest ``memory.step_nodes``: the
+  session's per-node structures, which dominate the load of a small model with many blocks).
   ORT's CPU arena is disabled for training sessions (``backends/``): its growth is step-shaped and
   cost up to +60 % RSS on a causal LM, while plain malloc grows linearly with the step.
 - ``optimizer``: one gradient and two AdamW moments per trainable value (fp32).
@@ -81,6 +83,7 @@ class ModelFigures:
     checkpointed: bool = False  # only block inputs stay between forward and backward (one block's activations live)
     loss_chunks: int = 0  # the chunked LM loss's parts (the portable step reads its head in this many row slices)
     int4: bool = False  # the base is stored in 4 bits (int4.py)
+    step_nodes: int = 0  # nodes of the portable training-step graph (0: estimated, ``estimated_step_nodes``)
 
     @classmethod
     def of(cls, manifest: Manifest, backend: str) -> "ModelFigures":
@@ -92,18 +95,32 @@ class ModelFigures:
                    chunked_loss=backend_class(backend).chunked_loss(mem.loss_chunks),
                    quantized_values=mem.quantized_values,
                    checkpointed=backend_class(backend).checkpointed(mem.checkpointing), loss_chunks=mem.loss_chunks,
-                   int4=manifest.quantization == "int4")
+                   int4=manifest.quantization == "int4",
+                   step_nodes=mem.step_nodes or estimated_step_nodes(manifest.num_layers, mem.checkpointing,
+                                                                     manifest.quantization == "int4"))
+
+
+# Nodes of a Llama-shaped block in the portable step graph (all linear projections adapted), counted on
+# SmolLM2-135M and a 1 B Llama: the block itself, what checkpointing adds (its recompute), what an int4 base
+# adds (unpacking at each use); and the embedding, LM head and loss.
+BLOCK_NODES, CHECKPOINT_BLOCK_NODES, INT4_BLOCK_NODES, OUTER_NODES = 582, 153, 86, 600
+
+
+def estimated_step_nodes(layers: int, checkpointing: bool, int4: bool) -> int:
+    """The portable step graph's node count before it exists (export-time planning, older manifests)."""
+    per_block = BLOCK_NODES + CHECKPOINT_BLOCK_NODES * checkpointing + INT4_BLOCK_NODES * int4
+    return layers * per_block + OUTER_NODES
 
 
 def load_terms(f: ModelFigures) -> dict[str, float]:
-    """The byte counts the load factors multiply: weights (``weight_load``) and an int4 base's values (``int4_load``)."""
-    return {"weights": f.frozen_bytes + FLOAT * f.trainable_values,
-            "int4_values": FLOAT * (f.quantized_values or f.quantized_bytes) if f.int4 else 0}
+    """What the load factors multiply: weight bytes (``weight_load``) and the step graph's nodes (``node_load``:
+    the session's per-node structures)."""
+    return {"weights": f.frozen_bytes + FLOAT * f.trainable_values, "nodes": f.step_nodes}
 
 
 def _weights(f: ModelFigures, k) -> float:
     t = load_terms(f)
-    return k.weight_load * t["weights"] + k.int4_load * t["int4_values"]
+    return k.weight_load * t["weights"] + k.node_load * t["nodes"]
 
 
 def loaded_bytes(manifest: Manifest, backend: str) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 from ..artifact.adapter_section import AdapterModule
 from ..backends import backend_class
 from ..backends.names import EXPORT_CHOICES, ORT
-from ..device.memory_model import FLOAT, MB, ModelFigures, predict_figures
+from ..device.memory_model import FLOAT, MB, ModelFigures, estimated_step_nodes, predict_figures
 from ..device.planner import MIN_USEFUL_SEQ_LEN
 from ..errors import UserError
 from ..variants import get_variant
@@ -76,7 +76,8 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
                         vocab=int(config.vocab_size), causal=causal, backend=backend,
                         chunked_loss=backend_class(backend).chunked_loss(opts.loss_chunks if causal else 0),
                         quantized_values=values, checkpointed=backend_class(backend).checkpointed(opts.checkpointing),
-                        loss_chunks=opts.loss_chunks if causal else 0, int4=quantize == "int4")
+                        loss_chunks=opts.loss_chunks if causal else 0, int4=quantize == "int4",
+                        step_nodes=estimated_step_nodes(num_layers, opts.checkpointing, quantize == "int4"))
 
 
 def _needed(figures: ModelFigures, seq_len: int, margin: float) -> float:

@@ -104,9 +104,10 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                                          flatten_width=config.vocab_size if causal else None,
                                          loss_chunks=opts.loss_chunks, hidden_size=_hidden_size(config),
                                          checkpointing=opts.checkpointing)
+        step_nodes = 0
         if PORTABLE in backends:
             with stages.stage("exporting the portable training graphs"):
-                write_portable_artifacts(model, causal, trainable, opts.quantize, block, opts.max_seq_len,
+                step_nodes = write_portable_artifacts(model, causal, trainable, opts.quantize, block, opts.max_seq_len,
                                          opts.weight_decay, opts.max_grad_norm, tmp, int8_compute=INT8 in computes,
                                          checkpointing=opts.checkpointing,
                                          loss_chunks=opts.loss_chunks if causal else 0)
@@ -125,7 +126,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                 frozen_bytes=graph.nbytes(proto, frozen_list), quantized_bytes=graph.quantized_nbytes(proto),
                 quantized_values=graph.quantized_values(proto),
                 trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
-                loss_chunks=opts.loss_chunks if causal else 0, checkpointing=opts.checkpointing, **opts.memory)
+                loss_chunks=opts.loss_chunks if causal else 0, checkpointing=opts.checkpointing,
+                step_nodes=step_nodes, **opts.memory)
             manifest = _manifest(loaded, config, opts, spec, memory, backends)
             manifest.computes = computes
             manifest.record_files(tmp)

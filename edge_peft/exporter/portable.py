@@ -110,8 +110,9 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
 
 def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: str, block: int,
                              max_seq_len: int, weight_decay: float, max_grad_norm: float, out: Path,
-                             int8_compute: bool = False, checkpointing: bool = False, loss_chunks: int = 0) -> None:
-    """Write the training-step graph and the initial trainable state into ``out``.
+                             int8_compute: bool = False, checkpointing: bool = False, loss_chunks: int = 0) -> int:
+    """Write the training-step graph and the initial trainable state into ``out``; return the step graph's
+    node count (the memory model's load term).
 
     Frozen base weights (not the LoRA A factors) are stored as ``quantize`` says: int8 behind
     ``DequantizeLinear``, int4 in blocks of ``block`` behind ``int4.py``'s nodes, or fp32 (none);
@@ -136,13 +137,17 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     if quantize == "int8":
         _products_read_dequantized(fp32_products)
     _transpose_before_dequantize(fp32_products)  # what transB cannot take
-    save_model(_dequantized_at_use(fp32_products), out / PORTABLE_STEP_MODEL)
+    step = _dequantized_at_use(fp32_products)
+    save_model(step, out / PORTABLE_STEP_MODEL)
+    nodes = len(step.graph.node)
+    del step, fp32_products
     if int8_compute:
         _transpose_before_dequantize(proto)
         low_precision.int8_compute(proto)
         save_model(_dequantized_at_use(proto), out / PORTABLE_INT8_STEP_MODEL)
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
     atomic_write_bytes(out / PORTABLE_INITIAL_STATE, save_safetensors(values))
+    return nodes
 
 
 def _dequantized_at_use(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -10,6 +10,7 @@ into new constants); callers make them initializers under their own names.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -51,7 +52,7 @@ def trace(fn: Callable, inputs: list[Input], weights: list[tuple[str, torch.Tens
     included, is a graph input under its name."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with warnings.catch_warnings(), _tracing_for_transformers():
+    with warnings.catch_warnings(), _tracing_for_transformers(), _registry_quiet():
         warnings.simplefilter("ignore")
         traced = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
             *_symbolic_inputs(inputs, [w for _, w in weights]))
@@ -64,6 +65,19 @@ def trace(fn: Callable, inputs: list[Input], weights: list[tuple[str, torch.Tens
                                          input_names=[*(i.name for i in inputs), *(n for n, _ in weights)],
                                          output_names=outputs, optimize=True, verbose=False)
     return onnx_program.model_proto
+
+
+@contextlib.contextmanager
+def _registry_quiet() -> Iterator[None]:
+    """Hold back the dynamo exporter's per-trace warnings that torchvision's operators are not registered
+    (nothing traced here uses them)."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
