@@ -62,13 +62,13 @@ def export(name: str, quantize: str, checkpointing: bool, seq: int, work: Path, 
     """The artifact of one configuration (rank 8, all-linear, ``backend``: both or portable), exported once by
     ``edge-peft export`` in its own process; and that export's wall seconds and peak RSS."""
     out = work / "artifacts" / f"{name}-{quantize}{'-ckpt' if checkpointing else ''}-{backend}"
-    record = out.with_suffix(".export.json")
+    record = out.parent / f"{out.name}.export.json"  # not with_suffix: "llama-0.5b-..." has a dot
     if not (out / "manifest.json").is_file():
         command = [sys.executable, "-m", "edge_peft.cli", "export", str(model_dir(name, work)), "--out", str(out),
                    "--rank", "8", "--quantize", quantize, "--targets", "all-linear", "--max-seq-len", str(seq),
                    "--backend", backend, "--force", *(["--checkpointing"] if checkpointing else [])]
         start = time.perf_counter()
-        log = out.with_suffix(".export.log")
+        log = out.parent / f"{out.name}.export.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as sink:
             child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,7 +58,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp directory beside ``final``; on success it replaces ``final`` in one rename.
 
-    On any exception the temp directory is removed and ``final`` is left as it was.
+    On any exception the temp directory is removed and ``final`` is left as it was. The temp directory's name
+    carries the writer's pid, so the ones a killed writer left (out of memory, SIGKILL) are removed by the next.
     """
     final = Path(final)
     if final.exists() and not overwrite and any(final.iterdir()):
@@ -65,7 +67,8 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
 
         raise UserError(f"{final} exists and is not empty: choose another --out or remove it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    _remove_abandoned(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -82,6 +85,25 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Remove the temp directories of ``final`` whose writer process no longer exists."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\d+)\.[a-z0-9_]+\.tmp")  # what mkdtemp makes below
+    for tmp in final.parent.iterdir():
+        match = pattern.fullmatch(tmp.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 CRASH_AT = "EDGE_PEFT_CRASH_AT"

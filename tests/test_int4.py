@@ -44,14 +44,24 @@ def test_graph_dequantizes_exactly_as_numpy():
     np.testing.assert_array_equal(got, expected[ids])
 
 
-def test_gguf_q4_0_blocks_are_representable_exactly():
-    """Q4_0: w = d * (q - 8) with an fp16 d: scale d, zero point 8."""
-    rng = np.random.default_rng(1)
-    q = rng.integers(0, 16, size=(4, 64)).astype(np.uint8)
-    d = rng.random((4, 2)).astype(np.float16).astype(np.float32)
-    packed = q[:, :32] | (q[:, 32:] << 4)
-    w = int4.dequantize(packed, d, np.full((4, 2), 8, np.uint8))
-    np.testing.assert_array_equal(w.reshape(4, 2, 32), (q.reshape(4, 2, 32).astype(np.float32) - 8) * d[..., None])
+def test_gguf_q4_0_weights_keep_their_codes_exactly():
+    """A matrix as transformers dequantizes a Q4_0 GGUF (gguf-py's reference quantizer, llama.cpp's rule) is
+    stored with the file's codes and scales: the graph gives back the very same values, negative scales
+    included; a Q4_1 matrix (float offsets) is quantized again, within half a step."""
+    from gguf import GGMLQuantizationType, quants
+
+    x = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32)
+    q4_0 = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    packed, scale, zero = int4.quantize(q4_0, 32)
+    assert (zero == 8).all() and (scale < 0).any() and (scale > 0).any()
+    np.testing.assert_array_equal(int4.dequantize(packed, scale, zero), q4_0)
+    inits = int4.stored("S", packed, scale, zero) + int4.constants(32)
+    np.testing.assert_array_equal(_run(int4.dequantize_nodes("S", "out"), inits, {}, "out"), q4_0)
+
+    q4_1 = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
+    assert int4.q4_0_codes(q4_1.reshape(64, 4, 32)) is None
+    packed, scale, zero = int4.quantize(q4_1, 32)
+    assert np.abs(int4.dequantize(packed, scale, zero) - q4_1).max() <= scale.max() / 2 + 1e-6
 
 
 def _refused(capsys, *args) -> list[str]:

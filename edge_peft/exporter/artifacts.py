@@ -124,7 +124,7 @@ def _native_stderr_captured() -> Iterator[None]:
 
 
 def write_inference_model(proto: onnx.ModelProto, trainable: list[str], out: Path) -> None:
-    """The forward graph with the trainable tensors as inputs, so any adapter can be fed at run time."""
-    inference = copy.deepcopy(proto)
-    graph.initializers_to_inputs(inference, trainable)
-    save_model(inference, out / INFERENCE_MODEL)
+    """The forward graph with the trainable tensors as inputs, so any adapter can be fed at run time; ``proto``
+    is rewritten so, in place (no second copy of a large model's weights)."""
+    graph.initializers_to_inputs(proto, trainable)
+    save_model(proto, out / INFERENCE_MODEL)

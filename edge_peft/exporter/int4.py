@@ -2,8 +2,9 @@
 
 A weight is stored as ``S`` [M, K]: the matrix itself, or its transpose, whichever has the axis a product
 reduces over (K) last. Each row is cut into blocks of ``block`` values, quantized asymmetrically,
-``w = scale * (q - zero)`` with ``q`` in 0..15, a per-block fp32 scale and a uint8 zero point (GGUF's Q4_0 is the
-case zero = 8 with an fp16 scale, which converts exactly; Q4_1's float offset does not). Stored per weight:
+``w = scale * (q - zero)`` with ``q`` in 0..15, a per-block fp32 scale and a uint8 zero point. GGUF's Q4_0 is the
+case zero = 8 with an fp16 scale: a Q4_0 model exported with block 32 keeps its codes and scales exactly
+(``q4_0_codes``); Q4_1's float offset has no integer zero point, so its blocks are quantized again. Stored per weight:
 
 - ``<W>.int4``: uint8 [M, K/2], two values a byte: the first half of each row in the low nibbles, the second
   half in the high ones (unpacking is one ``Concat``);
@@ -60,20 +61,45 @@ def check_block_size(block: int) -> None:
 def quantize(s: np.ndarray, block: int, name: str = "weight") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``s`` (2-D fp32 [M, K]) in blocks of ``block`` along its rows -> (packed uint8, scale fp32, zero uint8).
 
-    A row length ``block`` does not divide is refused in one line naming the weight."""
+    Values already on GGUF Q4_0's grid keep its codes exactly (``q4_0_codes``); others are quantized
+    asymmetrically from each block's range. A row length ``block`` does not divide is refused in one line
+    naming the weight."""
     rows, k = s.shape
     if k % block:
         raise UserError(f"--block-size {block} does not divide dimension {k} of {name}: use a block "
                         f"size among {', '.join(map(str, INT4_BLOCK_SIZES))} that divides it")
     blocks = s.reshape(rows, k // block, block).astype(np.float32)
-    low = np.minimum(blocks.min(axis=2), 0)  # the range holds 0, so a zero point in 0..15 represents it
-    high = np.maximum(blocks.max(axis=2), 0)
-    scale = ((high - low) / 15).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    zero = np.clip(np.rint(-low / safe), 0, 15).astype(np.uint8)
-    q = np.clip(np.rint(blocks / safe[..., None]) + zero[..., None], 0, 15).astype(np.uint8).reshape(rows, k)
+    codes = q4_0_codes(blocks)
+    if codes is None:
+        low = np.minimum(blocks.min(axis=2), 0)  # the range holds 0, so a zero point in 0..15 represents it
+        high = np.maximum(blocks.max(axis=2), 0)
+        scale = ((high - low) / 15).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        zero = np.clip(np.rint(-low / safe), 0, 15).astype(np.uint8)
+        q = np.clip(np.rint(blocks / safe[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
+        codes = q, safe, zero
+    q, scale, zero = codes
+    q = q.reshape(rows, k)
     packed = q[:, : k // 2] | (q[:, k // 2:] << 4)
-    return np.ascontiguousarray(packed), safe.reshape(-1), zero.reshape(-1)
+    return np.ascontiguousarray(packed), scale.reshape(-1), zero.reshape(-1)
+
+
+def q4_0_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(codes, scale, zero) reproducing ``blocks`` [rows, n, block] bit for bit when every block lies on GGUF
+    Q4_0's grid ``d * (q - 8)``, q in 0..15 (a Q4_0 GGUF's weights as transformers dequantizes them), else None.
+
+    llama.cpp sets ``d = x / -8`` from the block's value ``x`` of largest magnitude, so that value is ``-8 d``
+    exactly and gives ``d`` back (negative when ``x`` is positive: ``DequantizeLinear`` takes any sign)."""
+    top = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)[..., 0]
+    d = (top / np.float32(-8)).astype(np.float32)
+    safe = np.where(d != 0, d, np.float32(1))
+    q = np.rint(blocks / safe[..., None]) + 8
+    if q.min() < 0 or q.max() > 15:
+        return None
+    q = q.astype(np.uint8)
+    if not np.array_equal((q.astype(np.float32) - 8) * safe[..., None], blocks):
+        return None
+    return q, safe, np.full(d.shape, 8, np.uint8)
 
 
 def dequantize(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:

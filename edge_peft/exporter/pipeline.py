@@ -112,7 +112,10 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                                          checkpointing=opts.checkpointing,
                                          loss_chunks=opts.loss_chunks if causal else 0)
         with stages.stage("writing inference model, tokenizer and manifest"):
+            stored = {"frozen_bytes": graph.nbytes(proto, frozen_list),
+                      "quantized_bytes": graph.quantized_nbytes(proto), "quantized_values": graph.quantized_values(proto)}
             write_inference_model(proto, trainable, tmp)
+            del proto  # before the generation graph's trace: a large model's weights once at a time
             if causal:
                 export_generation_model(model, trainable_params, opts.quantize, block, _context_length(config),
                                         tmp)
@@ -123,9 +126,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                                rank=opts.rank, alpha=float(opts.alpha), seed=opts.seed, target_modules=targets,
                                modules=modules, modules_to_save=heads, base_model=str(Path(model_dir).resolve()))
             memory = MemoryFigures(
-                frozen_bytes=graph.nbytes(proto, frozen_list), quantized_bytes=graph.quantized_nbytes(proto),
-                quantized_values=graph.quantized_values(proto),
-                trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
+                **stored, trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
                 loss_chunks=opts.loss_chunks if causal else 0, checkpointing=opts.checkpointing,
                 step_nodes=step_nodes, **opts.memory)
             manifest = _manifest(loaded, config, opts, spec, memory, backends)

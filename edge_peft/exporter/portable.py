@@ -132,30 +132,26 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
         graph.quantize_int4(proto, base, block, _quantization_axes(model, folded))
     shapes = {name: list(params[name].shape) for name in trainable}
     append_update(proto.graph, shapes, weight_decay, max_grad_norm)
-    fp32_products = onnx.ModelProto()
-    fp32_products.CopyFrom(proto)
-    if quantize == "int8":
-        _products_read_dequantized(fp32_products)
-    _transpose_before_dequantize(fp32_products)  # what transB cannot take
-    step = _dequantized_at_use(fp32_products)
-    save_model(step, out / PORTABLE_STEP_MODEL)
-    nodes = len(step.graph.node)
-    del step, fp32_products
+    int8_products = None
     if int8_compute:
-        _transpose_before_dequantize(proto)
-        low_precision.int8_compute(proto)
-        save_model(_dequantized_at_use(proto), out / PORTABLE_INT8_STEP_MODEL)
+        int8_products = onnx.ModelProto()
+        int8_products.CopyFrom(proto)
+    if quantize == "int8":
+        _products_read_dequantized(proto)
+    _transpose_before_dequantize(proto)  # what transB cannot take
+    recompute.dequantize_at_use(proto)
+    save_model(proto, out / PORTABLE_STEP_MODEL)
+    nodes = len(proto.graph.node)
+    del proto  # the graphs are rewritten in place: a 1 B model's protos are gigabytes each
+    if int8_products is not None:
+        _transpose_before_dequantize(int8_products)
+        low_precision.int8_compute(int8_products)
+        recompute.dequantize_at_use(int8_products)
+        save_model(int8_products, out / PORTABLE_INT8_STEP_MODEL)
+        del int8_products
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
     atomic_write_bytes(out / PORTABLE_INITIAL_STATE, save_safetensors(values))
     return nodes
-
-
-def _dequantized_at_use(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``proto`` whose quantized weights are dequantized at each use (``recompute.dequantize_at_use``)."""
-    pinned = onnx.ModelProto()
-    pinned.CopyFrom(proto)
-    recompute.dequantize_at_use(pinned)
-    return pinned
 
 
 def _products_read_dequantized(proto: onnx.ModelProto) -> None:
