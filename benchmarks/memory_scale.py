@@ -5,11 +5,12 @@ Models: SmolLM2-135M (the bundled GGUF as an fp32 folder) and random Llama-shape
 ``transformers`` from a config (SmolLM2's tokenizer and vocabulary; no download). Every row is its own
 process: edge-peft rows load the artifact without torch and run three steps of batch x sequence random
 tokens (``calibrate_memory.worker``: VmHWM, the memory model's prediction); the PyTorch row runs three
-steps of PEFT LoRA (rank 8, all linear projections, default SDPA attention, AdamW) on the same shapes.
+steps of PEFT LoRA (rank 8, all linear projections, default SDPA attention, AdamW) on the same shapes, and the
+QLoRA row the same with the base loaded 4-bit by bitsandbytes (NF4; 0.50.2 runs it on CPU).
 
 Usage: ``python benchmarks/memory_scale.py --json PATH [--models smollm2,llama-0.5b,llama-1b] [--seq 512]
-[--configs int8,int8-ckpt,int4-ckpt] [--backends ort,portable] [--merge]``. ``--merge`` keeps the rows already in
-``--json`` that this run does not measure again (large models one at a time). With only the portable backend asked
+[--configs int8,int8-ckpt,int4-ckpt] [--backends ort,portable] [--references lora,qlora|none] [--merge]``.
+``--merge`` keeps the rows already in ``--json`` that this run does not measure again (large models one at a time). With only the portable backend asked
 for, the export writes only the portable graphs.
 """
 
@@ -35,6 +36,7 @@ SHAPES = {"llama-0.4b": (1152, 24, 3072, 16, 4),
 CONFIGS = {"int8": ("int8", False), "int8-ckpt": ("int8", True), "int4-ckpt": ("int4", True)}  # (quantize, ckpt)
 BACKENDS = ("ort", "portable")
 TORCH_CONFIG = "PyTorch + PEFT LoRA (SDPA)"
+REFERENCES = {"lora": TORCH_CONFIG, "qlora": "PyTorch + PEFT QLoRA (bitsandbytes nf4, SDPA)"}
 
 
 def model_dir(name: str, work: Path) -> Path:
@@ -83,8 +85,10 @@ def export(name: str, quantize: str, checkpointing: bool, seq: int, work: Path, 
     return out, json.loads(record.read_text())
 
 
-def torch_worker(model: str, batch: int, seq: int, threads: int) -> dict:
-    """Peak RSS and tokens/s of three PEFT LoRA steps (rank 8, all linear projections) in this process."""
+def torch_worker(model: str, batch: int, seq: int, threads: int, qlora: bool) -> dict:
+    """Peak RSS and tokens/s of three PEFT LoRA steps (rank 8, all linear projections) in this process; with
+    ``qlora`` the base is loaded 4-bit by bitsandbytes (NF4, fp32 compute; no gradient checkpointing, as the
+    LoRA row)."""
     import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model
@@ -93,7 +97,13 @@ def torch_worker(model: str, batch: int, seq: int, threads: int) -> dict:
     from edge_peft.device.memory import MB, peak_rss
 
     torch.set_num_threads(threads)
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    extra = {}
+    if qlora:
+        from transformers import BitsAndBytesConfig
+
+        extra = {"device_map": "cpu", "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)}
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **extra)
     peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.from_numpy(np.random.default_rng(0).integers(5, base.config.vocab_size, size=(batch, seq)))
@@ -120,8 +130,10 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, of: " + ", ".join(CONFIGS))
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--merge", action="store_true", help="Keep --json's rows this run does not measure again.")
-    parser.add_argument("--skip-torch", action="store_true",
-                        help="Measure no PyTorch row (with --merge, the rows already in --json stay).")
+    parser.add_argument("--references", default="lora,qlora",
+                        help="PyTorch rows to measure: lora, qlora (bitsandbytes 4-bit), or none; edge-peft rows are "
+                             "compared with the LoRA row, measured now or already in --json")
+    parser.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -131,7 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         batch, seq = map(int, args.worker[1].split("x"))
-        print(json.dumps(torch_worker(args.worker[0], batch, seq, args.threads)))
+        print(json.dumps(torch_worker(args.worker[0], batch, seq, args.threads, args.qlora)))
         return
     print(cpu_description())
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +161,7 @@ def main() -> None:
 
 
 def earlier_torch_row(args, name: str) -> dict | None:
-    """The PyTorch row of ``name`` already in ``--json`` (for ``--skip-torch``), if there is one."""
+    """The PyTorch LoRA row of ``name`` already in ``--json``, if there is one."""
     if not (args.json and Path(args.json).is_file()):
         return None
     return next((r for r in json.loads(Path(args.json).read_text())["rows"]
@@ -160,14 +172,15 @@ def measure(args, work: Path) -> list[dict]:
     """Every model's PyTorch row, then its edge-peft configurations."""
     rows = []
     for name in args.models.split(","):
-        torch_row = earlier_torch_row(args, name) if args.skip_torch else None
-        if torch_row is None:
-            torch_row = run_worker(Path(__file__), [str(model_dir(name, work)), f"{args.batch}x{args.seq}",
-                                                    "--threads", str(args.threads)])
-            rows.append({"model": name, "config": TORCH_CONFIG, **torch_row})
+        measured = {}
+        for ref in (r for r in args.references.split(",") if r != "none"):
+            measured[ref] = run_worker(Path(__file__), [str(model_dir(name, work)), f"{args.batch}x{args.seq}",
+                                                        "--threads", str(args.threads), *(["--qlora"] * (ref == "qlora"))])
+            rows.append({"model": name, "config": REFERENCES[ref], **measured[ref]})
             print(rows[-1], flush=True)
+        torch_row = measured.get("lora") or earlier_torch_row(args, name)
         backends = args.backends.split(",")
-        for quantize, checkpointing in (CONFIGS[c] for c in args.configs.split(",")):
+        for quantize, checkpointing in (CONFIGS[c] for c in args.configs.split(",") if c):
             artifact, exported = export(name, quantize, checkpointing, args.seq, work,
                                         "both" if "ort" in backends else "portable")
             for backend in backends:
@@ -176,7 +189,7 @@ def measure(args, work: Path) -> list[dict]:
                                                       f"{' checkpointing' if checkpointing else ''}",
                              **exported, "peak_mb": row["peak_mb"], "predicted_mb": row["predicted_mb"],
                              "loaded_mb": row["after_load_mb"], "tokens_per_s": row["tokens_per_s"],
-                             "vs_torch": round(row["peak_mb"] / torch_row["peak_mb"], 2)})
+                             "vs_torch": round(row["peak_mb"] / torch_row["peak_mb"], 2) if torch_row else None})
                 print(rows[-1], flush=True)
     return rows
 
