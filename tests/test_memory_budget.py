@@ -13,6 +13,7 @@ from edge_peft.backends import ort as backend_module
 from edge_peft.device.data import Batch
 from edge_peft.device.memory import huge_pages_env
 from edge_peft.device.memory_model import MB, predict
+from edge_peft.exporter.pipeline import memory_shortfall
 from edge_peft.device.planner import BudgetGuard, make_plan, parse_budget
 from edge_peft.device.profiles import list_profiles, load_profile
 from edge_peft.device.trainer import TrainConfig, open_run
@@ -291,3 +292,11 @@ def test_freed_step_memory_stays_resident_only_when_asked(setting, kept):
     assert proc.returncode == 0, proc.stderr
     released = float(proc.stdout)
     assert (released < 2) if kept else (released > 20), released
+
+
+def test_an_export_larger_than_free_memory_is_announced_in_one_line():
+    """A 1 B model on a machine with 19.6 GB free (16 available + 3.6 held): the note names both figures."""
+    note = memory_shortfall(1_070_000_000, 3_600_000_000, 16_000_000_000)
+    assert note is not None and "\n" not in note
+    assert "1.07 B parameters" in note and "25.0 GB" in note and "19.6 GB is free" in note
+    assert memory_shortfall(135_000_000, 1_000_000_000, 8_000_000_000) is None  # SmolLM2 on an 8 GB laptop

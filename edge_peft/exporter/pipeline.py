@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime
+import psutil
 
 from ..artifact.adapter_section import AdapterSpec, ExtraTensor
 from ..artifact.files import TOKENIZER
@@ -15,6 +17,7 @@ from ..artifact.names import BATCH_INPUTS
 from ..backends.compute import FP32, INT8, parse_export_computes
 from ..backends.names import EXPORT_CHOICES, ORT, PORTABLE
 from ..device.chat_template import ChatTemplate
+from ..device.memory import current_rss
 from ..errors import UserError
 from ..fileio import atomic_directory
 from ..progress import Stages
@@ -74,6 +77,10 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         model, recipe = loaded.model, loaded.recipe
         head_prefixes = tuple(f"{h}." for h in recipe.head)
         base_fp = fingerprint(model, exclude_prefixes=head_prefixes)
+    note = memory_shortfall(sum(p.numel() for p in model.parameters()), current_rss(),
+                            psutil.virtual_memory().available)
+    if note:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     with stages.stage(f"injecting {variant.title} adapters"):
         layers = parse_layers(opts.layers, _num_layers(model.config)) if opts.layers else None
         targets, names = resolve_targets(model, recipe, opts.targets, layers)
@@ -134,6 +141,22 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
             manifest.record_files(tmp)
             manifest.save(tmp)
     return manifest
+
+
+# An export's peak RSS: about 1.5 GB (torch, transformers, onnx) plus 5.5x the fp32 model (the model, the
+# tracer's ONNX copy, quantization), measured on SmolLM2-135M, 0.5 B and 1 B Llamas (4.4, 12-13 and 23-24 GB).
+EXPORT_BASE_BYTES, EXPORT_BYTES_PER_FP32_BYTE = 1.5e9, 5.5
+
+
+def memory_shortfall(parameters: int, resident: int, available: int) -> str | None:
+    """A one-line note when exporting a model of ``parameters`` is likely to need more memory than this process
+    holds (``resident``) plus what the machine has ``available``; None when it fits."""
+    need = EXPORT_BASE_BYTES + EXPORT_BYTES_PER_FP32_BYTE * 4 * parameters
+    if need <= resident + available:
+        return None
+    return (f"exporting this model ({parameters / 1e9:.2f} B parameters) takes about {need / 1e9:.1f} GB of memory "
+            f"and {(resident + available) / 1e9:.1f} GB is free for it: close other programs or export on a machine "
+            "with more memory (the system kills an export that runs out)")
 
 
 def _num_layers(config) -> int:
