@@ -56,6 +56,17 @@ def cli(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+def budgeted_train(artifact, data_path, run: Path, budget_mb: int, steps: int, batch_size: int,
+                   timeout: int) -> tuple[dict, dict]:
+    """``edge-peft train --memory-budget`` in a fresh torch-free process (2 threads, no evaluation); asserts it
+    succeeded and returns the run's ``summary.json`` and ``run.json``."""
+    proc = cli("train", artifact, "--data", data_path, "--out", run, "--steps", str(steps), "--batch-size",
+               str(batch_size), "--memory-budget", f"{budget_mb}MB", "--eval-every", "0", "--threads", "2", "--quiet")
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return json.loads((run / "summary.json").read_text()), json.loads((run / "run.json").read_text())
+
+
 def reference_model(model_dir, artifact, base=None):
     """The torch model with the same LoRA-FA adapters and the artifact's initial trainable values; ``base`` (name ->
     array) replaces frozen parameters (a quantized artifact's dequantized weights)."""

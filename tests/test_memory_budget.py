@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import toy
-from helpers import cli
+from helpers import budgeted_train, cli
 
 from edge_peft.backends import ort as backend_module
 from edge_peft.device.data import Batch
@@ -101,13 +101,8 @@ def test_guard_splits_a_batch_that_does_not_fit(lm_artifact):
 @pytest.mark.slow
 def test_tight_budget_run_stays_under_it(lm_artifact, long_data, tmp_path):
     run = tmp_path / "run"
-    proc = cli("train", lm_artifact, "--data", long_data, "--out", run, "--steps", "4", "--batch-size", "8",
-               "--memory-budget", f"{BUDGET_MB}MB", "--eval-every", "0", "--threads", "2", "--quiet")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    summary = json.loads((run / "summary.json").read_text())
+    summary, info = budgeted_train(lm_artifact, long_data, run, BUDGET_MB, steps=4, batch_size=8, timeout=300)
     assert summary["peak_rss_mb"] <= BUDGET_MB, summary  # VmHWM: the high-water mark of the whole process
-    info = json.loads((run / "run.json").read_text())
     assert info["config"]["memory_budget"] == f"{BUDGET_MB}MB" and info["config"]["micro_batch_size"] is None
     assert info["plan"]["micro_batch"] < 8 and info["plan"]["budget_mb"] == BUDGET_MB  # the plan, beside the options
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

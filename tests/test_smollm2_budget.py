@@ -15,7 +15,7 @@ import onnx
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
-from helpers import cli
+from helpers import budgeted_train
 from onnx import numpy_helper
 
 from edge_peft.artifact.files import PORTABLE_STEP_MODEL
@@ -92,12 +92,7 @@ def test_int4_smollm2_trains_under_a_small_memory_budget(tmp_path):
     data = tmp_path / "notes.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(NOTES[i:] + NOTES[:i])}) + "\n" for i in range(6)))
     run = tmp_path / "run"
-    proc = cli("train", artifact, "--data", data, "--out", run, "--steps", "3", "--batch-size", "2",
-               "--memory-budget", f"{BUDGET_MB}MB", "--eval-every", "0", "--threads", "2", "--quiet")
-    _, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err
-    summary = json.loads((run / "summary.json").read_text())
-    info = json.loads((run / "run.json").read_text())
+    summary, info = budgeted_train(artifact, data, run, BUDGET_MB, steps=3, batch_size=2, timeout=900)
     assert info["plan"]["backend"] == "portable" and info["plan"]["budget_mb"] == BUDGET_MB, info
     assert 0 < summary["peak_rss_mb"] <= BUDGET_MB, summary  # VmHWM of the whole training process
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -107,6 +107,18 @@ def current_rss() -> int:
         return peak_rss()
 
 
+def available_memory() -> int | None:
+    """Bytes the system can give a new allocation without swapping (Linux: ``MemAvailable``); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss() -> int:
     """Highest resident bytes this process has had.
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime
-import psutil
 
 from ..artifact.adapter_section import AdapterSpec, ExtraTensor
 from ..artifact.files import TOKENIZER
@@ -17,7 +16,7 @@ from ..artifact.names import BATCH_INPUTS
 from ..backends.compute import FP32, INT8, parse_export_computes
 from ..backends.names import EXPORT_CHOICES, ORT, PORTABLE
 from ..device.chat_template import ChatTemplate
-from ..device.memory import current_rss
+from ..device.memory import available_memory, current_rss
 from ..errors import UserError
 from ..fileio import atomic_directory
 from ..progress import Stages
@@ -77,8 +76,9 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         model, recipe = loaded.model, loaded.recipe
         head_prefixes = tuple(f"{h}." for h in recipe.head)
         base_fp = fingerprint(model, exclude_prefixes=head_prefixes)
-    note = memory_shortfall(sum(p.numel() for p in model.parameters()), current_rss(),
-                            psutil.virtual_memory().available)
+    available = available_memory()
+    note = available is not None and memory_shortfall(sum(p.numel() for p in model.parameters()), current_rss(),
+                                                      available)
     if note:
         print(f"warning: {note}", file=sys.stderr, flush=True)
     with stages.stage(f"injecting {variant.title} adapters"):

@@ -35,7 +35,6 @@ from .portable_optim import append_update
 from .portable_trace import BATCH, SEQUENCE, Input, mean_cross_entropy, trace
 
 
-
 def _step_function(model: nn.Module, causal: bool, trainable: list[str], frozen: list[str]):
     """The function traced: scaled mean cross-entropy (labels -100 ignored) and its adapter gradients."""
     extra = {"use_cache": False} if causal else {}
@@ -218,4 +217,3 @@ def _quantization_axes(model: nn.Module, folded: dict[str, str]) -> dict[str, in
     axes = _output_axes(model)
     axes.update({new: 1 - axes[old] for old, new in folded.items() if old in axes})
     return axes
-
