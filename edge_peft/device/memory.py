@@ -107,16 +107,21 @@ def current_rss() -> int:
         return peak_rss()
 
 
-def available_memory() -> int | None:
-    """Bytes the system can give a new allocation without swapping (Linux: ``MemAvailable``); None elsewhere."""
+def _proc_kb(path: str, key: str) -> int | None:
+    """Bytes of the ``key:  N kB`` line of a /proc file; None where there is none (not Linux)."""
     try:
-        with open("/proc/meminfo") as fh:
+        with open(path) as fh:
             for line in fh:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give a new allocation without swapping (Linux: ``MemAvailable``); None elsewhere."""
+    return _proc_kb("/proc/meminfo", "MemAvailable")
 
 
 def peak_rss() -> int:
@@ -126,12 +131,8 @@ def peak_rss() -> int:
     high-water mark of the image before ``execve``, i.e. of the parent at ``fork`` (a 460 MB test runner
     made a 230 MB training child report 460 MB).
     """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = _proc_kb("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
