@@ -18,7 +18,7 @@ from gguf import quants
 from helpers import budgeted_train
 from onnx import numpy_helper
 
-from edge_peft.artifact.files import PORTABLE_STEP_MODEL
+from edge_peft.artifact.files import GENERATION_MODEL, INFERENCE_MODEL, PORTABLE_STEP_MODEL, WEIGHTS_DATA
 from edge_peft.artifact.manifest import load_manifest
 from edge_peft.bundled import smollm2_dir
 from edge_peft.device.memory_model import estimated_step_nodes
@@ -82,6 +82,10 @@ def test_int4_smollm2_trains_under_a_small_memory_budget(tmp_path):
     nodes = len(onnx.load(str(artifact / PORTABLE_STEP_MODEL), load_external_data=False).graph.node)
     assert memory.step_nodes == nodes
     assert abs(estimated_step_nodes(30, True, True) - nodes) < 0.05 * nodes
+    # the step, inference and generation graphs read one copy of the int4 base
+    shared = (artifact / WEIGHTS_DATA).stat().st_size
+    assert shared < 1.2 * memory.quantized_bytes
+    assert all((artifact / g).stat().st_size < 0.2 * shared for g in (PORTABLE_STEP_MODEL, INFERENCE_MODEL, GENERATION_MODEL))
     # every Q4_0 projection (7 a block) keeps the file's codes: zero points 8, values bit for bit
     stored = _stored_int4(artifact)
     on_grid = [name for name, (_, _, zero) in stored.items() if (zero == 8).all()]

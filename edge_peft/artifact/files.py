@@ -10,6 +10,7 @@ artifact/                       written by `edge-peft export`
   training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint      ORT_* (backend "ort")
   portable_step.onnx, portable_init.safetensors                                PORTABLE_* (backend "portable")
   portable_step_int8.onnx       PORTABLE_INT8_STEP_MODEL: the step with int8 products (--compute int8)
+  weights.data                  WEIGHTS_DATA: the weights of the ONNX graphs above, each tensor once
   warm_start.json               WARM_START: the adapter `adapter load` warm-started it from
   warm_start.safetensors        WARM_START_WEIGHTS: that adapter's tensors (what a top-k push is a delta against)
   layer_probe.json              LAYER_PROBE: why `--layers auto:N` chose its blocks
@@ -43,6 +44,7 @@ ORT_OPTIMIZER_MODEL = "optimizer_model.onnx"
 ORT_CHECKPOINT = "checkpoint"
 PORTABLE_STEP_MODEL = "portable_step.onnx"
 PORTABLE_INT8_STEP_MODEL = "portable_step_int8.onnx"  # the same step, frozen-base products in int8 (--compute int8)
+WEIGHTS_DATA = "weights.data"  # the inference, generation and portable step graphs' weights (exporter/onnx_files.py)
 PORTABLE_INITIAL_STATE = "portable_init.safetensors"  # the trainable tensors a fresh portable run starts from
 WARM_START = "warm_start.json"
 WARM_START_WEIGHTS = "warm_start.safetensors"

@@ -9,7 +9,8 @@ from pathlib import Path
 import onnxruntime
 
 from ..artifact.adapter_section import AdapterSpec, ExtraTensor
-from ..artifact.files import TOKENIZER
+from ..artifact.files import (GENERATION_MODEL, INFERENCE_MODEL, PORTABLE_INT8_STEP_MODEL, PORTABLE_STEP_MODEL,
+                              TOKENIZER)
 from ..artifact.manifest import QUANTIZATIONS, Manifest
 from ..artifact.memory_section import MemoryFigures
 from ..artifact.names import BATCH_INPUTS
@@ -29,6 +30,7 @@ from .kv_cache import export_generation_model
 from .layer_selection import parse_layers
 from .load import fingerprint, load_model_dir
 from .loss_graph import LOSS_CHUNKS
+from .onnx_files import share_weights
 from .portable import write_portable_artifacts
 from .to_onnx import OPSET, export_logits_model
 
@@ -138,6 +140,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                 step_nodes=step_nodes, **opts.memory)
             manifest = _manifest(loaded, config, opts, spec, memory, backends)
             manifest.computes = computes
+            share_weights(tmp, [INFERENCE_MODEL, GENERATION_MODEL, PORTABLE_STEP_MODEL, PORTABLE_INT8_STEP_MODEL])
             manifest.record_files(tmp)
             manifest.save(tmp)
     return manifest
