@@ -240,16 +240,16 @@ def plan(artifact: Path, device_profile: str | None, batch_size: int, micro_batc
          max_seq_len: int | None, **options) -> None:
     """Print the micro-batch, accumulation and sequence length that fit a memory budget, without training."""
     from .artifact.manifest import load_manifest
-    from .backends import resolve
-    from .device.planner import make_plan, parse_budget
+    from .backends import candidates
+    from .device.planner import parse_budget, plan_first_fit
 
     _apply_profile(device_profile, options)
     if not options.get("memory_budget"):
         raise UserError("plan needs --memory-budget (e.g. 512MB) or --device-profile")
     manifest = load_manifest(artifact)
     seq_len = min(max_seq_len or manifest.max_seq_len, manifest.max_seq_len)
-    chosen = make_plan(manifest, parse_budget(options["memory_budget"]), batch_size, seq_len,
-                       resolve(manifest, options["backend"]), options["memory_margin"], micro_batch_size)
+    chosen = plan_first_fit(manifest, parse_budget(options["memory_budget"]), batch_size, seq_len,
+                            candidates(manifest, options["backend"]), options["memory_margin"], micro_batch_size)
     click.echo("\n".join(chosen.describe()))
 
 

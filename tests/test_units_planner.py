@@ -13,7 +13,8 @@ import pytest
 
 from edge_peft.device.data import Batch
 from edge_peft.device.memory_model import MB, predict
-from edge_peft.device.planner import DEFAULT_MARGIN, MIN_USEFUL_SEQ_LEN, BudgetGuard, make_plan, parse_budget
+from edge_peft.device.planner import (DEFAULT_MARGIN, MIN_USEFUL_SEQ_LEN, BudgetGuard, make_plan, parse_budget,
+                                     plan_first_fit)
 from edge_peft.errors import UserError
 from edge_peft.store.testing import make_manifest
 
@@ -82,6 +83,24 @@ def test_plan_cuts_the_sequence_when_one_row_does_not_fit():
     assert 64 <= plan.seq_len < 128
     assert needed(m, 1, plan.seq_len) <= budget < needed(m, 1, plan.seq_len + 1)  # the longest that fits
     assert "(cut from 256)" in plan.describe()[0]
+
+
+def test_a_budget_picks_the_first_backend_that_keeps_the_sequence():
+    m = manifest("int8")
+    ort, portable = (needed(m, 1, SEQ, b) for b in ("ort", "portable"))
+    assert portable < ort  # the two backends' memory factors differ on this manifest
+    preferred = ["ort", "portable"]
+    roomy = plan_first_fit(m, int(ort) + MB, batch_size=8, seq_len=SEQ, backends=preferred)
+    assert roomy.backend == "ort" and roomy.seq_len == SEQ  # the preferred one, when it fits
+    between = int((ort + portable) / 2)
+    chosen = plan_first_fit(m, between, batch_size=8, seq_len=SEQ, backends=preferred)
+    assert chosen.backend == "portable" and chosen.seq_len == SEQ  # ORT would have cut the sequence
+    assert make_plan(m, between, 8, SEQ, "ort").seq_len < SEQ
+    assert plan_first_fit(m, between, 8, SEQ, ["ort"]).backend == "ort"  # a named backend is kept
+    floor = min(needed(m, 1, MIN_USEFUL_SEQ_LEN, b) for b in preferred)
+    with pytest.raises(UserError, match="cannot be met") as caught:
+        plan_first_fit(m, int(floor) - MB, 8, SEQ, preferred)
+    assert str(caught.value).endswith(f"at least {floor / MB:.0f}MB")  # what the cheaper backend needs
 
 
 @pytest.mark.parametrize("quantization", ["none", "int8"])

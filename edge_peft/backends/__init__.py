@@ -34,9 +34,10 @@ def memory_factors(name: str) -> MemoryFactors:
     return backend_class(name).memory_factors
 
 
-def resolve(manifest: Manifest, choice: str = AUTO, state_path: Path | None = None) -> str:
-    """The backend that trains ``manifest``'s artifact: a run's saved state decides when resuming; ``auto``
-    takes the first carried backend whose runtime is installed (ORT's training API before the portable graph)."""
+def candidates(manifest: Manifest, choice: str = AUTO, state_path: Path | None = None) -> list[str]:
+    """The backends that may train ``manifest``'s artifact, preferred first: the one that wrote a run's saved state
+    when resuming, ``choice`` when it names one; for ``auto`` every carried backend whose runtime is installed
+    (ORT's training API before the portable graph), or the portable one when none is."""
     if choice not in TRAIN_CHOICES:
         raise UserError(f"--backend {choice} is not supported: use {', '.join(TRAIN_CHOICES)}")
     if state_path is not None and state_path.exists():
@@ -45,11 +46,15 @@ def resolve(manifest: Manifest, choice: str = AUTO, state_path: Path | None = No
             raise UserError(f"{state_path} is not a training state of any backend: start the run again without --resume")
         if choice not in (AUTO, saved):
             raise UserError(f"the run's checkpoint was written by the {saved} backend: resume with --backend {saved}")
-        return saved
+        return [saved]
     if choice == AUTO:
-        usable = [b for b in BACKENDS if b in manifest.backends and backend_class(b).installed()]
-        return usable[0] if usable else PORTABLE
-    return choice
+        return [b for b in BACKENDS if b in manifest.backends and backend_class(b).installed()] or [PORTABLE]
+    return [choice]
+
+
+def resolve(manifest: Manifest, choice: str = AUTO, state_path: Path | None = None) -> str:
+    """The backend that trains ``manifest``'s artifact without a memory budget: the first of ``candidates``."""
+    return candidates(manifest, choice, state_path)[0]
 
 
 def open_backend(artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,

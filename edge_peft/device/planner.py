@@ -98,6 +98,23 @@ def make_plan(manifest: Manifest, budget: int, batch_size: int, seq_len: int, ba
                 overhead)
 
 
+def plan_first_fit(manifest: Manifest, budget: int, batch_size: int, seq_len: int, backends: list[str],
+                   margin: float = DEFAULT_MARGIN, micro_batch: int | None = None) -> Plan:
+    """``make_plan`` for the first of ``backends`` (preferred first) whose plan keeps the whole ``seq_len``, else for
+    the one that keeps the longest sequence (then the largest micro-batch). When none fits at all, the one-line
+    refusal of the backend that needs the least. Each backend is planned with its own memory factors."""
+    plans, refusals = [], {}
+    for backend in backends:
+        try:
+            plans.append(make_plan(manifest, budget, batch_size, seq_len, backend, margin, micro_batch))
+        except UserError as exc:
+            refusals[backend] = exc
+    if not plans:
+        shortest = min(MIN_USEFUL_SEQ_LEN, seq_len)
+        raise refusals[min(backends, key=lambda b: _needed(manifest, 1, shortest, margin, 0, b))]
+    return next((p for p in plans if p.seq_len == seq_len), max(plans, key=lambda p: (p.seq_len, p.micro_batch)))
+
+
 def _refusal(manifest: Manifest, budget: int, shortest: int, margin: float, overhead: int, backend: str) -> str:
     p = predict(manifest, 1, shortest, backend)
     items = {**p.breakdown(), "measured overhead": overhead}

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..adapters.ranks import NESTED_KEY
 from ..artifact.files import CHECKPOINT, CHECKPOINT_STATE, RUN_INFO, SUMMARY, TOKENIZER
 from ..artifact.manifest import Manifest, load_manifest
-from ..backends import TrainingBackend, open_backend, resolve
+from ..backends import TrainingBackend, candidates, open_backend
 from ..backends.compute import choose_compute, cpu_flags
 from ..errors import UserError
 from ..fileio import sha256_file
@@ -26,7 +26,7 @@ from .hooks import HookFactory, StepHooks, build_hooks
 from .loop import Callback, Schedule, targets, train, train_step
 from .memory import MB, current_rss, huge_pages_active, peak_rss
 from .memory_model import loaded_bytes
-from .planner import DEFAULT_MARGIN, BudgetGuard, Plan, make_plan, parse_budget
+from .planner import DEFAULT_MARGIN, BudgetGuard, Plan, make_plan, parse_budget, plan_first_fit
 from .privacy import DPSettings, dp_step
 from .privacy import settings as dp_settings
 from .run_dir import (Totals, create_run, read_checkpoint, read_run, read_summary, recover_checkpoint, start_over,
@@ -57,7 +57,7 @@ class TrainConfig:
     nested_ranks: bool = False
     layer_lr_decay: float = 1.0
     lr_ratio_b: float = 1.0
-    backend: str = "auto"  # auto | ort | portable (backends.resolve)
+    backend: str = "auto"  # auto | ort | portable (backends.candidates; a budget may pick another carried one)
     execution_provider: str = "CPUExecutionProvider"  # portable backend only; from --device-profile
     compute: str = "auto"  # frozen-base products: auto, fp32 or int8 (backends/compute.py)
     train_on_prompt: bool = False  # prompt/completion and chat data: train on every token, not the answers only
@@ -226,13 +226,14 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
         start_over(out)
         resume = False
     state = out / CHECKPOINT / CHECKPOINT_STATE if resume else None
-    backend_name = resolve(manifest, config.backend, state)  # each backend has its own memory factors
+    backends = candidates(manifest, config.backend, state)
+    backend_name = backends[0]
     seq_len = config.max_seq_len or manifest.max_seq_len
     plan = None
-    if config.memory_budget:
-        plan = make_plan(manifest, parse_budget(config.memory_budget), config.batch_size, seq_len, backend_name,
-                         config.memory_margin, config.micro_batch_size)
-        seq_len = plan.seq_len
+    if config.memory_budget:  # each backend has its own memory factors: a budget may pick the second one
+        plan = plan_first_fit(manifest, parse_budget(config.memory_budget), config.batch_size, seq_len, backends,
+                              config.memory_margin, config.micro_batch_size)
+        backend_name, seq_len = plan.backend, plan.seq_len
     train_file = data_files(config.data)[0]
     data_sha = sha256_file(train_file) if train_file.is_file() else None
     data = load_data(artifact, manifest, config, seq_len)
