@@ -80,18 +80,6 @@ def pytest_runtest_setup(item):
                     pytrace=False)
 
 
-# The suite runs on two workers, a test file each at a time (scripts/test.sh: pytest-xdist, --dist loadfile).
-# The files that export whole models go first, so the short ones fill in around them instead of one long file
-# running alone at the end.
-LONGEST_FIRST = ("test_smollm2_budget.py", "test_portable_blocks.py", "test_families.py", "test_recompute.py",
-                 "test_portable.py", "test_int4.py", "test_dora.py", "test_readme_workflow.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 # Real services on loopback (edge_peft/store/local_services.py), started once per session by the tests that
 # need them. Locally a missing server binary skips those tests with the reason; CI sets
 # EDGE_PEFT_REQUIRE_SERVICES=1 (.ci/run), which turns that skip into a failure.

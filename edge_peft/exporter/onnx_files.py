@@ -56,7 +56,8 @@ def share_weights(folder: Path, names: list[str]) -> None:
                 key = (init.name, init.data_type, tuple(init.dims), hashlib.sha256(raw).digest())
                 if key not in index:
                     offset = -data.tell() % PAGE + data.tell()
-                    data.write(bytes(offset - data.tell()) + raw)
+                    data.write(bytes(offset - data.tell()))
+                    data.write(raw)
                     index[key] = offset, len(raw)
                 offset, length = index[key]
                 init.ClearField("raw_data")
