@@ -1,6 +1,6 @@
 """ONNX files in an artifact under construction: a tracer's scratch (with the per-weight files a model over 2 GB
-gets) leaves nothing behind, a model past the external-data threshold is saved as ``<file>.data`` that
-ONNX Runtime loads with the same result, and the artifact's graphs keep their weights in one shared file."""
+gets) leaves nothing behind, and the artifact's graphs keep their weights in one shared file that ONNX Runtime
+loads with the same results."""
 
 from __future__ import annotations
 
@@ -32,19 +32,6 @@ def test_scratch_file_removes_what_a_tracer_wrote_beside_it(tmp_path):
     np.testing.assert_array_equal(numpy_helper.to_array(proto.graph.initializer[0]), weight)
 
 
-def test_save_model_moves_weights_beside_a_large_model(tmp_path, monkeypatch):
-    weight = np.random.default_rng(0).standard_normal((256, 128)).astype(np.float32)
-    x = np.ones((1, 256), np.float32)
-    onnx_files.save_model(_matmul_model(weight), tmp_path / "small.onnx")
-    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", weight.nbytes // 2)  # this model counts as large
-    onnx_files.save_model(_matmul_model(weight), tmp_path / "large.onnx")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["large.onnx", "large.onnx.data", "small.onnx"]
-    assert (tmp_path / "large.onnx").stat().st_size < weight.nbytes == (tmp_path / "large.onnx.data").stat().st_size
-    run = {name: ort.InferenceSession(str(tmp_path / name)).run(None, {"x": x})[0] for name in ("small.onnx", "large.onnx")}
-    np.testing.assert_array_equal(run["small.onnx"], run["large.onnx"])
-    np.testing.assert_allclose(run["large.onnx"], x @ weight, rtol=1e-4, atol=1e-5)
-
-
 def _two_weight_model(shared: np.ndarray, own: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
     """y = (x @ shared + bias) @ own: ``shared`` and ``bias`` under the same names in every model."""
     nodes = [helper.make_node("MatMul", ["x", "shared"], ["h"]), helper.make_node("Add", ["h", "bias"], ["hb"]),
@@ -56,20 +43,19 @@ def _two_weight_model(shared: np.ndarray, own: np.ndarray, bias: np.ndarray) -> 
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_share_weights_stores_a_tensor_the_graphs_share_once(tmp_path, monkeypatch):
+def test_weights_file_stores_a_tensor_the_graphs_share_once(tmp_path):
     rng = np.random.default_rng(0)
-    shared = rng.standard_normal((64, 32)).astype(np.float32)  # 8 KiB: moved to the shared file
+    shared = rng.standard_normal((64, 32)).astype(np.float32)  # 8 KiB: goes to the weights file
     own = {name: rng.standard_normal((32, 48)).astype(np.float32) for name in ("a.onnx", "b.onnx", "c.onnx")}
     bias = rng.standard_normal(32).astype(np.float32)  # 128 bytes: stays inside each graph
     x = rng.standard_normal((1, 64)).astype(np.float32)
-    onnx_files.save_model(_two_weight_model(shared, own["a.onnx"], bias), tmp_path / "a.onnx")
-    onnx_files.save_model(_two_weight_model(shared, own["b.onnx"], bias), tmp_path / "b.onnx")
-    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 1)  # "c" is a large model with its own .data file
-    onnx_files.save_model(_two_weight_model(shared, own["c.onnx"], bias), tmp_path / "c.onnx")
+    with onnx_files.WeightsFile(tmp_path) as weights:
+        for name, w in own.items():
+            weights.save(_two_weight_model(shared, w, bias), tmp_path / name)
     expected = {name: (x @ shared + bias) @ w for name, w in own.items()}
 
-    onnx_files.share_weights(tmp_path, ["a.onnx", "missing.onnx", "b.onnx", "c.onnx"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx", "c.onnx", "weights.data"]
+
     def padded(array):
         return -(-array.nbytes // onnx_files.PAGE) * onnx_files.PAGE
 

@@ -18,7 +18,7 @@ from ..artifact.names import LABELS, LOSS_SCALE
 from ..errors import UserError
 from . import graph, int4, recompute
 from .loss_graph import target_loss_graph
-from .onnx_files import save_model
+from .onnx_files import WeightsFile
 
 
 def _scaled_cross_entropy():
@@ -123,8 +123,8 @@ def _native_stderr_captured() -> Iterator[None]:
             os.close(saved)
 
 
-def write_inference_model(proto: onnx.ModelProto, trainable: list[str], out: Path) -> None:
+def write_inference_model(proto: onnx.ModelProto, trainable: list[str], out: Path, weights: WeightsFile) -> None:
     """The forward graph with the trainable tensors as inputs, so any adapter can be fed at run time; ``proto``
-    is rewritten so, in place (no second copy of a large model's weights)."""
+    is rewritten so, in place (no second copy of a large model's weights), and its weights go to ``weights``."""
     graph.initializers_to_inputs(proto, trainable)
-    save_model(proto, out / INFERENCE_MODEL)
+    weights.save(proto, out / INFERENCE_MODEL)

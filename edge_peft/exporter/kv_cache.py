@@ -26,7 +26,7 @@ from ..artifact.files import GENERATION_MODEL
 from ..artifact.names import (ATTENTION_MASK, CONTEXT_LENGTH_KEY, INPUT_IDS, LOGITS, POSITION_IDS, past_key,
                               past_value, present_key, present_value)
 from . import graph
-from .onnx_files import save_model, scratch_file
+from .onnx_files import WeightsFile, scratch_file
 from .to_onnx import OPSET, distinct_values, restore_initializers, tied_names
 
 WRAPPER_PREFIX = "model."
@@ -61,8 +61,9 @@ def cache_shape(model: nn.Module) -> tuple[int, int, int]:
 
 
 def export_generation_model(model: nn.Module, trainable: dict[str, torch.Tensor], quantize: str, block: int,
-                            context_length: int, out: Path) -> None:
-    """Write ``GENERATION_MODEL`` into ``out``: trace, restore trainable values, quantize, adapters as inputs."""
+                            context_length: int, out: Path, weights: WeightsFile) -> None:
+    """Write ``GENERATION_MODEL`` into ``out`` (its weights into ``weights``): trace, restore trainable values,
+    quantize, adapters as inputs."""
     num_layers, heads, dim = cache_shape(model)
     wrapper = CachedStep(model, num_layers).eval()
     past_len, new_len = 3, 2
@@ -88,4 +89,4 @@ def export_generation_model(model: nn.Module, trainable: dict[str, torch.Tensor]
     graph.prepare_frozen(proto, list(trainable), quantize, block)
     graph.initializers_to_inputs(proto, list(trainable))
     onnx.helper.set_model_props(proto, {CONTEXT_LENGTH_KEY: str(context_length)})
-    save_model(proto, out / GENERATION_MODEL)
+    weights.save(proto, out / GENERATION_MODEL)

@@ -9,8 +9,7 @@ from pathlib import Path
 import onnxruntime
 
 from ..artifact.adapter_section import AdapterSpec, ExtraTensor
-from ..artifact.files import (GENERATION_MODEL, INFERENCE_MODEL, PORTABLE_INT8_STEP_MODEL, PORTABLE_STEP_MODEL,
-                              TOKENIZER)
+from ..artifact.files import TOKENIZER
 from ..artifact.manifest import QUANTIZATIONS, Manifest
 from ..artifact.memory_section import MemoryFigures
 from ..artifact.names import BATCH_INPUTS
@@ -30,7 +29,7 @@ from .kv_cache import export_generation_model
 from .layer_selection import parse_layers
 from .load import fingerprint, load_model_dir
 from .loss_graph import LOSS_CHUNKS
-from .onnx_files import share_weights
+from .onnx_files import WeightsFile
 from .portable import write_portable_artifacts
 from .to_onnx import OPSET, export_logits_model
 
@@ -114,35 +113,37 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                                          loss_chunks=opts.loss_chunks, hidden_size=_hidden_size(config),
                                          checkpointing=opts.checkpointing)
         step_nodes = 0
-        if PORTABLE in backends:
-            with stages.stage("exporting the portable training graphs"):
-                step_nodes = write_portable_artifacts(model, causal, trainable, opts.quantize, block, opts.max_seq_len,
-                                         opts.weight_decay, opts.max_grad_norm, tmp, int8_compute=INT8 in computes,
-                                         checkpointing=opts.checkpointing,
-                                         loss_chunks=opts.loss_chunks if causal else 0)
-        with stages.stage("writing inference model, tokenizer and manifest"):
-            stored = {"frozen_bytes": graph.nbytes(proto, frozen_list),
-                      "quantized_bytes": graph.quantized_nbytes(proto), "quantized_values": graph.quantized_values(proto)}
-            write_inference_model(proto, trainable, tmp)
-            del proto  # before the generation graph's trace: a large model's weights once at a time
-            if causal:
-                export_generation_model(model, trainable_params, opts.quantize, block, _context_length(config),
-                                        tmp)
-            loaded.tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER))
-            ChatTemplate(loaded.tokenizer.chat_template, loaded.tokenizer.special_tokens_map).save(tmp)
-            spec = AdapterSpec(base_fingerprint=base_fp, model_type=config.model_type,
-                               architecture=type(loaded.model).__name__, task=loaded.task, variant=variant.name,
-                               rank=opts.rank, alpha=float(opts.alpha), seed=opts.seed, target_modules=targets,
-                               modules=modules, modules_to_save=heads, base_model=str(Path(model_dir).resolve()))
-            memory = MemoryFigures(
-                **stored, trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
-                loss_chunks=opts.loss_chunks if causal else 0, checkpointing=opts.checkpointing,
-                step_nodes=step_nodes, **opts.memory)
-            manifest = _manifest(loaded, config, opts, spec, memory, backends)
-            manifest.computes = computes
-            share_weights(tmp, [INFERENCE_MODEL, GENERATION_MODEL, PORTABLE_STEP_MODEL, PORTABLE_INT8_STEP_MODEL])
-            manifest.record_files(tmp)
-            manifest.save(tmp)
+        with WeightsFile(tmp) as weights:  # the graphs' frozen tensors, each once
+            if PORTABLE in backends:
+                with stages.stage("exporting the portable training graphs"):
+                    step_nodes = write_portable_artifacts(
+                        model, causal, trainable, opts.quantize, block, opts.max_seq_len, opts.weight_decay,
+                        opts.max_grad_norm, tmp, weights, int8_compute=INT8 in computes,
+                        checkpointing=opts.checkpointing, loss_chunks=opts.loss_chunks if causal else 0)
+            with stages.stage("writing inference model, tokenizer and manifest"):
+                stored = {"frozen_bytes": graph.nbytes(proto, frozen_list),
+                          "quantized_bytes": graph.quantized_nbytes(proto),
+                          "quantized_values": graph.quantized_values(proto)}
+                write_inference_model(proto, trainable, tmp, weights)
+                del proto  # before the generation graph's trace: a large model's weights once at a time
+                if causal:
+                    export_generation_model(model, trainable_params, opts.quantize, block, _context_length(config),
+                                            tmp, weights)
+                loaded.tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER))
+                ChatTemplate(loaded.tokenizer.chat_template, loaded.tokenizer.special_tokens_map).save(tmp)
+                spec = AdapterSpec(base_fingerprint=base_fp, model_type=config.model_type,
+                                   architecture=type(loaded.model).__name__, task=loaded.task, variant=variant.name,
+                                   rank=opts.rank, alpha=float(opts.alpha), seed=opts.seed, target_modules=targets,
+                                   modules=modules, modules_to_save=heads, base_model=str(Path(model_dir).resolve()))
+                memory = MemoryFigures(
+                    **stored, trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
+                    loss_chunks=opts.loss_chunks if causal else 0, checkpointing=opts.checkpointing,
+                    step_nodes=step_nodes, **opts.memory)
+                manifest = _manifest(loaded, config, opts, spec, memory, backends)
+                manifest.computes = computes
+                weights.close()  # complete before its checksum is recorded
+                manifest.record_files(tmp)
+                manifest.save(tmp)
     return manifest
 
 

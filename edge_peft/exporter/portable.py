@@ -29,7 +29,7 @@ from ..artifact.names import BATCH_INPUTS, LOSS, grad_name, is_a
 from ..fileio import atomic_write_bytes
 from . import graph, int4, low_precision, recompute
 from ..errors import UserError
-from .onnx_files import save_model
+from .onnx_files import WeightsFile
 from .portable_blocks import BlockwiseExport, find_blocks
 from .portable_optim import append_update
 from .portable_trace import BATCH, SEQUENCE, Input, mean_cross_entropy, trace
@@ -109,9 +109,10 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
 
 def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: str, block: int,
                              max_seq_len: int, weight_decay: float, max_grad_norm: float, out: Path,
+                             weights: WeightsFile,
                              int8_compute: bool = False, checkpointing: bool = False, loss_chunks: int = 0) -> int:
-    """Write the training-step graph and the initial trainable state into ``out``; return the step graph's
-    node count (the memory model's load term).
+    """Write the training-step graph (its frozen tensors into ``weights``) and the initial trainable state into
+    ``out``; return the step graph's node count (the memory model's load term).
 
     Frozen base weights (not the LoRA A factors) are stored as ``quantize`` says: int8 behind
     ``DequantizeLinear``, int4 in blocks of ``block`` behind ``int4.py``'s nodes, or fp32 (none);
@@ -139,14 +140,14 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
         _products_read_dequantized(proto)
     _transpose_before_dequantize(proto)  # what transB cannot take
     recompute.dequantize_at_use(proto)
-    save_model(proto, out / PORTABLE_STEP_MODEL)
+    weights.save(proto, out / PORTABLE_STEP_MODEL)
     nodes = len(proto.graph.node)
     del proto  # the graphs are rewritten in place: a 1 B model's protos are gigabytes each
     if int8_products is not None:
         _transpose_before_dequantize(int8_products)
         low_precision.int8_compute(int8_products)
         recompute.dequantize_at_use(int8_products)
-        save_model(int8_products, out / PORTABLE_INT8_STEP_MODEL)
+        weights.save(int8_products, out / PORTABLE_INT8_STEP_MODEL)
         del int8_products
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
     atomic_write_bytes(out / PORTABLE_INITIAL_STATE, save_safetensors(values))
