@@ -12,7 +12,7 @@ from helpers import data_for
 
 from edge_peft.adapters.peft_format import complete_tensors, decode_adapter, expand_if_compact, load_adapter
 from edge_peft.artifact.names import onnx_name
-from edge_peft.adapters.ranks import nested_gain
+from edge_peft.adapters.ranks import nested_gain, surviving_channels
 from edge_peft.artifact.names import layer_index
 from edge_peft.variants import lora_a_from_seed
 from edge_peft.device.adapter_io import save_run_adapter
@@ -234,8 +234,12 @@ def test_adaptive_state_survives_a_resume(artifacts, data, tmp_path):
     spec = load_manifest(artifact).adapter
     straight = load_adapter(tmp_path / "straight" / "adapter", spec)
     resumed = load_adapter(tmp_path / "resumed" / "adapter", spec)
+    # the pruning decisions must agree exactly; values to float rounding (GEMM summation order may
+    # differ with buffer alignment between processes: 1 entry in 512 at 2e-7 has been seen)
+    assert surviving_channels(spec, resumed) == surviving_channels(spec, straight)
+    assert any(len(kept) < spec.rank for kept in surviving_channels(spec, straight).values())
     for key, value in straight.items():
-        np.testing.assert_allclose(resumed[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(resumed[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def test_layer_selection_forms(tmp_path):
