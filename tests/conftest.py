@@ -6,8 +6,10 @@ must not trigger them). Shared functions live in ``helpers.py``, not here.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -42,26 +44,33 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def artifacts(models, tmp_path_factory):
-    """export(kind, quantize, variant, rank, backend, compute) -> artifact dir, cached per combination."""
+    """export(kind, quantize, variant, rank, backend, compute) -> artifact dir, exported once per combination for
+    the whole run: pytest-xdist workers share one folder (the first exports under a lock, the others wait for it).
+    Tests treat these artifacts as read-only (copy one before changing it)."""
     from edge_peft.exporter.pipeline import ExportOptions, export_artifact
 
-    root = tmp_path_factory.mktemp("artifacts")
-    cache: dict[tuple, Path] = {}
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-artifacts"
+    root.mkdir(exist_ok=True)
 
     def get(kind: str, quantize: str = "int8", variant: str = "lora-fa", rank: int = 4, backend: str = "ort",
             compute: str = "fp32") -> Path:
         key = (kind, quantize, variant, rank) + ((backend,) if backend != "ort" else ()) + (
             (compute,) if compute != "fp32" else ())
-        if key not in cache:
-            out = root / "-".join(map(str, key))
-            labels = ["negative", "positive"] if kind == "minilm" else None
-            export_artifact(models[kind], out, ExportOptions(rank=rank, alpha=8, quantize=quantize, variant=variant,
-                                                             max_seq_len=32, seed=7, labels=labels,
-                                                             targets=toy.TARGETS.get(kind), backend=backend,
-                                                             compute=compute),
-                            quiet=True)
-            cache[key] = out
-        return cache[key]
+        out = root / "-".join(map(str, key))
+        done = out.with_name(out.name + ".done")
+        with open(out.with_name(out.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                shutil.rmtree(out, ignore_errors=True)  # a worker that failed mid-export leaves a partial folder
+                labels = ["negative", "positive"] if kind == "minilm" else None
+                export_artifact(models[kind], out, ExportOptions(rank=rank, alpha=8, quantize=quantize, variant=variant,
+                                                                 max_seq_len=32, seed=7, labels=labels,
+                                                                 targets=toy.TARGETS.get(kind), backend=backend,
+                                                                 compute=compute),
+                                quiet=True)
+                done.touch()
+        return out
 
     return get
 
