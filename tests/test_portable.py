@@ -20,7 +20,7 @@ from edge_peft.device.trainer import TrainConfig, open_run
 from edge_peft.errors import UserError
 from edge_peft.artifact.manifest import load_manifest
 from edge_peft.artifact.files import PORTABLE_STEP_MODEL as STEP_MODEL
-from edge_peft.artifact.names import LR, STEP, accumulated, moment_names, updated
+from edge_peft.artifact.names import accumulated, moment_names, updated
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTABLE_PYTHON = Path(os.environ.get("EDGE_PEFT_PORTABLE_VENV", ROOT / ".venv-portable")) / "bin" / "python"
@@ -54,12 +54,12 @@ def test_portable_loss_falls_and_touches_only_adapters(artifacts, data, tmp_path
     assert last < 0.6 * first, f"loss {first:.3f} -> {last:.3f}"
     assert {p.name: _sha(p) for p in artifact.iterdir() if p.is_file()} == before  # the artifact is read-only
 
-    proto = onnx.load(str(artifact / STEP_MODEL))  # one graph: batch + state in, loss + new state out
-    trainable = list(PortableBackend.initial_trainable(artifact, load_manifest(artifact)))
+    proto = onnx.load(str(artifact / STEP_MODEL))  # one graph: batch, adapters and gradients so far in; loss and
+    trainable = list(PortableBackend.initial_trainable(artifact, load_manifest(artifact)))  # gradients out
     inputs, outputs = {i.name for i in proto.graph.input}, {o.name for o in proto.graph.output}
-    state = [x for n in trainable for x in (n, *moment_names(n), accumulated(n))]
-    assert {"input_ids", "attention_mask", "labels", LR, STEP, *state} <= inputs
-    assert outputs == {"loss", *map(updated, state)}
+    assert {"input_ids", "attention_mask", "labels", *trainable, *map(accumulated, trainable)} <= inputs
+    assert outputs == {"loss", *(updated(accumulated(n)) for n in trainable)}
+    assert not inputs & {x for n in trainable for x in moment_names(n)}  # AdamW is the loop's (backends/adamw.py)
     assert {node.domain for node in proto.graph.node} <= {"", "pkg.onnxscript.torch_lib", "pkg.onnxscript.torch_lib.common"}
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     assert any(a.dtype == np.int8 for a in inits.values())

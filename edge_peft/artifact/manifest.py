@@ -17,7 +17,7 @@ from .adapter_section import AdapterSpec
 from .files import LAYER_PROBE, MANIFEST, WARM_START, WARM_START_WEIGHTS
 from .memory_section import MemoryFigures
 
-SCHEMA_VERSION = 3  # 3: portable step graphs block-wise, with the chunked LM loss and checkpointing
+SCHEMA_VERSION = 4  # 4: the portable step graph accumulates gradients, the loop runs AdamW (3: AdamW in the graph)
 TASKS = ("causal-lm", "sequence-classification")
 QUANTIZATIONS = ("none", "int8", "int4")
 INT4_BLOCK_SIZES = (32, 64, 128)  # int4: values per block along the reduced axis (exporter/int4.py)
@@ -48,6 +48,8 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of every file the export wrote
     computes: list[str] = field(default_factory=lambda: ["fp32"])  # portable step graphs: backends/compute.py
     block_size: int | None = None  # int4: values per block (INT4_BLOCK_SIZES); None otherwise
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (the ORT optimizer graph has it built in)
+    max_grad_norm: float = 1.0  # global gradient-norm clipping before each update (0: none)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -99,6 +101,9 @@ class Manifest:
             problems.append(f"backends {self.backends!r} not a non-empty subset of {BACKENDS}")
         if "fp32" not in self.computes or set(self.computes) - {"fp32", "int8"}:
             problems.append(f"computes {self.computes!r} must hold fp32 and nothing but fp32 and int8")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
+                   for x in (self.weight_decay, self.max_grad_norm)):
+            problems.append(f"weight decay {self.weight_decay!r} and max grad norm {self.max_grad_norm!r} must be >= 0")
         if self.task == "sequence-classification" and len(self.labels) < 2:
             problems.append("a classifier needs at least two labels")
         if problems:

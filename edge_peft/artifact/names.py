@@ -24,7 +24,6 @@ LOGITS = "logits"
 POSITION_IDS = "position_ids"  # the generation graph's positions of the new tokens
 CONTEXT_LENGTH_KEY = "context_length"  # the generation graph's metadata: the longest sequence its positions cover
 LOSS = "loss"
-LR, STEP = "lr", "step"  # portable step graph: learning rate and 1-based AdamW step
 
 _LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
 

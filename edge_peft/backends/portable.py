@@ -3,8 +3,8 @@
 No ``onnxruntime-training`` and no torch: frozen weights are initializers of ``portable_step.onnx``
 (int8 behind ``DequantizeLinear``); the trainable tensors, their AdamW moments and the step live here
 as numpy arrays and are fed in each call. Every micro-batch runs the one graph, which returns the
-gradients accumulated so far and the update AdamW makes of them; the update of the step's last
-micro-batch is kept. State files are safetensors with the step in the header.
+gradients accumulated so far; the step's update is AdamW in numpy (``adamw.py``), with the weight decay and
+clipping the manifest records. State files are safetensors with the step in the header.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from safetensors.numpy import load, save
 from ..adapters.channels import copy_channels, gate, ungate
 from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_INT8_STEP_MODEL, PORTABLE_STEP_MODEL
 from ..artifact.manifest import ADAMW_BETAS, Manifest
-from ..artifact.names import (ATTENTION_MASK, BATCH_INPUTS, INPUT_IDS, LABELS, LOSS, LOSS_SCALE, LR, STEP, a_name,
+from ..artifact.names import (ATTENTION_MASK, BATCH_INPUTS, INPUT_IDS, LABELS, LOSS, LOSS_SCALE, a_name,
                               accumulated, b_name, moment_names, updated)
 from ..errors import UserError
 from ..fileio import atomic_write_bytes
 from ..variants import lora_a_from_seed
+from .adamw import adamw_step
 from .base import MemoryFactors
 from .compute import FP32, INT8
 from .names import PORTABLE
@@ -78,7 +79,7 @@ class PortableBackend:
         self.names = [i.name for i in self._session.get_inputs()
                       if i.name not in BATCH_INPUTS and accumulated(i.name) in inputs]
         self._overridable = {i.name for i in self._session.get_overridable_initializers()}
-        self._outputs = [LOSS, *[updated(x) for n in self.names for x in (n, *moment_names(n), accumulated(n))]]
+        self._outputs = [LOSS, *[updated(accumulated(n)) for n in self.names]]
         self._load(state_path or artifact / PORTABLE_INITIAL_STATE)
         self._lr = 0.0
         self._pending: dict[str, np.ndarray] | None = None  # outputs of the step's latest micro-batch
@@ -157,40 +158,34 @@ class PortableBackend:
     def _run(self, batch: "Batch", scale: float, outputs: list[str]) -> tuple[float, dict[str, np.ndarray]]:
         acc = self._pending or {}
         feeds = {INPUT_IDS: batch.input_ids.astype(np.int64), ATTENTION_MASK: batch.attention_mask.astype(np.int64),
-                 LABELS: batch.labels.astype(np.int64), LOSS_SCALE: np.array(scale, dtype=np.float32),
-                 LR: np.array(self._lr, dtype=np.float32), STEP: np.array(self.step + 1, dtype=np.int64)}
+                 LABELS: batch.labels.astype(np.int64), LOSS_SCALE: np.array(scale, dtype=np.float32)}
         for n in self.names:
-            m, v = moment_names(n)
-            feeds.update({n: self.values[n], m: self.m[n], v: self.v[n],
-                          accumulated(n): acc.get(updated(accumulated(n)), self._zeros[n])})
+            feeds.update({n: self.values[n], accumulated(n): acc.get(updated(accumulated(n)), self._zeros[n])})
         feeds.update(self._frozen_feeds)
         loss, *rest = self._session.run(outputs, feeds)
         return float(loss), dict(zip(outputs[1:], rest))
 
     def forward_backward(self, batch: "Batch", scale: float = 1.0) -> float:
         loss, self._pending = self._run(batch, scale, self._outputs)
-        self._last_batch = batch
         return loss
 
     def clear_gradients(self) -> None:
         self._pending = None
 
     def set_gradients(self, tensors: dict[str, np.ndarray]) -> None:
-        """Run the step's last micro-batch again at loss scale 0 with ``tensors`` as the accumulated gradients, so
-        the graph's AdamW update is made of them: one extra forward and backward of that micro-batch."""
+        """Replace the step's accumulated gradients (what ``optimizer_step`` updates with)."""
         if self._pending is None:
             raise RuntimeError("set_gradients needs a forward_backward in this step first")
         for name, value in tensors.items():
             self._pending[updated(accumulated(name))] = np.ascontiguousarray(value, dtype=np.float32)
-        _, self._pending = self._run(self._last_batch, 0.0, self._outputs)
 
     def optimizer_step(self) -> None:
-        """Keep the update the step's last micro-batch computed (a step without any target changes nothing)."""
+        """AdamW with the step's accumulated gradients (a step without any target changes nothing)."""
         stepped = self._pending is not None
         if stepped:
-            for n in self.names:
-                m, v = moment_names(n)
-                self.values[n], self.m[n], self.v[n] = (self._pending[updated(x)] for x in (n, m, v))
+            grads = {n: self._pending[updated(accumulated(n))] for n in self.names}
+            adamw_step(self.values, self.m, self.v, grads, self._lr, self.step + 1, self.manifest.weight_decay,
+                       self.manifest.max_grad_norm)
             self.step += 1
         self._pending = None
         for n, (old, gated, gains) in self._gated.items():

@@ -103,7 +103,7 @@ class ModelFigures:
 # Nodes of a Llama-shaped block in the portable step graph (all linear projections adapted), counted on
 # SmolLM2-135M and a 1 B Llama: the block itself, what checkpointing adds (its recompute), what an int4 base
 # adds (unpacking at each use); and the embedding, LM head and loss.
-BLOCK_NODES, CHECKPOINT_BLOCK_NODES, INT4_BLOCK_NODES, OUTER_NODES = 582, 153, 86, 600
+BLOCK_NODES, CHECKPOINT_BLOCK_NODES, INT4_BLOCK_NODES, OUTER_NODES = 470, 153, 86, 600
 
 
 def estimated_step_nodes(layers: int, checkpointing: bool, int4: bool) -> int:

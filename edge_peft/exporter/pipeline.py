@@ -117,8 +117,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
             if PORTABLE in backends:
                 with stages.stage("exporting the portable training graphs"):
                     step_nodes = write_portable_artifacts(
-                        model, causal, trainable, opts.quantize, block, opts.max_seq_len, opts.weight_decay,
-                        opts.max_grad_norm, tmp, weights, int8_compute=INT8 in computes,
+                        model, causal, trainable, opts.quantize, block, opts.max_seq_len, tmp, weights,
+                        int8_compute=INT8 in computes,
                         checkpointing=opts.checkpointing, loss_chunks=opts.loss_chunks if causal else 0)
             with stages.stage("writing inference model, tokenizer and manifest"):
                 stored = {"frozen_bytes": graph.nbytes(proto, frozen_list),
@@ -202,4 +202,6 @@ def _manifest(loaded, config, opts: ExportOptions, spec: AdapterSpec, memory: Me
         pad_token_id=int(pad),
         eos_token_id=tok.eos_token_id,
         block_size=opts.block_size if opts.quantize == "int4" else None,
+        weight_decay=opts.weight_decay,
+        max_grad_norm=opts.max_grad_norm,
     )

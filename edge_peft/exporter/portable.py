@@ -1,5 +1,5 @@
-"""The portable backend's training-step graph: forward, adapter-only gradients and AdamW as one standard
-ONNX model (the contract is in ``portable_spec``).
+"""The portable backend's training-step graph: forward and adapter-only gradients, accumulated over a step's
+micro-batches, as one standard ONNX model.
 
 Route (the only one that exported, see issue 7): ``torch.func.grad_and_value`` over
 ``torch.func.functional_call``, traced to plain aten ops with ``make_fx(tracing_mode="symbolic")``,
@@ -8,8 +8,8 @@ exporter (opset 18). Frozen tensors are inputs of the traced function (no weight
 computed for them) and of the exported graph (so its optimizer keeps them single and int8-able); they
 become initializers under their Hugging Face names afterwards.
 
-Gradient accumulation and AdamW (``portable_optim.py``) are then appended to the exported graph in
-standard ONNX ops.
+Gradient accumulation is then appended to the exported graph (``append_accumulation``); the AdamW update is
+the loop's, in numpy (``backends/adamw.py``).
 """
 
 from __future__ import annotations
@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.numpy_helper
+from onnx import TensorProto, helper
 import torch
 from safetensors.numpy import save as save_safetensors
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_INT8_STEP_MODEL, PORTABLE_STEP_MODEL
-from ..artifact.names import BATCH_INPUTS, LOSS, grad_name, is_a
+from ..artifact.names import BATCH_INPUTS, LOSS, accumulated, grad_name, is_a, updated
 from ..fileio import atomic_write_bytes
 from . import graph, int4, low_precision, recompute
 from ..errors import UserError
 from .onnx_files import WeightsFile
 from .portable_blocks import BlockwiseExport, find_blocks
-from .portable_optim import append_update
 from .portable_trace import BATCH, SEQUENCE, Input, mean_cross_entropy, trace
 
 
@@ -108,8 +108,7 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
 
 
 def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: str, block: int,
-                             max_seq_len: int, weight_decay: float, max_grad_norm: float, out: Path,
-                             weights: WeightsFile,
+                             max_seq_len: int, out: Path, weights: WeightsFile,
                              int8_compute: bool = False, checkpointing: bool = False, loss_chunks: int = 0) -> int:
     """Write the training-step graph (its frozen tensors into ``weights``) and the initial trainable state into
     ``out``; return the step graph's node count (the memory model's load term).
@@ -131,7 +130,7 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     elif quantize == "int4":
         graph.quantize_int4(proto, base, block, _quantization_axes(model, folded))
     shapes = {name: list(params[name].shape) for name in trainable}
-    append_update(proto.graph, shapes, weight_decay, max_grad_norm)
+    append_accumulation(proto.graph, shapes)
     int8_products = None
     if int8_compute:
         int8_products = onnx.ModelProto()
@@ -152,6 +151,20 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
     atomic_write_bytes(out / PORTABLE_INITIAL_STATE, save_safetensors(values))
     return nodes
+
+
+def append_accumulation(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> None:
+    """Replace ``graph``'s outputs ``<name>.grad`` (this micro-batch's gradients) by the gradients accumulated
+    over the step's micro-batches: per trainable tensor an input ``<name>.grad_acc`` (zeros at first) and an
+    output ``<name>.grad_acc.new``, their sum. The update itself is the loop's (``backends/adamw.py``)."""
+    kept = [o for o in graph.output if o.name not in {grad_name(name) for name in shapes}]
+    del graph.output[:]
+    graph.output.extend(kept)
+    for name, shape in shapes.items():
+        total = updated(accumulated(name))
+        graph.input.append(helper.make_tensor_value_info(accumulated(name), TensorProto.FLOAT, shape))
+        graph.node.append(helper.make_node("Add", [accumulated(name), grad_name(name)], [total]))
+        graph.output.append(helper.make_tensor_value_info(total, TensorProto.FLOAT, shape))
 
 
 def _products_read_dequantized(proto: onnx.ModelProto) -> None:
