@@ -125,6 +125,8 @@ def test_unknown_variant_is_refused(tmp_path):
     (lambda d: d.update(quantization="int3"), "quantization 'int3' not in"),
     (lambda d: d.update(quantization="int4"), "block size None does not fit quantization 'int4'"),
     (lambda d: d.update(backends=["cuda"]), "backends ['cuda'] not a non-empty subset"),
+    (lambda d: d.update(weight_decay=-0.1), "weight decay -0.1 and max grad norm 1.0 must be >= 0"),
+    (lambda d: d.update(max_grad_norm="1"), "weight decay 0.0 and max grad norm '1' must be >= 0"),
 ])
 def test_damaged_sections_are_refused(tmp_path, edit, expect):
     data = make_manifest().to_dict()
@@ -137,7 +139,7 @@ def test_damaged_sections_are_refused(tmp_path, edit, expect):
 def test_to_dict_from_dict_round_trip(tmp_path, kw):
     manifest = make_manifest(**kw)
     data = manifest.to_dict()
-    assert data["schema_version"] == SCHEMA_VERSION == 3
+    assert data["schema_version"] == SCHEMA_VERSION == 4
     assert set(data["adapter"]) >= {"base_fingerprint", "variant", "modules"} and "frozen_bytes" in data["memory"]
     assert Manifest.from_dict(json.loads(json.dumps(data))) == manifest
     manifest.save(tmp_path)
