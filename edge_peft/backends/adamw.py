@@ -3,8 +3,8 @@
 Same arithmetic as ORT's ``AdamWOptimizer`` in Hugging Face mode (``adam_mode=1``: bias correction folded into
 the learning rate, decoupled weight decay applied after the update), preceded by ``ClipGradNorm`` (global L2
 norm over all gradients, coefficient ``max_norm / (norm + 1e-6)`` capped at 1), all in float32. The step graph
-computes only the gradients: the update of adapter-sized tensors costs little here and thousands of graph
-nodes, each of which the session holds in memory, in the graph.
+computes only the gradients; the update runs here, where its intermediates are short-lived numpy arrays of
+adapter size instead of session nodes and buffers.
 """
 
 from __future__ import annotations
