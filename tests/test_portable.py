@@ -60,6 +60,8 @@ def test_portable_loss_falls_and_touches_only_adapters(artifacts, data, tmp_path
     assert {"input_ids", "attention_mask", "labels", *trainable, *map(accumulated, trainable)} <= inputs
     assert outputs == {"loss", *(updated(accumulated(n)) for n in trainable)}
     assert not inputs & {x for n in trainable for x in moment_names(n)}  # AdamW is the loop's (backends/adamw.py)
+    # no tracer debug records (stack traces with the workstation's paths) or intermediate shapes for ORT to hold
+    assert not any(node.metadata_props or node.doc_string for node in proto.graph.node) and not proto.graph.value_info
     assert {node.domain for node in proto.graph.node} <= {"", "pkg.onnxscript.torch_lib", "pkg.onnxscript.torch_lib.common"}
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     assert any(a.dtype == np.int8 for a in inits.values())

@@ -50,10 +50,12 @@ class PortableBackend:
     # slices, glibc's mmap threshold fixed at 128 KB; MiniLM, a 4-layer GPT-2, a SmolLM2-135M-shaped Llama int8 /
     # int8 checkpointed / int4 checkpointed and a 1 B Llama int4 checkpointed; 21 points; the load term counts the
     # step graph's nodes). The naive-logit factor and the fp32 floor are the 2026-11-25 fit's (whole-model
-    # graphs; floor fitted by hand to MiniLM fp32 at 1x32..8x32).
+    # graphs; floor fitted by hand to MiniLM fp32 at 1x32..8x32). The fit's 5,499 bytes a node, less 1,527: what the
+    # tracer's per-node debug records and intermediate shapes cost at load, measured when the export stopped saving
+    # them (SmolLM2 int4 checkpointed -31.8 MB over 21,788 nodes, 0.5 B -25.5 MB over 17,558; docs/memory.md).
     memory_factors = MemoryFactors(runtime=int(40.2 * MB), session=int(27.2 * MB), weight_load=1.047,
                                    step=0, dequant=0.0, token=1.123, score=0.901, logit=4.428,
-                                   chunked_logit=0.171, fp32_floor=0.4, dequantized_head=1.523, node_load=5499.0)
+                                   chunked_logit=0.171, fp32_floor=0.4, dequantized_head=1.523, node_load=3972.0)
 
     def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
                  provider: str = "CPUExecutionProvider", compute: str = FP32):

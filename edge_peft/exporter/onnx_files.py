@@ -36,7 +36,10 @@ class WeightsFile:
         self._index: dict[tuple, tuple[int, int]] = {}
 
     def save(self, proto: onnx.ModelProto, path: Path) -> None:
-        """Save ``proto`` at ``path`` with its large tensors here; their bytes are dropped from ``proto``."""
+        """Save ``proto`` at ``path`` with its large tensors here; their bytes are dropped from ``proto``, and so are
+        the shapes recorded for its intermediate values (``value_info``), which ONNX Runtime infers again when it
+        loads the graph."""
+        del proto.graph.value_info[:]
         for init in proto.graph.initializer:
             raw = init.raw_data
             if len(raw) < SHARED_MIN_BYTES:

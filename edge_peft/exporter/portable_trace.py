@@ -69,7 +69,17 @@ def trace(fn: Callable, inputs: list[Input], weights: list[tuple[str, torch.Tens
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=PORTABLE_OPSET,
                                              input_names=[*(i.name for i in inputs), *(n for n, _ in weights)],
                                              output_names=outputs, optimize=True, verbose=False)
-    return onnx_program.model_proto
+    return drop_node_metadata(onnx_program.model_proto)
+
+
+def drop_node_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` without what the exporter records on each node for debugging (``metadata_props``: the FX node,
+    its module path and the exporting machine's stack trace with its file paths; ``doc_string``), which ONNX
+    Runtime would keep in memory for every node of the step graph."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.ClearField("doc_string")
+    return proto
 
 
 def _onnx_decompositions() -> dict:
