@@ -34,7 +34,8 @@ def _run(nodes, inits, inputs: dict[str, np.ndarray], output: str) -> np.ndarray
 
 def test_graph_dequantizes_exactly_as_numpy():
     s = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32)
-    packed, scale, zero = int4.quantize(s, 32)
+    packed, scale, zero, offset = int4.quantize(s, 32)
+    assert offset is None  # not on a GGUF grid: no offsets stored
     expected = int4.dequantize(packed, scale, zero)
     assert np.abs(expected - s).max() <= scale.max() / 2 + 1e-6  # rounding to the nearest of 16 levels
     inits = int4.stored("S", packed, scale, zero) + int4.constants(32)
@@ -44,24 +45,37 @@ def test_graph_dequantizes_exactly_as_numpy():
     np.testing.assert_array_equal(got, expected[ids])
 
 
-def test_gguf_q4_0_weights_keep_their_codes_exactly():
+def test_gguf_q4_0_and_q4_1_weights_keep_their_values_exactly():
     """A matrix as transformers dequantizes a Q4_0 GGUF (gguf-py's reference quantizer, llama.cpp's rule) is
     stored with the file's codes and scales: the graph gives back the very same values, negative scales
-    included; a Q4_1 matrix (float offsets) is quantized again, within half a step."""
+    included. A Q4_1 matrix (``d * q + m``) keeps them too, through its stored offsets, in the full matrix and in
+    gathered rows; one value off the grid sends it back to plain quantization."""
     from gguf import GGMLQuantizationType, quants
 
     x = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32)
     q4_0 = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
-    packed, scale, zero = int4.quantize(q4_0, 32)
-    assert (zero == 8).all() and (scale < 0).any() and (scale > 0).any()
+    packed, scale, zero, offset = int4.quantize(q4_0, 32)
+    assert (zero == 8).all() and (scale < 0).any() and (scale > 0).any() and offset is None
     np.testing.assert_array_equal(int4.dequantize(packed, scale, zero), q4_0)
     inits = int4.stored("S", packed, scale, zero) + int4.constants(32)
     np.testing.assert_array_equal(_run(int4.dequantize_nodes("S", "out"), inits, {}, "out"), q4_0)
 
     q4_1 = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
     assert int4.q4_0_codes(q4_1.reshape(64, 4, 32)) is None
-    packed, scale, zero = int4.quantize(q4_1, 32)
-    assert np.abs(int4.dequantize(packed, scale, zero) - q4_1).max() <= scale.max() / 2 + 1e-6
+    packed, scale, zero, offset = int4.quantize(q4_1, 32)
+    assert offset.shape == (64 * 4, 1) and (zero == 0).all()
+    np.testing.assert_array_equal(int4.dequantize(packed, scale, zero, offset), q4_1)
+    inits = int4.stored("S", packed, scale, zero, offset) + int4.constants(32)
+    np.testing.assert_array_equal(_run(int4.dequantize_nodes("S", "out", offset=True), inits, {}, "out"), q4_1)
+    ids = np.array([[3, 0, 63], [5, 5, 1]], np.int64)
+    got = _run(int4.gather_nodes("S", 128, 32, "ids", "out", offset=True), inits, {"ids": ids}, "out")
+    np.testing.assert_array_equal(got, q4_1[ids])
+
+    off_grid = q4_1.copy()
+    off_grid[7, 40] = np.nextafter(off_grid[7, 40], np.float32(np.inf))
+    packed, scale, zero, offset = int4.quantize(off_grid, 32)
+    assert offset is None
+    assert np.abs(int4.dequantize(packed, scale, zero) - off_grid).max() <= scale.max() / 2 + 1e-6
 
 
 def _refused(capsys, *args) -> list[str]:
@@ -82,9 +96,24 @@ def test_a_block_size_outside_32_64_128_is_refused(tmp_path, capsys):
 # -- exported tiny Llama-shaped models (slow) -------------------------------------------------------------
 
 
+Q4_1_WEIGHTS = ("mlp.", "embed_tokens")  # on GGUF Q4_1's grid in the ``llama`` fixture: both int4 forms in one model
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return make_family_model("llama", tmp_path_factory.mktemp("llama") / "model")
+    """A tiny Llama whose MLP projections and tied embedding table lie on GGUF Q4_1's grid (as transformers loads a
+    Q4_1 file: gguf-py's quantizer and dequantizer), its attention projections not."""
+    from gguf import GGMLQuantizationType, quants
+    from safetensors.numpy import load_file, save_file
+
+    out = make_family_model("llama", tmp_path_factory.mktemp("llama") / "model")
+    weights = load_file(out / "model.safetensors")
+    for name, w in weights.items():
+        if w.ndim == 2 and any(part in name for part in Q4_1_WEIGHTS):
+            kind = GGMLQuantizationType.Q4_1
+            weights[name] = quants.dequantize(quants.quantize(w, kind), kind).reshape(w.shape)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def _export(model, out, quantize: str = "int4", backend: str = "ort", checkpointing: bool = False, block: int = 32):
@@ -109,7 +138,7 @@ def _dequantized_base(artifact) -> dict[str, np.ndarray]:
     each projection as the torch weight (``W.T`` in the graph, its transposes folded: ``S = W``) and the tied
     embedding table as it is."""
     stored = _stored(artifact)
-    return {name.removesuffix(".T"): int4.dequantize(*(stored[n] for n in int4.stored_names(name)))
+    return {name.removesuffix(".T"): int4.dequantize(*(stored.get(n) for n in int4.stored_names(name)))
             for name in (n.removesuffix(".int4") for n in stored if n.endswith(".int4"))}
 
 
@@ -124,6 +153,8 @@ def test_int4_trains_on_both_backends_and_keeps_its_weights(llama, data, tmp_pat
         assert not big, f"{graph} stores base weights in fp32: {big[:3]}"
         assert not [i.name for i in proto.graph.initializer if i.data_type == TensorProto.INT8]
     names = list(_stored(artifact))
+    offsets = {n.removesuffix(".offset") for n in names if n.endswith(".offset")}
+    assert offsets and all(any(part in n for part in Q4_1_WEIGHTS) for n in offsets)  # Q4_1 kept exactly, only there
     manifest = load_manifest(artifact)
     for backend in ("ort", "portable"):
         run = tmp_path / f"run-{backend}"
@@ -145,6 +176,11 @@ def test_int4_losses_equal_checkpointing_and_pytorch(llama, data, tmp_path):
     got = train(recomputed, data["lm"], tmp_path / "run-ckpt", steps=STEPS, threads=1)
     assert got == pytest.approx(expected, abs=1e-5)
     base = _dequantized_base(plain)
+    from safetensors.numpy import load_file
+
+    q4_1 = {n: w for n, w in load_file(llama / "model.safetensors").items() if any(p in n for p in Q4_1_WEIGHTS)}
+    kept = {n.replace(".base_layer", ""): w for n, w in base.items()}
+    assert q4_1 and all(np.array_equal(kept[n], w) for n, w in q4_1.items())  # the file's values, bit for bit
     reference = reference_losses(llama, plain, data["lm"], STEPS, tmp_path / "batches", base)
     np.testing.assert_allclose(expected, reference, rtol=1e-4)
 

@@ -204,8 +204,10 @@ def quantize_int4(proto: onnx.ModelProto, names: set[str], block: int, axes: dic
         flipped = axis == 1  # reduced along axis 0: S = W^T
         stored = np.ascontiguousarray(w.T if flipped else w)
         graph.initializer.remove(init)
-        graph.initializer.extend(int4.stored(name, *int4.quantize(stored, block, name)))
-        new_frozen.extend(int4.stored_names(name))
+        *arrays, offsets = int4.quantize(stored, block, name)
+        offset = offsets is not None  # a GGUF Q4_1 matrix kept exactly
+        graph.initializer.extend(int4.stored(name, *arrays, offsets))
+        new_frozen.extend(int4.stored_names(name)[: 4 if offset else 3])
         s_name = f"{name}.int4s"
         direct = _read_stored(others, s_name, flipped, uses, dead)
         if direct:
@@ -215,10 +217,10 @@ def quantize_int4(proto: onnx.ModelProto, names: set[str], block: int, axes: dic
             for node, k in direct:
                 node.input[k] = value
         if others:
-            prologue.extend(int4.dequantize_nodes(name, s_name))
+            prologue.extend(int4.dequantize_nodes(name, s_name, offset))
         for node, _ in gathers:
             dead.add(id(node))
-            after[id(node)] += int4.gather_nodes(name, w.shape[1], block, node.input[1], node.output[0])
+            after[id(node)] += int4.gather_nodes(name, w.shape[1], block, node.input[1], node.output[0], offset)
     if new_frozen:
         graph.initializer.extend(int4.constants(block))
         if all(o.domain != int4.MS_DOMAIN for o in proto.opset_import):

@@ -4,12 +4,16 @@ A weight is stored as ``S`` [M, K]: the matrix itself, or its transpose, whichev
 reduces over (K) last. Each row is cut into blocks of ``block`` values, quantized asymmetrically,
 ``w = scale * (q - zero)`` with ``q`` in 0..15, a per-block fp32 scale and a uint8 zero point. GGUF's Q4_0 is the
 case zero = 8 with an fp16 scale: a Q4_0 model exported with block 32 keeps its codes and scales exactly
-(``q4_0_codes``); Q4_1's float offset has no integer zero point, so its blocks are quantized again. Stored per weight:
+(``q4_0_codes``). GGUF's Q4_1, ``w = d * q + m``, has a float offset no integer zero point gives: such a matrix keeps
+its codes, ``d`` and ``m`` exactly with zero 0 and a per-block fp32 ``offset`` added after the dequantization
+(``q4_1_codes``). Stored per weight:
 
 - ``<W>.int4``: uint8 [M, K/2], two values a byte: the first half of each row in the low nibbles, the second
   half in the high ones (unpacking is one ``Concat``);
 - ``<W>.scale`` fp32 and ``<W>.zero`` uint8, both [M*K/B] (row-major: the blocks of row 0 first), and
-  ``<W>.shape`` (int64 [M, K]).
+  ``<W>.shape`` (int64 [M, K]);
+- a Q4_1 matrix only: ``<W>.offset``, fp32 [M*K/B, 1], added to each dequantized block (one ``Add``, a second fp32
+  copy of that one matrix while it runs).
 
 Why this form: ORT 1.19's training checkpoint refuses int4 and fp16 tensors (``DequantizeLinear`` on int4
 fails there), and ``MatMulNBits`` has no gradient. Unpacking is ``BitShift`` + ``Concat`` on uint8; the
@@ -58,18 +62,23 @@ def check_block_size(block: int) -> None:
         raise UserError(f"--block-size {block} is not supported: use {', '.join(map(str, INT4_BLOCK_SIZES))}")
 
 
-def quantize(s: np.ndarray, block: int, name: str = "weight") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``s`` (2-D fp32 [M, K]) in blocks of ``block`` along its rows -> (packed uint8, scale fp32, zero uint8).
+def quantize(s: np.ndarray, block: int, name: str = "weight"
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``s`` (2-D fp32 [M, K]) in blocks of ``block`` along its rows -> (packed uint8, scale fp32, zero uint8,
+    offset fp32 [M*K/B, 1] or None).
 
-    Values already on GGUF Q4_0's grid keep its codes exactly (``q4_0_codes``); others are quantized
-    asymmetrically from each block's range. A row length ``block`` does not divide is refused in one line
-    naming the weight."""
+    Values already on GGUF Q4_0's or Q4_1's grid keep their codes exactly (``q4_0_codes``, ``q4_1_codes``); others
+    are quantized asymmetrically from each block's range, without an offset. A row length ``block`` does not
+    divide is refused in one line naming the weight."""
     rows, k = s.shape
     if k % block:
         raise UserError(f"--block-size {block} does not divide dimension {k} of {name}: use a block "
                         f"size among {', '.join(map(str, INT4_BLOCK_SIZES))} that divides it")
     blocks = s.reshape(rows, k // block, block).astype(np.float32)
-    codes = q4_0_codes(blocks)
+    codes, offset = q4_0_codes(blocks), None
+    if codes is None and (exact := q4_1_codes(blocks)) is not None:
+        *codes, offset = exact
+        offset = offset.reshape(-1, 1)
     if codes is None:
         low = np.minimum(blocks.min(axis=2), 0)  # the range holds 0, so a zero point in 0..15 represents it
         high = np.maximum(blocks.max(axis=2), 0)
@@ -81,7 +90,7 @@ def quantize(s: np.ndarray, block: int, name: str = "weight") -> tuple[np.ndarra
     q, scale, zero = codes
     q = q.reshape(rows, k)
     packed = q[:, : k // 2] | (q[:, k // 2:] << 4)
-    return np.ascontiguousarray(packed), scale.reshape(-1), zero.reshape(-1)
+    return np.ascontiguousarray(packed), scale.reshape(-1), zero.reshape(-1), offset
 
 
 def q4_0_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -102,12 +111,40 @@ def q4_0_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] 
     return q, safe, np.full(d.shape, 8, np.uint8)
 
 
-def dequantize(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+def q4_1_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(codes, scale ``d``, zero 0, offset ``m``) reproducing ``blocks`` [rows, n, block] bit for bit when every block
+    lies on GGUF Q4_1's grid ``d * q + m`` (fp16 ``d`` and ``m``, q in 0..15, computed in fp32 as transformers
+    dequantizes the file), else None.
+
+    llama.cpp sets ``m`` to the block's minimum (its code is 0, so the value is ``m`` exactly) and ``d`` to the
+    range over 15 in fp16; that ``d`` or an fp16 neighbour of it gives the block's values back."""
+    m = blocks.min(axis=2)
+    if not np.array_equal(m.astype(np.float16).astype(np.float32), m):
+        return None
+    guess = ((blocks.max(axis=2) - m) / np.float32(15)).astype(np.float16)
+    best_q, best_d = np.zeros(blocks.shape, np.uint8), np.ones(m.shape, np.float32)
+    solved = np.zeros(m.shape, bool)
+    for d16 in (guess, np.nextafter(guess, np.float16(np.inf)), np.nextafter(guess, np.float16(-np.inf))):
+        d = np.where(d16 > 0, d16.astype(np.float32), np.float32(1))
+        q = np.clip(np.rint((blocks - m[..., None]) / d[..., None]), 0, 15)
+        ok = ~solved & (q.astype(np.float32) * d[..., None] + m[..., None] == blocks).all(axis=2)
+        best_q[ok], best_d[ok] = q[ok].astype(np.uint8), d[ok]
+        solved |= ok
+    if not solved.all():
+        return None
+    return best_q, best_d, np.zeros(m.shape, np.uint8), m.astype(np.float32)
+
+
+def dequantize(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray, offset: np.ndarray | None = None
+               ) -> np.ndarray:
     """The fp32 ``S`` the graph's dequantization computes from the stored arrays (numpy: references, tests)."""
     q = np.concatenate([packed & 15, packed >> 4], axis=1).astype(np.int32)
     scale, zero = scale.reshape(packed.shape[0], -1), zero.reshape(packed.shape[0], -1)
-    blocks = q.reshape(scale.shape[0], scale.shape[1], -1) - zero[..., None].astype(np.int32)
-    return (blocks.astype(np.float32) * scale[..., None]).reshape(q.shape)
+    blocks = (q.reshape(scale.shape[0], scale.shape[1], -1) - zero[..., None].astype(np.int32)).astype(np.float32)
+    blocks = blocks * scale[..., None]
+    if offset is not None:
+        blocks = blocks + offset.reshape(scale.shape)[..., None]
+    return blocks.reshape(q.shape)
 
 
 def constants(block: int) -> list[onnx.TensorProto]:
@@ -127,40 +164,49 @@ def _unpack(packed: str, out: str) -> list[onnx.NodeProto]:
     ]
 
 
-def _dequantize_blocks(q: str, scale: str, zero: str, out: str) -> list[onnx.NodeProto]:
-    """fp32 ``out`` [-1, block] = unpacked ``q`` viewed a block a row, through one per-axis DequantizeLinear."""
-    return [helper.make_node("Reshape", [q, ROWS], [f"{out}.q"]),
-            helper.make_node("DequantizeLinear", [f"{out}.q", scale, zero], [out], axis=0)]
+def _dequantize_blocks(q: str, scale: str, zero: str, out: str, offset: str | None) -> list[onnx.NodeProto]:
+    """fp32 ``out`` [-1, block] = unpacked ``q`` viewed a block a row, through one per-axis DequantizeLinear, plus
+    the blocks' ``offset`` [-1, 1] when there is one."""
+    scaled = f"{out}.scaled" if offset else out
+    nodes = [helper.make_node("Reshape", [q, ROWS], [f"{out}.q"]),
+             helper.make_node("DequantizeLinear", [f"{out}.q", scale, zero], [scaled], axis=0)]
+    if offset:
+        nodes.append(helper.make_node("Add", [scaled, offset], [out]))
+    return nodes
 
 
-def dequantize_nodes(weight: str, out: str) -> list[onnx.NodeProto]:
-    """Nodes computing fp32 ``out`` = the stored ``weight`` ``S``: seven, so that the copies made at each use
-    (``recompute.dequantize_at_use``) add few nodes to the session."""
+def dequantize_nodes(weight: str, out: str, offset: bool = False) -> list[onnx.NodeProto]:
+    """Nodes computing fp32 ``out`` = the stored ``weight`` ``S`` (``offset``: it has ``<W>.offset``): seven or
+    eight, so that the copies made at each use (``recompute.dequantize_at_use``) add few nodes to the session."""
     t = f"{out}.int4"
     nodes = _unpack(f"{weight}.int4", f"{t}.q")
-    nodes += _dequantize_blocks(f"{t}.q", f"{weight}.scale", f"{weight}.zero", f"{t}.blocks")
+    nodes += _dequantize_blocks(f"{t}.q", f"{weight}.scale", f"{weight}.zero", f"{t}.blocks",
+                                f"{weight}.offset" if offset else None)
     nodes.append(helper.make_node("Reshape", [f"{t}.blocks", f"{weight}.shape"], [out]))
     for k, node in enumerate(nodes):
         node.name = f"{out}{END}" if k == len(nodes) - 1 else f"{out}{MARK}{k}"
     return nodes
 
 
-def gather_nodes(weight: str, width: int, block: int, indices: str, out: str) -> list[onnx.NodeProto]:
-    """Nodes computing fp32 ``out`` = rows ``indices`` of the stored ``weight`` (``width`` wide): only the
-    gathered rows are unpacked and dequantized (embeddings)."""
+def gather_nodes(weight: str, width: int, block: int, indices: str, out: str, offset: bool = False
+                 ) -> list[onnx.NodeProto]:
+    """Nodes computing fp32 ``out`` = rows ``indices`` of the stored ``weight`` (``width`` wide; ``offset``: it has
+    ``<W>.offset``): only the gathered rows are unpacked and dequantized (embeddings)."""
     make = helper.make_node
     t = f"{out}.int4"
     def const(name: str, values: list[int]) -> onnx.NodeProto:
         return make("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64)))
 
-    nodes = [const(f"{t}.table", [-1, width // block]), const(f"{t}.flat", [-1]), const(f"{t}.width", [width])]
-    for part in ("scale", "zero"):  # the stored blocks a table row a weight row, gathered, flat again
+    nodes = [const(f"{t}.table", [-1, width // block]), const(f"{t}.flat", [-1]), const(f"{t}.width", [width]),
+             const(f"{t}.column", [-1, 1])]
+    # the stored blocks a table row a weight row, gathered, flat again (offsets: a column, as stored)
+    for part, shape in (("scale", "flat"), ("zero", "flat"), ("offset", "column"))[: 3 if offset else 2]:
         nodes += [make("Reshape", [f"{weight}.{part}", f"{t}.table"], [f"{t}.{part}_table"]),
                   make("Gather", [f"{t}.{part}_table", indices], [f"{t}.{part}_rows"], axis=0),
-                  make("Reshape", [f"{t}.{part}_rows", f"{t}.flat"], [f"{t}.{part}"])]
+                  make("Reshape", [f"{t}.{part}_rows", f"{t}.{shape}"], [f"{t}.{part}"])]
     nodes.append(make("Gather", [f"{weight}.int4", indices], [f"{t}.packed"], axis=0))
     nodes += _unpack(f"{t}.packed", f"{t}.q")
-    nodes += _dequantize_blocks(f"{t}.q", f"{t}.scale", f"{t}.zero", f"{t}.blocks")
+    nodes += _dequantize_blocks(f"{t}.q", f"{t}.scale", f"{t}.zero", f"{t}.blocks", f"{t}.offset" if offset else None)
     nodes += [
         make("Shape", [indices], [f"{t}.index_shape"]),
         make("Concat", [f"{t}.index_shape", f"{t}.width"], [f"{t}.shape"], axis=0),
@@ -169,15 +215,18 @@ def gather_nodes(weight: str, width: int, block: int, indices: str, out: str) ->
     return nodes
 
 
-def stored(weight: str, packed: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> list[onnx.TensorProto]:
-    """The initializers of one quantized weight (its nibbles, scales and zero points, and its shape)."""
+def stored(weight: str, packed: np.ndarray, scale: np.ndarray, zero: np.ndarray, offset: np.ndarray | None = None
+           ) -> list[onnx.TensorProto]:
+    """The initializers of one quantized weight (its nibbles, scales, zero points, offsets if any, and its shape)."""
     shape = np.array([packed.shape[0], 2 * packed.shape[1]], np.int64)
-    return [numpy_helper.from_array(packed, f"{weight}.int4"), numpy_helper.from_array(scale, f"{weight}.scale"),
-            numpy_helper.from_array(zero, f"{weight}.zero"), numpy_helper.from_array(shape, f"{weight}.shape")]
+    arrays = [packed, scale, zero, *([] if offset is None else [offset])]
+    return [*(numpy_helper.from_array(a, n) for a, n in zip(arrays, stored_names(weight))),
+            numpy_helper.from_array(shape, f"{weight}.shape")]
 
 
 def stored_names(weight: str) -> list[str]:
-    return [f"{weight}.int4", f"{weight}.scale", f"{weight}.zero"]
+    """The names of a stored weight's arrays, in ``dequantize``'s order; the last (the offset) only a Q4_1 matrix has."""
+    return [f"{weight}.int4", f"{weight}.scale", f"{weight}.zero", f"{weight}.offset"]
 
 
 def products_as_gemm(proto: onnx.ModelProto) -> int:
