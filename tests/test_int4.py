@@ -78,6 +78,31 @@ def test_gguf_q4_0_and_q4_1_weights_keep_their_values_exactly():
     assert np.abs(int4.dequantize(packed, scale, zero) - off_grid).max() <= scale.max() / 2 + 1e-6
 
 
+def test_gguf_q8_0_weights_keep_their_values_exactly():
+    """A matrix as transformers dequantizes a Q8_0 GGUF keeps its int8 codes and block scales (an int8 export's
+    blockwise form): the chain and gathered rows give back the file's values bit for bit; other matrices, and one
+    value off the grid, are not taken for Q8_0."""
+    from gguf import GGMLQuantizationType, quants
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((48, 96)).astype(np.float32)
+    q8_0 = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0).reshape(x.shape)
+    codes, scale = int4.q8_0_codes(q8_0)
+    assert codes.dtype == np.int8 and scale.shape == (48 * 3,) and np.abs(codes).max() == 127
+    inits = int4.stored_q8("S", codes, scale) + int4.constants(int4.Q8_0_BLOCK)
+    nodes = int4.dequantize_nodes("S", "out", packed=False)
+    assert int4.pinned(nodes[0], 1) and not int4.pinned(nodes[0], 0)  # a copy at use waits on the root's shape
+    np.testing.assert_array_equal(_run(nodes, inits, {}, "out"), q8_0)
+    ids = np.array([[3, 0, 47], [5, 5, 1]], np.int64)
+    got = _run(int4.gather_nodes("S", 96, int4.Q8_0_BLOCK, "ids", "out", packed=False), inits, {"ids": ids}, "out")
+    np.testing.assert_array_equal(got, q8_0[ids])
+
+    assert int4.q8_0_codes(x) is None
+    off_grid = q8_0.copy()
+    off_grid[30, 50] = np.nextafter(off_grid[30, 50], np.float32(np.inf))
+    assert int4.q8_0_codes(off_grid) is None
+
+
 def _refused(capsys, *args) -> list[str]:
     """Run the CLI in-process, expecting a user error; return what it wrote to stderr, line by line."""
     with pytest.raises(SystemExit) as exc:
@@ -97,21 +122,22 @@ def test_a_block_size_outside_32_64_128_is_refused(tmp_path, capsys):
 
 
 Q4_1_WEIGHTS = ("mlp.", "embed_tokens")  # on GGUF Q4_1's grid in the ``llama`` fixture: both int4 forms in one model
+Q8_0_WEIGHTS = ("q_proj", "o_proj")  # on Q8_0's grid: kept blockwise by an int8 export
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """A tiny Llama whose MLP projections and tied embedding table lie on GGUF Q4_1's grid (as transformers loads a
-    Q4_1 file: gguf-py's quantizer and dequantizer), its attention projections not."""
+    Q4_1 file: gguf-py's quantizer and dequantizer), its query and output projections on Q8_0's, the rest on none."""
     from gguf import GGMLQuantizationType, quants
     from safetensors.numpy import load_file, save_file
 
     out = make_family_model("llama", tmp_path_factory.mktemp("llama") / "model")
     weights = load_file(out / "model.safetensors")
     for name, w in weights.items():
-        if w.ndim == 2 and any(part in name for part in Q4_1_WEIGHTS):
-            kind = GGMLQuantizationType.Q4_1
-            weights[name] = quants.dequantize(quants.quantize(w, kind), kind).reshape(w.shape)
+        for parts, kind in ((Q4_1_WEIGHTS, GGMLQuantizationType.Q4_1), (Q8_0_WEIGHTS, GGMLQuantizationType.Q8_0)):
+            if w.ndim == 2 and any(part in name for part in parts):
+                weights[name] = quants.dequantize(quants.quantize(w, kind), kind).reshape(w.shape)
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     return out
 
@@ -183,6 +209,28 @@ def test_int4_losses_equal_checkpointing_and_pytorch(llama, data, tmp_path):
     assert q4_1 and all(np.array_equal(kept[n], w) for n, w in q4_1.items())  # the file's values, bit for bit
     reference = reference_losses(llama, plain, data["lm"], STEPS, tmp_path / "batches", base)
     np.testing.assert_allclose(expected, reference, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_an_int8_export_keeps_q8_0_matrices_exactly_and_trains(llama, data, tmp_path):
+    from safetensors.numpy import load_file
+
+    artifact = _export(llama, tmp_path / "int8", quantize="int8", backend="both", checkpointing=True)
+    file = load_file(llama / "model.safetensors")
+    for graph in (INFERENCE_MODEL, GENERATION_MODEL, PORTABLE_STEP_MODEL):  # ORT training keeps them in its checkpoint
+        inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(artifact / graph)).graph.initializer}
+        kept = {n.removesuffix(".q8") for n in inits if n.endswith(".q8")}
+        assert kept and all(any(part in n for part in Q8_0_WEIGHTS) for n in kept), graph
+        for name in kept:  # S = the torch weight (transposes folded), the file's values bit for bit
+            s = (inits[f"{name}.q8"].astype(np.float32).reshape(-1, 32) * inits[f"{name}.scale"][:, None])
+            torch_name = name.replace(".base_layer", "").removesuffix(".T")
+            np.testing.assert_array_equal(s.reshape(file[torch_name].shape), file[torch_name])
+    for graph in (ORT_TRAINING_MODEL, PORTABLE_STEP_MODEL):  # every Q8_0 copy made at its use, none at the start
+        assert not [n for n in onnx.load(str(artifact / graph)).graph.node if int4.is_chain_end(n)], graph
+    losses = {b: train(artifact, data["lm"], tmp_path / f"run-{b}", steps=STEPS, threads=1, backend=b)
+              for b in ("ort", "portable")}
+    assert losses["ort"][-1] < losses["ort"][0]
+    np.testing.assert_allclose(losses["portable"], losses["ort"], rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ the gathered rows), flatten logits for the loss, and expose trainable tensors as
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -123,7 +124,8 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
 
     ``W`` becomes ``W.int8`` (int8) + ``W.scale`` (fp32). Matmul-like consumers read
     ``DequantizeLinear(W.int8, W.scale, axis)`` under the old name; ``Gather`` consumers (embeddings)
-    gather int8 rows and their scales and dequantize only those rows.
+    gather int8 rows and their scales and dequantize only those rows. A matrix on GGUF Q8_0's grid keeps its
+    codes and block scales instead, read as ``quantize_int4`` reads its blocks (``int4.q8_0_codes``).
     """
     graph = proto.graph
     uses = _consumers(graph)
@@ -132,12 +134,24 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
     after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     dead: set[int] = set()
     new_frozen: list[str] = []
+    blockwise = False
     for name in sorted(names):
         init = inits.get(name)
         if not _quantizable(init):
             continue
         w = numpy_helper.to_array(init)
         gathers, others, axis = _readers(name, uses, axes)
+        q8_0 = int4.q8_0_codes(np.ascontiguousarray(w.T if axis == 1 else w))
+        if q8_0 is not None:
+            graph.initializer.remove(init)
+            graph.initializer.extend(int4.stored_q8(name, *q8_0))
+            new_frozen += [f"{name}.q8", f"{name}.scale"]
+            _read_blockwise(name, axis == 1, gathers, others, uses, prologue, after, dead,
+                            lambda out: int4.dequantize_nodes(name, out, packed=False),
+                            lambda ids, out: int4.gather_nodes(name, w.shape[1], int4.Q8_0_BLOCK, ids, out,
+                                                               packed=False))
+            blockwise = True
+            continue
         absmax = np.abs(w).max(axis=1 - axis)
         scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
         shaped = scale[None, :] if axis == 1 else scale[:, None]
@@ -175,6 +189,8 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
                 helper.make_node("Unsqueeze", [row_scale, unsqueeze_axes], [row_scale_u]),
                 helper.make_node("Mul", [rows_f, row_scale_u], [out]),
             ]
+    if blockwise:
+        _blockwise_constants(proto, int4.Q8_0_BLOCK)
     _write_order(graph, prologue, after, dead)
     return new_frozen
 
@@ -208,25 +224,40 @@ def quantize_int4(proto: onnx.ModelProto, names: set[str], block: int, axes: dic
         offset = offsets is not None  # a GGUF Q4_1 matrix kept exactly
         graph.initializer.extend(int4.stored(name, *arrays, offsets))
         new_frozen.extend(int4.stored_names(name)[: 4 if offset else 3])
-        s_name = f"{name}.int4s"
-        direct = _read_stored(others, s_name, flipped, uses, dead)
-        if direct:
-            value = name if flipped else s_name
-            if flipped:
-                prologue.append(helper.make_node("Transpose", [s_name], [name], perm=[1, 0]))
-            for node, k in direct:
-                node.input[k] = value
-        if others:
-            prologue.extend(int4.dequantize_nodes(name, s_name, offset))
-        for node, _ in gathers:
-            dead.add(id(node))
-            after[id(node)] += int4.gather_nodes(name, w.shape[1], block, node.input[1], node.output[0], offset)
+        _read_blockwise(name, flipped, gathers, others, uses, prologue, after, dead,
+                        lambda out: int4.dequantize_nodes(name, out, offset),
+                        lambda ids, out: int4.gather_nodes(name, w.shape[1], block, ids, out, offset))
     if new_frozen:
-        graph.initializer.extend(int4.constants(block))
-        if all(o.domain != int4.MS_DOMAIN for o in proto.opset_import):
-            proto.opset_import.append(helper.make_opsetid(int4.MS_DOMAIN, 1))
+        _blockwise_constants(proto, block)
     _write_order(graph, prologue, after, dead)
     return new_frozen
+
+
+def _read_blockwise(name: str, flipped: bool, gathers: list, others: list, uses: dict, prologue: list, after: dict,
+                    dead: set[int], chain: Callable[[str], list], gather: Callable[[str, str], list]) -> None:
+    """Point the readers of weight ``name``, stored blockwise as ``S`` (its transpose if ``flipped``), at ``S``:
+    products through ``_read_stored``, other readers at ``chain(out)``'s fp32 ``S`` (transposed back if
+    ``flipped``), ``Gather`` readers at ``gather(indices, out)``'s dequantized rows."""
+    s_name = f"{name}.int4s"
+    direct = _read_stored(others, s_name, flipped, uses, dead)
+    if direct:
+        value = name if flipped else s_name
+        if flipped:
+            prologue.append(helper.make_node("Transpose", [s_name], [name], perm=[1, 0]))
+        for node, k in direct:
+            node.input[k] = value
+    if others:
+        prologue.extend(chain(s_name))
+    for node, _ in gathers:
+        dead.add(id(node))
+        after[id(node)] += gather(node.input[1], node.output[0])
+
+
+def _blockwise_constants(proto: onnx.ModelProto, block: int) -> None:
+    """The constants blockwise chains read, and the opset of the ``FusedMatMul`` products that read ``S``."""
+    proto.graph.initializer.extend(int4.constants(block))
+    if all(o.domain != int4.MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(int4.MS_DOMAIN, 1))
 
 
 def _read_stored(readers: list, s_name: str, transposed: bool, uses: dict, dead: set[int]) -> list:
@@ -311,11 +342,11 @@ def nbytes(proto: onnx.ModelProto, names: list[str]) -> int:
 
 
 def quantized_nbytes(proto: onnx.ModelProto) -> int:
-    """Storage bytes of the quantized weights (int8 with their fp32 scales, or int4 nibbles with their scales and
-    offsets)."""
+    """Storage bytes of the quantized weights (int8 or Q8_0 codes with their fp32 scales, or int4 nibbles with their
+    scales, zero points and offsets)."""
     inits = proto.graph.initializer
     int8 = [i for i in inits if i.data_type == TensorProto.INT8]
-    scales = {f"{i.name.removesuffix('.T.int8').removesuffix('.int8')}.scale" for i in int8}
+    scales = {f"{i.name.removesuffix('.T.int8').removesuffix('.int8').removesuffix('.q8')}.scale" for i in int8}
     packed = [i.name.removesuffix(".int4") for i in inits
               if i.data_type == TensorProto.UINT8 and i.name.endswith(".int4")]
     int4_names = [n for w in packed for n in int4.stored_names(w)]

@@ -15,6 +15,10 @@ its codes, ``d`` and ``m`` exactly with zero 0 and a per-block fp32 ``offset`` a
 - a Q4_1 matrix only: ``<W>.offset``, fp32 [M*K/B, 1], added to each dequantized block (one ``Add``, a second fp32
   copy of that one matrix while it runs).
 
+An int8 export keeps a GGUF Q8_0 matrix (``w = d * q``, int8 ``q``, fp16 ``d`` per block of 32) exactly the same way
+(``q8_0_codes``): ``<W>.q8`` (int8 [M, K], nothing to unpack), ``<W>.scale`` [M*K/32] and ``<W>.shape``, through
+the same chain without the unpacking and without zero points (``packed=False`` below), instead of per-channel int8.
+
 Why this form: ORT 1.19's training checkpoint refuses int4 and fp16 tensors (``DequantizeLinear`` on int4
 fails there), and ``MatMulNBits`` has no gradient. Unpacking is ``BitShift`` + ``Concat`` on uint8; the
 unpacked values viewed as [M*K/B, B] go through one per-axis ``DequantizeLinear`` (axis 0: a row a block),
@@ -25,7 +29,8 @@ reshapes alias their input. Products read ``S`` as it is: a product with the tra
 has no gradient for ``FusedMatMul``: the ORT training graph gets ``Gemm`` on ``X`` reshaped to 2-D instead
 (``products_as_gemm``). The rest is opset 17, which ORT 1.19 and current onnxruntime both run.
 The chain's roots are the ``BitShift`` of the stored nibbles by a small shift tensor (the reshapes of the scales
-and zero points alias them): ``recompute.dequantize_at_use`` pins that shift to make each copy at its use.
+and zero points alias them), or a Q8_0 chain's first ``Reshape``: ``recompute.dequantize_at_use`` pins their small
+input (``pinned``) to make each copy at its use.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ FOUR = "int4.four"  # the nibble shift, uint8 [1]
 ROWS = "int4.rows"  # [-1, block]: the unpacked values a block a row
 DEFAULT_BLOCK_SIZE = INT4_BLOCK_SIZES[0]
 MARK, END = ".int4/", ".int4/out"  # in the names of a stored weight's dequantization nodes; END: the last one
-PINNED_INPUTS = {("BitShift", 1)}  # the small input of each root a copy made at use waits on
+ROOT = "root"  # a Q8_0 chain's first node: MARK + ROOT (copies made at use add a suffix)
+Q8_0_BLOCK = 32  # values per GGUF Q8_0 block
 MS_DOMAIN = "com.microsoft"
 MINUS_ONE = "int4.minus_one"
 
@@ -49,6 +55,14 @@ MINUS_ONE = "int4.minus_one"
 def is_chain_node(node: onnx.NodeProto) -> bool:
     """Whether ``node`` belongs to a stored weight's dequantization (``dequantize_nodes``), or a copy of one."""
     return MARK in node.name
+
+
+def pinned(node: onnx.NodeProto, k: int) -> bool:
+    """Whether input ``k`` of chain node ``node`` is the small input of a root, which a copy made at use waits on:
+    a ``BitShift``'s shift, or the block shape of a Q8_0 chain's first ``Reshape`` (never the stored codes)."""
+    if k != 1:
+        return False
+    return node.op_type == "BitShift" or (node.op_type == "Reshape" and f"{MARK}{ROOT}" in node.name)
 
 
 def is_chain_end(node: onnx.NodeProto) -> bool:
@@ -135,6 +149,32 @@ def q4_1_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return best_q, best_d, np.zeros(m.shape, np.uint8), m.astype(np.float32)
 
 
+def q8_0_codes(s: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int8 codes [M, K], scale [M*K/32]) reproducing ``s`` [M, K] bit for bit when every block of 32 along its rows
+    lies on GGUF Q8_0's grid ``d * q`` (fp16 ``d``, q in -127..127, computed in fp32 as transformers dequantizes the
+    file), else None. llama.cpp sets ``d`` to the block's largest magnitude over 127 in fp16, so that quotient or
+    an fp16 neighbour of it gives the values back. The first row is tried alone first: most matrices fail there."""
+    rows, k = s.shape
+    if k % Q8_0_BLOCK:
+        return None
+    if rows > 1 and q8_0_codes(s[:1]) is None:
+        return None
+    blocks = s.reshape(rows, k // Q8_0_BLOCK, Q8_0_BLOCK).astype(np.float32)
+    top = np.abs(blocks).max(axis=2)
+    guess = (top / np.float32(127)).astype(np.float16)
+    best_q, best_d = np.zeros(blocks.shape, np.int8), np.ones(top.shape, np.float32)
+    solved = top == 0  # all zeros: codes 0 with any scale
+    for d16 in (guess, np.nextafter(guess, np.float16(np.inf)), np.nextafter(guess, np.float16(-np.inf))):
+        d = np.where(d16 > 0, d16.astype(np.float32), np.float32(1))
+        q = np.clip(np.rint(blocks / d[..., None]), -127, 127)
+        ok = ~solved & (q.astype(np.float32) * d[..., None] == blocks).all(axis=2)
+        best_q[ok], best_d[ok] = q[ok].astype(np.int8), d[ok]
+        solved |= ok
+    if not solved.all():
+        return None
+    return best_q.reshape(rows, k), best_d.reshape(-1)
+
+
 def dequantize(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray, offset: np.ndarray | None = None
                ) -> np.ndarray:
     """The fp32 ``S`` the graph's dequantization computes from the stored arrays (numpy: references, tests)."""
@@ -164,34 +204,37 @@ def _unpack(packed: str, out: str) -> list[onnx.NodeProto]:
     ]
 
 
-def _dequantize_blocks(q: str, scale: str, zero: str, out: str, offset: str | None) -> list[onnx.NodeProto]:
-    """fp32 ``out`` [-1, block] = unpacked ``q`` viewed a block a row, through one per-axis DequantizeLinear, plus
-    the blocks' ``offset`` [-1, 1] when there is one."""
+def _dequantize_blocks(q: str, scale: str, zero: str | None, out: str, offset: str | None) -> list[onnx.NodeProto]:
+    """fp32 ``out`` [-1, block] = unpacked ``q`` viewed a block a row, through one per-axis DequantizeLinear (no
+    ``zero``: symmetric int8), plus the blocks' ``offset`` [-1, 1] when there is one."""
     scaled = f"{out}.scaled" if offset else out
     nodes = [helper.make_node("Reshape", [q, ROWS], [f"{out}.q"]),
-             helper.make_node("DequantizeLinear", [f"{out}.q", scale, zero], [scaled], axis=0)]
+             helper.make_node("DequantizeLinear", [f"{out}.q", scale, *([zero] if zero else [])], [scaled], axis=0)]
     if offset:
         nodes.append(helper.make_node("Add", [scaled, offset], [out]))
     return nodes
 
 
-def dequantize_nodes(weight: str, out: str, offset: bool = False) -> list[onnx.NodeProto]:
-    """Nodes computing fp32 ``out`` = the stored ``weight`` ``S`` (``offset``: it has ``<W>.offset``): seven or
-    eight, so that the copies made at each use (``recompute.dequantize_at_use``) add few nodes to the session."""
+def dequantize_nodes(weight: str, out: str, offset: bool = False, packed: bool = True) -> list[onnx.NodeProto]:
+    """Nodes computing fp32 ``out`` = the stored ``weight`` ``S`` (``offset``: it has ``<W>.offset``; not
+    ``packed``: a Q8_0 matrix's ``<W>.q8``): three to eight, so that the copies made at each use
+    (``recompute.dequantize_at_use``) add few nodes to the session."""
     t = f"{out}.int4"
-    nodes = _unpack(f"{weight}.int4", f"{t}.q")
-    nodes += _dequantize_blocks(f"{t}.q", f"{weight}.scale", f"{weight}.zero", f"{t}.blocks",
+    nodes = _unpack(f"{weight}.int4", f"{t}.q") if packed else []
+    nodes += _dequantize_blocks(f"{t}.q" if packed else f"{weight}.q8", f"{weight}.scale",
+                                f"{weight}.zero" if packed else None, f"{t}.blocks",
                                 f"{weight}.offset" if offset else None)
     nodes.append(helper.make_node("Reshape", [f"{t}.blocks", f"{weight}.shape"], [out]))
     for k, node in enumerate(nodes):
-        node.name = f"{out}{END}" if k == len(nodes) - 1 else f"{out}{MARK}{k}"
+        node.name = f"{out}{END}" if k == len(nodes) - 1 else f"{out}{MARK}{k if k or packed else ROOT}"
     return nodes
 
 
-def gather_nodes(weight: str, width: int, block: int, indices: str, out: str, offset: bool = False
-                 ) -> list[onnx.NodeProto]:
+def gather_nodes(weight: str, width: int, block: int, indices: str, out: str, offset: bool = False,
+                 packed: bool = True) -> list[onnx.NodeProto]:
     """Nodes computing fp32 ``out`` = rows ``indices`` of the stored ``weight`` (``width`` wide; ``offset``: it has
-    ``<W>.offset``): only the gathered rows are unpacked and dequantized (embeddings)."""
+    ``<W>.offset``; not ``packed``: a Q8_0 matrix): only the gathered rows are unpacked and dequantized
+    (embeddings)."""
     make = helper.make_node
     t = f"{out}.int4"
     def const(name: str, values: list[int]) -> onnx.NodeProto:
@@ -200,13 +243,15 @@ def gather_nodes(weight: str, width: int, block: int, indices: str, out: str, of
     nodes = [const(f"{t}.table", [-1, width // block]), const(f"{t}.flat", [-1]), const(f"{t}.width", [width]),
              const(f"{t}.column", [-1, 1])]
     # the stored blocks a table row a weight row, gathered, flat again (offsets: a column, as stored)
-    for part, shape in (("scale", "flat"), ("zero", "flat"), ("offset", "column"))[: 3 if offset else 2]:
+    parts = [("scale", "flat"), *([("zero", "flat")] if packed else []), *([("offset", "column")] if offset else [])]
+    for part, shape in parts:
         nodes += [make("Reshape", [f"{weight}.{part}", f"{t}.table"], [f"{t}.{part}_table"]),
                   make("Gather", [f"{t}.{part}_table", indices], [f"{t}.{part}_rows"], axis=0),
                   make("Reshape", [f"{t}.{part}_rows", f"{t}.{shape}"], [f"{t}.{part}"])]
-    nodes.append(make("Gather", [f"{weight}.int4", indices], [f"{t}.packed"], axis=0))
-    nodes += _unpack(f"{t}.packed", f"{t}.q")
-    nodes += _dequantize_blocks(f"{t}.q", f"{t}.scale", f"{t}.zero", f"{t}.blocks", f"{t}.offset" if offset else None)
+    nodes.append(make("Gather", [f"{weight}.int4" if packed else f"{weight}.q8", indices], [f"{t}.packed"], axis=0))
+    nodes += _unpack(f"{t}.packed", f"{t}.q") if packed else []
+    nodes += _dequantize_blocks(f"{t}.q" if packed else f"{t}.packed", f"{t}.scale", f"{t}.zero" if packed else None,
+                                f"{t}.blocks", f"{t}.offset" if offset else None)
     nodes += [
         make("Shape", [indices], [f"{t}.index_shape"]),
         make("Concat", [f"{t}.index_shape", f"{t}.width"], [f"{t}.shape"], axis=0),
@@ -224,8 +269,15 @@ def stored(weight: str, packed: np.ndarray, scale: np.ndarray, zero: np.ndarray,
             numpy_helper.from_array(shape, f"{weight}.shape")]
 
 
+def stored_q8(weight: str, codes: np.ndarray, scale: np.ndarray) -> list[onnx.TensorProto]:
+    """The initializers of one Q8_0 matrix (its int8 codes, block scales and shape)."""
+    return [numpy_helper.from_array(codes, f"{weight}.q8"), numpy_helper.from_array(scale, f"{weight}.scale"),
+            numpy_helper.from_array(np.array(codes.shape, np.int64), f"{weight}.shape")]
+
+
 def stored_names(weight: str) -> list[str]:
-    """The names of a stored weight's arrays, in ``dequantize``'s order; the last (the offset) only a Q4_1 matrix has."""
+    """The names of a stored 4-bit weight's arrays, in ``dequantize``'s order; the last (the offset) only a Q4_1
+    matrix has."""
     return [f"{weight}.int4", f"{weight}.scale", f"{weight}.zero", f"{weight}.offset"]
 
 

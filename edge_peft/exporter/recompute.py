@@ -132,9 +132,9 @@ def zero_constant() -> onnx.NodeProto:
 def _pins(node: onnx.NodeProto, k: int, constant: bool) -> bool:
     """Whether input ``k`` of a copy goes through a late Reshape: every computed input, a
     ``DequantizeLinear``'s scale (stored or not), which pins the copy late without copying its int8 tensor,
-    and in an int4 chain the small input of each root (``int4.PINNED_INPUTS``), never the packed weight."""
+    and in an int4 or Q8_0 chain the small input of each root (``int4.pinned``), never the stored codes."""
     if int4.is_chain_node(node):
-        return (node.op_type, k) in int4.PINNED_INPUTS
+        return int4.pinned(node, k)
     if node.op_type == "DequantizeLinear":
         return k == 1
     return not constant
