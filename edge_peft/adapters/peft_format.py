@@ -74,14 +74,14 @@ def encode_adapter(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], extra_m
     chunks, offset = [], 0
     for key in sorted(tensors):
         kept = SAFETENSORS_INTEGERS.get(np.asarray(tensors[key]).dtype)
-        data = np.ascontiguousarray(tensors[key], dtype=kept[0] if kept else "<f4").tobytes()
+        data = memoryview(np.ascontiguousarray(tensors[key], dtype=kept[0] if kept else "<f4").reshape(-1)).cast("B")
         header[key] = {"dtype": kept[1] if kept else "F32", "shape": list(np.shape(tensors[key])),
                        "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment with spaces
-    return len(raw).to_bytes(8, "little") + raw + b"".join(chunks)
+    return b"".join([len(raw).to_bytes(8, "little"), raw, *chunks])  # one copy of the tensors' bytes
 
 
 def decode_adapter(data: bytes, source: str = "adapter") -> tuple[dict[str, np.ndarray], dict]:
