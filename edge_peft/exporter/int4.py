@@ -35,6 +35,8 @@ input (``pinned``) to make each copy at its use.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -89,8 +91,8 @@ def quantize(s: np.ndarray, block: int, name: str = "weight"
         raise UserError(f"--block-size {block} does not divide dimension {k} of {name}: use a block "
                         f"size among {', '.join(map(str, INT4_BLOCK_SIZES))} that divides it")
     blocks = s.reshape(rows, k // block, block).astype(np.float32)
-    codes, offset = q4_0_codes(blocks), None
-    if codes is None and (exact := q4_1_codes(blocks)) is not None:
+    codes, offset = _first_row_first(q4_0_codes, blocks), None
+    if codes is None and (exact := _first_row_first(q4_1_codes, blocks)) is not None:
         *codes, offset = exact
         offset = offset.reshape(-1, 1)
     if codes is None:
@@ -105,6 +107,11 @@ def quantize(s: np.ndarray, block: int, name: str = "weight"
     q = q.reshape(rows, k)
     packed = q[:, : k // 2] | (q[:, k // 2:] << 4)
     return np.ascontiguousarray(packed), scale.reshape(-1), zero.reshape(-1), offset
+
+
+def _first_row_first(codes: Callable[[np.ndarray], tuple | None], blocks: np.ndarray) -> tuple | None:
+    """``codes(blocks)``, tried on the first row alone first: a matrix off the grid almost always fails there."""
+    return None if len(blocks) > 1 and codes(blocks[:1]) is None else codes(blocks)
 
 
 def q4_0_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -155,9 +162,7 @@ def q8_0_codes(s: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     file), else None. llama.cpp sets ``d`` to the block's largest magnitude over 127 in fp16, so that quotient or
     an fp16 neighbour of it gives the values back. The first row is tried alone first: most matrices fail there."""
     rows, k = s.shape
-    if k % Q8_0_BLOCK:
-        return None
-    if rows > 1 and q8_0_codes(s[:1]) is None:
+    if k % Q8_0_BLOCK or (rows > 1 and q8_0_codes(s[:1]) is None):
         return None
     blocks = s.reshape(rows, k // Q8_0_BLOCK, Q8_0_BLOCK).astype(np.float32)
     top = np.abs(blocks).max(axis=2)
