@@ -81,7 +81,7 @@ def fit(rows: list[dict]) -> dict[str, float]:
     load = [load_terms(figures[r["path"]]) for r in rows]
     columns = [np.ones(len(rows)), np.array([t["weights"] for t in load], float)]
     nodes = np.array([t["nodes"] for t in load], float)
-    if nodes.any():  # the portable step graph's nodes (per-node session structures)
+    if all(r.get("backend") == "portable" for r in rows):  # the portable step graph's nodes (per-node structures)
         columns.append(nodes)
     (session, weight_load, *node_load), *_ = np.linalg.lstsq(np.stack(columns, 1), loaded - imports, rcond=None)
     terms = [step_terms(figures[r["path"]], r["batch"], r["seq"]) for r in rows]
