@@ -89,7 +89,7 @@ def test_gguf_q8_0_weights_keep_their_values_exactly():
     q8_0 = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0).reshape(x.shape)
     codes, scale = int4.q8_0_codes(q8_0)
     assert codes.dtype == np.int8 and scale.shape == (48 * 3,) and np.abs(codes).max() == 127
-    inits = int4.stored_q8("S", codes, scale) + int4.constants(int4.Q8_0_BLOCK)
+    inits = int4.stored_q8("S", codes, scale) + int4.constants(int4.Q8_0_BLOCK, packed=False)
     nodes = int4.dequantize_nodes("S", "out", packed=False)
     assert int4.pinned(nodes[0], 1) and not int4.pinned(nodes[0], 0)  # a copy at use waits on the root's shape
     np.testing.assert_array_equal(_run(nodes, inits, {}, "out"), q8_0)
@@ -221,6 +221,7 @@ def test_an_int8_export_keeps_q8_0_matrices_exactly_and_trains(llama, data, tmp_
         inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(artifact / graph)).graph.initializer}
         kept = {n.removesuffix(".q8") for n in inits if n.endswith(".q8")}
         assert kept and all(any(part in n for part in Q8_0_WEIGHTS) for n in kept), graph
+        assert int4.FOUR not in inits  # nothing to unpack: no nibble shift constant
         for name in kept:  # S = the torch weight (transposes folded), the file's values bit for bit
             s = (inits[f"{name}.q8"].astype(np.float32).reshape(-1, 32) * inits[f"{name}.scale"][:, None])
             torch_name = name.replace(".base_layer", "").removesuffix(".T")

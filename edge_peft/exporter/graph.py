@@ -190,7 +190,7 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
                 helper.make_node("Mul", [rows_f, row_scale_u], [out]),
             ]
     if blockwise:
-        _blockwise_constants(proto, int4.Q8_0_BLOCK)
+        _blockwise_constants(proto, int4.Q8_0_BLOCK, packed=False)
     _write_order(graph, prologue, after, dead)
     return new_frozen
 
@@ -253,9 +253,9 @@ def _read_blockwise(name: str, flipped: bool, gathers: list, others: list, uses:
         after[id(node)] += gather(node.input[1], node.output[0])
 
 
-def _blockwise_constants(proto: onnx.ModelProto, block: int) -> None:
+def _blockwise_constants(proto: onnx.ModelProto, block: int, packed: bool = True) -> None:
     """The constants blockwise chains read, and the opset of the ``FusedMatMul`` products that read ``S``."""
-    proto.graph.initializer.extend(int4.constants(block))
+    proto.graph.initializer.extend(int4.constants(block, packed))
     if all(o.domain != int4.MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(int4.MS_DOMAIN, 1))
 

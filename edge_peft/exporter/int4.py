@@ -192,10 +192,10 @@ def dequantize(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray, offset: 
     return blocks.reshape(q.shape)
 
 
-def constants(block: int) -> list[onnx.TensorProto]:
-    """The shared constants the dequantization nodes read (one set per graph)."""
-    return [numpy_helper.from_array(np.array([4], np.uint8), FOUR),
-            numpy_helper.from_array(np.array([-1, block], np.int64), ROWS)]
+def constants(block: int, packed: bool = True) -> list[onnx.TensorProto]:
+    """The shared constants the dequantization nodes read (one set per graph; the nibble shift only if ``packed``)."""
+    rows = numpy_helper.from_array(np.array([-1, block], np.int64), ROWS)
+    return [numpy_helper.from_array(np.array([4], np.uint8), FOUR), rows] if packed else [rows]
 
 
 def _unpack(packed: str, out: str) -> list[onnx.NodeProto]:
