@@ -134,7 +134,6 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
     after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     dead: set[int] = set()
     new_frozen: list[str] = []
-    blockwise = False
     for name in sorted(names):
         init = inits.get(name)
         if not _quantizable(init):
@@ -150,7 +149,6 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
                             lambda out: int4.dequantize_nodes(name, out, packed=False),
                             lambda ids, out: int4.gather_nodes(name, w.shape[1], int4.Q8_0_BLOCK, ids, out,
                                                                packed=False))
-            blockwise = True
             continue
         absmax = np.abs(w).max(axis=1 - axis)
         scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
@@ -189,7 +187,7 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
                 helper.make_node("Unsqueeze", [row_scale, unsqueeze_axes], [row_scale_u]),
                 helper.make_node("Mul", [rows_f, row_scale_u], [out]),
             ]
-    if blockwise:
+    if any(n.endswith(".q8") for n in new_frozen):  # Q8_0 matrices kept blockwise
         _blockwise_constants(proto, int4.Q8_0_BLOCK, packed=False)
     _write_order(graph, prologue, after, dead)
     return new_frozen

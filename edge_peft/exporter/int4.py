@@ -143,41 +143,47 @@ def q4_1_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     if not np.array_equal(m.astype(np.float16).astype(np.float32), m):
         return None
     guess = ((blocks.max(axis=2) - m) / np.float32(15)).astype(np.float16)
-    best_q, best_d = np.zeros(blocks.shape, np.uint8), np.ones(m.shape, np.float32)
-    solved = np.zeros(m.shape, bool)
-    for d16 in (guess, np.nextafter(guess, np.float16(np.inf)), np.nextafter(guess, np.float16(-np.inf))):
-        d = np.where(d16 > 0, d16.astype(np.float32), np.float32(1))
-        q = np.clip(np.rint((blocks - m[..., None]) / d[..., None]), 0, 15)
-        ok = ~solved & (q.astype(np.float32) * d[..., None] + m[..., None] == blocks).all(axis=2)
-        best_q[ok], best_d[ok] = q[ok].astype(np.uint8), d[ok]
-        solved |= ok
-    if not solved.all():
+    found = _fp16_scale_codes(blocks, guess, m[..., None], 0, 15, np.zeros(m.shape, bool))
+    if found is None:
         return None
-    return best_q, best_d, np.zeros(m.shape, np.uint8), m.astype(np.float32)
+    q, d = found
+    return q.astype(np.uint8), d, np.zeros(m.shape, np.uint8), m.astype(np.float32)
 
 
 def q8_0_codes(s: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(int8 codes [M, K], scale [M*K/32]) reproducing ``s`` [M, K] bit for bit when every block of 32 along its rows
     lies on GGUF Q8_0's grid ``d * q`` (fp16 ``d``, q in -127..127, computed in fp32 as transformers dequantizes the
     file), else None. llama.cpp sets ``d`` to the block's largest magnitude over 127 in fp16, so that quotient or
-    an fp16 neighbour of it gives the values back. The first row is tried alone first: most matrices fail there."""
+    an fp16 neighbour of it gives the values back."""
     rows, k = s.shape
-    if k % Q8_0_BLOCK or (rows > 1 and q8_0_codes(s[:1]) is None):
+    if k % Q8_0_BLOCK:
         return None
-    blocks = s.reshape(rows, k // Q8_0_BLOCK, Q8_0_BLOCK).astype(np.float32)
+    found = _first_row_first(_q8_0_blocks, s.reshape(rows, k // Q8_0_BLOCK, Q8_0_BLOCK).astype(np.float32))
+    if found is None:
+        return None
+    q, d = found
+    return q.astype(np.int8).reshape(rows, k), d.reshape(-1)
+
+
+def _q8_0_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     top = np.abs(blocks).max(axis=2)
     guess = (top / np.float32(127)).astype(np.float16)
-    best_q, best_d = np.zeros(blocks.shape, np.int8), np.ones(top.shape, np.float32)
-    solved = top == 0  # all zeros: codes 0 with any scale
+    return _fp16_scale_codes(blocks, guess, np.float32(0), -127, 127, top == 0)  # all zeros: code 0, any scale
+
+
+def _fp16_scale_codes(blocks: np.ndarray, guess: np.ndarray, offset: np.ndarray | np.float32, low: int, high: int,
+                      solved: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(codes as float32, fp32 scale ``d`` per block) with ``q * d + offset`` equal to ``blocks`` bit for bit, ``d``
+    the fp16 ``guess`` or one of its fp16 neighbours and ``q`` in ``low..high``; None unless every block not
+    ``solved`` already (those get codes 0, scale 1) finds one."""
+    best_q, best_d = np.zeros(blocks.shape, np.float32), np.ones(guess.shape, np.float32)
     for d16 in (guess, np.nextafter(guess, np.float16(np.inf)), np.nextafter(guess, np.float16(-np.inf))):
         d = np.where(d16 > 0, d16.astype(np.float32), np.float32(1))
-        q = np.clip(np.rint(blocks / d[..., None]), -127, 127)
-        ok = ~solved & (q.astype(np.float32) * d[..., None] == blocks).all(axis=2)
-        best_q[ok], best_d[ok] = q[ok].astype(np.int8), d[ok]
-        solved |= ok
-    if not solved.all():
-        return None
-    return best_q.reshape(rows, k), best_d.reshape(-1)
+        q = np.clip(np.rint((blocks - offset) / d[..., None]), low, high).astype(np.float32)
+        ok = ~solved & (q * d[..., None] + offset == blocks).all(axis=2)
+        best_q[ok], best_d[ok] = q[ok], d[ok]
+        solved = solved | ok
+    return (best_q, best_d) if solved.all() else None
 
 
 def dequantize(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray, offset: np.ndarray | None = None
