@@ -19,11 +19,11 @@ _COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_at
                max_position_embeddings=64, bos_token_id=4, eos_token_id=4, pad_token_id=0, initializer_range=0.2)
 
 
-def _config(family: str, vocab: int):
-    """The tiny transformers config of ``family``."""
+def _config(family: str, vocab: int, **overrides):
+    """The tiny transformers config of ``family`` (``overrides``: other common settings, e.g. more blocks)."""
     import transformers as tf
 
-    common = dict(_COMMON, vocab_size=vocab)
+    common = dict(_COMMON, vocab_size=vocab, **overrides)
     if family == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=True)
     if family == "mistral":
@@ -43,15 +43,16 @@ def _config(family: str, vocab: int):
     raise ValueError(f"unknown family {family}")
 
 
-def make_family_model(family: str, out: Path) -> Path:
-    """Save the tiny random ``family`` causal LM and the toy tokenizer into ``out``."""
+def make_family_model(family: str, out: Path, **overrides) -> Path:
+    """Save the tiny random ``family`` causal LM (``overrides``: of its common settings) and the toy tokenizer
+    into ``out``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
     vocab = toy.save_tokenizer(out, classifier=False)
-    model = AutoModelForCausalLM.from_config(_config(family, vocab))
+    model = AutoModelForCausalLM.from_config(_config(family, vocab, **overrides))
     model.save_pretrained(out)
     return out
 

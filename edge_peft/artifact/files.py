@@ -10,6 +10,8 @@ artifact/                       written by `edge-peft export`
   training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint      ORT_* (backend "ort")
   portable_step.onnx, portable_init.safetensors                                PORTABLE_* (backend "portable")
   portable_step_int8.onnx       PORTABLE_INT8_STEP_MODEL: the step with int8 products (--compute int8)
+  portable_pieces.json          PORTABLE_PIECES: a checkpointed step cut into pieces, run one after another
+  portable_piece.<digest>.onnx  portable_piece(): each distinct piece once (exporter/portable_pieces.py)
   weights.data                  WEIGHTS_DATA: the weights of the ONNX graphs above, each tensor once
   warm_start.json               WARM_START: the adapter `adapter load` warm-started it from
   warm_start.safetensors        WARM_START_WEIGHTS: that adapter's tensors (what a top-k push is a delta against)
@@ -44,6 +46,8 @@ ORT_OPTIMIZER_MODEL = "optimizer_model.onnx"
 ORT_CHECKPOINT = "checkpoint"
 PORTABLE_STEP_MODEL = "portable_step.onnx"
 PORTABLE_INT8_STEP_MODEL = "portable_step_int8.onnx"  # the same step, frozen-base products in int8 (--compute int8)
+PORTABLE_PIECES = "portable_pieces.json"  # the plan of the checkpointed step's pieces (exporter/portable_pieces.py)
+PORTABLE_PIECES_FORMAT = "edge-peft-portable-pieces-1"  # its "format"
 WEIGHTS_DATA = "weights.data"  # the inference, generation and portable step graphs' weights (exporter/onnx_files.py)
 PORTABLE_INITIAL_STATE = "portable_init.safetensors"  # the trainable tensors a fresh portable run starts from
 WARM_START = "warm_start.json"
@@ -64,3 +68,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CHECKSUMS = "checksums.json"
 PULLED = "pulled.json"
+
+
+def portable_piece(digest: str) -> str:
+    """The file of one distinct piece of a checkpointed portable step (``PORTABLE_PIECES``), by its graph's digest."""
+    return f"portable_piece.{digest}.onnx"

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
 from ..adapters.channels import copy_channels, gate, ungate
-from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_INT8_STEP_MODEL, PORTABLE_STEP_MODEL
+from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_INT8_STEP_MODEL, PORTABLE_PIECES, PORTABLE_STEP_MODEL
 from ..artifact.manifest import ADAMW_BETAS, Manifest
 from ..artifact.names import (ATTENTION_MASK, BATCH_INPUTS, INPUT_IDS, LABELS, LOSS, LOSS_SCALE, a_name,
                               accumulated, b_name, moment_names, updated)
@@ -29,6 +29,7 @@ from .adamw import adamw_step
 from .base import MemoryFactors
 from .compute import FP32, INT8
 from .names import PORTABLE
+from .pieces import PieceSession
 from .runtime import onnxruntime_module, quiet_logs, session_options
 
 if TYPE_CHECKING:
@@ -75,8 +76,11 @@ class PortableBackend:
         # A memory pattern preallocates one block for all of a run's activations: past glibc's mmap threshold
         # it is page-faulted in afresh every step; per-tensor allocations reuse the pages the last step freed.
         options.enable_mem_pattern = False
-        self._session = ort.InferenceSession(str(artifact / step_model), options, providers=providers,
-                                             disabled_optimizers=DISABLED_OPTIMIZERS)
+        if compute != INT8 and (artifact / PORTABLE_PIECES).is_file():  # a checkpointed step, cut into pieces
+            self._session = PieceSession(artifact, options, providers, DISABLED_OPTIMIZERS)
+        else:
+            self._session = ort.InferenceSession(str(artifact / step_model), options, providers=providers,
+                                                 disabled_optimizers=DISABLED_OPTIMIZERS)
         inputs = {i.name for i in self._session.get_inputs()}
         self.names = [i.name for i in self._session.get_inputs()
                       if i.name not in BATCH_INPUTS and accumulated(i.name) in inputs]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import onnx
+from onnx import numpy_helper
 
 from ..artifact.files import WEIGHTS_DATA
 
@@ -41,9 +42,14 @@ class WeightsFile:
         loads the graph."""
         del proto.graph.value_info[:]
         for init in proto.graph.initializer:
-            raw = init.raw_data
-            if len(raw) < SHARED_MIN_BYTES:
-                continue
+            if len(init.raw_data) >= SHARED_MIN_BYTES:
+                self.store(init)
+        onnx.save(proto, str(path))
+
+    def store(self, init: onnx.TensorProto) -> tuple[int, int]:
+        """Move ``init``'s bytes here (once for equal tensors) unless they are here already; its (offset, length)."""
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            raw = init.raw_data or numpy_helper.to_array(init).tobytes()
             key = (init.name, init.data_type, tuple(init.dims), hashlib.sha256(raw).digest())
             if key not in self._index:
                 self._data.write(bytes(-self._data.tell() % PAGE))
@@ -55,7 +61,8 @@ class WeightsFile:
             for k, v in (("location", WEIGHTS_DATA), ("offset", str(offset)), ("length", str(length))):
                 entry = init.external_data.add()
                 entry.key, entry.value = k, v
-        onnx.save(proto, str(path))
+        where = {e.key: e.value for e in init.external_data}
+        return int(where["offset"]), int(where["length"])
 
     def close(self) -> None:
         self._data.close()

@@ -28,7 +28,7 @@ from torch.func import functional_call, grad_and_value
 from ..artifact.files import PORTABLE_INITIAL_STATE, PORTABLE_INT8_STEP_MODEL, PORTABLE_STEP_MODEL
 from ..artifact.names import BATCH_INPUTS, LOSS, accumulated, grad_name, is_a, updated
 from ..fileio import atomic_write_bytes
-from . import graph, int4, low_precision, recompute
+from . import graph, int4, low_precision, portable_pieces, recompute
 from ..errors import UserError
 from .onnx_files import WeightsFile
 from .portable_blocks import BlockwiseExport, find_blocks
@@ -111,7 +111,8 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
                              max_seq_len: int, out: Path, weights: WeightsFile,
                              int8_compute: bool = False, checkpointing: bool = False, loss_chunks: int = 0) -> int:
     """Write the training-step graph (its frozen tensors into ``weights``) and the initial trainable state into
-    ``out``; return the step graph's node count (the memory model's load term).
+    ``out``; return the node count the runtime loads (the memory model's load term): the step graph's, or with
+    ``checkpointing`` its distinct pieces' (``portable_pieces``: the step is also written cut at its blocks).
 
     Frozen base weights (not the LoRA A factors) are stored as ``quantize`` says: int8 behind
     ``DequantizeLinear``, int4 in blocks of ``block`` behind ``int4.py``'s nodes, or fp32 (none);
@@ -140,7 +141,7 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     _transpose_before_dequantize(proto)  # what transB cannot take
     recompute.dequantize_at_use(proto)
     weights.save(proto, out / PORTABLE_STEP_MODEL)
-    nodes = len(proto.graph.node)
+    nodes = (portable_pieces.split(proto, out, weights) if checkpointing else None) or len(proto.graph.node)
     del proto  # the graphs are rewritten in place: a 1 B model's protos are gigabytes each
     if int8_products is not None:
         _transpose_before_dequantize(int8_products)

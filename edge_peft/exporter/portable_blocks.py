@@ -37,6 +37,17 @@ from .portable_loss import head_loss_nodes
 from .portable_trace import BATCH, SEQUENCE, Input, mean_cross_entropy, trace
 
 HIDDEN, HIDDEN_GRAD, HIDDEN_OUT, HIDDEN_IN_GRAD = "hidden", "hidden.grad", "hidden.out", "hidden.in.grad"
+CONSTANT_PREFIX = "const."  # the step's constants, named by their content
+
+
+def hidden_value(index: int) -> str:
+    """The step's value that is block ``index``'s input (``index`` = the block count: the last block's output)."""
+    return f"h{index}"
+
+
+def grad_value(index: int) -> str:
+    """The gradient of the loss with respect to ``hidden_value(index)``."""
+    return f"g{index}"
 
 
 class _Stop(Exception):
@@ -281,8 +292,8 @@ class BlockwiseExport:
         """The step graph: batch inputs and every parameter as inputs, ``loss`` and the trainable tensors'
         gradients as outputs (as ``portable.export_gradient_model`` gives for the whole model)."""
         n = len(self.blocks)
-        hidden = [f"h{i}" for i in range(n + 1)]
-        grads = [f"g{i}" for i in range(n + 1)]
+        hidden = [hidden_value(i) for i in range(n + 1)]
+        grads = [grad_value(i) for i in range(n + 1)]
         shared = self._shared()
         instances = [_Instance(self.prologue(), "prologue", shared, {HIDDEN: hidden[0]})]
         traced: dict[tuple[int, bool], onnx.ModelProto] = {}
@@ -339,7 +350,7 @@ def stitch(instances: list[_Instance], batch: list[Input], params: dict[str, tor
             opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
         names = dict(inst.inputs)
         for init in g.initializer:
-            key = "const." + hashlib.sha256(init.SerializeToString().replace(init.name.encode(), b"")).hexdigest()[:16]
+            key = CONSTANT_PREFIX + hashlib.sha256(init.SerializeToString().replace(init.name.encode(), b"")).hexdigest()[:16]
             names[init.name] = key
             if key not in constants:
                 copy = onnx.TensorProto()
