@@ -18,13 +18,13 @@ from gguf import quants
 from helpers import budgeted_train
 from onnx import numpy_helper
 
-from edge_peft.artifact.files import GENERATION_MODEL, INFERENCE_MODEL, PORTABLE_STEP_MODEL, WEIGHTS_DATA
+from edge_peft.artifact.files import GENERATION_MODEL, INFERENCE_MODEL, PORTABLE_PIECES, PORTABLE_STEP_MODEL, WEIGHTS_DATA
 from edge_peft.artifact.manifest import load_manifest
 from edge_peft.bundled import smollm2_dir
 from edge_peft.device.memory_model import estimated_step_nodes
 from edge_peft.exporter import int4
 
-BUDGET_MB = 520  # SmolLM2-135M's int4 base, offsets included, is 97 MB; ORT's runtime and the 30-block graph the rest
+BUDGET_MB = 300  # issue 16's goal for SmolLM2-135M (there at 1 x 512); its int4 base, offsets included, is 97 MB
 SEQ = 128
 
 NOTES = [
@@ -53,11 +53,13 @@ def test_int4_smollm2_trains_under_a_small_memory_budget(tmp_path):
                              "--targets", "all-linear", "--max-seq-len", str(SEQ)],
                             capture_output=True, text=True, timeout=900)
     assert export.returncode == 0, export.stderr[-2000:]
-    # the memory model's load term counts the step graph's nodes: recorded exactly, and the estimate the
-    # export-time planner uses is close to it
+    # the memory model's load term counts the nodes the device loads, the checkpointed step's distinct pieces:
+    # recorded exactly, a tenth of the whole step's, and the estimate the export-time planner uses is close to it
     memory = load_manifest(artifact).memory
-    nodes = len(onnx.load(str(artifact / PORTABLE_STEP_MODEL), load_external_data=False).graph.node)
+    pieces = {p["graph"] for p in json.loads((artifact / PORTABLE_PIECES).read_text())["pieces"]}
+    nodes = sum(len(onnx.load(str(artifact / g)).graph.node) for g in pieces)
     assert memory.step_nodes == nodes
+    assert nodes < 0.15 * len(onnx.load(str(artifact / PORTABLE_STEP_MODEL), load_external_data=False).graph.node)
     assert abs(estimated_step_nodes(30, True, True) - nodes) < 0.05 * nodes
     # the step, inference and generation graphs read one copy of the int4 base
     shared = (artifact / WEIGHTS_DATA).stat().st_size

@@ -83,7 +83,7 @@ class ModelFigures:
     checkpointed: bool = False  # only block inputs stay between forward and backward (one block's activations live)
     loss_chunks: int = 0  # the chunked LM loss's parts (the portable step reads its head in this many row slices)
     int4: bool = False  # the base is stored in 4 bits (int4.py)
-    step_nodes: int = 0  # nodes of the portable training-step graph (0: estimated, ``estimated_step_nodes``)
+    step_nodes: int = 0  # nodes the portable step loads (its graph or distinct pieces; 0: ``estimated_step_nodes``)
 
     @classmethod
     def of(cls, manifest: Manifest, backend: str) -> "ModelFigures":
@@ -104,12 +104,17 @@ class ModelFigures:
 # SmolLM2-135M and a 1 B Llama: the block itself, what checkpointing adds (its recompute), what an int4 base
 # adds (unpacking at each use); and the embedding, LM head and loss.
 BLOCK_NODES, CHECKPOINT_BLOCK_NODES, INT4_BLOCK_NODES, OUTER_NODES = 470, 153, 86, 600
+# A checkpointed step runs as its pieces (exporter/portable_pieces.py), whatever the depth: two variants of a
+# block's forward and backward (each recomputing the mask and positions the stitched step shares), what an int4
+# base adds to them, and the prologue and tail; counted on SmolLM2-135M.
+PIECE_BLOCK_NODES, PIECE_INT4_NODES, PIECE_OUTER_NODES = 722, 156, 517
 
 
 def estimated_step_nodes(layers: int, checkpointing: bool, int4: bool) -> int:
-    """The portable step graph's node count before it exists (export-time planning, older manifests)."""
-    per_block = BLOCK_NODES + CHECKPOINT_BLOCK_NODES * checkpointing + INT4_BLOCK_NODES * int4
-    return layers * per_block + OUTER_NODES
+    """The nodes a portable step loads, before its graphs exist (export-time planning, older manifests)."""
+    if checkpointing:
+        return 2 * (PIECE_BLOCK_NODES + PIECE_INT4_NODES * int4) + PIECE_OUTER_NODES
+    return layers * (BLOCK_NODES + INT4_BLOCK_NODES * int4) + OUTER_NODES
 
 
 def load_terms(f: ModelFigures) -> dict[str, float]:

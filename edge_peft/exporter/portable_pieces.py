@@ -10,13 +10,13 @@ loss, ``g{n}`` and the gradients of tensors outside the blocks) and each block's
 piece, so blocks alike give the same graph, written once. A piece reads its block's weights as inputs, which
 the runtime (``backends/pieces.py``) feeds from ``weights.data`` by name.
 
-Without checkpointing a block's backward reads its forward's activations: no cut exists and ``split`` returns None.
+Without checkpointing a block's backward reads its forward's activations: no cut exists and ``split`` returns None,
+as it does when too few blocks are alike for the distinct pieces to hold fewer nodes than the whole step.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +140,8 @@ def _inline(init: TensorProto) -> bool:
 def split(proto: onnx.ModelProto, out: Path, weights: WeightsFile) -> int | None:
     """Write ``proto``'s pieces (``portable_piece(digest)`` graphs and the ``PORTABLE_PIECES`` plan) into ``out``,
     the weights they read by name into ``weights``; return the distinct pieces' node count, or None (nothing
-    written) when the step has no cut. ``proto`` must have been saved through ``weights`` already."""
+    written) when the step has no cut or its pieces would not load fewer nodes than it. ``proto`` must have been
+    saved through ``weights`` already."""
     graph = proto.graph
     nodes = list(graph.node)
     producer = {o: k for k, node in enumerate(nodes) for o in node.output if o}
@@ -165,6 +166,9 @@ def split(proto: onnx.ModelProto, out: Path, weights: WeightsFile) -> int | None
             written[digest] = (data, len(order))
         pieces.append({"graph": portable_piece(digest), "inputs": binding, "outputs": cut.outputs})
         read.update(value for _, value in binding if value in initializers)
+    loaded = sum(count for _, count in written.values())
+    if loaded >= len(nodes):  # too few blocks alike: the pieces would load more than the whole step
+        return None
     for digest, (data, _) in written.items():
         atomic_write_bytes(out / portable_piece(digest), data)
     index = {}
@@ -176,4 +180,4 @@ def split(proto: onnx.ModelProto, out: Path, weights: WeightsFile) -> int | None
         "format": PORTABLE_PIECES_FORMAT, "inputs": [i.name for i in graph.input if i.name not in initializers],
         "overridable": [i.name for i in graph.input if i.name in initializers],
         "pieces": pieces, "weights": index})
-    return sum(count for _, count in written.values())
+    return loaded
