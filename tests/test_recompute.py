@@ -9,7 +9,7 @@ import pytest
 from families import make_family_model
 from helpers import train
 
-from edge_peft.artifact.files import ORT_TRAINING_MODEL, PORTABLE_STEP_MODEL
+from edge_peft.artifact.files import ORT_TRAINING_MODEL, PORTABLE_PIECES, PORTABLE_STEP_MODEL
 from edge_peft.artifact.manifest import load_manifest
 
 pytestmark = pytest.mark.slow  # exports and trains models
@@ -70,6 +70,7 @@ def test_portable_checkpointing_keeps_the_losses(llama, data, tmp_path):
         pin = produced_by[f"b{block}/hidden.late"]
         assert pin.op_type == "Reshape" and pin.input[0] == f"h{block}"
     assert not any(n.output[0] == "b0/hidden.late" for n in onnx.load(str(plain / PORTABLE_STEP_MODEL)).graph.node)
+    assert not (plain / PORTABLE_PIECES).exists()  # no cut: a block's backward reads its forward's activations
     expected = train(plain, data["lm"], tmp_path / "run-plain", steps=STEPS, threads=1, backend="portable")
     got = train(recomputed, data["lm"], tmp_path / "run-ckpt", steps=STEPS, threads=1, backend="portable")
     assert got == pytest.approx(expected, abs=1e-5)
