@@ -49,7 +49,8 @@ def _cuts(graph: onnx.GraphProto, produced: set[str]) -> tuple[list[_Cut], set[s
     outputs = [o.name for o in graph.output]
     cuts = [_Cut([hidden_value(0)], set())]
     cuts += [_Cut([hidden_value(i + 1)], {hidden_value(i)}) for i in range(blocks)]
-    cuts.append(_Cut([LOSS, grad_value(blocks), *[o for o in outputs if o != LOSS and layer_index(o) is None]],
+    last_grad = [grad_value(blocks)] if grad_value(blocks) in produced else []  # none when no block trains
+    cuts.append(_Cut([LOSS, *last_grad, *[o for o in outputs if o != LOSS and layer_index(o) is None]],
                      {hidden_value(blocks)}))
     for i in reversed(range(blocks)):
         wanted = [grad_value(i)] if grad_value(i) in produced else []
