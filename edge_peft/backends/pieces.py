@@ -33,6 +33,16 @@ class _Piece:
     outputs: list[str]  # the step values it computes, as its outputs o0, o1, ...
 
 
+@dataclass
+class _Call:
+    """One piece's part in a run: the step values asked of it, as its outputs, and the values to drop after it."""
+
+    piece: _Piece
+    wanted: list[str]  # step values
+    names: list[str]  # the piece's outputs that are those values
+    drop: list[str]  # read by no later piece and not asked for
+
+
 class PieceSession:
     """The step of ``artifact`` as its pieces; created with the options, providers and disabled optimizers of the
     session it stands for."""
@@ -61,7 +71,7 @@ class PieceSession:
         if self._weights:
             with open(artifact / WEIGHTS_DATA, "rb") as f:
                 self._data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._schedules: dict[tuple[str, ...], list[tuple[_Piece, list[str], list[str]]]] = {}
+        self._schedules: dict[tuple[str, ...], list[_Call]] = {}
 
     def get_inputs(self) -> list[_Value]:
         return list(self._inputs)
@@ -75,9 +85,8 @@ class PieceSession:
         dtype = np.dtype(w["dtype"])
         return np.frombuffer(self._data, dtype, w["length"] // dtype.itemsize, w["offset"]).reshape(w["shape"])
 
-    def _schedule(self, outputs: tuple[str, ...]) -> list[tuple[_Piece, list[str], list[str]]]:
-        """The pieces ``outputs`` need, each with the outputs asked of it and the values to drop after it (read
-        by no later piece, not asked for)."""
+    def _schedule(self, outputs: tuple[str, ...]) -> list[_Call]:
+        """The calls of the pieces ``outputs`` need, in order (worked out once per set of outputs)."""
         if outputs not in self._schedules:
             needed, chosen = set(outputs), []
             for piece in reversed(self._pieces):
@@ -88,7 +97,8 @@ class PieceSession:
             chosen.reverse()
             last = {value: k for k, (piece, _) in enumerate(chosen) for _, value in piece.inputs}
             self._schedules[outputs] = [
-                (piece, wanted, [v for _, v in piece.inputs if last[v] == k and v not in outputs])
+                _Call(piece, wanted, [f"o{piece.outputs.index(o)}" for o in wanted],
+                      [v for _, v in piece.inputs if last[v] == k and v not in outputs])
                 for k, (piece, wanted) in enumerate(chosen)]
         return self._schedules[outputs]
 
@@ -96,10 +106,10 @@ class PieceSession:
         """The step's ``outputs`` for ``feeds`` (batch, trainable tensors, accumulated gradients; a fed frozen
         tensor takes the place of the stored one)."""
         values = dict(feeds)
-        for piece, wanted, drop in self._schedule(tuple(outputs)):
-            given = {name: values[value] if value in values else self._weight(value) for name, value in piece.inputs}
-            index = {o: f"o{j}" for j, o in enumerate(piece.outputs)}
-            values.update(zip(wanted, piece.session.run([index[o] for o in wanted], given)))
-            for value in drop:
+        for call in self._schedule(tuple(outputs)):
+            given = {name: values[value] if value in values else self._weight(value)
+                     for name, value in call.piece.inputs}
+            values.update(zip(call.wanted, call.piece.session.run(call.names, given)))
+            for value in call.drop:
                 values.pop(value, None)
         return [values[o] for o in outputs]

@@ -101,9 +101,9 @@ class ModelFigures:
 
 
 # Nodes of a Llama-shaped block in the portable step graph (all linear projections adapted), counted on
-# SmolLM2-135M and a 1 B Llama: the block itself, what checkpointing adds (its recompute), what an int4 base
-# adds (unpacking at each use); and the embedding, LM head and loss.
-BLOCK_NODES, CHECKPOINT_BLOCK_NODES, INT4_BLOCK_NODES, OUTER_NODES = 470, 153, 86, 600
+# SmolLM2-135M and a 1 B Llama: the block itself, what an int4 base adds (unpacking at each use); and the
+# embedding, LM head and loss.
+BLOCK_NODES, INT4_BLOCK_NODES, OUTER_NODES = 470, 86, 600
 # A checkpointed step runs as its pieces (exporter/portable_pieces.py), whatever the depth: two variants of a
 # block's forward and backward (each recomputing the mask and positions the stitched step shares), what an int4
 # base adds to them, and the prologue and tail; counted on SmolLM2-135M.

@@ -45,7 +45,9 @@ def _cuts(graph: onnx.GraphProto, produced: set[str]) -> tuple[list[_Cut], set[s
     block."""
     if hidden_value(0) not in produced:
         return None
-    blocks = max(i for i in range(len(produced) + 1) if hidden_value(i) in produced)
+    blocks = 0
+    while hidden_value(blocks + 1) in produced:
+        blocks += 1
     outputs = [o.name for o in graph.output]
     cuts = [_Cut([hidden_value(0)], set())]
     cuts += [_Cut([hidden_value(i + 1)], {hidden_value(i)}) for i in range(blocks)]
