@@ -32,7 +32,7 @@ from edge_peft.store.local_server import StoreServer
 from edge_peft.store.service import AdapterStore
 from edge_peft.store.wire import MAX_COUNT, PUSH_MEDIA_TYPE, encode_push
 
-from common import run_threads
+from common import CLIENT_TLS, run_threads
 
 THINK_S = 0.5
 AGGREGATE_EVERY_S = 30.0
@@ -121,7 +121,8 @@ def push_body(spec: AdapterSpec, tensors: dict[str, np.ndarray], scale: float, s
 def honest_loop(url: str, token: str, device: str, spec: AdapterSpec, tensors: dict, samples: int, deadline: float,
                 out: Outcomes) -> None:
     base = spec.base_fingerprint
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=300) as http:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=300,
+                      verify=CLIENT_TLS) as http:
         etag, k = None, 1
         while time.monotonic() < deadline:
             body = push_body(spec, tensors, 1 + k * 1e-6, samples)
@@ -169,7 +170,8 @@ def attacker_loop(url: str, port: int, token: str, device: str, fleet: QualityFl
     rng = np.random.default_rng(int(hashlib.sha256(device.encode()).hexdigest()[:8], 16))
     mean = {k: np.mean([a[k] for a in fleet.adapters], axis=0) for k in fleet.adapters[0]}
     bad_spec = {**spec.to_dict(), "rank": 64}
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=300) as http:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=300,
+                      verify=CLIENT_TLS) as http:
         n = 0
         while time.monotonic() < deadline:
             attack = ATTACKS[n % len(ATTACKS)]

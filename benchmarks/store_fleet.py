@@ -27,7 +27,7 @@ from edge_peft.store.local_server import StoreServer
 from edge_peft.store.local_services import LocalPostgres, LocalS3
 from edge_peft.store.testing import make_manifest, random_tensors
 from edge_peft.store.wire import PUSH_MEDIA_TYPE
-from common import run_threads
+from common import CLIENT_TLS, run_threads
 
 
 @dataclass
@@ -75,14 +75,16 @@ def load_row(server: StoreServer, location: StoreLocation, sizes: dict, size: st
     base = spec.base_fingerprint
 
     def pushes(device: str, token: str, stage: Stage) -> None:
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=600) as http:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=600,
+                          verify=CLIENT_TLS) as http:
             for k in range(requests):
                 timed(stage, device, lambda: http.post(f"/v1/bases/{base}/devices/{device}/versions", content=bodies[k],
                                                        headers={"Content-Type": PUSH_MEDIA_TYPE}),
                       lambda r: None if r.status_code == 201 else f"push {r.status_code}: {r.text[:120]}")
 
     def pulls(device: str, token: str, stage: Stage) -> None:
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=600) as http:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=600,
+                          verify=CLIENT_TLS) as http:
             for _ in range(requests):
                 timed(stage, device, lambda: http.get(f"/v1/bases/{base}/devices/{device}/versions/latest"),
                       lambda g: None if g.status_code == 200 and hashlib.sha256(g.content).hexdigest() == g.headers.get(

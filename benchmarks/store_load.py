@@ -42,7 +42,7 @@ from edge_peft.store.storage import NewVersion
 from edge_peft.store.local_server import StoreServer
 from edge_peft.store.testing import make_manifest, random_tensors
 from edge_peft.store.wire import PUSH_MEDIA_TYPE, encode_push
-from common import run_threads
+from common import CLIENT_TLS, run_threads
 from store_attack import attack_phase, print_attack
 from store_fleet import backend_matrix
 
@@ -74,7 +74,8 @@ def client_loop(url: str, token: str, device: str, spec: AdapterSpec, b: dict, r
                 stats: PhaseStats) -> None:
     """Alternate push (new B-only version) and pull (own latest, full file) until done or out of time."""
     base = spec.base_fingerprint
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=300) as http:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=300,
+                      verify=CLIENT_TLS) as http:
         for k in range(requests):
             if time.monotonic() > deadline:
                 return
@@ -147,13 +148,13 @@ def store_versions(store: AdapterStore, size: str, count: int, recorded: bool = 
         sha = store.blobs.put(pushed)
         if recorded:
             new = NewVersion(spec.base_fingerprint, spec.to_dict(), device, sha, len(pushed), sha, len(pushed),
-                             content_digest(tensors), 1 + i % 50, 1, {}, None, utc_now(),
+                             content_digest(spec, tensors), 1 + i % 50, 1, {}, None, utc_now(),
                              version_norms(spec, tensors, device), sha)
         else:
             served = encode_adapter(spec, {**full, **tensors})
             full_sha = store.blobs.put(served)
             new = NewVersion(spec.base_fingerprint, spec.to_dict(), device, sha, len(pushed), full_sha, len(served),
-                             content_digest(tensors), 1 + i % 50, 1, {}, None, utc_now())
+                             content_digest(spec, tensors), 1 + i % 50, 1, {}, None, utc_now())
         store.metadata.record_version(new)
     return spec, time.perf_counter() - t0
 

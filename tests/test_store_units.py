@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -51,6 +52,25 @@ def test_migrations_create_schema_once_and_refuse_a_newer_one(tmp_path):
         db.SqliteMetadata(path)
 
 
+def test_a_store_of_the_previous_schema_keeps_serving_its_stored_full_files(tmp_path, monkeypatch):
+    """Versions pushed before B-only pushes were built at pull keep their stored full file, and their quota."""
+    path = tmp_path / "store.sqlite3"
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS[:-1])
+    db.SqliteMetadata(path).close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as con:
+        con.execute("INSERT INTO bases VALUES ('sha256:b', '{}', 't')")
+        con.execute("INSERT INTO devices (id, token_hash, created) VALUES ('phone-1', 'h', 't')")
+        con.execute("INSERT INTO versions (base, device, number, sha256, size, full_sha256, full_size, content_sha256, "
+                    "samples, steps, metrics_json, created) VALUES ('sha256:b', 'phone-1', 1, 'p', 4, 'f', 8, 'c', 1, "
+                    "1, '{}', 't')")
+    monkeypatch.undo()
+    meta = db.SqliteMetadata(path)
+    assert meta.schema_version() == len(db.MIGRATIONS)
+    (version,) = meta.versions("sha256:b")
+    assert not version.full_built and meta.device_usage("phone-1") == (1, 12)  # pushed 4 + stored full 8
+    meta.close()
+
+
 def test_blobs_are_content_addressed_and_stale_temp_files_removed(tmp_path):
     blobs = FileBlobStore(tmp_path / "blobs")
     sha = blobs.put(b"adapter bytes")
@@ -74,7 +94,7 @@ def test_tokens_are_stored_only_as_hashes(tmp_path):
     store, admin = AdapterStore.open(tmp_path / "store")
     assert admin and AdapterStore.open(tmp_path / "store")[1] is None  # shown once
     token = store.add_device("phone-1")
-    raw = (tmp_path / "store" / "store.sqlite3").read_bytes()
+    raw = b"".join(f.read_bytes() for f in (tmp_path / "store").glob("store.sqlite3*"))  # the WAL too
     assert token.encode() not in raw and admin.encode() not in raw
     assert hashlib.sha256(token.encode()).hexdigest().encode() in raw
     assert store.authenticate(token).id == "phone-1"
@@ -163,11 +183,15 @@ def test_store_completes_b_only_pushes_to_the_same_full_file(store_location):
     b_only = encode_adapter(spec, {k: v for k, v in full.items() if ".lora_A." not in k})
     record, created = store.push(spec.base_fingerprint, "phone-1", push_meta(spec, b_only), b_only)
     assert created and record.sha256 == hashlib.sha256(b_only).hexdigest() != record.full_sha256
-    served, _ = decode_adapter(store.blobs.get(record.full_sha256))
+    assert record.full_built and not store.blobs.exists(record.full_sha256)  # built at pull, not stored
+    assert store.metadata.device_usage("phone-1") == (1, len(b_only))
+    data, sha = store.adapter_file(record)
+    assert sha == hashlib.sha256(data).hexdigest() == record.full_sha256 and len(data) == record.full_size
+    served, _ = decode_adapter(data)
     assert set(served) == set(full)
     for key in full:
         np.testing.assert_array_equal(served[key], full[key])  # A regenerated bit-identically
-    assert record.content_sha256 == content_digest(full)
+    assert record.content_sha256 == content_digest(spec, full) == content_digest(spec, served)
     again, created = store.push(spec.base_fingerprint, "phone-1", push_meta(spec, full_bytes), full_bytes)
     assert not created and again.id == record.id  # same tensors, sent in full: one version
     assert len(store.metadata.versions(spec.base_fingerprint)) == 1

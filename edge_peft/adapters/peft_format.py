@@ -5,6 +5,7 @@ Only safetensors and JSON are read: never pickle.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Mapping
@@ -68,10 +69,27 @@ def encode_adapter(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], extra_m
     The header is written here with sorted keys so that equal tensors always give equal bytes (the
     safetensors writer orders its metadata map differently per call), which keeps sha256 a stable identity.
     """
+    return b"".join(_safetensors_parts(spec, tensors, extra_meta))  # one copy of the tensors' bytes
+
+
+def adapter_digest(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], extra_meta: dict | None = None
+                   ) -> tuple[str, int]:
+    """(sha256, size) of ``encode_adapter``'s bytes, without building them."""
+    h, size = hashlib.sha256(), 0
+    for part in _safetensors_parts(spec, tensors, extra_meta):
+        h.update(part)
+        size += len(part)
+    return h.hexdigest(), size
+
+
+def _safetensors_parts(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], extra_meta: dict | None
+                       ) -> list[bytes | memoryview]:
+    """The safetensors file in order: header length, header, each tensor's bytes (views, not copies)."""
     meta = {"base_fingerprint": spec.base_fingerprint, "variant": spec.variant, "seed": spec.seed}
     meta.update(extra_meta or {})
     header: dict = {"__metadata__": {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)}}
-    chunks, offset = [], 0
+    chunks: list[bytes | memoryview] = []
+    offset = 0
     for key in sorted(tensors):
         kept = SAFETENSORS_INTEGERS.get(np.asarray(tensors[key]).dtype)
         data = memoryview(np.ascontiguousarray(tensors[key], dtype=kept[0] if kept else "<f4").reshape(-1)).cast("B")
@@ -81,7 +99,7 @@ def encode_adapter(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], extra_m
         offset += len(data)
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment with spaces
-    return b"".join([len(raw).to_bytes(8, "little"), raw, *chunks])  # one copy of the tensors' bytes
+    return [len(raw).to_bytes(8, "little"), raw, *chunks]
 
 
 def decode_adapter(data: bytes, source: str = "adapter") -> tuple[dict[str, np.ndarray], dict]:

@@ -119,7 +119,7 @@ def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationP
     shapes = spec.expected_shapes(with_frozen=False)
     groups = _groups(spec, shapes)
     key_group = {key: g for g, keys in enumerate(groups.values()) for key in keys}
-    held = [_trained(shapes, s) for s in sources] if policy.method != "mean" else None
+    held = [_float64(_trained(shapes, s)) for s in sources] if policy.method != "mean" else None
     bounds = _fixed_bounds(policy, len(groups))
     if bounds is None and held is None and all(s.norms is not None for s in sources):
         bounds = np.median(np.array([s.norms for s in sources], np.float64), axis=0)  # "auto", from recorded norms
@@ -128,29 +128,34 @@ def aggregate(spec: AdapterSpec, sources: Sequence[Source], policy: AggregationP
         bounds = np.median([_norms(t, groups, s.label) for t, s in zip(tensors, sources)], axis=0)
     scales = []
 
-    def clipped(tensors: dict[str, np.ndarray], label: str, weight: float = 1.0) -> dict[str, np.ndarray]:
-        """The tensors in float64, each group scaled to at most its bound, times ``weight`` (in place)."""
-        norms = _norms(tensors, groups, label)
+    def clip_scale(tensors: dict[str, np.ndarray], source: Source) -> np.ndarray:
+        """Per group, the factor (at most 1) that scales the source down to its bound (its norms: recorded
+        ones when known, which the push computed from the same values)."""
+        norms = np.array(source.norms, np.float64) if source.norms is not None else _norms(tensors, groups, source.label)
         scale = np.divide(bounds, norms, out=np.ones_like(norms), where=norms > bounds)
         scales.append(scale)
-        for key, value in tensors.items():
-            value *= weight * scale[key_group[key]]
-        return tensors
+        return scale
 
-    if held is None:
+    if held is None:  # one source at a time, float32 as stored, scaled and summed in float64
         total: dict[str, np.ndarray] = {}
         weights = _weights(policy, [s.samples for s in sources])
         for source, weight in zip(sources, weights):
-            for key, value in clipped(_trained(shapes, source), source.label, weight).items():
+            tensors = _trained(shapes, source)
+            scale = clip_scale(tensors, source)
+            for key, value in tensors.items():
+                scaled = np.multiply(value, np.float64(weight * scale[key_group[key]]), dtype=np.float64)
                 if key in total:
-                    total[key] += value
+                    total[key] += scaled
                 else:
-                    total[key] = value
+                    total[key] = scaled
         if partial:
             for key, cover in _coverage(spec, sources, weights).items():
                 np.divide(total[key], cover, out=total[key], where=cover > 0)
     else:
-        all_clipped = [clipped(t, s.label) for t, s in zip(held, sources)]
+        all_clipped = []
+        for tensors, source in zip(held, sources):
+            scale = clip_scale(tensors, source)
+            all_clipped.append({key: value * scale[key_group[key]] for key, value in tensors.items()})
         total = {key: _robust_mean(np.stack([c[key] for c in all_clipped]), policy) for key in key_group}
     report = {"devices": len(sources), "clipped": int(np.sum(np.any(np.array(scales) < 1.0, axis=1))),
               "clip_bounds": {g: float(b) if np.isfinite(b) else None for g, b in zip(groups, bounds)},
@@ -162,8 +167,7 @@ def version_norms(spec: AdapterSpec, tensors: Mapping[str, np.ndarray], label: s
     """A full adapter's norm per clipping group, as ``aggregate`` computes it (recorded at push: with every
     device's norms known, the default clipping reads each adapter once instead of twice)."""
     shapes = spec.expected_shapes(with_frozen=False)
-    trained = {k: np.asarray(tensors[k], np.float64) for k in shapes}
-    return [float(n) for n in _norms(trained, _groups(spec, shapes), label)]
+    return [float(n) for n in _norms({k: np.asarray(tensors[k]) for k in shapes}, _groups(spec, shapes), label)]
 
 
 def _coverage(spec: AdapterSpec, sources: Sequence[Source], weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -194,17 +198,22 @@ def _groups(spec: AdapterSpec, shapes: Mapping[str, Any]) -> dict[str, list[str]
 
 
 def _trained(shapes: Mapping[str, Any], source: Source) -> dict[str, np.ndarray]:
-    """A source's averaged tensors (no seeded A) in float64; UserError if one is missing or has another shape."""
+    """A source's averaged tensors (no seeded A) as stored; UserError if one is missing or has another shape."""
     tensors = source.load()
     if any(k not in tensors or tuple(tensors[k].shape) != tuple(shape) for k, shape in shapes.items()):
         raise UserError(f"{source.label} does not hold the tensors of this base's spec: `store remove-device` it")
-    return {k: tensors[k].astype(np.float64) for k in shapes}
+    return {k: np.asarray(tensors[k]) for k in shapes}
+
+
+def _float64(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float64) for k, v in tensors.items()}
 
 
 def _norms(tensors: Mapping[str, np.ndarray], groups: dict[str, list[str]], label: str) -> np.ndarray:
-    """Each group's L2 norm (einsum: BLAS's dot pays thread start-up per small tensor); UserError if the tensors
-    hold NaN or Inf."""
-    norms = np.array([math.sqrt(sum(float(np.einsum("i,i", tensors[k].ravel(), tensors[k].ravel())) for k in keys))
+    """Each group's L2 norm, summed in float64 whatever the tensors' dtype (einsum: BLAS's dot pays thread
+    start-up per small tensor); UserError if the tensors hold NaN or Inf."""
+    norms = np.array([math.sqrt(sum(float(np.einsum("i,i", tensors[k].ravel(), tensors[k].ravel(), dtype=np.float64))
+                                    for k in keys))
                       for keys in groups.values()])
     if not np.all(np.isfinite(norms)):
         raise UserError(f"{label} holds NaN or Inf: `store remove-device` it, then aggregate again")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Iterator
 
 from .data_dir import private_file
-from .sql import TRAINED_COLUMNS, SqlMetadata
+from .sql import FULL_BUILT_COLUMN, TRAINED_COLUMNS, SqlMetadata
 from .storage import StoreError
 
 # Append only: migration i (1-based) takes the schema from version i-1 to i. Never edit a released one.
@@ -45,33 +46,58 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX versions_by_device ON versions (device)",
     ),
     TRAINED_COLUMNS,
+    FULL_BUILT_COLUMN,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+IDLE_CONNECTIONS = 8  # kept open between operations: opening one, and closing the last one (a WAL
+# checkpoint), cost a push about a millisecond each, several times over
 
 
 class SqliteMetadata(SqlMetadata):
-    """``MetadataStore`` on one SQLite file in WAL mode; a short-lived connection per operation."""
+    """``MetadataStore`` on one SQLite file in WAL mode; each operation borrows a connection from a few kept open."""
 
     integrity_errors = (sqlite3.IntegrityError,)
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._idle: list[sqlite3.Connection] = []
+        self._idle_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for name in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
             if name == self.path or name.exists():
                 private_file(name)  # SQLite gives its -wal and -shm files the database file's mode
         self.migrate()
 
+    def close(self) -> None:
+        """Close the connections kept open (the store can still be used: it opens new ones)."""
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for con in idle:
+            con.close()
+
+    def _open(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        con.row_factory = sqlite3.Row
+        con.execute("PRAGMA foreign_keys = ON")
+        con.execute("PRAGMA synchronous = FULL")  # an acknowledged version survives power loss
+        return con
+
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        """A connection for one operation (one thread at a time); closed instead of kept after an error."""
+        with self._idle_lock:
+            con = self._idle.pop() if self._idle else None
+        con = con or self._open()
         try:
-            con.row_factory = sqlite3.Row
-            con.execute("PRAGMA foreign_keys = ON")
-            con.execute("PRAGMA synchronous = FULL")  # an acknowledged version survives power loss
             yield con
-        finally:
+        except BaseException:
             con.close()
+            raise
+        with self._idle_lock:
+            if len(self._idle) < IDLE_CONNECTIONS and not con.in_transaction:
+                self._idle.append(con)
+                return
+        con.close()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

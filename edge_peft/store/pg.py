@@ -16,7 +16,7 @@ import psycopg
 from psycopg import errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .sql import TRAINED_COLUMNS, SqlMetadata
+from .sql import FULL_BUILT_COLUMN, TRAINED_COLUMNS, SqlMetadata
 from .storage import StoreError
 
 _BIG = "BIGINT NOT NULL"
@@ -51,6 +51,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX versions_by_device ON versions (device)",
     ),
     TRAINED_COLUMNS,
+    FULL_BUILT_COLUMN,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_LOCK = 0x6564676570656674  # "edgepeft": one advisory lock id for schema changes

@@ -10,12 +10,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 
 from ..adapters.compressed import FP32, SCALE_SUFFIX
-from ..adapters.peft_format import check_tensors, complete_tensors, decode_adapter, encode_adapter, expand_if_compact
+from ..adapters.peft_format import (adapter_digest, check_tensors, complete_tensors, decode_adapter, encode_adapter,
+                                    expand_if_compact)
 from ..adapters.ranks import CHANNELS_KEY
 from ..adapters.sparse import TOPK
 from ..adapters.updates import ENCODING_KEY, TOPK_KEY, decode_update, file_encoding
@@ -210,23 +211,27 @@ class AdapterStore:
             self._require_parent(base, device, request.parent)
         tensors, file_meta, encoded = self._checked_tensors(spec, data, lambda: self._parent_tensors(base, request))
         full_tensors = _complete(spec, tensors)
-        content = content_digest(full_tensors)
+        trained = spec.expected_shapes(with_frozen=False)
+        content = content_digest(spec, full_tensors)
         existing = self.metadata.find_version(base, device, content_sha256=content)
         if existing is not None:
             return existing, False
+        trained_only = not encoded and CHANNELS_KEY not in file_meta and set(tensors) == set(trained)
+        blobs, built = {request.sha256: data}, False
         if len(full_tensors) == len(tensors) and CHANNELS_KEY not in file_meta and not encoded:
-            full = data
-        else:  # B-only, compact (some rank channels) or encoded push: serve the full-rank fp32 PEFT file
+            full_sha, full_size = request.sha256, len(data)  # the pushed file is the full file
+        elif trained_only:  # B only, fp32: a pull builds the full file from it (``adapter_file``)
+            (full_sha, full_size), built = adapter_digest(spec, full_tensors, file_meta), True
+        else:  # compact (some rank channels) or encoded push: store the full-rank fp32 PEFT file
             meta = {k: v for k, v in file_meta.items() if k != CHANNELS_KEY}
             full = encode_adapter(spec, full_tensors, extra_meta=meta)
-        full_sha = hashlib.sha256(full).hexdigest() if full is not data else request.sha256
-        trained_only = not encoded and CHANNELS_KEY not in file_meta and set(tensors) == set(
-            spec.expected_shapes(with_frozen=False))
-        new = NewVersion(base, registered.spec, device, request.sha256, len(data), full_sha, len(full), content,
+            full_sha, full_size = hashlib.sha256(full).hexdigest(), len(full)
+            blobs[full_sha] = full
+        new = NewVersion(base, registered.spec, device, request.sha256, len(data), full_sha, full_size, content,
                          request.samples, request.steps, request.metrics, request.parent, utc_now(),
-                         version_norms(spec, full_tensors, "pushed adapter"), request.sha256 if trained_only else None)
-        return self._with_blobs({request.sha256: data, full_sha: full},
-                                lambda: self.metadata.record_version(new, self.limits))
+                         version_norms(spec, full_tensors, "pushed adapter"), request.sha256 if trained_only else None,
+                         built)
+        return self._with_blobs(blobs, lambda: self.metadata.record_version(new, self.limits))
 
     def _upload(self, base: str, meta: Any, data: bytes, what: str, fix: str) -> tuple[PushRequest, BaseRecord]:
         """An upload's checked metadata and its registered base: the spec sent is exactly the base's (409 naming
@@ -337,6 +342,16 @@ class AdapterStore:
             raise StoreError(404, f"device {device!r} has no {which} for base {base[:19]}...: check --device/--version")
         return record
 
+    def adapter_file(self, record: VersionRecord | AggregateRecord) -> tuple[bytes, str]:
+        """A version's full PEFT file and its sha256: the stored blob, or for a B-only push the file built from
+        its trained blob and the base's seeded A (the bytes whose sha256 the push recorded)."""
+        if isinstance(record, AggregateRecord) or not record.full_built:
+            return self.blobs.get(record.full_sha256), record.full_sha256
+        spec = self.spec(record.base)
+        tensors, meta = decode_adapter(self.blobs.get(record.trained_sha256), _label(record))
+        data = encode_adapter(spec, _complete(spec, tensors), extra_meta=meta)
+        return data, hashlib.sha256(data).hexdigest()
+
     def global_version(self, base: str, number: int | None) -> AggregateRecord:
         """A global aggregate (latest when ``number`` is None); its full PEFT file is blob ``full_sha256``."""
         record = self.metadata.aggregate(check_fingerprint(base), number)
@@ -437,11 +452,12 @@ def _decoded(spec: AdapterSpec, sent: dict[str, np.ndarray], encoding: str, topk
     return decode_update(shapes, sent, encoding, "pushed update")
 
 
-def content_digest(tensors: dict[str, np.ndarray]) -> str:
-    """sha256 over names, dtypes, shapes and values: equal for equal tensors however the file was written
-    (safetensors does not fix the order of header metadata, so file bytes are not a stable identity)."""
+def content_digest(spec: AdapterSpec, tensors: Mapping[str, np.ndarray]) -> str:
+    """sha256 over the names, dtypes, shapes and values of the trained tensors (a seeded A follows from the
+    spec): equal for equal adapters however the file was written, in full or B only (safetensors does not fix
+    the order of header metadata, so file bytes are not a stable identity)."""
     h = hashlib.sha256()
-    for key in sorted(tensors):
+    for key in sorted(spec.expected_shapes(with_frozen=False)):
         arr = np.ascontiguousarray(tensors[key])
         h.update(f"{key}|{arr.dtype.newbyteorder('<').str}|{list(arr.shape)}|".encode())
         h.update(arr.astype(arr.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8))  # no copy

@@ -21,6 +21,9 @@ TRAINED_COLUMNS = (  # migration: what aggregation reads instead of each full fi
     "ALTER TABLE versions ADD COLUMN norms_json TEXT",
     "ALTER TABLE versions ADD COLUMN trained_sha256 TEXT",
 )
+FULL_BUILT_COLUMN = (  # migration: a B-only push's full file is built at pull instead of stored (see NewVersion)
+    "ALTER TABLE versions ADD COLUMN full_built INTEGER NOT NULL DEFAULT 0",
+)
 
 class Connection(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
@@ -190,12 +193,12 @@ class SqlMetadata:
             row = con.execute(
                 """INSERT INTO versions (base, device, number, sha256, size, full_sha256, full_size, content_sha256,
                    samples, steps, metrics_json, parent_kind, parent_device, parent_number, created, norms_json,
-                   trained_sha256)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *""",
+                   trained_sha256, full_built)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *""",
                 (new.base, new.device, number, new.sha256, new.size, new.full_sha256, new.full_size,
                  new.content_sha256, new.samples, new.steps, json.dumps(new.metrics, sort_keys=True), p and p.kind,
                  p and p.device, p and p.version, new.created, json.dumps(new.norms) if new.norms else None,
-                 new.trained_sha256)).fetchall()[0]
+                 new.trained_sha256, int(new.full_built))).fetchall()[0]
             con.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (new.created, new.device))
         return _version(row), True
 
@@ -258,8 +261,9 @@ class SqlMetadata:
 
 
 def _usage(con: Connection, device: str) -> tuple[int, int]:
-    """(versions, bytes) a device keeps: pushed files, and the full files the store completed from them."""
-    row = con.execute("SELECT COUNT(*), COALESCE(SUM(size + CASE WHEN full_sha256 != sha256 THEN full_size ELSE 0 END), 0) "
+    """(versions, bytes) a device keeps: pushed files, and the full files the store completed and stored."""
+    row = con.execute("SELECT COUNT(*), COALESCE(SUM(size + CASE WHEN full_sha256 != sha256 AND full_built = 0 "
+                      "THEN full_size ELSE 0 END), 0) "
                       "FROM versions WHERE device = ?", (device,)).fetchone()
     return int(row[0]), int(row[1])  # PostgreSQL sums bigints as numeric
 
@@ -285,7 +289,8 @@ def _version(row: Any) -> VersionRecord:
     return VersionRecord(
         row["id"], row["base"], row["device"], row["number"], row["sha256"], row["size"], row["full_sha256"],
         row["full_size"], row["content_sha256"], row["samples"], row["steps"], json.loads(row["metrics_json"]),
-        parent, row["created"], json.loads(row["norms_json"]) if row["norms_json"] else None, row["trained_sha256"])
+        parent, row["created"], json.loads(row["norms_json"]) if row["norms_json"] else None, row["trained_sha256"],
+        bool(row["full_built"]))
 
 
 def _aggregate(con: Connection, row: Any) -> AggregateRecord:

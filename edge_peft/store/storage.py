@@ -51,11 +51,12 @@ class NewVersion:
     created: str
     norms: list[float] | None = None  # the trained tensors' norm per clipping group (aggregate.version_norms)
     trained_sha256: str | None = None  # the pushed blob, when it holds exactly the trained tensors in fp32
+    full_built: bool = False  # the full file is not stored: a pull builds it from the trained blob (seeded A added)
 
     @property
     def stored_bytes(self) -> int:
-        """What this version adds to its device's quota: the pushed file and, if different, the full one."""
-        return self.size + (self.full_size if self.full_sha256 != self.sha256 else 0)
+        """What this version adds to its device's quota: the pushed file and, if stored too, the full one."""
+        return self.size + (self.full_size if self.full_sha256 != self.sha256 and not self.full_built else 0)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class VersionRecord:
     created: str
     norms: list[float] | None = None  # None: pushed before the store recorded them
     trained_sha256: str | None = None  # None: read the trained tensors from the full file
+    full_built: bool = False  # True: no blob ``full_sha256``; a pull builds the file from ``trained_sha256``
 
 
 @dataclass(frozen=True)
