@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import socket
 import sqlite3
+import time
 from pathlib import Path
 
 import httpx
@@ -331,3 +333,20 @@ def test_heterogeneous_ranks_push_compact_and_average_exactly(env, tmp_path):
         a, b = lora_key(m.name, "A"), lora_key(m.name, "B")
         expected_update = (30 * pruned[b] @ pruned[a] + 10 * truncated[b] @ truncated[a]) / 40
         np.testing.assert_allclose(merged[b] @ merged[a], expected_update, rtol=1e-5, atol=1e-8)
+
+
+def test_idle_connections_stay_open_as_long_as_keep_alive_says(tmp_path):
+    """`serve --keep-alive S` is how long an idle connection stays open (the default, 75 s, outlasts a load
+    balancer's idle timeout): a request on a kept connection within it is answered, and the store closes the
+    connection once it has been idle longer."""
+    AdapterStore.open(tmp_path / "data")[0].close()
+    with StoreServer(tmp_path / "data", options={"--keep-alive": 2}) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            for idle in (0.0, 1.0):  # within the keep-alive: the same connection answers again
+                time.sleep(idle)
+                sock.sendall(request)
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(3.5)
+            sock.settimeout(1.0)  # uvicorn's own default (5 s) would still hold it open: recv would time out
+            assert sock.recv(65536) == b""  # idle past it: closed by the store

@@ -78,9 +78,12 @@ def _open_local(data_dir: Path):
 @click.option("--s3-region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION).")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(min=1),
               help="Server processes sharing the port (uvicorn workers); several suit PostgreSQL + S3.")
+@click.option("--keep-alive", default=75, show_default=True, type=click.IntRange(min=1),
+              help="Seconds an idle connection stays open: longer than a load balancer's idle timeout (often 60 s), "
+                   "so that the balancer, not the store, closes it and no request races the close.")
 def serve(data_dir: Path, host: str, port: int, max_body_mb: float, max_device_versions: int, max_device_mb: int,
           rate_limit: int, ssl_keyfile: str | None, ssl_certfile: str | None, log_level: str, database: str | None,
-          blobs: str | None, s3_endpoint: str | None, s3_region: str | None, processes: int) -> None:
+          blobs: str | None, s3_endpoint: str | None, s3_region: str | None, processes: int, keep_alive: int) -> None:
     """Run the adapter store (OpenAPI docs at /docs, the fleet page at /). The first start prints the admin token."""
     import uvicorn
 
@@ -99,14 +102,15 @@ def serve(data_dir: Path, host: str, port: int, max_body_mb: float, max_device_v
     with _one_line_errors():
         store, admin_token = open_store(location, limits)  # migrates once, before any worker starts
     announce_admin_token(admin_token)
-    tls = {"ssl_keyfile": ssl_keyfile, "ssl_certfile": ssl_certfile, "log_level": log_level}
+    server = {"ssl_keyfile": ssl_keyfile, "ssl_certfile": ssl_certfile, "log_level": log_level,
+              "timeout_keep_alive": keep_alive}
     if processes == 1:
-        uvicorn.Server(uvicorn.Config(create_app(store, limits), host=host, port=port, **tls)).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(create_app(store, limits), host=host, port=port, **server)).run(sockets=[sock])
         return
-    _serve_workers(location, limits, processes, host, port, sock, tls)
+    _serve_workers(location, limits, processes, host, port, sock, server)
 
 
-def _serve_workers(location, limits, processes: int, host: str, port: int, sock, tls: dict) -> None:
+def _serve_workers(location, limits, processes: int, host: str, port: int, sock, server: dict) -> None:
     """``processes`` uvicorn workers on one socket, each opening the store from the environment."""
     import json
     import os
@@ -119,7 +123,7 @@ def _serve_workers(location, limits, processes: int, host: str, port: int, sock,
 
     os.environ[SERVE_ENV] = json.dumps({"location": location.to_json(), "limits": asdict(limits)})
     config = uvicorn.Config("edge_peft.store.server:app_from_environment", factory=True, workers=processes,
-                            host=host, port=port, **tls)
+                            host=host, port=port, **server)
     Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
 
 
