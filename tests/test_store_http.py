@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import socket
 import sqlite3
 import time
@@ -346,7 +347,21 @@ def test_idle_connections_stay_open_as_long_as_keep_alive_says(tmp_path):
             for idle in (0.0, 1.0):  # within the keep-alive: the same connection answers again
                 time.sleep(idle)
                 sock.sendall(request)
-                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+                assert read_response(sock).startswith(b"HTTP/1.1 200")
             time.sleep(3.5)
             sock.settimeout(1.0)  # uvicorn's own default (5 s) would still hold it open: recv would time out
             assert sock.recv(65536) == b""  # idle past it: closed by the store
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response from ``sock`` (however the segments arrive); returns its head."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the store closed the connection mid-response"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head

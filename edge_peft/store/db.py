@@ -49,8 +49,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
     FULL_BUILT_COLUMN,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-IDLE_CONNECTIONS = 8  # kept open between operations: opening one, and closing the last one (a WAL
-# checkpoint), cost a push about a millisecond each, several times over
+# Connections kept open between operations: opening one, and closing the last one (a WAL checkpoint), cost a
+# push about a millisecond each, several times over.
+IDLE_CONNECTIONS = 8
 
 
 class SqliteMetadata(SqlMetadata):
