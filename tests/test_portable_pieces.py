@@ -65,8 +65,11 @@ def test_pieces_compute_the_whole_step_exactly(llama, tmp_path, quantize):
     # forward orders its nodes otherwise, its backward computes no input gradient)
     assert len(graphs) == 2 * LAYERS + 2 and len(set(graphs)) == 6
     stitched = len(onnx.load(str(artifact / PORTABLE_STEP_MODEL), load_external_data=False).graph.node)
-    loaded = load_manifest(artifact).memory.step_nodes
-    assert loaded == sum(len(onnx.load(str(artifact / g)).graph.node) for g in set(graphs)) < stitched
+    memory = load_manifest(artifact).memory
+    assert memory.step_nodes == sum(len(onnx.load(str(artifact / g)).graph.node) for g in set(graphs)) < stitched
+    # the frozen bytes the memory model counts for this backend are those the pieces read (small constants inlined)
+    read = sum(w["length"] for w in plan["weights"].values())
+    assert read <= memory.step_frozen_bytes <= read + 64 * 1024
     # every piece reads its block's weights as inputs: no graph holds a weight of its own
     assert all(not i.external_data for g in set(graphs) for i in onnx.load(str(artifact / g)).graph.initializer)
 

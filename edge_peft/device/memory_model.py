@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 
 from ..artifact.manifest import Manifest
 from ..backends import backend_class, memory_factors
+from ..backends.names import PORTABLE
 
 MB = 1024 * 1024
 FLOAT = 4
@@ -68,7 +69,7 @@ class Prediction:
 class ModelFigures:
     """The artifact figures the model needs: from a manifest, or computed at export time before one exists."""
 
-    frozen_bytes: int
+    frozen_bytes: int  # of the frozen tensors, those the backend's training graph reads
     quantized_bytes: int
     trainable_values: int
     layers: int
@@ -88,7 +89,9 @@ class ModelFigures:
     @classmethod
     def of(cls, manifest: Manifest, backend: str) -> "ModelFigures":
         mem = manifest.memory
-        return cls(frozen_bytes=mem.frozen_bytes, quantized_bytes=mem.quantized_bytes,
+        portable = backend == PORTABLE
+        return cls(frozen_bytes=mem.step_frozen_bytes if portable and mem.step_frozen_bytes else mem.frozen_bytes,
+                   quantized_bytes=mem.quantized_bytes,
                    trainable_values=mem.trainable_values, layers=manifest.num_layers, hidden=manifest.hidden_size,
                    intermediate=mem.intermediate_size, heads=manifest.num_heads, vocab=manifest.vocab_size,
                    causal=manifest.task == "causal-lm", backend=backend,

@@ -339,6 +339,12 @@ def nbytes(proto: onnx.ModelProto, names: list[str]) -> int:
     return sum(numpy_helper.to_array(i).nbytes for i in proto.graph.initializer if i.name in wanted)
 
 
+def initializer_nbytes(proto: onnx.ModelProto) -> int:
+    """Storage bytes of every initializer, from their shapes and types (no tensor is read)."""
+    return sum(int(np.prod(i.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
+               for i in proto.graph.initializer)
+
+
 def quantized_nbytes(proto: onnx.ModelProto) -> int:
     """Storage bytes of the quantized weights (int8 or Q8_0 codes with their fp32 scales, or int4 nibbles with their
     scales, zero points and offsets)."""

@@ -112,11 +112,11 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                                          flatten_width=config.vocab_size if causal else None,
                                          loss_chunks=opts.loss_chunks, hidden_size=_hidden_size(config),
                                          checkpointing=opts.checkpointing)
-        step_nodes = 0
+        step_nodes = step_frozen_bytes = 0
         with WeightsFile(tmp) as weights:  # the graphs' frozen tensors, each once
             if PORTABLE in backends:
                 with stages.stage("exporting the portable training graphs"):
-                    step_nodes = write_portable_artifacts(
+                    step_nodes, step_frozen_bytes = write_portable_artifacts(
                         model, causal, trainable, opts.quantize, block, opts.max_seq_len, tmp, weights,
                         int8_compute=INT8 in computes,
                         checkpointing=opts.checkpointing, loss_chunks=opts.loss_chunks if causal else 0)
@@ -138,7 +138,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                 memory = MemoryFigures(
                     **stored, trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
                     loss_chunks=opts.loss_chunks if causal else 0, checkpointing=opts.checkpointing,
-                    step_nodes=step_nodes, **opts.memory)
+                    step_nodes=step_nodes, step_frozen_bytes=step_frozen_bytes, **opts.memory)
                 manifest = _manifest(loaded, config, opts, spec, memory, backends)
                 manifest.computes = computes
                 weights.close()  # complete before its checksum is recorded

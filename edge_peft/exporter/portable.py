@@ -109,10 +109,12 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
 
 def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: str, block: int,
                              max_seq_len: int, out: Path, weights: WeightsFile,
-                             int8_compute: bool = False, checkpointing: bool = False, loss_chunks: int = 0) -> int:
+                             int8_compute: bool = False, checkpointing: bool = False, loss_chunks: int = 0
+                             ) -> tuple[int, int]:
     """Write the training-step graph (its frozen tensors into ``weights``) and the initial trainable state into
-    ``out``; return the node count the runtime loads (the memory model's load term): the step graph's, or with
-    ``checkpointing`` its distinct pieces' (``portable_pieces``: the step is also written cut at its blocks).
+    ``out``. Returns what the memory model's load terms count: the nodes the runtime loads (the step graph's, or
+    with ``checkpointing`` its distinct pieces': ``portable_pieces``, the step also written cut at its blocks) and
+    the bytes of the frozen tensors the step reads (a tied LM head once, where the ORT graphs may hold two copies).
 
     Frozen base weights (not the LoRA A factors) are stored as ``quantize`` says: int8 behind
     ``DequantizeLinear``, int4 in blocks of ``block`` behind ``int4.py``'s nodes, or fp32 (none);
@@ -140,6 +142,7 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
         _products_read_dequantized(proto)
     _transpose_before_dequantize(proto)  # what transB cannot take
     recompute.dequantize_at_use(proto)
+    frozen_bytes = graph.initializer_nbytes(proto)
     weights.save(proto, out / PORTABLE_STEP_MODEL)
     nodes = (portable_pieces.split(proto, out, weights) if checkpointing else None) or len(proto.graph.node)
     del proto  # the graphs are rewritten in place: a 1 B model's protos are gigabytes each
@@ -151,7 +154,7 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
         del int8_products
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
     atomic_write_bytes(out / PORTABLE_INITIAL_STATE, save_safetensors(values))
-    return nodes
+    return nodes, frozen_bytes
 
 
 def append_accumulation(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> None:
