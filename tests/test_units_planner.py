@@ -181,3 +181,17 @@ def test_guard_learns_from_the_measured_peak():
 def test_parse_budget_refuses_a_bare_number():
     with pytest.raises(UserError, match=r"--memory-budget '512' has no unit: write 512MB or 512GB"):
         parse_budget("512")
+
+
+def test_the_portable_backend_counts_only_the_frozen_bytes_its_step_reads():
+    """An ORT graph may hold a tied int8 head twice; the portable step reads it once (``step_frozen_bytes``), and
+    only the portable prediction's weights term shrinks, by the load factor times the bytes it does not read."""
+    from edge_peft.backends import memory_factors
+
+    m = manifest("int8")
+    read = replace(m, memory=replace(m.memory, step_frozen_bytes=32 * MB))
+    for backend in ("ort", "portable"):
+        full, less = predict(m, 2, SEQ, backend), predict(read, 2, SEQ, backend)
+        saved = full.weights - less.weights
+        expected = memory_factors(backend).weight_load * 8 * MB if backend == "portable" else 0
+        assert saved == pytest.approx(expected, abs=1) and full.total - less.total == pytest.approx(saved, abs=2)

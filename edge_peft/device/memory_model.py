@@ -5,7 +5,8 @@ Structure (what lives at the peak of a step, forward activations kept for backwa
 - ``runtime``: the interpreter, numpy, tokenizers and ONNX Runtime after import, the training
   session's graphs and kernels, and a per-step workspace: constants, measured.
 - ``weights``: the checkpoint state and the training session built from it: the frozen base
-  (int8, int4 or fp32, manifest ``memory.frozen_bytes``) and the trainable tensors, times a measured load factor;
+  (int8, int4 or fp32, manifest ``memory.frozen_bytes``; on the portable backend ``memory.step_frozen_bytes``, what
+  its step reads) and the trainable tensors, times a measured load factor;
   on the portable backend also a measured cost per node of the step graph (manifest ``memory.step_nodes``: the
   session's per-node structures, which dominate the load of a small model with many blocks).
   ORT's CPU arena is disabled for training sessions (``backends/``): its growth is step-shaped and
