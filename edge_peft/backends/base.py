@@ -14,6 +14,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from ..artifact.manifest import Manifest
+    from ..artifact.memory_section import MemoryFigures
     from ..device.data import Batch
 
 
@@ -60,6 +61,11 @@ class TrainingBackend(Protocol):
     def checkpointed(cls, checkpointing: bool) -> bool:
         """Whether, in an artifact exported with ``--checkpointing``, only block inputs stay alive between this
         backend's forward and backward (what the memory model then charges)."""
+
+    @classmethod
+    def frozen_bytes(cls, memory: MemoryFigures) -> int:
+        """The bytes of frozen tensors this backend's training graph reads (what the memory model's weights term
+        counts), from an artifact's memory section."""
 
     @classmethod
     def owns_state(cls, path: Path) -> bool:

@@ -17,6 +17,7 @@ from .names import ORT
 from .runtime import quiet_logs, session_options, training_api, training_api_installed
 
 if TYPE_CHECKING:
+    from ..artifact.memory_section import MemoryFigures
     from ..device.data import Batch
 
 MB = 1024 * 1024
@@ -62,6 +63,10 @@ class OrtTrainingBackend:
     @classmethod
     def checkpointed(cls, checkpointing: bool) -> bool:
         return False  # recompute.checkpoint_blocks keeps more than block inputs; its factors are the plain ones
+
+    @classmethod
+    def frozen_bytes(cls, memory: MemoryFigures) -> int:
+        return memory.frozen_bytes
 
     @classmethod
     def owns_state(cls, path: Path) -> bool:

@@ -33,6 +33,7 @@ from .pieces import PieceSession
 from .runtime import onnxruntime_module, quiet_logs, session_options
 
 if TYPE_CHECKING:
+    from ..artifact.memory_section import MemoryFigures
     from ..device.data import Batch
 
 MB = 1024 * 1024
@@ -106,6 +107,10 @@ class PortableBackend:
     @classmethod
     def checkpointed(cls, checkpointing: bool) -> bool:
         return checkpointing  # the block-wise step recomputes each block from its input
+
+    @classmethod
+    def frozen_bytes(cls, memory: MemoryFigures) -> int:
+        return memory.step_frozen_bytes or memory.frozen_bytes  # 0: exported before the step's own was recorded
 
     @classmethod
     def owns_state(cls, path: Path) -> bool:

@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass
 
 from ..artifact.manifest import Manifest
 from ..backends import backend_class, memory_factors
-from ..backends.names import PORTABLE
 
 MB = 1024 * 1024
 FLOAT = 4
@@ -90,9 +89,7 @@ class ModelFigures:
     @classmethod
     def of(cls, manifest: Manifest, backend: str) -> "ModelFigures":
         mem = manifest.memory
-        portable = backend == PORTABLE
-        return cls(frozen_bytes=mem.step_frozen_bytes if portable and mem.step_frozen_bytes else mem.frozen_bytes,
-                   quantized_bytes=mem.quantized_bytes,
+        return cls(frozen_bytes=backend_class(backend).frozen_bytes(mem), quantized_bytes=mem.quantized_bytes,
                    trainable_values=mem.trainable_values, layers=manifest.num_layers, hidden=manifest.hidden_size,
                    intermediate=mem.intermediate_size, heads=manifest.num_heads, vocab=manifest.vocab_size,
                    causal=manifest.task == "causal-lm", backend=backend,

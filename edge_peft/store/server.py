@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +27,7 @@ from .guard import RequestGuard
 from .limits import StoreLimits
 from .pages import add_pages
 from .service import AdapterStore
-from .storage import StoreError
+from .storage import AggregateRecord, StoreError, VersionRecord
 from .wire import MAX_COUNT, PUSH_MEDIA_TYPE, decode_push
 
 ADAPTER_MEDIA_TYPE = "application/octet-stream"
@@ -158,16 +158,14 @@ def create_app(store: AdapterStore, limits: StoreLimits = StoreLimits()) -> Fast
         check_device_id(device)
         may_read_device(who, device)
         record = store.device_version(base, device, parse_version(version))
-        return adapter_response(request, record.full_sha256, lambda: store.adapter_file(record),
-                                {"kind": "device", "device": device, "version": record.number})
+        return adapter_response(store, request, record, {"kind": "device", "device": device, "version": record.number})
 
     @app.get("/v1/bases/{base}/global/{version}", dependencies=[Depends(principal)],
              responses={200: {"content": {ADAPTER_MEDIA_TYPE: {}}}, 304: {"description": "ETag matches"}})
     def pull_global(base: str, version: str, request: Request) -> Response:
         """A global (federated-average) adapter as a full PEFT safetensors file (any valid token)."""
         record = store.global_version(base, parse_version(version))
-        return adapter_response(request, record.full_sha256, lambda: store.adapter_file(record),
-                                {"kind": "global", "version": record.number})
+        return adapter_response(store, request, record, {"kind": "global", "version": record.number})
 
     @app.post("/v1/bases/{base}/aggregates", dependencies=[Depends(admin)], openapi_extra={"requestBody": {
         "required": False, "content": {"application/json": {"schema": POLICY_SCHEMA}}}})
@@ -215,19 +213,22 @@ def parse_version(version: str) -> int | None:
     return int(version)
 
 
-def adapter_response(request: Request, sha256: str, read: Callable[[], tuple[bytes, str]],
+def adapter_response(store: AdapterStore, request: Request, record: VersionRecord | AggregateRecord,
                      source: dict[str, Any]) -> Response:
-    """The full adapter bytes ``read()`` returns with their sha256 as a strong ETag; 304, without reading, when
-    If-None-Match has the recorded ``sha256``."""
+    """The version's full adapter file (``AdapterStore.adapter_file``) with its sha256 as a strong ETag; 304,
+    without reading it, when If-None-Match has the recorded sha256."""
     headers = {"X-Edge-Peft-Kind": source["kind"], "X-Edge-Peft-Version": str(source["version"]),
                "Cache-Control": "no-cache"}
     if "device" in source:
         headers["X-Edge-Peft-Device"] = source["device"]
-    if etag_matches(request.headers.get("if-none-match"), f'"{sha256}"'):
-        return Response(status_code=304, headers={**headers, "ETag": f'"{sha256}"', "X-Edge-Peft-Sha256": sha256})
-    data, sha256 = read()
-    return Response(data, media_type=ADAPTER_MEDIA_TYPE,
-                    headers={**headers, "ETag": f'"{sha256}"', "X-Edge-Peft-Sha256": sha256})
+    if etag_matches(request.headers.get("if-none-match"), f'"{record.full_sha256}"'):
+        return Response(status_code=304, headers={**headers, **_digest_headers(record.full_sha256)})
+    data, sha256 = store.adapter_file(record)
+    return Response(data, media_type=ADAPTER_MEDIA_TYPE, headers={**headers, **_digest_headers(sha256)})
+
+
+def _digest_headers(sha256: str) -> dict[str, str]:
+    return {"ETag": f'"{sha256}"', "X-Edge-Peft-Sha256": sha256}
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
