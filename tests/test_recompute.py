@@ -40,6 +40,9 @@ def test_checkpointing_keeps_the_losses(llama, data, tmp_path, quantize):
     plain = _export(llama, tmp_path / "plain", quantize, checkpointing=False)
     recomputed = _export(llama, tmp_path / "ckpt", quantize, checkpointing=True)
     assert load_manifest(recomputed).memory.checkpointing and not load_manifest(plain).memory.checkpointing
+    # the memory model's load term counts the nodes ORT loads: recorded exactly, the recompute copies included
+    counts = [load_manifest(a).memory.train_nodes for a in (plain, recomputed)]
+    assert counts == [len(_nodes(plain)), len(_nodes(recomputed))] and counts[0] < counts[1]
     names = [n.name for n in _nodes(recomputed)]
     for block in range(2):  # every block of the tiny model has its recompute copies
         assert any(f"/layers.{block}/" in n and n.endswith(f".rc{block}") for n in names)

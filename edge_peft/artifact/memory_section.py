@@ -23,6 +23,7 @@ class MemoryFigures:
     quantized_values: int = 0  # values stored int8 or int4 (their fp32 copies are what dequantizing makes); 0: unknown
     step_nodes: int = 0  # nodes the portable step loads (its graph, or its distinct pieces); 0: none written, or unknown
     step_frozen_bytes: int = 0  # of the frozen tensors, what the portable step reads; 0: none written, or unknown
+    train_nodes: int = 0  # nodes of the ORT training graph; 0: none written, or unknown
     budget_mb: float | None = None
     margin: float | None = None
     profile: str | None = None

@@ -61,8 +61,9 @@ def _scaled_loss():
 
 def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], frozen: list[str], out: Path,
                              weight_decay: float, max_grad_norm: float, flatten_width: int | None,
-                             loss_chunks: int = 0, hidden_size: int = 0, checkpointing: bool = False) -> None:
-    """Loss = scaled mean cross-entropy; optimizer = AdamW (HF mode) with gradient clipping by norm.
+                             loss_chunks: int = 0, hidden_size: int = 0, checkpointing: bool = False) -> int:
+    """Loss = scaled mean cross-entropy; optimizer = AdamW (HF mode) with gradient clipping by norm. Returns the
+    training model's node count (what its session's load grows with; manifest ``memory.train_nodes``).
 
     A causal LM (``flatten_width`` = vocabulary) with ``loss_chunks`` > 0 gets the target-only, chunked LM
     head and loss of ``loss_graph``; with 0 the naive full-logits loss. An int4 base's products become ``Gemm``
@@ -87,20 +88,23 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
     with _native_stderr_captured():
         artifacts.generate_artifacts(training, requires_grad=trainable, frozen_params=frozen, loss=loss,
                                      optimizer=optimizer, artifact_directory=str(out))
-    _recompute(out / ORT_TRAINING_MODEL, checkpointing)
     _recompute(out / ORT_EVAL_MODEL, False)
+    return _recompute(out / ORT_TRAINING_MODEL, checkpointing)
 
 
-def _recompute(path: Path, checkpointing: bool) -> None:
+def _recompute(path: Path, checkpointing: bool) -> int:
     """Rewrite a generated model: quantized weights dequantized at each use, and with ``checkpointing`` block
-    recompute."""
+    recompute; its node count."""
     model = onnx.load(str(path))
+    nodes = len(model.graph.node)
     changed = recompute.dequantize_at_use(model)
     if checkpointing and not recompute.checkpoint_blocks(model, model.graph.output[0].name):
         raise UserError("--checkpointing found no transformer blocks (nodes scoped /layers.N/) in this model's "
                         "training graph: export without it")
     if changed or checkpointing:
         onnx.save(model, str(path))
+        nodes = len(model.graph.node)
+    return nodes
 
 
 @contextlib.contextmanager
