@@ -7,10 +7,11 @@ three full steps (forward+backward+AdamW) on random tokens of exactly B x T. The
 
 - runtime: the mean RSS after the imports;
 - load: least squares of ``loaded - imports = SESSION + WEIGHT_LOAD x (frozen bytes + 4 x trainable values)
-  [+ NODE_LOAD x nodes of the portable step graph]`` (``memory_model.load_terms``);
+  + NODE_LOAD x nodes of the training graph the backend loads`` (``memory_model.load_terms``);
 - step: least squares, with non-negative factors, of ``peak - loaded - 12 x trainable values`` (AdamW's
-  gradient and moments) ``= STEP + sum factor_k x term_k`` over ``memory_model.step_terms`` (dequantized
-  int8 base, token activations, attention scores, full or chunked logits).
+  gradient and moments) ``= STEP + sum factor_k x term_k`` over ``memory_model.step_terms`` (one block's
+  dequantized base, token activations, checkpointed blocks' inputs, attention scores, full or chunked logits,
+  the dequantized head, and a constant for an int4 base).
 
 The fitted constants and the data points are copied into ``memory_model.py``.
 Usage: ``python benchmarks/calibrate_memory.py ARTIFACT [ARTIFACT...] [--points 1x128,8x128,...] [--json out.json]``
@@ -80,10 +81,8 @@ def fit(rows: list[dict]) -> dict[str, float]:
     peak = np.array([r["peak_mb"] for r in rows]) * MB
     load = [load_terms(figures[r["path"]]) for r in rows]
     columns = [np.ones(len(rows)), np.array([t["weights"] for t in load], float)]
-    nodes = np.array([t["nodes"] for t in load], float)
-    if all(r.get("backend") == "portable" for r in rows):  # the portable step graph's nodes (per-node structures)
-        columns.append(nodes)
-    (session, weight_load, *node_load), *_ = np.linalg.lstsq(np.stack(columns, 1), loaded - imports, rcond=None)
+    columns.append(np.array([t["nodes"] for t in load], float))  # the training graph's (per-node structures)
+    (session, weight_load, node_load), *_ = np.linalg.lstsq(np.stack(columns, 1), loaded - imports, rcond=None)
     terms = [step_terms(figures[r["path"]], r["batch"], r["seq"]) for r in rows]
     names = [k for k in terms[0] if any(t[k] for t in terms)]
     optimizer = np.array([3 * FLOAT * figures[r["path"]].trainable_values for r in rows])
@@ -97,8 +96,8 @@ def fit(rows: list[dict]) -> dict[str, float]:
         active.pop(int(np.argmin(coef)))
     factors = dict.fromkeys(names, 0.0) | dict(zip(active, map(float, coef)))
     return {"runtime_mb": float(imports.mean() / MB), "session_mb": float(session / MB), "weight_load": float(weight_load),
-            "node_load": float(node_load[0]) if node_load else 0.0,
-            "step_mb": factors.pop("step", 0.0) / MB, **factors}
+            "node_load": float(node_load),
+            "step_mb": factors.pop("step", 0.0) / MB, "int4_block_mb": factors.pop("int4_blocks", 0.0) / MB, **factors}
 
 
 def main() -> None:

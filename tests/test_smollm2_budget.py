@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from edge_peft.artifact.files import GENERATION_MODEL, INFERENCE_MODEL, PORTABLE_PIECES, PORTABLE_STEP_MODEL, WEIGHTS_DATA
 from edge_peft.artifact.manifest import load_manifest
 from edge_peft.bundled import smollm2_dir
-from edge_peft.device.memory_model import estimated_step_nodes
+from edge_peft.backends.portable import PortableBackend
 from edge_peft.exporter import int4
 
 BUDGET_MB = 300  # issue 16's goal for SmolLM2-135M (there at 1 x 512); its int4 base, offsets included, is 97 MB
@@ -60,7 +60,7 @@ def test_int4_smollm2_trains_under_a_small_memory_budget(tmp_path):
     nodes = sum(len(onnx.load(str(artifact / g)).graph.node) for g in pieces)
     assert memory.step_nodes == nodes
     assert nodes < 0.15 * len(onnx.load(str(artifact / PORTABLE_STEP_MODEL), load_external_data=False).graph.node)
-    assert abs(estimated_step_nodes(30, True, True) - nodes) < 0.05 * nodes
+    assert abs(PortableBackend.estimated_nodes(30, True, True) - nodes) < 0.05 * nodes
     # the step, inference and generation graphs read one copy of the int4 base
     shared = (artifact / WEIGHTS_DATA).stat().st_size
     assert shared < 1.2 * memory.quantized_bytes

@@ -76,7 +76,7 @@ def test_margin_and_overhead_count_against_the_budget():
 
 
 def test_plan_cuts_the_sequence_when_one_row_does_not_fit():
-    m = manifest()
+    m = manifest("int8")  # an fp32 base's step sits under its workspace floor at these lengths: no slope to cut on
     budget = int((needed(m, 1, 64) + needed(m, 1, 128)) / 2)
     plan = make_plan(m, budget, batch_size=8, seq_len=SEQ, backend="ort")
     assert plan.micro_batch == 1 and plan.accumulation == 8

@@ -26,14 +26,16 @@ class MemoryFactors:
     session: int  # load intercept: session, graphs, kernels
     weight_load: float  # load slope per byte of frozen weights and trainable values
     step: int  # step intercept
-    dequant: float  # per fp32 byte of the dequantized int8 base
+    dequant: float  # per fp32 byte of one block's worth of the quantized base, dequantized
     token: float  # per byte of the 9h + 2i token activations
     score: float  # per byte of heads x T^2 attention scores
     logit: float  # per byte of B x T x V logits
     chunked_logit: float  # the same with the target-only LM head and loss in 8 chunks
     fp32_floor: float = 0.8  # a step of an fp32 base never costs less than this x its weights
     dequantized_head: float = 0.0  # per fp32 byte of a quantized causal LM head (vocab x hidden; a slice if chunked)
-    node_load: float = 0.0  # load bytes per node of the step graph (memory_model.load_terms)
+    block_input: float = 0.0  # per byte of the blocks' inputs kept between the passes of a checkpointed step
+    int4_block: float = 0.0  # bytes an int4 base adds to a step per block beyond the dequantized terms (measured)
+    node_load: float = 0.0  # load bytes per node of the training graph the backend loads (memory_model.load_terms)
 
 
 class TrainingBackend(Protocol):
@@ -58,9 +60,17 @@ class TrainingBackend(Protocol):
         ``loss_chunks`` (manifest ``memory.loss_chunks``) carries."""
 
     @classmethod
-    def checkpointed(cls, checkpointing: bool) -> bool:
-        """Whether, in an artifact exported with ``--checkpointing``, only block inputs stay alive between this
-        backend's forward and backward (what the memory model then charges)."""
+    def head_slices(cls, loss_chunks: int) -> int:
+        """In how many row slices this backend's chunked LM loss reads a quantized head (1: whole, each chunk)."""
+
+    @classmethod
+    def graph_nodes(cls, memory: MemoryFigures) -> int:
+        """The nodes of the training graph(s) this backend loads, as the export recorded them (0: unknown)."""
+
+    @classmethod
+    def estimated_nodes(cls, layers: int, checkpointing: bool, int4: bool) -> int:
+        """The nodes this backend would load for a Llama-shaped model, before its graphs exist (export-time
+        planning, older manifests)."""
 
     @classmethod
     def frozen_bytes(cls, memory: MemoryFigures) -> int:

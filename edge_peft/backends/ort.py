@@ -22,16 +22,21 @@ if TYPE_CHECKING:
 
 MB = 1024 * 1024
 CHECKPOINT_MAGIC = b"ODTC"  # the flatbuffer file identifier of ORT training checkpoints (bytes 4-8)
+# Nodes of a Llama-shaped block in the training graph (all linear projections adapted), counted on SmolLM2-135M and
+# a 0.5 B Llama: the block, what checkpointing adds (the recomputed forward), what an int4 base adds; the rest.
+BLOCK_NODES, CHECKPOINT_NODES, INT4_NODES, OUTER_NODES = 380, 265, 128, 300
 
 
 class OrtTrainingBackend:
     """``TrainingBackend`` over ORT's ``Module``/``Optimizer``/``CheckpointState``."""
 
     name = ORT
-    # Fit of benchmarks/calibration/memory_ort.json, 2026-11-25 (arena off, predictable_memory, 2 threads).
-    memory_factors = MemoryFactors(runtime=int(39.8 * MB), session=int(44.0 * MB), weight_load=1.046,
-                                   step=int(21.2 * MB), dequant=0.413, token=1.071, score=1.169, logit=3.090,
-                                   chunked_logit=0.522)
+    # Fit of benchmarks/calibration/memory_ort.json, 2026-12-02 (arena off, no memory reuse, predictable_memory,
+    # 2 threads; graphs dequantizing at each use): 39 points, MiniLM and a 4-layer GPT-2 to SmolLM2-135M and 0.5 B.
+    memory_factors = MemoryFactors(runtime=int(43.6 * MB), session=int(34.5 * MB), weight_load=1.097,
+                                   node_load=8960.0, step=0, dequant=0.833, token=0.818, block_input=12.52,
+                                   score=1.015, logit=2.718, chunked_logit=0.130, dequantized_head=1.014,
+                                   int4_block=int(3.78 * MB))
 
     def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
                  provider: str = "CPUExecutionProvider"):
@@ -61,8 +66,16 @@ class OrtTrainingBackend:
         return loss_chunks > 0
 
     @classmethod
-    def checkpointed(cls, checkpointing: bool) -> bool:
-        return False  # recompute.checkpoint_blocks keeps more than block inputs; its factors are the plain ones
+    def head_slices(cls, loss_chunks: int) -> int:
+        return 1  # each chunk of the loss reads the whole head
+
+    @classmethod
+    def graph_nodes(cls, memory: MemoryFigures) -> int:
+        return memory.train_nodes
+
+    @classmethod
+    def estimated_nodes(cls, layers: int, checkpointing: bool, int4: bool) -> int:
+        return layers * (BLOCK_NODES + CHECKPOINT_NODES * checkpointing + INT4_NODES * int4) + OUTER_NODES
 
     @classmethod
     def frozen_bytes(cls, memory: MemoryFigures) -> int:

@@ -42,6 +42,13 @@ STATE_FORMAT = "edge-peft-portable-state-1"
 # transpose optimizer would push the weights' transposes through DequantizeLinear as uint8 Q/DQ pairs,
 # which ORT 1.19 rejects for int8.
 DISABLED_OPTIMIZERS = ["ConstantFolding", "TransposeOptimizer"]
+# Nodes of a Llama-shaped block in the step graph (all linear projections adapted), counted on SmolLM2-135M and a
+# 1 B Llama: the block itself, what an int4 base adds (unpacking at each use); the embedding, LM head and loss.
+BLOCK_NODES, INT4_BLOCK_NODES, OUTER_NODES = 470, 86, 600
+# A checkpointed step runs as its pieces (exporter/portable_pieces.py), whatever the depth: two variants of a
+# block's forward and backward (each recomputing the mask and positions the stitched step shares), what an int4
+# base adds to them, and the prologue and tail; counted on SmolLM2-135M.
+PIECE_BLOCK_NODES, PIECE_INT4_NODES, PIECE_OUTER_NODES = 722, 156, 517
 
 
 class PortableBackend:
@@ -56,7 +63,7 @@ class PortableBackend:
     # tracer's per-node debug records and intermediate shapes cost at load, measured when the export stopped saving
     # them (SmolLM2 int4 checkpointed -31.8 MB over 21,788 nodes, 0.5 B -25.5 MB over 17,558; docs/memory.md).
     memory_factors = MemoryFactors(runtime=int(40.2 * MB), session=int(27.2 * MB), weight_load=1.047,
-                                   step=0, dequant=0.0, token=1.123, score=0.901, logit=4.428,
+                                   step=0, dequant=0.0, token=1.123, block_input=1.123, score=0.901, logit=4.428,
                                    chunked_logit=0.171, fp32_floor=0.4, dequantized_head=1.523, node_load=3972.0)
 
     def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
@@ -105,8 +112,18 @@ class PortableBackend:
         return loss_chunks > 0
 
     @classmethod
-    def checkpointed(cls, checkpointing: bool) -> bool:
-        return checkpointing  # the block-wise step recomputes each block from its input
+    def head_slices(cls, loss_chunks: int) -> int:
+        return max(loss_chunks, 1)  # the chunked loss reads the head one row slice at a time
+
+    @classmethod
+    def graph_nodes(cls, memory: MemoryFigures) -> int:
+        return memory.step_nodes  # the step graph's, or a checkpointed step's distinct pieces'
+
+    @classmethod
+    def estimated_nodes(cls, layers: int, checkpointing: bool, int4: bool) -> int:
+        if checkpointing:  # the step runs as its pieces, whatever the depth
+            return 2 * (PIECE_BLOCK_NODES + PIECE_INT4_NODES * int4) + PIECE_OUTER_NODES
+        return layers * (BLOCK_NODES + INT4_BLOCK_NODES * int4) + OUTER_NODES
 
     @classmethod
     def frozen_bytes(cls, memory: MemoryFigures) -> int:

@@ -7,20 +7,23 @@ Structure (what lives at the peak of a step, forward activations kept for backwa
 - ``weights``: the checkpoint state and the training session built from it: the frozen base
   (int8, int4 or fp32, manifest ``memory.frozen_bytes``; on the portable backend ``memory.step_frozen_bytes``, what
   its step reads) and the trainable tensors, times a measured load factor;
-  on the portable backend also a measured cost per node of the step graph (manifest ``memory.step_nodes``: the
-  session's per-node structures, which dominate the load of a small model with many blocks).
+  plus a measured cost per node of the training graph the backend loads (manifest ``memory.train_nodes`` for
+  ORT's, ``memory.step_nodes`` for the portable step's: the session's per-node structures, which dominate the
+  load of a small model with many blocks).
   ORT's CPU arena is disabled for training sessions (``backends/``): its growth is step-shaped and
   cost up to +60 % RSS on a causal LM, while plain malloc grows linearly with the step.
 - ``optimizer``: one gradient and two AdamW moments per trainable value (fp32).
-- ``dequantized``: a quantized base is dequantized to fp32 on the fly; ORT kept those fp32 copies from
-  forward to backward, so they cost ``4 x quantized values`` (manifest ``memory.quantized_values``; older
-  manifests: the quantized bytes, which int8 is close to) times a measured factor during a step.
+- ``dequantized``: a quantized base is dequantized to fp32 where each matrix is read (``exporter/recompute.py``),
+  so at any time about one block's worth is in fp32: ``4 x quantized values / layers`` (manifest
+  ``memory.quantized_values``; older manifests: the quantized bytes, which int8 is close to) times a measured
+  factor; a causal LM's quantized head in fp32, whole or one row slice (the backend's ``head_slices``); and a
+  measured cost per block of an int4 base (``int4_block``).
 - ``activations``: per layer and token ``9 h + 2 i`` floats (attention inputs, Q/K/V, context,
   norms; MLP up-projection and activation; the layout of Korthikanti et al. 2022, "Reducing
   Activation Recomputation", ``34 s b h`` 16-bit bytes at ``i = 4h``), plus ``heads x T^2`` floats per
   layer and row for attention scores and probabilities; each term times a measured factor. With block
-  checkpointing on a backend that keeps only block inputs between the passes (``checkpointed``): ``h`` floats
-  per layer and token, plus one block's ``9 h + 2 i`` and scores.
+  checkpointing (``checkpointed``): one block's ``9 h + 2 i`` and scores, plus the blocks' inputs (``h`` floats
+  per layer and token) times their own factor (the ORT graph keeps several hidden-sized values per block).
 - ``logits``: ``B x T x V`` fp32 for a causal LM (logits, log-softmax, their gradient), times a
   measured factor; negligible for a classifier. Artifacts with the target-only chunked LM head and
   loss (manifest ``memory.loss_chunks`` > 0) keep only the log-softmax for backward, plus one chunk's
@@ -82,9 +85,9 @@ class ModelFigures:
     chunked_loss: bool = False  # the backend trains with the target-only chunked LM head and loss
     quantized_values: int = 0  # values stored quantized (0: take quantized_bytes, as int8 nearly is)
     checkpointed: bool = False  # only block inputs stay between forward and backward (one block's activations live)
-    loss_chunks: int = 0  # the chunked LM loss's parts (the portable step reads its head in this many row slices)
+    head_slices: int = 1  # the row slices a quantized LM head is read in (backend's ``head_slices``)
     int4: bool = False  # the base is stored in 4 bits (int4.py)
-    step_nodes: int = 0  # nodes the portable step loads (its graph or distinct pieces; 0: ``estimated_step_nodes``)
+    nodes: int = 0  # nodes of the training graph(s) the backend loads (recorded, or the backend's estimate)
 
     @classmethod
     def of(cls, manifest: Manifest, backend: str) -> "ModelFigures":
@@ -95,33 +98,17 @@ class ModelFigures:
                    causal=manifest.task == "causal-lm", backend=backend,
                    chunked_loss=backend_class(backend).chunked_loss(mem.loss_chunks),
                    quantized_values=mem.quantized_values,
-                   checkpointed=backend_class(backend).checkpointed(mem.checkpointing), loss_chunks=mem.loss_chunks,
+                   checkpointed=mem.checkpointing,
+                   head_slices=backend_class(backend).head_slices(mem.loss_chunks),
                    int4=manifest.quantization == "int4",
-                   step_nodes=mem.step_nodes or estimated_step_nodes(manifest.num_layers, mem.checkpointing,
-                                                                     manifest.quantization == "int4"))
-
-
-# Nodes of a Llama-shaped block in the portable step graph (all linear projections adapted), counted on
-# SmolLM2-135M and a 1 B Llama: the block itself, what an int4 base adds (unpacking at each use); and the
-# embedding, LM head and loss.
-BLOCK_NODES, INT4_BLOCK_NODES, OUTER_NODES = 470, 86, 600
-# A checkpointed step runs as its pieces (exporter/portable_pieces.py), whatever the depth: two variants of a
-# block's forward and backward (each recomputing the mask and positions the stitched step shares), what an int4
-# base adds to them, and the prologue and tail; counted on SmolLM2-135M.
-PIECE_BLOCK_NODES, PIECE_INT4_NODES, PIECE_OUTER_NODES = 722, 156, 517
-
-
-def estimated_step_nodes(layers: int, checkpointing: bool, int4: bool) -> int:
-    """The nodes a portable step loads, before its graphs exist (export-time planning, older manifests)."""
-    if checkpointing:
-        return 2 * (PIECE_BLOCK_NODES + PIECE_INT4_NODES * int4) + PIECE_OUTER_NODES
-    return layers * (BLOCK_NODES + INT4_BLOCK_NODES * int4) + OUTER_NODES
+                   nodes=backend_class(backend).graph_nodes(mem) or backend_class(backend).estimated_nodes(
+                       manifest.num_layers, mem.checkpointing, manifest.quantization == "int4"))
 
 
 def load_terms(f: ModelFigures) -> dict[str, float]:
-    """What the load factors multiply: weight bytes (``weight_load``) and the step graph's nodes (``node_load``:
-    the session's per-node structures)."""
-    return {"weights": f.frozen_bytes + FLOAT * f.trainable_values, "nodes": f.step_nodes}
+    """What the load factors multiply: weight bytes (``weight_load``) and the training graph's nodes
+    (``node_load``: the session's per-node structures)."""
+    return {"weights": f.frozen_bytes + FLOAT * f.trainable_values, "nodes": f.nodes}
 
 
 def _weights(f: ModelFigures, k) -> float:
@@ -146,22 +133,24 @@ def step_terms(f: ModelFigures, batch: int, seq_len: int) -> dict[str, float]:
     logits = FLOAT * tokens * f.vocab if f.causal else 0
     chunked = f.chunked_loss
     block = 9 * f.hidden + 2 * f.intermediate
-    return {"dequantized": FLOAT * (f.quantized_values or f.quantized_bytes),
-            # checkpointed: every block's input, plus the activations of the one block being recomputed
-            "tokens": FLOAT * tokens * ((f.layers * f.hidden + block) if f.checkpointed else f.layers * block),
+    return {"dequantized": FLOAT * (f.quantized_values or f.quantized_bytes) // max(f.layers, 1),  # one block's
+            # checkpointed: the activations of the one block being recomputed, and every block's input
+            "tokens": FLOAT * tokens * (block if f.checkpointed else f.layers * block),
+            "block_inputs": FLOAT * tokens * f.layers * f.hidden if f.checkpointed else 0,
             "scores": FLOAT * (1 if f.checkpointed else f.layers) * f.heads * batch * seq_len * seq_len,
             "logits": 0 if chunked else logits,
             "chunked_logits": logits if chunked else 0,
-            # a quantized LM head in fp32: whole for full logits, one row slice with the chunked loss (portable)
-            "dequantized_head": (FLOAT * f.vocab * f.hidden // (f.loss_chunks if chunked else 1)
-                                 if f.causal and f.quantized_bytes else 0)}
+            # a quantized LM head in fp32: whole, or one row slice where the backend's chunked loss reads slices
+            "dequantized_head": (FLOAT * f.vocab * f.hidden // (f.head_slices if chunked else 1)
+                                 if f.causal and f.quantized_bytes else 0),
+            "int4_blocks": f.layers if f.int4 else 0}  # what an int4 base costs a step per block beyond the above
 
 
 def predict_figures(f: ModelFigures, batch: int, seq_len: int) -> Prediction:
     """``predict`` from the figures themselves (export-time planning has no manifest yet)."""
     k, t = memory_factors(f.backend), step_terms(f, batch, seq_len)
-    dequantized = k.dequant * t["dequantized"] + k.dequantized_head * t["dequantized_head"]
-    activations = k.token * t["tokens"] + k.score * t["scores"]
+    dequantized = k.dequant * t["dequantized"] + k.dequantized_head * t["dequantized_head"] + k.int4_block * t["int4_blocks"]
+    activations = k.token * t["tokens"] + k.block_input * t["block_inputs"] + k.score * t["scores"]
     logits = k.logit * t["logits"] + k.chunked_logit * t["chunked_logits"]
     step = k.step + dequantized + activations + logits
     workspace = max(0.0, k.fp32_floor * (f.frozen_bytes - f.quantized_bytes) - step)

@@ -18,7 +18,7 @@ import numpy as np
 from ..artifact.adapter_section import AdapterModule
 from ..backends import backend_class
 from ..backends.names import EXPORT_CHOICES, ORT
-from ..device.memory_model import FLOAT, MB, ModelFigures, estimated_step_nodes, predict_figures
+from ..device.memory_model import FLOAT, MB, ModelFigures, predict_figures
 from ..device.planner import MIN_USEFUL_SEQ_LEN
 from ..errors import UserError
 from ..variants import get_variant
@@ -75,9 +75,10 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
                         heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
                         vocab=int(config.vocab_size), causal=causal, backend=backend,
                         chunked_loss=backend_class(backend).chunked_loss(opts.loss_chunks if causal else 0),
-                        quantized_values=values, checkpointed=backend_class(backend).checkpointed(opts.checkpointing),
-                        loss_chunks=opts.loss_chunks if causal else 0, int4=quantize == "int4",
-                        step_nodes=estimated_step_nodes(num_layers, opts.checkpointing, quantize == "int4"))
+                        quantized_values=values, checkpointed=opts.checkpointing,
+                        head_slices=backend_class(backend).head_slices(opts.loss_chunks if causal else 0),
+                        int4=quantize == "int4",
+                        nodes=backend_class(backend).estimated_nodes(num_layers, opts.checkpointing, quantize == "int4"))
 
 
 def _needed(figures: ModelFigures, seq_len: int, margin: float) -> float:
@@ -128,16 +129,14 @@ def plan_export(model_dir: str | Path, opts, budget: int, margin: float, profile
 
 def _modes(opts, causal: bool) -> list[tuple[str, bool]]:
     """(quantization, checkpointing) in the order a budget tries them at each rank and depth, cheapest in quality
-    first: int8 (int4 when asked for), then a causal LM's blocks recomputed in the backward (slower, same result;
-    portable backend), then its base in int4."""
+    first: int8 (int4 when asked for), then a causal LM's blocks recomputed in the backward (slower, same
+    result), then its base in int4."""
     quantize = "int4" if opts.quantize == "int4" else "int8"
     modes = [(quantize, opts.checkpointing)]
-    # only where every backend written keeps just block inputs with it (the ORT graphs' peak is not modelled lower)
-    credited = all(backend_class(b).checkpointed(True) for b in EXPORT_CHOICES[opts.backend])
-    if causal and credited and not opts.checkpointing:
+    if causal and not opts.checkpointing:
         modes.append((quantize, True))
     if causal and quantize == "int8":
-        modes.append(("int4", opts.checkpointing or credited))
+        modes.append(("int4", True))
     return modes
 
 
