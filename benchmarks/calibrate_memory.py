@@ -11,7 +11,7 @@ three full steps (forward+backward+AdamW) on random tokens of exactly B x T. The
 - step: least squares, with non-negative factors, of ``peak - loaded - 12 x trainable values`` (AdamW's
   gradient and moments) ``= STEP + sum factor_k x term_k`` over ``memory_model.step_terms`` (one block's
   dequantized base, token activations, checkpointed blocks' inputs, attention scores, full or chunked logits,
-  the dequantized head, and a constant for an int4 base).
+  the dequantized head, and a cost per block of an int4 base).
 
 The fitted constants and the data points are copied into ``memory_model.py``.
 Usage: ``python benchmarks/calibrate_memory.py ARTIFACT [ARTIFACT...] [--points 1x128,8x128,...] [--json out.json]``

@@ -84,7 +84,7 @@ class ModelFigures:
     backend: str  # which backend trains (its factors apply)
     chunked_loss: bool = False  # the backend trains with the target-only chunked LM head and loss
     quantized_values: int = 0  # values stored quantized (0: take quantized_bytes, as int8 nearly is)
-    checkpointed: bool = False  # only block inputs stay between forward and backward (one block's activations live)
+    checkpointed: bool = False  # exported with --checkpointing: each block recomputed in the backward
     head_slices: int = 1  # the row slices a quantized LM head is read in (backend's ``head_slices``)
     int4: bool = False  # the base is stored in 4 bits (int4.py)
     nodes: int = 0  # nodes of the training graph(s) the backend loads (recorded, or the backend's estimate)
@@ -149,7 +149,8 @@ def step_terms(f: ModelFigures, batch: int, seq_len: int) -> dict[str, float]:
 def predict_figures(f: ModelFigures, batch: int, seq_len: int) -> Prediction:
     """``predict`` from the figures themselves (export-time planning has no manifest yet)."""
     k, t = memory_factors(f.backend), step_terms(f, batch, seq_len)
-    dequantized = k.dequant * t["dequantized"] + k.dequantized_head * t["dequantized_head"] + k.int4_block * t["int4_blocks"]
+    dequantized = (k.dequant * t["dequantized"] + k.dequantized_head * t["dequantized_head"]
+                   + k.int4_block * t["int4_blocks"])
     activations = k.token * t["tokens"] + k.block_input * t["block_inputs"] + k.score * t["scores"]
     logits = k.logit * t["logits"] + k.chunked_logit * t["chunked_logits"]
     step = k.step + dequantized + activations + logits

@@ -78,7 +78,8 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
                         quantized_values=values, checkpointed=opts.checkpointing,
                         head_slices=backend_class(backend).head_slices(opts.loss_chunks if causal else 0),
                         int4=quantize == "int4",
-                        nodes=backend_class(backend).estimated_nodes(num_layers, opts.checkpointing, quantize == "int4"))
+                        nodes=backend_class(backend).estimated_nodes(num_layers, opts.checkpointing,
+                                                                     quantize == "int4"))
 
 
 def _needed(figures: ModelFigures, seq_len: int, margin: float) -> float:
