@@ -91,18 +91,14 @@ class ModelFigures:
 
     @classmethod
     def of(cls, manifest: Manifest, backend: str) -> "ModelFigures":
-        mem = manifest.memory
-        return cls(frozen_bytes=backend_class(backend).frozen_bytes(mem), quantized_bytes=mem.quantized_bytes,
+        mem, kind, int4 = manifest.memory, backend_class(backend), manifest.quantization == "int4"
+        return cls(frozen_bytes=kind.frozen_bytes(mem), quantized_bytes=mem.quantized_bytes,
                    trainable_values=mem.trainable_values, layers=manifest.num_layers, hidden=manifest.hidden_size,
                    intermediate=mem.intermediate_size, heads=manifest.num_heads, vocab=manifest.vocab_size,
                    causal=manifest.task == "causal-lm", backend=backend,
-                   chunked_loss=backend_class(backend).chunked_loss(mem.loss_chunks),
-                   quantized_values=mem.quantized_values,
-                   checkpointed=mem.checkpointing,
-                   head_slices=backend_class(backend).head_slices(mem.loss_chunks),
-                   int4=manifest.quantization == "int4",
-                   nodes=backend_class(backend).graph_nodes(mem) or backend_class(backend).estimated_nodes(
-                       manifest.num_layers, mem.checkpointing, manifest.quantization == "int4"))
+                   chunked_loss=kind.chunked_loss(mem.loss_chunks), quantized_values=mem.quantized_values,
+                   checkpointed=mem.checkpointing, head_slices=kind.head_slices(mem.loss_chunks), int4=int4,
+                   nodes=kind.graph_nodes(mem) or kind.estimated_nodes(manifest.num_layers, mem.checkpointing, int4))
 
 
 def load_terms(f: ModelFigures) -> dict[str, float]:

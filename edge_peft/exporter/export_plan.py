@@ -68,18 +68,17 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
         values += embeddings.numel()
     frozen += sum(FLOAT * int(np.prod(shape)) for name, shape in tensors.items() if name not in trained)  # frozen A
     hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
+    kind, loss_chunks = backend_class(backend), opts.loss_chunks if causal else 0
     return ModelFigures(frozen_bytes=frozen + quantized, quantized_bytes=quantized, trainable_values=trainable,
                         layers=num_layers, hidden=hidden,
                         intermediate=int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
                                          or 4 * hidden),
                         heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
                         vocab=int(config.vocab_size), causal=causal, backend=backend,
-                        chunked_loss=backend_class(backend).chunked_loss(opts.loss_chunks if causal else 0),
-                        quantized_values=values, checkpointed=opts.checkpointing,
-                        head_slices=backend_class(backend).head_slices(opts.loss_chunks if causal else 0),
+                        chunked_loss=kind.chunked_loss(loss_chunks), quantized_values=values,
+                        checkpointed=opts.checkpointing, head_slices=kind.head_slices(loss_chunks),
                         int4=quantize == "int4",
-                        nodes=backend_class(backend).estimated_nodes(num_layers, opts.checkpointing,
-                                                                     quantize == "int4"))
+                        nodes=kind.estimated_nodes(num_layers, opts.checkpointing, quantize == "int4"))
 
 
 def _needed(figures: ModelFigures, seq_len: int, margin: float) -> float:

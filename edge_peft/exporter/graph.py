@@ -333,16 +333,20 @@ def weight_names(proto: onnx.ModelProto) -> list[str]:
     return [i.name for i in proto.graph.initializer if i.data_type in kinds and len(i.dims) > 0]
 
 
+def _stored_nbytes(tensor: onnx.TensorProto) -> int:
+    """Storage bytes of one initializer, from its shape and type (its data is not decoded)."""
+    return int(np.prod(tensor.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
 def nbytes(proto: onnx.ModelProto, names: list[str]) -> int:
     """Total storage bytes of the named initializers."""
     wanted = set(names)
-    return sum(numpy_helper.to_array(i).nbytes for i in proto.graph.initializer if i.name in wanted)
+    return sum(_stored_nbytes(i) for i in proto.graph.initializer if i.name in wanted)
 
 
 def initializer_nbytes(proto: onnx.ModelProto) -> int:
-    """Storage bytes of every initializer, from their shapes and types (no tensor is read)."""
-    return sum(int(np.prod(i.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
-               for i in proto.graph.initializer)
+    """Storage bytes of every initializer."""
+    return sum(_stored_nbytes(i) for i in proto.graph.initializer)
 
 
 def quantized_nbytes(proto: onnx.ModelProto) -> int:
@@ -354,7 +358,7 @@ def quantized_nbytes(proto: onnx.ModelProto) -> int:
     packed = [i.name.removesuffix(".int4") for i in inits
               if i.data_type == TensorProto.UINT8 and i.name.endswith(".int4")]
     int4_names = [n for w in packed for n in int4.stored_names(w)]
-    return sum(numpy_helper.to_array(i).nbytes for i in int8) + nbytes(proto, sorted(scales) + int4_names)
+    return sum(_stored_nbytes(i) for i in int8) + nbytes(proto, sorted(scales) + int4_names)
 
 
 def quantized_values(proto: onnx.ModelProto) -> int:

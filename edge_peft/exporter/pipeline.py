@@ -109,10 +109,10 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         train_nodes = 0
         if ORT in backends:
             with stages.stage("generating ORT training artifacts"):
-                train_nodes = write_training_artifacts(proto, trainable, frozen_list, tmp, opts.weight_decay, opts.max_grad_norm,
-                                         flatten_width=config.vocab_size if causal else None,
-                                         loss_chunks=opts.loss_chunks, hidden_size=_hidden_size(config),
-                                         checkpointing=opts.checkpointing)
+                train_nodes = write_training_artifacts(
+                    proto, trainable, frozen_list, tmp, opts.weight_decay, opts.max_grad_norm,
+                    flatten_width=config.vocab_size if causal else None, loss_chunks=opts.loss_chunks,
+                    hidden_size=_hidden_size(config), checkpointing=opts.checkpointing)
         step_nodes = step_frozen_bytes = 0
         with WeightsFile(tmp) as weights:  # the graphs' frozen tensors, each once
             if PORTABLE in backends:
