@@ -176,3 +176,32 @@ def test_int8_channel_axes_survive_an_embedding_and_a_folded_transpose():
     quantize_int8(proto, {"a.embed", "z.weight.T"}, {"z.weight.T": 1})
     scales = {i.name: list(i.dims) for i in proto.graph.initializer if i.name.endswith(".scale")}
     assert scales == {"a.embed.scale": [40], "z.weight.T.scale": [48]}
+
+
+def test_int8_tied_head_reads_the_one_embedding_table():
+    """A tied LM head (the embedding table read transposed) is quantized once: the head's product reads the
+    dequantized table with transB, no transposed int8 copy is stored, and both readers get exactly the values a
+    per-row int8 table dequantizes to."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_peft.exporter.graph import quantize_int8
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((96, 64)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["h"]),
+             helper.make_node("Transpose", ["embed"], ["embed_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "embed_t"], ["logits"])]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [3, 96])],
+        [numpy_helper.from_array(table, "embed")]), opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize_int8(proto, {"embed"}) == ["embed.int8", "embed.scale"]
+    stored = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert set(stored) == {"embed.int8", "embed.scale"}
+    assert not any(n.op_type == "Transpose" for n in proto.graph.node)
+    dequantized = stored["embed.int8"].astype(np.float32) * stored["embed.scale"][:, None]
+    ids = np.array([5, 0, 95], np.int64)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(logits, dequantized[ids] @ dequantized.T, rtol=1e-5, atol=1e-5)

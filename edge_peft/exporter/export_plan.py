@@ -62,10 +62,6 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
         else:
             frozen += FLOAT * p.numel()
     causal = meta.task == "causal-lm"
-    embeddings = model.get_input_embeddings().weight
-    if quantize == "int8" and causal and model.get_output_embeddings().weight is embeddings:
-        quantized += embeddings.numel()  # the tied head's transposed int8 copy (graph.quantize_int8)
-        values += embeddings.numel()
     frozen += sum(FLOAT * int(np.prod(shape)) for name, shape in tensors.items() if name not in trained)  # frozen A
     hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
     kind, loss_chunks = backend_class(backend), opts.loss_chunks if causal else 0

@@ -96,6 +96,13 @@ def _transposes(others: list) -> list[onnx.NodeProto]:
     return [n for n, _ in others if n.op_type == "Transpose" and list(_attr(n, "perm", [1, 0])) == [1, 0]]
 
 
+def _flippable(transposes: list[onnx.NodeProto], uses: dict) -> bool:
+    """Whether every reader of these ``Transpose`` nodes is a product that can read the untransposed weight
+    with ``transB`` flipped (``int4.transposed_product``)."""
+    return all(int4.transposed_product(user, k, "") is not None
+               for node in transposes for user, k in uses.get(node.output[0], []))
+
+
 def _rewire(node: onnx.NodeProto, uses: dict, new_name: str) -> None:
     for user, k in uses.get(node.output[0], []):
         user.input[k] = new_name
@@ -159,10 +166,19 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
         graph.initializer.append(numpy_helper.from_array(scale, sname))
         new_frozen += [qname, sname]
         transposes = _transposes(others)
-        if gathers and transposes and len(transposes) == len(others):
-            # A tied LM head reads the embedding table transposed. DequantizeLinear -> Transpose makes
-            # ORT 1.19's transpose optimizer insert a uint8 QuantizeLinear it then rejects, so the head
-            # gets its own transposed int8 copy (one extra byte per parameter, still 1/2 of fp32).
+        if gathers and transposes and len(transposes) == len(others) and _flippable(transposes, uses):
+            # A tied LM head reads the embedding table transposed: its products read the dequantized table
+            # with transB flipped, so one int8 table serves both (DequantizeLinear -> Transpose would make
+            # ORT 1.19's transpose optimizer insert a uint8 QuantizeLinear it then rejects).
+            prologue.append(helper.make_node("DequantizeLinear", [qname, sname], [name], axis=0, name=f"{name}.dq"))
+            for node in transposes:
+                dead.add(id(node))
+                for user, k in uses.get(node.output[0], []):
+                    user.CopyFrom(int4.transposed_product(user, k, name))
+            _microsoft_opset(proto)
+        elif gathers and transposes and len(transposes) == len(others):
+            # A reader of the transposed table takes no transB: the head gets its own transposed int8 copy
+            # (one extra byte per parameter, still 1/2 of fp32).
             tname = f"{name}.T"
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.T), f"{tname}.int8"))
             new_frozen.append(f"{tname}.int8")
@@ -254,6 +270,11 @@ def _read_blockwise(name: str, flipped: bool, gathers: list, others: list, uses:
 def _blockwise_constants(proto: onnx.ModelProto, block: int, packed: bool = True) -> None:
     """The constants blockwise chains read, and the opset of the ``FusedMatMul`` products that read ``S``."""
     proto.graph.initializer.extend(int4.constants(block, packed))
+    _microsoft_opset(proto)
+
+
+def _microsoft_opset(proto: onnx.ModelProto) -> None:
+    """Import the opset of the ``FusedMatMul`` products that read a stored weight with ``transB``."""
     if all(o.domain != int4.MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(int4.MS_DOMAIN, 1))
 

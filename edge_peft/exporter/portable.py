@@ -114,7 +114,7 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     """Write the training-step graph (its frozen tensors into ``weights``) and the initial trainable state into
     ``out``. Returns what the memory model's load terms count: the nodes the runtime loads (the step graph's, or
     with ``checkpointing`` its distinct pieces': ``portable_pieces``, the step also written cut at its blocks) and
-    the bytes of the frozen tensors the step reads (a tied LM head once, where the ORT graphs may hold two copies).
+    the bytes of the frozen tensors the step reads.
 
     Frozen base weights (not the LoRA A factors) are stored as ``quantize`` says: int8 behind
     ``DequantizeLinear``, int4 in blocks of ``block`` behind ``int4.py``'s nodes, or fp32 (none);
