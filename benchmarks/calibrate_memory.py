@@ -48,7 +48,7 @@ def worker(artifact: str, batch: int, seq: int, threads: int, backend_name: str)
     predictable_memory()  # as every budgeted run
     after_imports = current_rss()
     manifest = load_manifest(artifact)
-    backend = open_backend(Path(artifact), manifest, threads=threads, choice=backend_name)
+    backend = open_backend(Path(artifact), manifest, threads=threads, choice=backend_name, low_memory=True)
     after_load = current_rss()
     rng = np.random.default_rng(0)
     ids = rng.integers(5, manifest.vocab_size, size=(batch, seq), dtype=np.int64)

@@ -58,16 +58,18 @@ def resolve(manifest: Manifest, choice: str = AUTO, state_path: Path | None = No
 
 
 def open_backend(artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
-                 choice: str = AUTO, provider: str = "CPUExecutionProvider", compute: str = FP32) -> TrainingBackend:
+                 choice: str = AUTO, provider: str = "CPUExecutionProvider", compute: str = FP32,
+                 low_memory: bool = False) -> TrainingBackend:
     """The training backend for ``artifact`` (``resolve`` picks which); ``compute`` int8 (portable only: see
-    ``compute.choose_compute``) opens its int8-product step graph."""
+    ``compute.choose_compute``) opens its int8-product step graph; ``low_memory`` (a run under a memory budget)
+    trades step time for a lower peak where the backend has such a choice (ORT's memory pattern)."""
     name = resolve(manifest, choice, state_path)
     if name not in manifest.backends:
         raise UserError(f"{artifact} carries no {name} training graphs (it has {', '.join(manifest.backends)}): "
                         f"re-export with `edge-peft export --backend {name}` or pick another --backend")
     if name == PORTABLE:
         return backend_class(name)(artifact, manifest, state_path, threads, provider, compute)
-    return backend_class(name)(artifact, manifest, state_path, threads, provider)
+    return backend_class(name)(artifact, manifest, state_path, threads, provider, low_memory)
 
 
 def initial_trainable(artifact: Path, manifest: Manifest) -> dict[str, np.ndarray]:

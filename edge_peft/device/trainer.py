@@ -258,7 +258,7 @@ def open_run(artifact: str | Path, config: TrainConfig, out: str | Path, resume:
             recover_checkpoint(out)
         create_run(out, artifact, info)
     backend = open_backend(artifact, manifest, state, config.threads, backend_name, config.execution_provider,
-                           compute)
+                           compute, low_memory=plan is not None)
     hooks = build_hooks(config, manifest.adapter, backend, extra_hooks)
     hooks.load_state(hook_state)
     run = TrainingRun(artifact, out, config, manifest, backend, hooks, data, plan, defaults=defaults,
