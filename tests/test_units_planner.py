@@ -86,17 +86,18 @@ def test_plan_cuts_the_sequence_when_one_row_does_not_fit():
 
 
 def test_a_budget_picks_the_first_backend_that_keeps_the_sequence():
-    m = manifest("int8")
-    ort, portable = (needed(m, 1, SEQ, b) for b in ("ort", "portable"))
-    assert portable < ort  # the two backends' memory factors differ on this manifest
-    preferred = ["ort", "portable"]
-    roomy = plan_first_fit(m, int(ort) + MB, batch_size=8, seq_len=SEQ, backends=preferred)
-    assert roomy.backend == "ort" and roomy.seq_len == SEQ  # the preferred one, when it fits
-    between = int((ort + portable) / 2)
+    m = replace(manifest("int8"), vocab_size=32000)  # full logits: the backends' logit factors differ
+    need = {b: needed(m, 1, SEQ, b) for b in ("ort", "portable")}
+    costly, cheap = sorted(need, key=need.get, reverse=True)
+    assert need[costly] > need[cheap] + 20 * MB
+    preferred = [costly, cheap]
+    roomy = plan_first_fit(m, int(need[costly]) + MB, batch_size=8, seq_len=SEQ, backends=preferred)
+    assert roomy.backend == costly and roomy.seq_len == SEQ  # the preferred one, when it fits
+    between = int((need[costly] + need[cheap]) / 2)
     chosen = plan_first_fit(m, between, batch_size=8, seq_len=SEQ, backends=preferred)
-    assert chosen.backend == "portable" and chosen.seq_len == SEQ  # ORT would have cut the sequence
-    assert make_plan(m, between, 8, SEQ, "ort").seq_len < SEQ
-    assert plan_first_fit(m, between, 8, SEQ, ["ort"]).backend == "ort"  # a named backend is kept
+    assert chosen.backend == cheap and chosen.seq_len == SEQ  # the preferred one would have cut the sequence
+    assert make_plan(m, between, 8, SEQ, costly).seq_len < SEQ
+    assert plan_first_fit(m, between, 8, SEQ, [costly]).backend == costly  # a named backend is kept
     floor = min(needed(m, 1, MIN_USEFUL_SEQ_LEN, b) for b in preferred)
     with pytest.raises(UserError, match="cannot be met") as caught:
         plan_first_fit(m, int(floor) - MB, 8, SEQ, preferred)
