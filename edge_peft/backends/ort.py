@@ -50,9 +50,9 @@ class OrtTrainingBackend:
         # ORT's planner keeps a freed tensor's buffer for a later tensor of the same size (a forward activation
         # for its recomputed copy in the backward): without the arena that holds it the whole way.
         options.enable_mem_reuse = False
-        # ORT's memory pattern lays the step's tensors out in blocks planned from the first run; without reuse those
-        # hold more than the live tensors (an int4 base's dequantizations most: SmolLM2 int4 checkpointed, 1 x 512,
-        # 923 -> 1,085 MB), but spare a page fault per tensor (that step 22 % faster). Off under a memory budget.
+        # ORT's memory pattern lays the step's tensors out in blocks planned from the first run: without reuse those
+        # hold more than the live tensors (most for an int4 base's dequantizations), but spare a page fault per
+        # tensor. Off under a memory budget, on otherwise (docs/memory.md, "The ORT memory model at scale").
         options.enable_mem_pattern = not low_memory
         self.state = api.CheckpointState.load_checkpoint(os.fspath(state_path or artifact / ORT_CHECKPOINT))
         self.module = api.Module(os.fspath(artifact / ORT_TRAINING_MODEL), self.state,
