@@ -96,16 +96,11 @@ def _transposes(others: list) -> list[onnx.NodeProto]:
     return [n for n, _ in others if n.op_type == "Transpose" and list(_attr(n, "perm", [1, 0])) == [1, 0]]
 
 
-def _flippable(transposes: list[onnx.NodeProto], uses: dict) -> bool:
-    """Whether every reader of these ``Transpose`` nodes is a product that can read the untransposed weight
-    with ``transB`` flipped (``int4.transposed_product``)."""
-    return all(int4.transposed_product(user, k, "") is not None
-               for node in transposes for user, k in uses.get(node.output[0], []))
-
-
 def _rewire(node: onnx.NodeProto, uses: dict, new_name: str) -> None:
+    """Point the readers still reading ``node``'s output at ``new_name`` (those rewritten since are left)."""
     for user, k in uses.get(node.output[0], []):
-        user.input[k] = new_name
+        if user.input[k] == node.output[0]:
+            user.input[k] = new_name
 
 
 def _write_order(graph: onnx.GraphProto, prologue: list, after: dict, dead: set[int]) -> None:
@@ -166,27 +161,25 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
         graph.initializer.append(numpy_helper.from_array(scale, sname))
         new_frozen += [qname, sname]
         transposes = _transposes(others)
-        if gathers and transposes and len(transposes) == len(others) and _flippable(transposes, uses):
-            # A tied LM head reads the embedding table transposed: its products read the dequantized table
-            # with transB flipped, so one int8 table serves both (DequantizeLinear -> Transpose would make
-            # ORT 1.19's transpose optimizer insert a uint8 QuantizeLinear it then rejects).
-            prologue.append(helper.make_node("DequantizeLinear", [qname, sname], [name], axis=0, name=f"{name}.dq"))
-            for node in transposes:
-                dead.add(id(node))
-                for user, k in uses.get(node.output[0], []):
-                    user.CopyFrom(int4.transposed_product(user, k, name))
-            _microsoft_opset(proto)
-        elif gathers and transposes and len(transposes) == len(others):
-            # A reader of the transposed table takes no transB: the head gets its own transposed int8 copy
-            # (one extra byte per parameter, still 1/2 of fp32).
-            tname = f"{name}.T"
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.T), f"{tname}.int8"))
-            new_frozen.append(f"{tname}.int8")
-            prologue.append(helper.make_node("DequantizeLinear", [f"{tname}.int8", sname], [tname], axis=1,
-                                             name=f"{tname}.dq"))
-            for node in transposes:
-                dead.add(id(node))
-                _rewire(node, uses, tname)
+        if gathers and transposes and len(transposes) == len(others):
+            # A tied LM head reads the embedding table transposed: its products read the dequantized table with
+            # transB flipped (``_read_stored``), so one int8 table serves both. DequantizeLinear -> Transpose would
+            # make ORT 1.19's transpose optimizer insert a uint8 QuantizeLinear it then rejects, so a reader that
+            # takes no transB gets its own transposed int8 copy (one extra byte per parameter).
+            kept = _read_stored(others, name, False, uses, dead)
+            if any(user.input[k] == name for t in transposes for user, k in uses.get(t.output[0], [])):
+                prologue.append(helper.make_node("DequantizeLinear", [qname, sname], [name], axis=0,
+                                                 name=f"{name}.dq"))
+                _microsoft_opset(proto)
+            if kept:
+                tname = f"{name}.T"
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.T), f"{tname}.int8"))
+                new_frozen.append(f"{tname}.int8")
+                prologue.append(helper.make_node("DequantizeLinear", [f"{tname}.int8", sname], [tname], axis=1,
+                                                 name=f"{tname}.dq"))
+                for node, _ in kept:
+                    dead.add(id(node))
+                    _rewire(node, uses, tname)
         elif others:
             prologue.append(helper.make_node("DequantizeLinear", [qname, sname], [name], axis=axis, name=f"{name}.dq"))
         for node, _ in gathers:
