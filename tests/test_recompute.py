@@ -58,9 +58,45 @@ def test_int8_backward_dequantizes_its_own_copies(llama, tmp_path):
     late = [n for n in nodes if n.op_type == "DequantizeLinear" and ".use" in n.name]
     assert late, "the backward reads no dequantized copy of its own"
     produced_by = {o: n for n in nodes for o in n.output}
-    # each late copy waits for a gradient: its scale goes through a Reshape whose shape reads one
+    # each late copy waits for a gradient: its scale goes through a Reshape whose shape reads one, or (a slice of
+    # the LM head) it is sliced from the stored scales at a first index that does
     for node in late:
-        assert produced_by[node.input[1]].op_type == "Reshape"
+        scale = produced_by[node.input[1]]
+        assert scale.op_type == "Reshape" or produced_by[scale.input[1]].op_type == "Reshape"
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_lm_head_is_dequantized_a_vocabulary_slice_at_a_time(llama, tmp_path, quantize):
+    """Each part of the chunked loss reads the quantized head in vocabulary slices, each dequantized by its own copy
+    at that read; the loss equals the cross-entropy of the inference model's logits, whose head is whole."""
+    import numpy as np
+
+    from edge_peft.backends import open_backend
+    from edge_peft.device.data import Batch
+    from edge_peft.device.inference import Predictor
+
+    artifact = _export(llama, tmp_path / quantize, quantize, checkpointing=False)
+    manifest = load_manifest(artifact)
+    chunks = manifest.memory.loss_chunks
+    assert manifest.memory.head_slices == chunks == 8
+    nodes = _nodes(artifact)
+    produced_by = {o: n for n in nodes for o in n.output}
+    products = [n for n in nodes if n.name.startswith("target_loss.head_product.")]
+    # every part of the rows times every slice of the vocabulary, in the forward and in the input-gradient
+    assert len(products) == 2 * chunks * chunks
+    read = {produced_by[p.input[1]].output[0].split(".use")[0] for p in products}
+    assert len(read) == chunks and all(".vocab" in name for name in read)
+    for product in products:  # made for this product alone, at its read
+        assert ".use" in produced_by[product.input[1]].name
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, manifest.vocab_size, size=(2, 24), dtype=np.int64)
+    labels = np.concatenate([ids[:, 1:], np.full((2, 1), -100, np.int64)], axis=1)
+    loss = open_backend(artifact, manifest, threads=1, choice="ort").eval_loss(Batch(ids, np.ones_like(ids), labels))
+    logits = Predictor(artifact, threads=1).logits(ids, np.ones_like(ids))[:, :-1].astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    expected = -np.take_along_axis(log_probs, ids[:, 1:, None], axis=-1).mean()
+    assert loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_portable_checkpointing_keeps_the_losses(llama, data, tmp_path):

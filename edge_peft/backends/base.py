@@ -60,8 +60,9 @@ class TrainingBackend(Protocol):
         ``loss_chunks`` (manifest ``memory.loss_chunks``) carries."""
 
     @classmethod
-    def head_slices(cls, loss_chunks: int) -> int:
-        """In how many row slices this backend's chunked LM loss reads a quantized head (1: whole, each chunk)."""
+    def head_slices(cls, loss_chunks: int, memory: MemoryFigures | None = None) -> int:
+        """In how many row slices this backend's chunked LM loss reads a quantized head (1: whole, each chunk): as
+        an export with ``loss_chunks`` writes it, or as the artifact whose ``memory`` section is given has it."""
 
     @classmethod
     def graph_nodes(cls, memory: MemoryFigures) -> int:

@@ -71,8 +71,10 @@ class OrtTrainingBackend:
         return loss_chunks > 0
 
     @classmethod
-    def head_slices(cls, loss_chunks: int) -> int:
-        return 1  # each chunk of the loss reads the whole head
+    def head_slices(cls, loss_chunks: int, memory: MemoryFigures | None = None) -> int:
+        if memory is not None:  # an artifact exported before the head was sliced read it whole (0)
+            return max(memory.head_slices, 1)
+        return max(loss_chunks, 1)  # each chunk of the loss reads the head a vocabulary slice at a time
 
     @classmethod
     def graph_nodes(cls, memory: MemoryFigures) -> int:

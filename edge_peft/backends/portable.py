@@ -112,7 +112,7 @@ class PortableBackend:
         return loss_chunks > 0
 
     @classmethod
-    def head_slices(cls, loss_chunks: int) -> int:
+    def head_slices(cls, loss_chunks: int, memory: MemoryFigures | None = None) -> int:
         return max(loss_chunks, 1)  # the chunked loss reads the head one row slice at a time
 
     @classmethod

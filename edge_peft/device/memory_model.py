@@ -97,7 +97,7 @@ class ModelFigures:
                    intermediate=mem.intermediate_size, heads=manifest.num_heads, vocab=manifest.vocab_size,
                    causal=manifest.task == "causal-lm", backend=backend,
                    chunked_loss=kind.chunked_loss(mem.loss_chunks), quantized_values=mem.quantized_values,
-                   checkpointed=mem.checkpointing, head_slices=kind.head_slices(mem.loss_chunks), int4=int4,
+                   checkpointed=mem.checkpointing, head_slices=kind.head_slices(mem.loss_chunks, mem), int4=int4,
                    nodes=kind.graph_nodes(mem) or kind.estimated_nodes(manifest.num_layers, mem.checkpointing, int4))
 
 

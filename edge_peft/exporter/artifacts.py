@@ -61,9 +61,11 @@ def _scaled_loss():
 
 def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], frozen: list[str], out: Path,
                              weight_decay: float, max_grad_norm: float, flatten_width: int | None,
-                             loss_chunks: int = 0, hidden_size: int = 0, checkpointing: bool = False) -> int:
+                             loss_chunks: int = 0, hidden_size: int = 0, checkpointing: bool = False
+                             ) -> tuple[int, int]:
     """Loss = scaled mean cross-entropy; optimizer = AdamW (HF mode) with gradient clipping by norm. Returns the
-    training model's node count (what its session's load grows with; manifest ``memory.train_nodes``).
+    training model's node count (what its session's load grows with; manifest ``memory.train_nodes``) and the
+    vocabulary slices its LM head is read in (manifest ``memory.head_slices``; 1: whole, or no chunked loss).
 
     A causal LM (``flatten_width`` = vocabulary) with ``loss_chunks`` > 0 gets the target-only, chunked LM
     head and loss of ``loss_graph``; with 0 the naive full-logits loss. An int4 base's products become ``Gemm``
@@ -75,8 +77,9 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
 
     onnxruntime.set_default_logger_severity(3)
     training = copy.deepcopy(proto)
+    head_slices = 1
     if flatten_width is not None and loss_chunks > 0:
-        target_loss_graph(training, hidden_size, loss_chunks)
+        head_slices = target_loss_graph(training, hidden_size, loss_chunks)
         loss = _scaled_loss()
     else:
         if flatten_width is not None:
@@ -89,7 +92,7 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
         artifacts.generate_artifacts(training, requires_grad=trainable, frozen_params=frozen, loss=loss,
                                      optimizer=optimizer, artifact_directory=str(out))
     _recompute(out / ORT_EVAL_MODEL, False)
-    return _recompute(out / ORT_TRAINING_MODEL, checkpointing)
+    return _recompute(out / ORT_TRAINING_MODEL, checkpointing), head_slices
 
 
 def _recompute(path: Path, checkpointing: bool) -> int:

@@ -29,8 +29,9 @@ reshapes alias their input. Products read ``S`` as it is: a product with the tra
 has no gradient for ``FusedMatMul``: the ORT training graph gets ``Gemm`` on ``X`` reshaped to 2-D instead
 (``products_as_gemm``). The rest is opset 17, which ORT 1.19 and current onnxruntime both run.
 The chain's roots are the ``BitShift`` of the stored nibbles by a small shift tensor (the reshapes of the scales
-and zero points alias them), or a Q8_0 chain's first ``Reshape``: ``recompute.dequantize_at_use`` pins their small
-input (``pinned``) to make each copy at its use.
+and zero points alias them), a Q8_0 chain's first ``Reshape``, or the ``Slice`` nodes of a row slice
+(``row_slice_nodes``): ``recompute.dequantize_at_use`` pins their small input (``pinned``) to make each copy at its
+use.
 """
 
 from __future__ import annotations
@@ -61,10 +62,10 @@ def is_chain_node(node: onnx.NodeProto) -> bool:
 
 def pinned(node: onnx.NodeProto, k: int) -> bool:
     """Whether input ``k`` of chain node ``node`` is the small input of a root, which a copy made at use waits on:
-    a ``BitShift``'s shift, or the block shape of a Q8_0 chain's first ``Reshape`` (never the stored codes)."""
+    a ``BitShift``'s shift, a Q8_0 chain's block shape, or a row slice's first index (never the stored codes)."""
     if k != 1:
         return False
-    return node.op_type == "BitShift" or (node.op_type == "Reshape" and f"{MARK}{ROOT}" in node.name)
+    return node.op_type in ("BitShift", "Slice") or (node.op_type == "Reshape" and f"{MARK}{ROOT}" in node.name)
 
 
 def is_chain_end(node: onnx.NodeProto) -> bool:
@@ -239,6 +240,60 @@ def dequantize_nodes(weight: str, out: str, offset: bool = False, packed: bool =
     for k, node in enumerate(nodes):
         node.name = f"{out}{END}" if k == len(nodes) - 1 else f"{out}{MARK}{k if k or packed else ROOT}"
     return nodes
+
+
+def _row_range(out: str, start: int, stop: int, zero: str, row_blocks: int = 0) -> list[onnx.NodeProto]:
+    """Nodes making a row slice's bounds, int64 [1]: ``{out}.rows.start``/``.stop`` (and with ``row_blocks`` the same
+    in blocks, ``.block_start``/``.block_stop``), and ``.axis`` [0]. The first indices add ``zero`` (a computed int64
+    [0]): a slice of a stored array at constant bounds would be folded, or fused with its neighbours into one
+    ``Split`` of the whole array, by ONNX Runtime's graph optimizations."""
+    make = helper.make_node
+    p = f"{out}.rows"
+    values = {"first": [start], "stop": [stop], "axis": [0],
+              **({"block_first": [start * row_blocks], "block_stop": [stop * row_blocks]} if row_blocks else {})}
+    nodes = [make("Constant", [], [f"{p}.{k}"], value=numpy_helper.from_array(np.array(v, np.int64)))
+             for k, v in values.items()]
+    return nodes + [make("Add", [f"{p}.{at}first", zero], [f"{p}.{at}start"]) for at in ("", "block_")[:1 + bool(row_blocks)]]
+
+
+def _row_slice(array: str, out: str, part: str, at: str = "", axis: str = "axis") -> onnx.NodeProto:
+    p = f"{out}.rows"
+    return helper.make_node("Slice", [array, f"{p}.{at}start", f"{p}.{at}stop", f"{p}.{axis}"], [f"{p}.{part}"],
+                            name=f"{out}{MARK}rows.{part}")
+
+
+def row_slice_nodes(weight: str, width: int, row_blocks: int, start: int, stop: int, out: str, zero: str,
+                    offset: bool = False, packed: bool = True) -> list[onnx.NodeProto]:
+    """Nodes computing fp32 ``out`` = rows ``start:stop`` of the stored ``weight`` (rows ``width`` wide, ``row_blocks``
+    blocks a row; ``zero`` as in ``_row_range``; ``offset``/``packed`` as in ``dequantize_nodes``): only those rows' codes, scales, zero points and
+    offsets are sliced out and dequantized (an LM head read a vocabulary slice at a time). Its ``Slice`` nodes are
+    roots: a copy made at use waits on their first index (``pinned``) and slices when it is read."""
+    constants = _row_range(out, start, stop, zero, row_blocks)
+    parts = [("int4" if packed else "q8", ""), ("scale", "block_"), *([("zero", "block_")] if packed else []),
+             *([("offset", "block_")] if offset else [])]
+    shape = numpy_helper.from_array(np.array([stop - start, width], np.int64))
+    constants.append(helper.make_node("Constant", [], [f"{out}.rows.shape"], value=shape))
+    return (constants + [_row_slice(f"{weight}.{part}", out, part, at) for part, at in parts]
+            + dequantize_nodes(f"{out}.rows", out, offset, packed))
+
+
+def int8_row_slice_nodes(dequantize: onnx.NodeProto, axis: int, per_row_scales: bool, start: int, stop: int,
+                         out: str, zero: str) -> list[onnx.NodeProto]:
+    """Nodes computing fp32 ``out`` = rows ``start:stop`` along ``axis`` of a per-channel int8 weight read through
+    ``dequantize`` (its ``DequantizeLinear``), slicing its scales (and zero points) too when they run along ``axis``
+    (``per_row_scales``); a chain like ``row_slice_nodes``'s, so that it is copied at each use."""
+    constants = _row_range(out, start, stop, zero)
+    constants.append(helper.make_node("Constant", [], [f"{out}.rows.along"],
+                                      value=numpy_helper.from_array(np.array([axis], np.int64))))
+    q, *scales = dequantize.input
+    sliced = [_row_slice(name, out, part) for name, part in zip(scales, ("scale", "zero")) if name and per_row_scales]
+    chain = [_row_slice(q, out, "q", axis="along"), *sliced]
+    last = onnx.NodeProto()
+    last.CopyFrom(dequantize)
+    last.input[:] = [f"{out}.rows.q", *(n.output[0] for n in sliced)] if per_row_scales else [f"{out}.rows.q", *scales]
+    last.output[:] = [out]
+    last.name = f"{out}{END}"
+    return constants + chain + [last]
 
 
 def gather_nodes(weight: str, width: int, block: int, indices: str, out: str, offset: bool = False,

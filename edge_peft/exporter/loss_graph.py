@@ -10,6 +10,11 @@ peak (the ``logit`` memory factor of ``backends.base.MemoryFactors``). Here the 
    part gets its own head ``MatMul`` and a summed ``SoftmaxCrossEntropyLoss``, so only one part's
    logits and logit gradient are alive at a time (each part's log-softmax is still kept for backward).
 
+3. with a quantized head, each part's product is cut into ``chunks`` vocabulary slices whose logits are
+   concatenated: each slice of the head is dequantized on its own where it is read (``int4.row_slice_nodes``,
+   ``int4.int8_row_slice_nodes``; ``recompute.dequantize_at_use`` makes a copy at each read), so at any time one
+   slice of the head is in fp32, not all of it.
+
 The loss is the sum over parts divided by N: the mean cross-entropy over targets, exactly the naive
 loss (only the order of the floating-point sum changes). Element-wise ops between the head and the
 logits (Gemma 2's final soft-capping ``tanh(x / c) * c``) are applied to each part's logits.
@@ -22,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..artifact.manifest import IGNORE_INDEX
+from . import int4
 
 LOSS_CHUNKS = 8
 TARGET_LOSS = "target_loss"
@@ -51,6 +57,75 @@ def _head(graph: onnx.GraphProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]]
         raise RuntimeError(f"the LM head is not a MatMul (then soft-capping) producing 'logits': "
                            f"{[n.op_type for n in tail]} after {node.op_type if node is not None else 'a graph input'}")
     return node, tail
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _sliced_head(graph: onnx.GraphProto, head: onnx.NodeProto, slices: int, zero: str
+                 ) -> tuple[list[onnx.NodeProto], list[str], onnx.NodeProto] | None:
+    """The head's stored quantized weight as ``slices`` vocabulary slices (their bounds computed with ``zero``, a
+    computed int64 [0], ``int4._row_range``), each dequantized by its own nodes:
+    (those nodes, the slices' fp32 names in vocabulary order, the whole weight's last dequantization node); None
+    when the weight is not stored quantized, or not in rows along the vocabulary."""
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    weight = head.input[1]
+    last = producer.get(weight)
+    if last is None or slices < 2:
+        return None
+    attrs = _attrs(head)
+    vocab_axis = 0 if attrs.get("transB", 0) else 1
+    if set(attrs) - {"transB"}:
+        return None
+    if last.op_type == "DequantizeLinear" and all(i in inits for i in last.input if i):
+        dims = list(inits[last.input[0]].dims)
+        scales = list(inits[last.input[1]].dims)
+        per_row = len(scales) == 1 and scales[0] > 1 and _attrs(last).get("axis", 1) == vocab_axis
+        vocab = dims[vocab_axis]
+        make = lambda start, stop, out: int4.int8_row_slice_nodes(last, vocab_axis, per_row, start, stop, out, zero)
+    elif int4.is_chain_end(last) and last.input[1].endswith(".shape") and vocab_axis == 0:
+        stored = last.input[1][: -len(".shape")]
+        vocab, width = (int(v) for v in numpy_helper.to_array(inits[stored + ".shape"]))
+        row_blocks = int(np.prod(inits[stored + ".scale"].dims)) // vocab
+        packed, offset = stored + ".int4" in inits, stored + ".offset" in inits
+        make = lambda start, stop, out: int4.row_slice_nodes(stored, width, row_blocks, start, stop, out, zero,
+                                                             offset, packed)
+    else:
+        return None
+    bounds = [vocab * k // slices for k in range(slices + 1)]
+    nodes: list[onnx.NodeProto] = []
+    names = [f"{weight}.vocab{k}" for k in range(slices)]
+    for k, name in enumerate(names):
+        nodes += make(bounds[k], bounds[k + 1], name)
+    return nodes, names, last
+
+
+def _drop_unread(graph: onnx.GraphProto, node: onnx.NodeProto) -> None:
+    """Remove ``node`` and then each of its producers once nothing reads their outputs."""
+    outputs = {o.name for o in graph.output}
+    pending = [node]
+    while pending:
+        node = pending.pop()
+        read = outputs | {i for n in graph.node for i in n.input}
+        if any(o in read for o in node.output) or node not in graph.node:
+            continue
+        producer = {o: n for n in graph.node for o in n.output}
+        graph.node.remove(node)
+        pending += [producer[i] for i in node.input if i in producer]
+
+
+def _chunk_product(head: onnx.NodeProto, rows: str, weight: str, out: str, name: str) -> onnx.NodeProto:
+    """``head`` on one part's ``rows`` ([n, H]) and ``weight``: a ``MatMul`` stays one; a head read as stored
+    (``FusedMatMul`` with ``transB``) becomes the ``Gemm`` it is on 2-D rows, which ORT 1.19 can differentiate."""
+    if head.op_type == "FusedMatMul" and set(_attrs(head)) == {"transB"}:
+        return helper.make_node("Gemm", [rows, weight], [out], name=name, transB=_attrs(head)["transB"])
+    product = onnx.NodeProto()
+    product.CopyFrom(head)
+    product.name = name
+    product.input[0], product.input[1], product.output[0] = rows, weight, out
+    return product
 
 
 def target_rows(hidden: str, labels: str, chunks: int, p: str) -> list[onnx.NodeProto]:
@@ -88,26 +163,32 @@ def target_rows(hidden: str, labels: str, chunks: int, p: str) -> list[onnx.Node
     ]
 
 
-def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LOSS_CHUNKS) -> None:
-    """Replace the ``logits`` output by ``target_loss`` (mean CE over labels != -100), taking flat ``labels``."""
+def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LOSS_CHUNKS) -> int:
+    """Replace the ``logits`` output by ``target_loss`` (mean CE over labels != -100), taking flat ``labels``;
+    returns the vocabulary slices the head is read in (1: whole)."""
     graph = proto.graph
     head, tail = _head(graph)
     hidden = head.input[0]
+    p = "target_loss."
+    sliced = _sliced_head(graph, head, chunks, p + "vocab_zero")
     removed = {id(head)} | {id(n) for n in tail}
     kept = [n for n in graph.node if id(n) not in removed]
     del graph.node[:]
     graph.node.extend(kept)
-    p = "target_loss."
     nodes = [_const(p + "flat", [-1, hidden_size]), helper.make_node("Reshape", [hidden, p + "flat"], [p + "hidden"])]
     nodes += target_rows(p + "hidden", LABELS, chunks, p)
+    weights = [head.input[1]] if sliced is None else sliced[1]
+    if sliced is not None:
+        nodes += [helper.make_node("Mul", [p + "n", p + "zero"], [p + "vocab_zero"]), *sliced[0]]
     sums = []
     for k in range(chunks):
         logits = f"{p}head.{k}"
-        chunk_head = onnx.NodeProto()
-        chunk_head.CopyFrom(head)  # MatMul, or an int4 head's FusedMatMul with its attributes
-        chunk_head.name = f"{p}head_product.{k}"
-        chunk_head.input[0], chunk_head.output[0] = f"{p}rows.{k}", logits
-        nodes.append(chunk_head)
+        for j, weight in enumerate(weights):
+            nodes.append(_chunk_product(head, f"{p}rows.{k}", weight, logits if len(weights) == 1 else f"{logits}.{j}",
+                                        f"{p}head_product.{k}.{j}"))
+        if len(weights) > 1:
+            nodes.append(helper.make_node("Concat", [f"{logits}.{j}" for j in range(len(weights))], [logits],
+                                          axis=-1))
         for j, op in enumerate(tail):
             capped = onnx.NodeProto()
             capped.CopyFrom(op)
@@ -127,3 +208,6 @@ def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LO
     graph.input.append(helper.make_tensor_value_info(LABELS, TensorProto.INT64, ["N"]))
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(TARGET_LOSS, TensorProto.FLOAT, []))
+    if sliced is not None:
+        _drop_unread(graph, sliced[2])
+    return len(weights)

@@ -106,10 +106,10 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         with stages.stage(f"quantizing base weights to {opts.quantize}" if opts.quantize != "none"
                           else "preparing base weights"):
             frozen_list = graph.prepare_frozen(proto, trainable, opts.quantize, block)
-        train_nodes = 0
+        train_nodes = head_slices = 0
         if ORT in backends:
             with stages.stage("generating ORT training artifacts"):
-                train_nodes = write_training_artifacts(
+                train_nodes, head_slices = write_training_artifacts(
                     proto, trainable, frozen_list, tmp, opts.weight_decay, opts.max_grad_norm,
                     flatten_width=config.vocab_size if causal else None, loss_chunks=opts.loss_chunks,
                     hidden_size=_hidden_size(config), checkpointing=opts.checkpointing)
@@ -139,7 +139,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                 memory = MemoryFigures(
                     **stored, trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
                     loss_chunks=opts.loss_chunks if causal else 0, checkpointing=opts.checkpointing,
-                    step_nodes=step_nodes, step_frozen_bytes=step_frozen_bytes, train_nodes=train_nodes, **opts.memory)
+                    step_nodes=step_nodes, step_frozen_bytes=step_frozen_bytes, train_nodes=train_nodes, head_slices=head_slices,
+                    **opts.memory)
                 manifest = _manifest(loaded, config, opts, spec, memory, backends)
                 manifest.computes = computes
                 weights.close()  # complete before its checksum is recorded

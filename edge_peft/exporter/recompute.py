@@ -71,12 +71,16 @@ class _Rewriter:
         self.g = g
         self.before: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # id(node) -> copies to run before it
         self.count = 0
+        self.zeros: dict[str, str] = {}  # trigger -> its zero (``late_zero``), made once
 
     def late(self, name: str, trigger: str, at: onnx.NodeProto) -> str:
         """``name`` as a value that exists only once ``trigger`` does (a no-op Reshape)."""
         self.count += 1
         t = f"{name}.late{self.count}"
-        self.before[id(at)] += late_value(name, trigger, t)
+        if trigger not in self.zeros:
+            self.zeros[trigger] = f"{t}.zero"
+            self.before[id(at)] += late_zero(trigger, f"{t}.zero")
+        self.before[id(at)] += late_reshape(name, self.zeros[trigger], t)
         return t
 
     def copy(self, nodes: list[onnx.NodeProto], trigger: str, at: onnx.NodeProto, suffix: str) -> dict[str, str]:
@@ -115,11 +119,20 @@ class _Rewriter:
 def late_value(name: str, trigger: str, out: str) -> list[onnx.NodeProto]:
     """Nodes making ``out``: ``name`` unchanged (a no-op ``Reshape``), but only once ``trigger`` exists. They read
     ``ZERO`` (``zero_constant``)."""
+    return late_zero(trigger, f"{out}.zero") + late_reshape(name, f"{out}.zero", out)
+
+
+def late_zero(trigger: str, out: str) -> list[onnx.NodeProto]:
+    """Nodes making ``out``: int64 [0] that exists only once ``trigger`` does (it reads ``ZERO``)."""
+    return [helper.make_node("Shape", [trigger], [f"{out}.trigger"], end=1),
+            helper.make_node("Mul", [f"{out}.trigger", ZERO], [out])]
+
+
+def late_reshape(name: str, zero: str, out: str) -> list[onnx.NodeProto]:
+    """Nodes making ``out``: ``name`` unchanged (a no-op ``Reshape``) once ``zero`` (``late_zero``) exists."""
     return [
         helper.make_node("Shape", [name], [f"{out}.shape"]),
-        helper.make_node("Shape", [trigger], [f"{out}.trigger"], end=1),
-        helper.make_node("Mul", [f"{out}.trigger", ZERO], [f"{out}.zero"]),
-        helper.make_node("Add", [f"{out}.shape", f"{out}.zero"], [f"{out}.same"]),
+        helper.make_node("Add", [f"{out}.shape", zero], [f"{out}.same"]),
         helper.make_node("Reshape", [name, f"{out}.same"], [out]),
     ]
 
