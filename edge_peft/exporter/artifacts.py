@@ -96,14 +96,15 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
 
 
 def _recompute(path: Path, checkpointing: bool) -> int:
-    """Rewrite a generated model: quantized weights dequantized at each use, and with ``checkpointing`` block
-    recompute; its node count."""
+    """Rewrite a generated model: quantized weights dequantized at each use, with ``checkpointing`` block
+    recompute, weight gradients accumulated in the backward's order; its node count."""
     model = onnx.load(str(path))
     nodes = len(model.graph.node)
     changed = recompute.dequantize_at_use(model)
     if checkpointing and not recompute.checkpoint_blocks(model, model.graph.output[0].name):
         raise UserError("--checkpointing found no transformer blocks (nodes scoped /layers.N/) in this model's "
                         "training graph: export without it")
+    changed += recompute.accumulate_in_backward_order(model)
     if changed or checkpointing:
         onnx.save(model, str(path))
         nodes = len(model.graph.node)

@@ -184,6 +184,30 @@ def _latest_input(g: _Graph, node: onnx.NodeProto, position: dict[int, int], ski
     return max(computed, key=lambda i: position[id(g.producer[i])], default=None)
 
 
+def accumulate_in_backward_order(proto: onnx.ModelProto) -> int:
+    """Move the training graph's gradient accumulators (``InPlaceAccumulatorV2``) to its end, ordered by where
+    their parameter is first read (the forward's order); returns how many.
+
+    ONNX Runtime's default execution order is a depth-first walk back from the graph's leaves, the last leaf
+    first. The generated graph lists the last block's accumulators first, so the walk reached the first block's
+    through the whole backward and left every other block's weight gradient (``dB = dY^T (A x)``) to the end of
+    the step, keeping what it reads, recomputed activations included, alive until then. In forward order the
+    walk starts at the last block's and computes each block's weight gradients as soon as its backward has run."""
+    nodes = list(proto.graph.node)
+    first_read: dict[str, int] = {}
+    for k, node in enumerate(nodes):
+        for name in node.input:
+            first_read.setdefault(name, k)
+    accumulators = [n for n in nodes if n.op_type == "InPlaceAccumulatorV2"]
+    if not accumulators:
+        return 0
+    param = lambda n: n.input[1].removesuffix("_grad")
+    accumulators.sort(key=lambda n: first_read.get(param(n), len(nodes)))
+    del proto.graph.node[:]
+    proto.graph.node.extend([n for n in nodes if n.op_type != "InPlaceAccumulatorV2"] + accumulators)
+    return len(accumulators)
+
+
 def dequantize_at_use(proto: onnx.ModelProto) -> int:
     """Give every product reader of a stored weight's dequantization its own copy, made just before it; returns how
     many late values were made (0: nothing changed).
