@@ -4,6 +4,8 @@ holds, never its numbers: the losses equal those of the plain graph."""
 
 from __future__ import annotations
 
+import re
+
 import onnx
 import pytest
 from families import make_family_model
@@ -46,6 +48,13 @@ def test_checkpointing_keeps_the_losses(llama, data, tmp_path, quantize):
     names = [n.name for n in _nodes(recomputed)]
     for block in range(2):  # every block of the tiny model has its recompute copies
         assert any(f"/layers.{block}/" in n and n.endswith(f".rc{block}") for n in names)
+    # ORT runs the graph depth-first from its last leaf: with the accumulators last, in forward order, it reaches
+    # the last block's weight gradients first and computes each block's as soon as its backward has run
+    nodes = _nodes(recomputed)
+    accumulators = [n for n in nodes if n.op_type == "InPlaceAccumulatorV2"]
+    assert accumulators and list(nodes[-len(accumulators):]) == accumulators
+    blocks = [int(re.search(r"layers\.(\d+)\.", n.input[1]).group(1)) for n in accumulators]
+    assert blocks == sorted(blocks) and blocks[0] < blocks[-1]
     expected = train(plain, data["lm"], tmp_path / "run-plain", steps=STEPS, threads=1)
     got = train(recomputed, data["lm"], tmp_path / "run-ckpt", steps=STEPS, threads=1)
     assert got == pytest.approx(expected, abs=1e-5)

@@ -34,11 +34,12 @@ class OrtTrainingBackend:
     name = ORT
     # Fit of benchmarks/calibration/memory_ort.json, 2026-12-02 (arena off, no memory reuse, memory pattern off as
     # under a budget, predictable_memory, 2 threads; graphs dequantizing at each use, a quantized LM head read in
-    # vocabulary slices): 39 points, MiniLM and a 4-layer GPT-2 to SmolLM2-135M and 0.5 B.
-    memory_factors = MemoryFactors(runtime=int(43.6 * MB), session=int(33.7 * MB), weight_load=1.099,
-                                   node_load=9122.0, step=0, dequant=0.658, token=0.851, block_input=12.88,
-                                   score=0.973, logit=2.785, chunked_logit=0.230, dequantized_head=0.420,
-                                   int4_block=int(0.49 * MB))
+    # vocabulary slices, weight gradients accumulated in the backward's order): 39 points, MiniLM and a 4-layer
+    # GPT-2 to SmolLM2-135M and 0.5 B.
+    memory_factors = MemoryFactors(runtime=int(43.6 * MB), session=int(33.7 * MB), weight_load=1.100,
+                                   node_load=9110.0, step=0, dequant=1.513, token=0.794, block_input=3.10,
+                                   score=1.006, logit=2.821, chunked_logit=0.160, dequantized_head=0.0,
+                                   int4_block=int(4.97 * MB))
 
     def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
                  provider: str = "CPUExecutionProvider", low_memory: bool = False):
