@@ -96,6 +96,18 @@ def _transposes(others: list) -> list[onnx.NodeProto]:
     return [n for n, _ in others if n.op_type == "Transpose" and list(_attr(n, "perm", [1, 0])) == [1, 0]]
 
 
+def drop_unread_nodes(graph: onnx.GraphProto) -> None:
+    """Remove the nodes nothing reads any more (no graph output, no reader), until none is left."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        kept = [n for n in graph.node if any(o in read for o in n.output)]
+        if len(kept) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
 def _rewire(node: onnx.NodeProto, uses: dict, new_name: str) -> None:
     """Point the readers still reading ``node``'s output at ``new_name`` (those rewritten since are left)."""
     for user, k in uses.get(node.output[0], []):

@@ -253,7 +253,8 @@ def _row_range(out: str, start: int, stop: int, zero: str, row_blocks: int = 0) 
               **({"block_first": [start * row_blocks], "block_stop": [stop * row_blocks]} if row_blocks else {})}
     nodes = [make("Constant", [], [f"{p}.{k}"], value=numpy_helper.from_array(np.array(v, np.int64)))
              for k, v in values.items()]
-    return nodes + [make("Add", [f"{p}.{at}first", zero], [f"{p}.{at}start"]) for at in ("", "block_")[:1 + bool(row_blocks)]]
+    firsts = ("", "block_") if row_blocks else ("",)
+    return nodes + [make("Add", [f"{p}.{at}first", zero], [f"{p}.{at}start"]) for at in firsts]
 
 
 def _row_slice(array: str, out: str, part: str, at: str = "", axis: str = "axis") -> onnx.NodeProto:
@@ -265,9 +266,10 @@ def _row_slice(array: str, out: str, part: str, at: str = "", axis: str = "axis"
 def row_slice_nodes(weight: str, width: int, row_blocks: int, start: int, stop: int, out: str, zero: str,
                     offset: bool = False, packed: bool = True) -> list[onnx.NodeProto]:
     """Nodes computing fp32 ``out`` = rows ``start:stop`` of the stored ``weight`` (rows ``width`` wide, ``row_blocks``
-    blocks a row; ``zero`` as in ``_row_range``; ``offset``/``packed`` as in ``dequantize_nodes``): only those rows' codes, scales, zero points and
-    offsets are sliced out and dequantized (an LM head read a vocabulary slice at a time). Its ``Slice`` nodes are
-    roots: a copy made at use waits on their first index (``pinned``) and slices when it is read."""
+    blocks a row; ``zero`` as in ``_row_range``; ``offset``/``packed`` as in ``dequantize_nodes``): only those rows'
+    codes, scales, zero points and offsets are sliced out and dequantized (an LM head read a vocabulary slice at a
+    time). Its ``Slice`` nodes are roots: a copy made at use waits on their first index (``pinned``) and slices when
+    it is read."""
     constants = _row_range(out, start, stop, zero, row_blocks)
     parts = [("int4" if packed else "q8", ""), ("scale", "block_"), *([("zero", "block_")] if packed else []),
              *([("offset", "block_")] if offset else [])]

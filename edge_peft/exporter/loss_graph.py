@@ -27,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..artifact.manifest import IGNORE_INDEX
+from . import graph as graph_ops
 from . import int4
 
 LOSS_CHUNKS = 8
@@ -64,11 +65,11 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def _sliced_head(graph: onnx.GraphProto, head: onnx.NodeProto, slices: int, zero: str
-                 ) -> tuple[list[onnx.NodeProto], list[str], onnx.NodeProto] | None:
+                 ) -> tuple[list[onnx.NodeProto], list[str]] | None:
     """The head's stored quantized weight as ``slices`` vocabulary slices (their bounds computed with ``zero``, a
     computed int64 [0], ``int4._row_range``), each dequantized by its own nodes:
-    (those nodes, the slices' fp32 names in vocabulary order, the whole weight's last dequantization node); None
-    when the weight is not stored quantized, or not in rows along the vocabulary."""
+    (those nodes, the slices' fp32 names in vocabulary order); None when the weight is not stored quantized, or not
+    in rows along the vocabulary."""
     producer = {o: n for n in graph.node for o in n.output}
     inits = {i.name: i for i in graph.initializer}
     weight = head.input[1]
@@ -99,21 +100,7 @@ def _sliced_head(graph: onnx.GraphProto, head: onnx.NodeProto, slices: int, zero
     names = [f"{weight}.vocab{k}" for k in range(slices)]
     for k, name in enumerate(names):
         nodes += make(bounds[k], bounds[k + 1], name)
-    return nodes, names, last
-
-
-def _drop_unread(graph: onnx.GraphProto, node: onnx.NodeProto) -> None:
-    """Remove ``node`` and then each of its producers once nothing reads their outputs."""
-    outputs = {o.name for o in graph.output}
-    pending = [node]
-    while pending:
-        node = pending.pop()
-        read = outputs | {i for n in graph.node for i in n.input}
-        if any(o in read for o in node.output) or node not in graph.node:
-            continue
-        producer = {o: n for n in graph.node for o in n.output}
-        graph.node.remove(node)
-        pending += [producer[i] for i in node.input if i in producer]
+    return nodes, names
 
 
 def _chunk_product(head: onnx.NodeProto, rows: str, weight: str, out: str, name: str) -> onnx.NodeProto:
@@ -184,8 +171,8 @@ def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LO
     for k in range(chunks):
         logits = f"{p}head.{k}"
         for j, weight in enumerate(weights):
-            nodes.append(_chunk_product(head, f"{p}rows.{k}", weight, logits if len(weights) == 1 else f"{logits}.{j}",
-                                        f"{p}head_product.{k}.{j}"))
+            out = logits if len(weights) == 1 else f"{logits}.{j}"
+            nodes.append(_chunk_product(head, f"{p}rows.{k}", weight, out, f"{p}head_product.{k}.{j}"))
         if len(weights) > 1:
             nodes.append(helper.make_node("Concat", [f"{logits}.{j}" for j in range(len(weights))], [logits],
                                           axis=-1))
@@ -209,5 +196,5 @@ def target_loss_graph(proto: onnx.ModelProto, hidden_size: int, chunks: int = LO
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(TARGET_LOSS, TensorProto.FLOAT, []))
     if sliced is not None:
-        _drop_unread(graph, sliced[2])
+        graph_ops.drop_unread_nodes(graph)  # the whole head's dequantization, no longer read
     return len(weights)

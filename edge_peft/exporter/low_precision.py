@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import _attr
+from .graph import _attr, drop_unread_nodes
 
 INV_127 = "int8_compute.inv_127"
 OFFSET, ZERO_POINT = "int8_compute.offset", "int8_compute.zero_point"  # symmetric int8 stored as uint8 - 128
@@ -106,15 +106,8 @@ def _is_int8_matrix(init: onnx.TensorProto | None) -> bool:
 
 def _drop_unused(graph: onnx.GraphProto) -> None:
     """Remove nodes and initializers nothing reads any more (the replaced dequantizations and transposes)."""
-    outputs = {o.name for o in graph.output}
-    while True:
-        read = {name for node in graph.node for name in node.input} | outputs
-        kept = [n for n in graph.node if any(o in read for o in n.output)]
-        if len(kept) == len(graph.node):
-            break
-        del graph.node[:]
-        graph.node.extend(kept)
-    read = {name for node in graph.node for name in node.input} | outputs
+    drop_unread_nodes(graph)
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     inputs = {i.name for i in graph.input}
     kept_inits = [i for i in graph.initializer if i.name in read or i.name in inputs]
     del graph.initializer[:]

@@ -139,8 +139,8 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                 memory = MemoryFigures(
                     **stored, trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
                     loss_chunks=opts.loss_chunks if causal else 0, checkpointing=opts.checkpointing,
-                    step_nodes=step_nodes, step_frozen_bytes=step_frozen_bytes, train_nodes=train_nodes, head_slices=head_slices,
-                    **opts.memory)
+                    step_nodes=step_nodes, step_frozen_bytes=step_frozen_bytes, train_nodes=train_nodes,
+                    head_slices=head_slices, **opts.memory)
                 manifest = _manifest(loaded, config, opts, spec, memory, backends)
                 manifest.computes = computes
                 weights.close()  # complete before its checksum is recorded
