@@ -70,13 +70,17 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--checkpointing", is_flag=True,
               help="Recompute each transformer block's activations in the backward (both backends): less memory, "
                    "about a third more compute per step.")
+@click.option("--attention-recompute/--keep-attention", default=True, show_default=True,
+              help="Recompute each attention's probabilities (heads x T x T a row) in the backward from its queries "
+                   "and keys instead of keeping them from the forward: far less memory at long sequences, one more "
+                   "score product per trained block.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, block_size: int, variant: str,
            targets: str | None, labels: str | None, seed: int, max_seq_len: int, weight_decay: float,
            max_grad_norm: float,
            layers: str | None, probe_data: Path | None, probe_steps: int, memory_budget: str | None,
            device_profile: str | None, loss_chunks: int, backend: str, compute: str, checkpointing: bool,
-           force: bool) -> None:
+           attention_recompute: bool, force: bool) -> None:
     """Export a local Hugging Face MODEL_DIR to an on-device training artifact."""
     from .exporter.layer_selection import auto_count
     from .exporter.pipeline import ExportOptions, export_artifact
@@ -85,7 +89,7 @@ def export(model_dir: Path, out: Path, rank: int, alpha: float, quantize: str, b
                          targets=_csv(targets), seed=seed, max_seq_len=max_seq_len, labels=_csv(labels),
                          weight_decay=weight_decay, max_grad_norm=max_grad_norm, layers=layers, backend=backend,
                          loss_chunks=loss_chunks,
-                         compute=compute, checkpointing=checkpointing)
+                         compute=compute, checkpointing=checkpointing, attention_recompute=attention_recompute)
     if memory_budget or device_profile:
         opts = _plan_export(model_dir, opts, memory_budget, device_profile)
     best = auto_count(opts.layers)

@@ -13,6 +13,7 @@ from helpers import train
 
 from edge_peft.artifact.files import ORT_TRAINING_MODEL, PORTABLE_PIECES, PORTABLE_STEP_MODEL
 from edge_peft.artifact.manifest import load_manifest
+from edge_peft.artifact.names import LOSS
 
 pytestmark = pytest.mark.slow  # exports and trains models
 
@@ -24,12 +25,12 @@ def llama(tmp_path_factory):
     return make_family_model("llama", tmp_path_factory.mktemp("llama") / "model")
 
 
-def _export(model, out, quantize: str, checkpointing: bool, backend: str = "ort"):
+def _export(model, out, quantize: str, checkpointing: bool, backend: str = "ort", attention_recompute: bool = True):
     from edge_peft.exporter.pipeline import ExportOptions, export_artifact
 
     export_artifact(model, out, ExportOptions(rank=4, alpha=8, quantize=quantize, targets=["all-linear"],
-                                              max_seq_len=32, seed=7, backend=backend,
-                                              checkpointing=checkpointing), quiet=True)
+                                              max_seq_len=32, seed=7, backend=backend, checkpointing=checkpointing,
+                                              attention_recompute=attention_recompute), quiet=True)
     return out
 
 
@@ -59,6 +60,40 @@ def test_checkpointing_keeps_the_losses(llama, data, tmp_path, quantize):
     got = train(recomputed, data["lm"], tmp_path / "run-ckpt", steps=STEPS, threads=1)
     assert got == pytest.approx(expected, abs=1e-5)
     assert expected[-1] < expected[0]
+
+
+def _probabilities_read_by_the_backward(model: onnx.ModelProto, loss: str) -> tuple[int, int]:
+    """(forward Softmax nodes, other Softmax nodes) whose output a node outside the forward reads; the forward is
+    every node the loss depends on."""
+    nodes = model.graph.node
+    producer = {o: n for n in nodes for o in n.output}
+    forward, stack = set(), [producer[loss]]
+    while stack:
+        node = stack.pop()
+        if id(node) not in forward:
+            forward.add(id(node))
+            stack.extend(producer[i] for i in node.input if i in producer)
+    read = {i for n in nodes if id(n) not in forward for i in n.input}
+    softmax = [n for n in nodes if n.op_type == "Softmax" and n.output[0] in read]
+    return sum(id(n) in forward for n in softmax), sum(id(n) not in forward for n in softmax)
+
+
+def test_attention_probabilities_are_recomputed_in_the_backward(llama, data, tmp_path):
+    """By default no training graph keeps an attention's probabilities from its forward to its backward: each block's
+    backward reads a Softmax of its own, recomputed from Q and K; the losses equal those of --keep-attention."""
+    kept = _export(llama, tmp_path / "kept", "int8", checkpointing=False, backend="both", attention_recompute=False)
+    recomputed = _export(llama, tmp_path / "recomputed", "int8", checkpointing=False, backend="both")
+    assert load_manifest(recomputed).memory.attention_recompute and not load_manifest(kept).memory.attention_recompute
+    for artifact, expected in ((kept, (2, 0)), (recomputed, (0, 2))):  # (forward, recomputed) for the 2 blocks
+        training = onnx.load(str(artifact / ORT_TRAINING_MODEL))
+        assert _probabilities_read_by_the_backward(training, training.graph.output[0].name) == expected
+        step = onnx.load(str(artifact / PORTABLE_STEP_MODEL), load_external_data=False)
+        assert _probabilities_read_by_the_backward(step, LOSS) == expected
+    for backend in ("ort", "portable"):
+        expected = train(kept, data["lm"], tmp_path / f"run-kept-{backend}", steps=STEPS, threads=1, backend=backend)
+        got = train(recomputed, data["lm"], tmp_path / f"run-{backend}", steps=STEPS, threads=1, backend=backend)
+        assert got == pytest.approx(expected, abs=1e-5)
+        assert expected[-1] < expected[0]
 
 
 def test_int8_backward_dequantizes_its_own_copies(llama, tmp_path):

@@ -24,6 +24,8 @@ class MemoryFigures:
     step_nodes: int = 0  # nodes the portable step loads (its graph, or its distinct pieces); 0: none written, or unknown
     step_frozen_bytes: int = 0  # of the frozen tensors, what the portable step reads; 0: none written, or unknown
     train_nodes: int = 0  # nodes of the ORT training graph; 0: none written, or unknown
+    # the training graphs keep one attention's probabilities at a time: recomputed in the backward, or checkpointed
+    attention_recompute: bool = False
     head_slices: int = 0  # vocabulary slices the ORT training graph reads its LM head in; 0: none written, or whole
     budget_mb: float | None = None
     margin: float | None = None

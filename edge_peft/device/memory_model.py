@@ -21,7 +21,8 @@ Structure (what lives at the peak of a step, forward activations kept for backwa
 - ``activations``: per layer and token ``9 h + 2 i`` floats (attention inputs, Q/K/V, context,
   norms; MLP up-projection and activation; the layout of Korthikanti et al. 2022, "Reducing
   Activation Recomputation", ``34 s b h`` 16-bit bytes at ``i = 4h``), plus ``heads x T^2`` floats per
-  layer and row for attention scores and probabilities; each term times a measured factor. With block
+  layer and row for attention scores and probabilities, or one layer's where the training graphs recompute them
+  in the backward (``attention_recomputed``, the default); each term times a measured factor. With block
   checkpointing (``checkpointed``): one block's ``9 h + 2 i`` and scores, plus the blocks' inputs (``h`` floats
   per layer and token) times their own factor (the ORT graph keeps several hidden-sized values per block).
 - ``logits``: ``B x T x V`` fp32 for a causal LM (logits, log-softmax, their gradient), times a
@@ -85,6 +86,7 @@ class ModelFigures:
     chunked_loss: bool = False  # the backend trains with the target-only chunked LM head and loss
     quantized_values: int = 0  # values stored quantized (0: take quantized_bytes, as int8 nearly is)
     checkpointed: bool = False  # exported with --checkpointing: each block recomputed in the backward
+    attention_recomputed: bool = False  # one attention's probabilities kept at a time (manifest attention_recompute)
     head_slices: int = 1  # the row slices a quantized LM head is read in (backend's ``head_slices``)
     int4: bool = False  # the base is stored in 4 bits (int4.py)
     nodes: int = 0  # nodes of the training graph(s) the backend loads (recorded, or the backend's estimate)
@@ -97,7 +99,8 @@ class ModelFigures:
                    intermediate=mem.intermediate_size, heads=manifest.num_heads, vocab=manifest.vocab_size,
                    causal=manifest.task == "causal-lm", backend=backend,
                    chunked_loss=kind.chunked_loss(mem.loss_chunks), quantized_values=mem.quantized_values,
-                   checkpointed=mem.checkpointing, head_slices=kind.head_slices(mem.loss_chunks, mem), int4=int4,
+                   checkpointed=mem.checkpointing, attention_recomputed=mem.attention_recompute,
+                   head_slices=kind.head_slices(mem.loss_chunks, mem), int4=int4,
                    nodes=kind.graph_nodes(mem) or kind.estimated_nodes(manifest.num_layers, mem.checkpointing, int4))
 
 
@@ -133,7 +136,9 @@ def step_terms(f: ModelFigures, batch: int, seq_len: int) -> dict[str, float]:
             # checkpointed: the activations of the one block being recomputed, and every block's input
             "tokens": FLOAT * tokens * (block if f.checkpointed else f.layers * block),
             "block_inputs": FLOAT * tokens * f.layers * f.hidden if f.checkpointed else 0,
-            "scores": FLOAT * (1 if f.checkpointed else f.layers) * f.heads * batch * seq_len * seq_len,
+            # one attention's probabilities where they are recomputed in the backward (or the block is)
+            "scores": FLOAT * (1 if f.checkpointed or f.attention_recomputed else f.layers) * f.heads * batch
+                      * seq_len * seq_len,
             "logits": 0 if chunked else logits,
             "chunked_logits": logits if chunked else 0,
             # a quantized LM head in fp32: whole, or one row slice where the backend's chunked loss reads slices

@@ -61,16 +61,18 @@ def _scaled_loss():
 
 def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], frozen: list[str], out: Path,
                              weight_decay: float, max_grad_norm: float, flatten_width: int | None,
-                             loss_chunks: int = 0, hidden_size: int = 0, checkpointing: bool = False
-                             ) -> tuple[int, int]:
+                             loss_chunks: int = 0, hidden_size: int = 0, checkpointing: bool = False,
+                             attention_recompute: bool = True) -> tuple[int, int, int]:
     """Loss = scaled mean cross-entropy; optimizer = AdamW (HF mode) with gradient clipping by norm. Returns the
-    training model's node count (what its session's load grows with; manifest ``memory.train_nodes``) and the
-    vocabulary slices its LM head is read in (manifest ``memory.head_slices``; 1: whole, or no chunked loss).
+    training model's node count (what its session's load grows with; manifest ``memory.train_nodes``), the
+    vocabulary slices its LM head is read in (manifest ``memory.head_slices``; 1: whole, or no chunked loss) and
+    the attentions whose probabilities it recomputes in the backward (``attention_recompute``).
 
     A causal LM (``flatten_width`` = vocabulary) with ``loss_chunks`` > 0 gets the target-only, chunked LM
     head and loss of ``loss_graph``; with 0 the naive full-logits loss. An int4 base's products become ``Gemm``
     (``int4.products_as_gemm``). The training and eval models then dequantize quantized weights where they read
-    them, and with ``checkpointing`` the training model recomputes each block's activations (``recompute.py``).
+    them; the training model recomputes attention probabilities in the backward (``attention_recompute``) and, with
+    ``checkpointing``, each block's activations (``recompute.py``).
     """
     import onnxruntime
     from onnxruntime.training import artifacts, onnxblock
@@ -91,24 +93,31 @@ def write_training_artifacts(proto: onnx.ModelProto, trainable: list[str], froze
     with _native_stderr_captured():
         artifacts.generate_artifacts(training, requires_grad=trainable, frozen_params=frozen, loss=loss,
                                      optimizer=optimizer, artifact_directory=str(out))
-    _recompute(out / ORT_EVAL_MODEL, False)
-    return _recompute(out / ORT_TRAINING_MODEL, checkpointing), head_slices
+    _recompute(out / ORT_EVAL_MODEL)
+    nodes, attentions = _recompute(out / ORT_TRAINING_MODEL, training=True, checkpointing=checkpointing,
+                                   attention=attention_recompute)
+    return nodes, head_slices, attentions
 
 
-def _recompute(path: Path, checkpointing: bool) -> int:
-    """Rewrite a generated model: quantized weights dequantized at each use, with ``checkpointing`` block
-    recompute, weight gradients accumulated in the backward's order; its node count."""
+def _recompute(path: Path, training: bool = False, checkpointing: bool = False, attention: bool = False
+               ) -> tuple[int, int]:
+    """Rewrite a generated model: quantized weights dequantized at each use; a ``training`` model's attention
+    probabilities recomputed in the backward (``attention``), its blocks with ``checkpointing``, and its weight
+    gradients accumulated in the backward's order. Returns its node count and the attentions recomputed."""
     model = onnx.load(str(path))
     nodes = len(model.graph.node)
     changed = recompute.dequantize_at_use(model)
+    attentions = recompute.recompute_attention(model, model.graph.output[0].name) if attention else 0
+    changed += attentions
     if checkpointing and not recompute.checkpoint_blocks(model, model.graph.output[0].name):
         raise UserError("--checkpointing found no transformer blocks (nodes scoped /layers.N/) in this model's "
                         "training graph: export without it")
-    changed += recompute.accumulate_in_backward_order(model)
+    if training:
+        changed += recompute.accumulate_in_backward_order(model)
     if changed or checkpointing:
         onnx.save(model, str(path))
         nodes = len(model.graph.node)
-    return nodes
+    return nodes, attentions
 
 
 @contextlib.contextmanager

@@ -72,7 +72,8 @@ def model_figures(meta: LoadedModel, opts, rank: int, layers: str | None, quanti
                         heads=int(getattr(config, "num_attention_heads", None) or config.n_head),
                         vocab=int(config.vocab_size), causal=causal, backend=backend,
                         chunked_loss=kind.chunked_loss(loss_chunks), quantized_values=values,
-                        checkpointed=opts.checkpointing, head_slices=kind.head_slices(loss_chunks),
+                        checkpointed=opts.checkpointing, attention_recomputed=opts.attention_recompute,
+                        head_slices=kind.head_slices(loss_chunks),
                         int4=quantize == "int4",
                         nodes=kind.estimated_nodes(num_layers, opts.checkpointing, quantize == "int4"))
 

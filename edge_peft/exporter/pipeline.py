@@ -54,6 +54,7 @@ class ExportOptions:
     loss_chunks: int = LOSS_CHUNKS  # causal LMs: target-only LM head and loss in this many chunks (0: naive full logits)
     compute: str = FP32  # export --compute: fp32, int8 or fp32,int8 (backends/compute.py)
     checkpointing: bool = False  # recompute each block's activations in the backward (recompute.py, portable_blocks.py)
+    attention_recompute: bool = True  # recompute attention probabilities in the backward (recompute.py)
     block_size: int = int4.DEFAULT_BLOCK_SIZE  # int4: values per block along the reduced axis (int4.py)
 
 
@@ -107,20 +108,24 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                           else "preparing base weights"):
             frozen_list = graph.prepare_frozen(proto, trainable, opts.quantize, block)
         train_nodes = head_slices = 0
+        recomputed = []  # per training graph written: whether its attention probabilities are recomputed
         if ORT in backends:
             with stages.stage("generating ORT training artifacts"):
-                train_nodes, head_slices = write_training_artifacts(
+                train_nodes, head_slices, attentions = write_training_artifacts(
                     proto, trainable, frozen_list, tmp, opts.weight_decay, opts.max_grad_norm,
                     flatten_width=config.vocab_size if causal else None, loss_chunks=opts.loss_chunks,
-                    hidden_size=_hidden_size(config), checkpointing=opts.checkpointing)
+                    hidden_size=_hidden_size(config), checkpointing=opts.checkpointing,
+                    attention_recompute=opts.attention_recompute)
+                recomputed.append(attentions > 0)
         step_nodes = step_frozen_bytes = 0
         with WeightsFile(tmp) as weights:  # the graphs' frozen tensors, each once
             if PORTABLE in backends:
                 with stages.stage("exporting the portable training graphs"):
-                    step_nodes, step_frozen_bytes = write_portable_artifacts(
+                    step_nodes, step_frozen_bytes, attentions = write_portable_artifacts(
                         model, causal, trainable, opts.quantize, block, opts.max_seq_len, tmp, weights,
-                        int8_compute=INT8 in computes,
-                        checkpointing=opts.checkpointing, loss_chunks=opts.loss_chunks if causal else 0)
+                        int8_compute=INT8 in computes, checkpointing=opts.checkpointing,
+                        loss_chunks=opts.loss_chunks if causal else 0, attention_recompute=opts.attention_recompute)
+                    recomputed.append(attentions > 0 or opts.checkpointing)
             with stages.stage("writing inference model, tokenizer and manifest"):
                 stored = {"frozen_bytes": graph.nbytes(proto, frozen_list),
                           "quantized_bytes": graph.quantized_nbytes(proto),
@@ -140,7 +145,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
                     **stored, trainable_values=spec.trainable_values(), intermediate_size=_intermediate_size(config),
                     loss_chunks=opts.loss_chunks if causal else 0, checkpointing=opts.checkpointing,
                     step_nodes=step_nodes, step_frozen_bytes=step_frozen_bytes, train_nodes=train_nodes,
-                    head_slices=head_slices, **opts.memory)
+                    head_slices=head_slices, attention_recompute=all(recomputed), **opts.memory)
                 manifest = _manifest(loaded, config, opts, spec, memory, backends)
                 manifest.computes = computes
                 weights.close()  # complete before its checksum is recorded

@@ -109,12 +109,13 @@ def _inputs_to_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray
 
 def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str], quantize: str, block: int,
                              max_seq_len: int, out: Path, weights: WeightsFile,
-                             int8_compute: bool = False, checkpointing: bool = False, loss_chunks: int = 0
-                             ) -> tuple[int, int]:
+                             int8_compute: bool = False, checkpointing: bool = False, loss_chunks: int = 0,
+                             attention_recompute: bool = True) -> tuple[int, int, int]:
     """Write the training-step graph (its frozen tensors into ``weights``) and the initial trainable state into
     ``out``. Returns what the memory model's load terms count: the nodes the runtime loads (the step graph's, or
-    with ``checkpointing`` its distinct pieces': ``portable_pieces``, the step also written cut at its blocks) and
-    the bytes of the frozen tensors the step reads.
+    with ``checkpointing`` its distinct pieces': ``portable_pieces``, the step also written cut at its blocks), the
+    bytes of the frozen tensors the step reads, and the attentions whose probabilities the step recomputes in the
+    backward (``attention_recompute``; with ``checkpointing`` a block's backward recomputes its whole forward).
 
     Frozen base weights (not the LoRA A factors) are stored as ``quantize`` says: int8 behind
     ``DequantizeLinear``, int4 in blocks of ``block`` behind ``int4.py``'s nodes, or fp32 (none);
@@ -142,6 +143,7 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
         _products_read_dequantized(proto)
     _transpose_before_dequantize(proto)  # what transB cannot take
     recompute.dequantize_at_use(proto)
+    attentions = recompute.recompute_attention(proto, LOSS) if attention_recompute else 0
     frozen_bytes = graph.initializer_nbytes(proto)
     weights.save(proto, out / PORTABLE_STEP_MODEL)
     nodes = (portable_pieces.split(proto, out, weights) if checkpointing else None) or len(proto.graph.node)
@@ -150,11 +152,13 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
         _transpose_before_dequantize(int8_products)
         low_precision.int8_compute(int8_products)
         recompute.dequantize_at_use(int8_products)
+        if attention_recompute:
+            recompute.recompute_attention(int8_products, LOSS)
         weights.save(int8_products, out / PORTABLE_INT8_STEP_MODEL)
         del int8_products
     values = {name: params[name].detach().numpy().astype(np.float32, copy=True) for name in trainable}
     atomic_write_bytes(out / PORTABLE_INITIAL_STATE, save_safetensors(values))
-    return nodes, frozen_bytes
+    return nodes, frozen_bytes, attentions
 
 
 def append_accumulation(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> None:

@@ -7,6 +7,9 @@
 - ``checkpoint_blocks``: the forward activations a transformer block's backward reads are recomputed
   from the block's inputs when the backward reaches the block (activation checkpointing per block);
   between forward and backward only the block's inputs stay alive.
+- ``recompute_attention``: each attention's probabilities (``heads x T x T`` a row, the largest activation of
+  a block at long sequences) are recomputed from its saved queries and keys when the backward reaches the
+  attention, as a fused attention kernel's backward does; between forward and backward only Q and K stay.
 
 ONNX Runtime orders nodes by their data dependencies, not by their place in the file, and runs a node
 whose inputs are all ready (stored weights, the block's input) at the start of the step. Each copy's
@@ -31,6 +34,9 @@ ZERO = "recompute.zero"
 # Readers that get their own copy. Others (DoRA's weight norm reads it through a Transpose) keep the shared
 # one: ORT 1.19's transpose optimizer would push their Transpose through a copy and insert a uint8 QuantizeLinear.
 PRODUCTS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
+# What may lie between an attention's score product ``Q K^T`` and its Softmax: scaling, masks, views and casts.
+VIEW_OPS = ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze")
+SCORE_OPS = ("Mul", "Div", "Add", "Sub", "Where", "Max", "Min", *VIEW_OPS)
 
 
 class _Graph:
@@ -248,6 +254,64 @@ def _chain(g: _Graph, end: onnx.NodeProto) -> list[onnx.NodeProto]:
         members.add(id(node))
         stack.extend(p for i in node.input if (p := g.producer.get(i)) is not None and int4.is_chain_node(p))
     return [n for n in g.nodes if id(n) in members]
+
+
+def recompute_attention(proto: onnx.ModelProto, loss: str) -> int:
+    """Recompute each forward ``Softmax`` whose output the backward reads (attention probabilities) from the
+    score product that feeds it, once the backward reaches that attention; returns how many were rewritten.
+
+    The chain recomputed is ``MatMul(Q, K^T)``, then the scaling, mask and view ops up to the ``Softmax``
+    (``SCORE_OPS``), and the views of its output the backward reads (``VIEW_OPS``); its computed inputs (Q, K^T,
+    the mask) are read again in the backward, so they stay alive instead of the probabilities. A Softmax not fed
+    that way (no such product within a few ops) is left alone."""
+    g = _Graph(proto.graph, loss)
+    rw = _Rewriter(g)
+    position = {id(n): k for k, n in enumerate(g.nodes)}
+    done = 0
+    for softmax in [n for n in g.nodes if n.op_type == "Softmax" and g.is_forward(n)]:
+        views = [c for c in g.consumers[softmax.output[0]] if c.op_type in VIEW_OPS and g.is_forward(c)]
+        saved = {o: readers for n in [softmax, *views] for o in n.output[:1]
+                 if (readers := [c for c in g.consumers[o] if not g.is_forward(c)])}
+        chain = _score_chain(g, softmax)
+        if not saved or chain is None:
+            continue
+        triggers = [t for name, readers in saved.items() for r in readers
+                    if (t := _latest_input(g, r, position, name)) is not None]
+        if not triggers:
+            continue
+        trigger = min(triggers, key=lambda t: position[id(g.producer[t])])
+        first = min((r for readers in saved.values() for r in readers), key=lambda n: position[id(n)])
+        renames = rw.copy(chain + [v for v in views if v.output[0] in saved], trigger, first, f".ra{done}")
+        for name, readers in saved.items():
+            for reader in readers:
+                reader.input[:] = [renames[name] if i == name else i for i in reader.input]
+        done += 1
+    rw.write()
+    return done
+
+
+def _score_chain(g: _Graph, softmax: onnx.NodeProto, longest: int = 6) -> list[onnx.NodeProto] | None:
+    """The nodes from an attention's score product to ``softmax``, in graph order: a product of two computed
+    values, then only ``SCORE_OPS`` (their other inputs, a mask or a scale, are read as they are); None if
+    ``softmax`` is not fed so within ``longest`` nodes."""
+
+    def back(name: str, depth: int) -> list[onnx.NodeProto] | None:
+        node = g.producer.get(name)
+        if node is None or name in g.constants or not g.is_forward(node) or depth > longest:
+            return None
+        if node.op_type in PRODUCTS:
+            operands = [i for i in node.input[:2] if i]
+            computed = len(operands) == 2 and all(i in g.producer and i not in g.constants for i in operands)
+            return [node] if computed else None
+        if node.op_type not in SCORE_OPS:
+            return None
+        for i in node.input:
+            if (below := back(i, depth + 1)) is not None:
+                return below + [node]
+        return None
+
+    chain = back(softmax.input[0], 1)
+    return None if chain is None else chain + [softmax]
 
 
 def checkpoint_blocks(proto: onnx.ModelProto, loss: str) -> int:
