@@ -162,3 +162,23 @@ def test_portable_checkpointing_keeps_the_losses(llama, data, tmp_path):
     assert expected[-1] < expected[0]
     ort = train(recomputed, data["lm"], tmp_path / "run-ort", steps=STEPS, threads=1, backend="ort")
     assert ort == pytest.approx(expected, rel=1e-4)
+
+
+def test_two_rewrites_of_one_graph_never_reuse_a_name():
+    """Each pass (dequantize at use, attention, blocks) is its own rewrite: a value two passes pin gets two names."""
+    from onnx import TensorProto, helper
+
+    from edge_peft.exporter import recompute
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["y"], ["g"]),
+         helper.make_node("Add", ["y", "g"], ["z"])], "g", [x], [z]))
+    pinned = []
+    for _ in range(2):
+        rw = recompute._Rewriter(recompute._Graph(model.graph))
+        pinned.append(rw.late("y", "g", model.graph.node[2]))
+        rw.write()
+    assert pinned[0] != pinned[1]
+    onnx.checker.check_model(model, full_check=True)  # single assignment: no value made twice

@@ -76,13 +76,23 @@ class _Rewriter:
     def __init__(self, g: _Graph):
         self.g = g
         self.before: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # id(node) -> copies to run before it
-        self.count = 0
+        self.count = 0  # late values made
         self.zeros: dict[str, str] = {}  # trigger -> its zero (``late_zero``), made once
+        # names in use: the graph's, and those an earlier rewrite of it made (each pass is its own _Rewriter)
+        self.taken = set(g.producer) | g.stored | {n.name for n in g.nodes}
+
+    def fresh(self, base: str) -> str:
+        """``base`` followed by the smallest number that makes a name not yet in the graph."""
+        k = 0
+        while f"{base}{k}" in self.taken:
+            k += 1
+        self.taken.add(f"{base}{k}")
+        return f"{base}{k}"
 
     def late(self, name: str, trigger: str, at: onnx.NodeProto) -> str:
         """``name`` as a value that exists only once ``trigger`` does (a no-op Reshape)."""
         self.count += 1
-        t = f"{name}.late{self.count}"
+        t = self.fresh(f"{name}.late")
         if trigger not in self.zeros:
             self.zeros[trigger] = f"{t}.zero"
             self.before[id(at)] += late_zero(trigger, f"{t}.zero")
@@ -234,7 +244,7 @@ def dequantize_at_use(proto: onnx.ModelProto) -> int:
             trigger = _latest_input(g, reader, position, weight) if reader.op_type in PRODUCTS else None
             if trigger is None:
                 continue
-            copy = rw.copy(chain, trigger, reader, f".use{rw.count}")[weight]
+            copy = rw.copy(chain, trigger, reader, rw.fresh(f"{weight}.use")[len(weight):])[weight]
             reader.input[:] = [copy if name == weight else name for name in reader.input]
             pinned += 1
         if readers and pinned == len(readers) and weight not in outputs:
