@@ -24,8 +24,9 @@ MB = 1024 * 1024
 CHECKPOINT_MAGIC = b"ODTC"  # the flatbuffer file identifier of ORT training checkpoints (bytes 4-8)
 # Nodes of a Llama-shaped block in the training graph (all linear projections adapted), fitted to the counts of
 # SmolLM2-135M, a 0.5 B Llama and a 2-layer one: the block, what checkpointing adds (the recomputed forward), what an
-# int4 base adds; the rest (embedding, and the chunked loss with its head slices dequantized at each read).
-BLOCK_NODES, CHECKPOINT_NODES, INT4_NODES, OUTER_NODES = 380, 210, 170, 1580
+# int4 base adds; the rest (embedding, and the chunked loss with its head slices dequantized at each read). The
+# block's count includes the 15 nodes of its attention probabilities' recompute (``recompute_attention``).
+BLOCK_NODES, CHECKPOINT_NODES, INT4_NODES, OUTER_NODES = 395, 210, 170, 1580
 
 
 class OrtTrainingBackend:

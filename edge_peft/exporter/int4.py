@@ -362,15 +362,15 @@ def products_as_gemm(proto: onnx.ModelProto) -> int:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if attrs != {"transB": 1}:
             raise RuntimeError(f"{node.name}: no Gemm form for FusedMatMul with {attrs}")
-        a, y, t = node.input[0], node.output[0], f"{node.output[0]}.gemm"
-        nodes += [
-            make("Shape", [a], [f"{t}.lead"], end=-1),
-            make("Shape", [a], [f"{t}.last"], start=-1),
-            make("Concat", [MINUS_ONE, f"{t}.last"], [f"{t}.rows"], axis=0),
-            make("Concat", [f"{t}.lead", MINUS_ONE], [f"{t}.shape"], axis=0),
-            make("Reshape", [a, f"{t}.rows"], [f"{t}.a"]),
-            make("Gemm", [f"{t}.a", node.input[1]], [f"{t}.y"], name=node.name, transB=1),
-            make("Reshape", [f"{t}.y", f"{t}.shape"], [y]),
+        a, y, t, n = node.input[0], node.output[0], f"{node.output[0]}.gemm", node.name
+        nodes += [  # named in the product's scope: recompute.checkpoint_blocks counts them in its block
+            make("Shape", [a], [f"{t}.lead"], name=f"{n}/lead", end=-1),
+            make("Shape", [a], [f"{t}.last"], name=f"{n}/last", start=-1),
+            make("Concat", [MINUS_ONE, f"{t}.last"], [f"{t}.rows"], name=f"{n}/rows", axis=0),
+            make("Concat", [f"{t}.lead", MINUS_ONE], [f"{t}.shape"], name=f"{n}/shape", axis=0),
+            make("Reshape", [a, f"{t}.rows"], [f"{t}.a"], name=f"{n}/to_2d"),
+            make("Gemm", [f"{t}.a", node.input[1]], [f"{t}.y"], name=n, transB=1),
+            make("Reshape", [f"{t}.y", f"{t}.shape"], [y], name=f"{n}/from_2d"),
         ]
         count += 1
     if count:
