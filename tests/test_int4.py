@@ -198,6 +198,20 @@ def test_int4_losses_equal_checkpointing_and_pytorch(llama, data, tmp_path):
     recomputed = _export(llama, tmp_path / "ckpt", checkpointing=True)
     training = onnx.load(str(plain / ORT_TRAINING_MODEL)).graph.node
     assert not [n for n in training if int4.is_chain_end(n)], "a dequantization left to run at the step's start"
+    # checkpointed, no block's product or normalization output waits for the backward (each is recomputed)
+    checkpointed = onnx.load(str(recomputed / ORT_TRAINING_MODEL)).graph
+    nodes = checkpointed.node
+    producer = {o: n for n in nodes for o in n.output}
+    forward, stack = set(), [producer[checkpointed.output[0].name]]  # the loss and all it depends on
+    while stack:
+        node = stack.pop()
+        if id(node) not in forward:
+            forward.add(id(node))
+            stack.extend(producer[i] for i in node.input if i in producer)
+    kept = {i for n in nodes if id(n) not in forward for i in n.input if i in producer
+            and id(producer[i]) in forward and producer[i].op_type in ("Gemm", "SimplifiedLayerNormalization")
+            and "/layers." in producer[i].name}
+    assert not kept, f"forward activations held for the backward: {sorted(kept)[:3]}"
     expected = train(plain, data["lm"], tmp_path / "run-plain", steps=STEPS, threads=1)
     got = train(recomputed, data["lm"], tmp_path / "run-ckpt", steps=STEPS, threads=1)
     assert got == pytest.approx(expected, abs=1e-5)
