@@ -34,8 +34,8 @@ def _export(model, out, quantize: str, checkpointing: bool, backend: str = "ort"
     return out
 
 
-def _nodes(artifact):
-    return onnx.load(str(artifact / ORT_TRAINING_MODEL)).graph.node
+def _nodes(artifact) -> list:
+    return list(onnx.load(str(artifact / ORT_TRAINING_MODEL)).graph.node)
 
 
 @pytest.mark.parametrize("quantize", ["int8", "none"])
@@ -65,7 +65,7 @@ def test_checkpointing_keeps_the_losses(llama, data, tmp_path, quantize):
 def _probabilities_read_by_the_backward(model: onnx.ModelProto, loss: str) -> tuple[int, int]:
     """(forward Softmax nodes, other Softmax nodes) whose output a node outside the forward reads; the forward is
     every node the loss depends on."""
-    nodes = model.graph.node
+    nodes = list(model.graph.node)  # one wrapper per node: the forward is a set of ids
     producer = {o: n for n in nodes for o in n.output}
     forward, stack = set(), [producer[loss]]
     while stack:
