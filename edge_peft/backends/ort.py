@@ -37,10 +37,10 @@ class OrtTrainingBackend:
     # under a budget, predictable_memory, 2 threads; graphs dequantizing at each use, a quantized LM head read in
     # vocabulary slices, weight gradients accumulated in the backward's order): 39 points, MiniLM and a 4-layer
     # GPT-2 to SmolLM2-135M and 0.5 B.
-    memory_factors = MemoryFactors(runtime=int(43.6 * MB), session=int(33.7 * MB), weight_load=1.100,
-                                   node_load=9110.0, step=0, dequant=1.513, token=0.794, block_input=3.10,
-                                   score=1.006, logit=2.821, chunked_logit=0.160, dequantized_head=0.0,
-                                   int4_block=int(4.97 * MB))
+    memory_factors = MemoryFactors(runtime=int(43.6 * MB), session=int(34.0 * MB), weight_load=1.104,
+                                   node_load=8751.0, step=int(2.2 * MB), dequant=0.966, token=0.832,
+                                   block_input=1.061, score=0.901, logit=2.824, chunked_logit=0.184,
+                                   dequantized_head=0.041, int4_block=0)
 
     def __init__(self, artifact: Path, manifest: Manifest, state_path: Path | None = None, threads: int = 0,
                  provider: str = "CPUExecutionProvider", low_memory: bool = False):
