@@ -35,8 +35,8 @@ class OrtTrainingBackend:
     name = ORT
     # Fit of benchmarks/calibration/memory_ort.json, 2026-12-02 (arena off, no memory reuse, memory pattern off as
     # under a budget, predictable_memory, 2 threads; graphs dequantizing at each use, a quantized LM head read in
-    # vocabulary slices, weight gradients accumulated in the backward's order): 39 points, MiniLM and a 4-layer
-    # GPT-2 to SmolLM2-135M and 0.5 B.
+    # vocabulary slices, weight gradients accumulated in the backward's order; the SmolLM2 and 0.5 B ones also
+    # recomputing attention probabilities): 39 points, MiniLM and a 4-layer GPT-2 to SmolLM2-135M and 0.5 B.
     memory_factors = MemoryFactors(runtime=int(43.6 * MB), session=int(34.0 * MB), weight_load=1.104,
                                    node_load=8751.0, step=int(2.2 * MB), dequant=0.966, token=0.832,
                                    block_input=1.061, score=0.901, logit=2.824, chunked_logit=0.184,
