@@ -138,3 +138,17 @@ def hf_adamw_step(params, state, lr, step, betas=(0.9, 0.999), eps=1e-8):
         with torch.no_grad():
             p.add_(-step_size * m / (v.sqrt() + eps))
         p.grad = None
+
+
+def forward_of(model, loss: str) -> tuple[list, dict, set[int]]:
+    """A training graph's nodes (one list, so their ids stay valid), each output's producer, and the ids of the
+    forward: every node ``loss`` depends on."""
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    forward, stack = set(), [producer[loss]]
+    while stack:
+        node = stack.pop()
+        if id(node) not in forward:
+            forward.add(id(node))
+            stack.extend(producer[i] for i in node.input if i in producer)
+    return nodes, producer, forward

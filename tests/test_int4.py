@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from families import make_family_model
-from helpers import reference_losses, train
+from helpers import forward_of, reference_losses, train
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_peft.artifact.files import (GENERATION_MODEL, INFERENCE_MODEL, ORT_EVAL_MODEL, ORT_TRAINING_MODEL,
@@ -199,15 +199,8 @@ def test_int4_losses_equal_checkpointing_and_pytorch(llama, data, tmp_path):
     training = onnx.load(str(plain / ORT_TRAINING_MODEL)).graph.node
     assert not [n for n in training if int4.is_chain_end(n)], "a dequantization left to run at the step's start"
     # checkpointed, no block's product or normalization output waits for the backward (each is recomputed)
-    checkpointed = onnx.load(str(recomputed / ORT_TRAINING_MODEL)).graph
-    nodes = checkpointed.node
-    producer = {o: n for n in nodes for o in n.output}
-    forward, stack = set(), [producer[checkpointed.output[0].name]]  # the loss and all it depends on
-    while stack:
-        node = stack.pop()
-        if id(node) not in forward:
-            forward.add(id(node))
-            stack.extend(producer[i] for i in node.input if i in producer)
+    checkpointed = onnx.load(str(recomputed / ORT_TRAINING_MODEL))
+    nodes, producer, forward = forward_of(checkpointed, checkpointed.graph.output[0].name)
     kept = {i for n in nodes if id(n) not in forward for i in n.input if i in producer
             and id(producer[i]) in forward and producer[i].op_type in ("Gemm", "SimplifiedLayerNormalization")
             and "/layers." in producer[i].name}

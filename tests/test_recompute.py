@@ -9,7 +9,7 @@ import re
 import onnx
 import pytest
 from families import make_family_model
-from helpers import train
+from helpers import forward_of, train
 
 from edge_peft.artifact.files import ORT_TRAINING_MODEL, PORTABLE_PIECES, PORTABLE_STEP_MODEL
 from edge_peft.artifact.manifest import load_manifest
@@ -65,14 +65,7 @@ def test_checkpointing_keeps_the_losses(llama, data, tmp_path, quantize):
 def _probabilities_read_by_the_backward(model: onnx.ModelProto, loss: str) -> tuple[int, int]:
     """(forward Softmax nodes, other Softmax nodes) whose output a node outside the forward reads; the forward is
     every node the loss depends on."""
-    nodes = list(model.graph.node)  # one wrapper per node: the forward is a set of ids
-    producer = {o: n for n in nodes for o in n.output}
-    forward, stack = set(), [producer[loss]]
-    while stack:
-        node = stack.pop()
-        if id(node) not in forward:
-            forward.add(id(node))
-            stack.extend(producer[i] for i in node.input if i in producer)
+    nodes, _, forward = forward_of(model, loss)
     read = {i for n in nodes if id(n) not in forward for i in n.input}
     softmax = [n for n in nodes if n.op_type == "Softmax" and n.output[0] in read]
     return sum(id(n) in forward for n in softmax), sum(id(n) not in forward for n in softmax)
