@@ -1,6 +1,5 @@
-"""ONNX files in an artifact under construction: a tracer's scratch (with the per-weight files a model over 2 GB
-gets) leaves nothing behind, and the artifact's graphs keep their weights in one shared file that ONNX Runtime
-loads with the same results, without the intermediate shapes it infers itself."""
+"""ONNX files in an artifact under construction: the artifact's graphs keep their weights in one shared file that
+ONNX Runtime loads with the same results, without the intermediate shapes it infers itself."""
 
 from __future__ import annotations
 
@@ -18,18 +17,6 @@ def _matmul_model(weight: np.ndarray) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])],
                               [numpy_helper.from_array(weight, "w")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def test_scratch_file_removes_what_a_tracer_wrote_beside_it(tmp_path):
-    weight = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
-    with onnx_files.scratch_file(tmp_path) as path:
-        # what torch.onnx.export writes for a model over 2 GB: one external file per weight beside the graph
-        onnx.save(_matmul_model(weight), str(path), save_as_external_data=True, all_tensors_to_one_file=False,
-                  size_threshold=0)
-        assert len(list(path.parent.iterdir())) == 2
-        proto = onnx.load(str(path))
-    assert list(tmp_path.iterdir()) == []  # nothing left in the artifact folder
-    np.testing.assert_array_equal(numpy_helper.to_array(proto.graph.initializer[0]), weight)
 
 
 def _two_weight_model(shared: np.ndarray, own: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:

@@ -47,10 +47,12 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def fold_transposes(proto: onnx.ModelProto, frozen: set[str]) -> dict[str, str]:
+def fold_transposes(proto: onnx.ModelProto, frozen: set[str], move_bytes: bool = True) -> dict[str, str]:
     """Store frozen 2-D weights that are only ever transposed already transposed (saves a copy per step).
 
-    Returns old name -> new name (``<name>.T``) for every folded weight.
+    Returns old name -> new name (``<name>.T``) for every folded weight. With ``move_bytes`` False a folded
+    initializer is only renamed, its bytes still in the old orientation: ``store_frozen`` quantizes it from a
+    transposed view, so no fp32 transpose is written (protobuf would keep both copies until the graph is freed).
     """
     graph = proto.graph
     uses = _consumers(graph)
@@ -64,7 +66,9 @@ def fold_transposes(proto: onnx.ModelProto, frozen: set[str]) -> dict[str, str]:
         if not all(n.op_type == "Transpose" and list(_attr(n, "perm", [1, 0])) == [1, 0] for n, _ in nodes):
             continue
         new_name = f"{name}.T"
-        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(init).T), new_name))
+        if move_bytes:
+            _transpose_bytes(init)
+        init.name = new_name
         for node, _ in nodes:
             dead.add(id(node))
             for user, k in uses.get(node.output[0], []):
@@ -74,6 +78,16 @@ def fold_transposes(proto: onnx.ModelProto, frozen: set[str]) -> dict[str, str]:
     del graph.node[:]
     graph.node.extend(kept)
     return folded
+
+
+def _transpose_bytes(init: onnx.TensorProto) -> None:
+    init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(init).T), init.name))
+
+
+def _values(init: onnx.TensorProto, transposed: set[str]) -> np.ndarray:
+    """The initializer's values, read transposed when it is a folded weight whose bytes were not moved."""
+    values = numpy_helper.to_array(init)
+    return values.T if init.name in transposed else values
 
 
 def _readers(name: str, uses: dict, axes: dict[str, int] | None) -> tuple[list, list, int]:
@@ -130,7 +144,8 @@ def _quantizable(init: onnx.TensorProto | None) -> bool:
             and int(np.prod(init.dims)) >= INT8_MIN_ELEMENTS)
 
 
-def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] | None = None) -> list[str]:
+def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] | None = None,
+                  transposed: frozenset[str] = frozenset()) -> list[str]:
     """Symmetric per-output-channel int8 for the named fp32 2-D initializers; returns the new frozen names.
 
     The channel axis follows from the consumers unless ``axes`` names it (the portable gradient graph,
@@ -152,7 +167,7 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
         init = inits.get(name)
         if not _quantizable(init):
             continue
-        w = numpy_helper.to_array(init)
+        w = _values(init, transposed)
         gathers, others, axis = _readers(name, uses, axes)
         q8_0 = int4.q8_0_codes(np.ascontiguousarray(w.T if axis == 1 else w))
         if q8_0 is not None:
@@ -214,7 +229,8 @@ def quantize_int8(proto: onnx.ModelProto, names: set[str], axes: dict[str, int] 
     return new_frozen
 
 
-def quantize_int4(proto: onnx.ModelProto, names: set[str], block: int, axes: dict[str, int] | None = None) -> list[str]:
+def quantize_int4(proto: onnx.ModelProto, names: set[str], block: int, axes: dict[str, int] | None = None,
+                  transposed: frozenset[str] = frozenset()) -> list[str]:
     """Blockwise 4-bit (``int4.py``) for the named fp32 2-D initializers; returns the new frozen names.
 
     ``W`` is stored as ``S``: itself when the axis its products reduce over (the one ``quantize_int8``'s channel
@@ -234,7 +250,7 @@ def quantize_int4(proto: onnx.ModelProto, names: set[str], block: int, axes: dic
         init = inits.get(name)
         if not _quantizable(init):
             continue
-        w = numpy_helper.to_array(init)
+        w = _values(init, transposed)
         gathers, others, axis = _readers(name, uses, axes)
         flipped = axis == 1  # reduced along axis 0: S = W^T
         stored = np.ascontiguousarray(w.T if flipped else w)
@@ -317,14 +333,35 @@ def prepare_frozen(proto: onnx.ModelProto, trainable: list[str], quantize: str, 
     A frozen LoRA A stays fp32 (it is the adapter's). Every graph of an artifact goes through this, so they
     all hold the same stored weights."""
     frozen = set(weight_names(proto)) - set(trainable)
-    frozen_base = {n for n in frozen if not is_a(n)}
-    folded = fold_transposes(proto, frozen_base)
-    frozen_base = (frozen_base - set(folded)) | set(folded.values())
-    if quantize == "int8":
-        quantize_int8(proto, frozen_base)
-    elif quantize == "int4":
-        quantize_int4(proto, frozen_base, block)
+    store_frozen(proto, {n for n in frozen if not is_a(n)}, quantize, block)
     return [n for n in weight_names(proto) if n not in set(trainable)]
+
+
+def store_frozen(proto: onnx.ModelProto, base: set[str], quantize: str, block: int = 0,
+                 axes: Callable[[dict[str, str]], dict[str, int] | None] = lambda folded: None) -> dict[str, str]:
+    """Fold the transposes of the ``base`` weights and quantize them (``quantize``: none, int8, or int4 in blocks of
+    ``block``; ``axes(folded)`` names channel axes where the consumers do not); return ``fold_transposes``'s
+    renames. A quantized weight is quantized from a transposed view of its fp32 bytes, never transposed in fp32."""
+    folded = fold_transposes(proto, base, move_bytes=quantize == "none")
+    base = (base - set(folded)) | set(folded.values())
+    pending = frozenset(folded.values()) if quantize != "none" else frozenset()
+    if quantize == "int8":
+        quantize_int8(proto, base, axes(folded), pending)
+    elif quantize == "int4":
+        quantize_int4(proto, base, block, axes(folded), pending)
+    for init in proto.graph.initializer:
+        if init.name in pending:  # folded, left fp32 by the quantizer (too small to gain)
+            _transpose_bytes(init)
+    return folded
+
+
+def compacted(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` that holds only its live bytes. Protobuf keeps the bytes of every replaced tensor until
+    the whole message is freed, so a quantized ``proto`` still holds its fp32 weights (and their transposes):
+    use the copy and drop ``proto``."""
+    fresh = onnx.ModelProto()
+    fresh.CopyFrom(proto)
+    return fresh
 
 
 def flatten_logits(proto: onnx.ModelProto, width: int) -> None:

@@ -14,7 +14,6 @@ Traced with the legacy exporter (``dynamo=False``, opset 17): the wrapper builds
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import onnx
@@ -26,8 +25,8 @@ from ..artifact.files import GENERATION_MODEL
 from ..artifact.names import (ATTENTION_MASK, CONTEXT_LENGTH_KEY, INPUT_IDS, LOGITS, POSITION_IDS, past_key,
                               past_value, present_key, present_value)
 from . import graph
-from .onnx_files import WeightsFile, scratch_file
-from .to_onnx import OPSET, distinct_values, restore_initializers, tied_names
+from .onnx_files import WeightsFile
+from .to_onnx import trace
 
 WRAPPER_PREFIX = "model."
 
@@ -76,15 +75,9 @@ def export_generation_model(model: nn.Module, trainable: dict[str, torch.Tensor]
     axes = {INPUT_IDS: {0: "batch", 1: "new"}, ATTENTION_MASK: {0: "batch", 1: "total"},
             POSITION_IDS: {0: "batch", 1: "new"}, LOGITS: {0: "batch"},
             **{n: {0: "batch", 2: "past"} for n in past_names}, **{n: {0: "batch", 2: "total"} for n in present_names}}
-    with distinct_values(trainable) as true_values, warnings.catch_warnings(), scratch_file(out) as path:
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (ids, mask, positions, *past), str(path),
-                          input_names=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names],
-                          output_names=[LOGITS, *present_names], dynamic_axes=axes, opset_version=OPSET,
-                          do_constant_folding=False, dynamo=False)
-        proto = onnx.load(str(path))
-    graph.undo_value_dedup(proto, tied_names(wrapper))
-    restore_initializers(proto, {f"{WRAPPER_PREFIX}{k}": v.numpy() for k, v in true_values.items()})
+    proto = trace(wrapper, (ids, mask, positions, *past), trainable,
+                  input_names=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names],
+                  output_names=[LOGITS, *present_names], dynamic_axes=axes)
     graph.strip_prefix(proto, WRAPPER_PREFIX)
     graph.prepare_frozen(proto, list(trainable), quantize, block)
     graph.initializers_to_inputs(proto, list(trainable))

@@ -1,14 +1,10 @@
 """ONNX files inside an artifact under construction: the graphs keep their weights in one ``WEIGHTS_DATA`` file
-that holds each tensor once (``WeightsFile``), and what a tracer writes (with, for a model over 2 GB, one external
-file per weight) is scratch that is removed once read back."""
+that holds each tensor once (``WeightsFile``)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 from onnx import numpy_helper
@@ -17,14 +13,6 @@ from ..artifact.files import WEIGHTS_DATA
 
 SHARED_MIN_BYTES = 4096  # smaller tensors (shapes, scales of small weights) stay inline: shape inference reads them
 PAGE = 4096  # shared tensors start on a page boundary, so the runtime can map them
-
-
-@contextlib.contextmanager
-def scratch_file(folder: Path) -> Iterator[Path]:
-    """A path for a tracer's ONNX file in a scratch folder under ``folder``; the folder, with the file and
-    any weight files written beside it, is removed afterwards."""
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".trace-") as scratch:
-        yield Path(scratch) / "model.onnx"
 
 
 class WeightsFile:

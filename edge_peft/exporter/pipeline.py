@@ -96,7 +96,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
     causal = loaded.task == "causal-lm"
     with atomic_directory(out, overwrite=overwrite) as tmp:
         with stages.stage("exporting to ONNX"):
-            proto = export_logits_model(model, causal, trainable_params, tmp)
+            proto = export_logits_model(model, causal, trainable_params)
             graph.strip_prefix(proto, WRAPPER_PREFIX)
             graph.expose_layernorm_stats(proto)
             trainable = list(trainable_params)
@@ -107,6 +107,7 @@ def export_artifact(model_dir: str | Path, out: str | Path, opts: ExportOptions,
         with stages.stage(f"quantizing base weights to {opts.quantize}" if opts.quantize != "none"
                           else "preparing base weights"):
             frozen_list = graph.prepare_frozen(proto, trainable, opts.quantize, block)
+            proto = graph.compacted(proto)  # frees the fp32 weights the quantization replaced
         train_nodes = head_slices = 0
         recomputed = []  # per training graph written: whether its attention probabilities are recomputed
         if ORT in backends:

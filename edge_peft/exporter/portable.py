@@ -127,12 +127,7 @@ def write_portable_artifacts(model: nn.Module, causal: bool, trainable: list[str
     params = dict(model.named_parameters())
     frozen = set(params) - set(trainable)
     base = {i.name for i in proto.graph.initializer if i.name in frozen and not is_a(i.name)}
-    folded = graph.fold_transposes(proto, base)
-    base = (base - set(folded)) | set(folded.values())
-    if quantize == "int8":
-        graph.quantize_int8(proto, base, _quantization_axes(model, folded))
-    elif quantize == "int4":
-        graph.quantize_int4(proto, base, block, _quantization_axes(model, folded))
+    graph.store_frozen(proto, base, quantize, block, lambda folded: _quantization_axes(model, folded))
     shapes = {name: list(params[name].shape) for name in trainable}
     append_accumulation(proto.graph, shapes)
     int8_products = None

@@ -3,15 +3,18 @@
 Facts this relies on (the export pitfalls in ``docs/architecture.md``): opset 17, ``dynamo=False``,
 eager attention, ``attention_mask`` passed explicitly, no constant folding (it would rename transposed
 trainable weights), and initializers with identical values get merged: trainable tensors are made
-unique before tracing (their true values restored by name afterwards) and frozen ones are split again
-(``undo_value_dedup``).
+unique while tracing and frozen ones are split again (``undo_value_dedup``).
+
+The tracer runs without the weights (``export_params=False``): it would otherwise serialize the whole
+model into one protobuf string and parse it again, four copies of a large model at once. Each weight the
+traced graph reads becomes an initializer made from the module's own tensor afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import warnings
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -21,7 +24,6 @@ from onnx import numpy_helper
 from torch import nn
 
 from .graph import undo_value_dedup
-from .onnx_files import scratch_file
 
 OPSET = 17
 INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -40,35 +42,61 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra).logits
 
 
-def export_logits_model(model: nn.Module, causal: bool, trainable: dict[str, torch.Tensor],
-                        scratch: Path) -> onnx.ModelProto:
-    """Trace ``model`` to ONNX (the tracer's files go to a scratch folder under ``scratch``, removed after);
-    trainable initializers keep their names and true values."""
+def export_logits_model(model: nn.Module, causal: bool, trainable: dict[str, torch.Tensor]) -> onnx.ModelProto:
+    """Trace ``model`` to ONNX; trainable initializers keep their names and true values."""
     wrapper = LogitsOnly(model, causal).eval()
     ids = torch.ones(2, 8, dtype=torch.long)
     mask = torch.ones(2, 8, dtype=torch.long)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "logits": {0: "batch", 1: "sequence"} if causal else {0: "batch"}}
-    with distinct_values(trainable) as true_values, warnings.catch_warnings(), scratch_file(scratch) as path:
+    return trace(wrapper, (ids, mask), trainable, input_names=INPUT_NAMES, output_names=["logits"],
+                 dynamic_axes=axes)
+
+
+def trace(wrapper: nn.Module, args: tuple, trainable: dict[str, torch.Tensor], input_names: list[str],
+          **export_args) -> onnx.ModelProto:
+    """``wrapper`` traced to ONNX (opset ``OPSET``, no constant folding), its weights initializers named by their
+    path in ``wrapper``: trainable tensors each their own, equal-valued frozen copies split again, tied ones
+    read once."""
+    buffer = io.BytesIO()
+    with distinct_values(trainable), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (ids, mask), str(path), input_names=INPUT_NAMES, output_names=["logits"],
-                          dynamic_axes=axes, opset_version=OPSET, do_constant_folding=False, dynamo=False)
-        proto = onnx.load(str(path))
+        torch.onnx.export(wrapper, args, buffer, input_names=input_names, export_params=False, opset_version=OPSET,
+                          do_constant_folding=False, dynamo=False, **export_args)
+    proto = onnx.load_from_string(buffer.getvalue())
+    del buffer
+    attach_weights(proto, wrapper, set(input_names))
     undo_value_dedup(proto, tied_names(wrapper))
-    restore_initializers(proto, {f"model.{k}": v.numpy() for k, v in true_values.items()})
     return proto
 
 
+def attach_weights(proto: onnx.ModelProto, module: nn.Module, data_inputs: set[str]) -> None:
+    """Turn every graph input outside ``data_inputs`` (the weights a trace without parameters reads) into an
+    initializer holding ``module``'s tensor of that name, one tensor copied at a time."""
+    tensors = {**dict(module.named_parameters(remove_duplicate=False)),
+               **dict(module.named_buffers(remove_duplicate=False))}
+    weights = [value.name for value in proto.graph.input if value.name not in data_inputs]
+    unknown = [name for name in weights if name not in tensors]
+    if unknown:
+        raise RuntimeError(f"the traced graph reads tensors the model does not hold: {unknown[:3]}")
+    for name in weights:
+        array = np.ascontiguousarray(tensors[name].detach().numpy())
+        proto.graph.initializer.append(numpy_helper.from_array(array, name))
+    kept = [value for value in proto.graph.input if value.name in data_inputs]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+
+
 @contextlib.contextmanager
-def distinct_values(trainable: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+def distinct_values(trainable: dict[str, torch.Tensor]) -> Iterator[None]:
     """Shift every trainable tensor by a distinct constant while tracing (so the exporter merges none of
-    them); yield their true values and put them back afterwards."""
+    them); put their true values back afterwards."""
     true_values = {name: t.detach().clone() for name, t in trainable.items()}
     with torch.no_grad():
         for i, t in enumerate(trainable.values()):
             t.add_(torch.full_like(t, 1e-3 * (i + 1)))
     try:
-        yield true_values
+        yield
     finally:
         with torch.no_grad():
             for name, t in trainable.items():
@@ -85,13 +113,3 @@ def tied_names(module: nn.Module) -> set[str]:
         else:
             seen[p.data_ptr()] = name
     return tied
-
-
-def restore_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
-    """Overwrite initializers by name; every name must be present exactly once."""
-    by_name = {init.name: init for init in proto.graph.initializer}
-    missing = sorted(set(values) - set(by_name))
-    if missing:
-        raise RuntimeError(f"exporter dropped or renamed trainable tensors: {missing[:3]}")
-    for name, value in values.items():
-        by_name[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
