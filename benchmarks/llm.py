@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -73,6 +72,7 @@ def base_worker(args) -> dict:
 
 
 def edge_worker(args) -> dict:
+    from edge_peft.artifact.files import RUN_INFO
     from edge_peft.artifact.manifest import load_manifest
     from edge_peft.device.trainer import TrainConfig, open_run
 
@@ -86,8 +86,9 @@ def edge_worker(args) -> dict:
     scores = edge_scores(args.run, args.test)
     generation = edge_generation(args.run) if args.generation else {}
     upload_kb = load_manifest(args.artifact).adapter.trainable_values() * 4 / 1024
+    compute = json.loads((Path(args.run) / RUN_INFO).read_text())["compute"]
     return {**scores, "tokens_per_s": summary["tokens_per_s"], "peak_rss_mb": train_peak, "upload_kb": upload_kb,
-            **generation}
+            "compute": compute, **generation}
 
 
 def edge_generation(source: str) -> dict:
@@ -262,6 +263,8 @@ EDGE_CONFIGS = [
     ("edge-peft defaults (lora-fa all-linear) on ort", DEFAULT, "ort"),
     ("edge-peft defaults (lora-fa all-linear) on portable", DEFAULT, "portable"),
     ("edge-peft lora all-linear on ort", {"variant": "lora"}, "ort"),
+    ("edge-peft defaults on portable, int8 products where the CPU has VNNI/AMX", {"backend": "both", "compute": "int8"},
+     "portable"),
 ]
 QV = {"targets": ["q_proj", "v_proj"]}
 EXTRA_CONFIGS = [
@@ -396,7 +399,7 @@ def main() -> None:
 
         measure(MLX_ROW, mlx_row)
     print_table(rows, [("config", "configuration"), ("loss", "held-out loss"), ("rouge_l", "ROUGE-L"),
-                       ("tokens_per_s", "train tokens/s"), ("peak_rss_mb", "peak RSS MB"),
+                       ("tokens_per_s", "train tokens/s"), ("compute", "products"), ("peak_rss_mb", "peak RSS MB"),
                        ("upload_kb", "upload KB"), ("gen_tokens_per_s", "gen tokens/s"), ("error", "error")])
     minutes = (time.perf_counter() - began) / 60
     print(f"{minutes:.1f} minutes")
