@@ -47,12 +47,13 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def fold_transposes(proto: onnx.ModelProto, frozen: set[str], move_bytes: bool = True) -> dict[str, str]:
-    """Store frozen 2-D weights that are only ever transposed already transposed (saves a copy per step).
+def fold_transposes(proto: onnx.ModelProto, frozen: set[str]) -> dict[str, str]:
+    """Read frozen 2-D weights that are only ever transposed as stored transposed (saves a copy per step): their
+    readers take ``<name>.T`` and the initializer is renamed so, its bytes still in the old orientation until
+    ``store_frozen`` quantizes them from a transposed view or transposes what stays fp32 (so no fp32 transpose of a
+    quantized weight is written: protobuf would keep both copies until the graph is freed).
 
-    Returns old name -> new name (``<name>.T``) for every folded weight. With ``move_bytes`` False a folded
-    initializer is only renamed, its bytes still in the old orientation: ``store_frozen`` quantizes it from a
-    transposed view, so no fp32 transpose is written (protobuf would keep both copies until the graph is freed).
+    Returns old name -> new name for every folded weight.
     """
     graph = proto.graph
     uses = _consumers(graph)
@@ -66,8 +67,6 @@ def fold_transposes(proto: onnx.ModelProto, frozen: set[str], move_bytes: bool =
         if not all(n.op_type == "Transpose" and list(_attr(n, "perm", [1, 0])) == [1, 0] for n, _ in nodes):
             continue
         new_name = f"{name}.T"
-        if move_bytes:
-            _transpose_bytes(init)
         init.name = new_name
         for node, _ in nodes:
             dead.add(id(node))
@@ -84,7 +83,7 @@ def _transpose_bytes(init: onnx.TensorProto) -> None:
     init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(init).T), init.name))
 
 
-def _values(init: onnx.TensorProto, transposed: set[str]) -> np.ndarray:
+def _values(init: onnx.TensorProto, transposed: frozenset[str]) -> np.ndarray:
     """The initializer's values, read transposed when it is a folded weight whose bytes were not moved."""
     values = numpy_helper.to_array(init)
     return values.T if init.name in transposed else values
@@ -342,15 +341,15 @@ def store_frozen(proto: onnx.ModelProto, base: set[str], quantize: str, block: i
     """Fold the transposes of the ``base`` weights and quantize them (``quantize``: none, int8, or int4 in blocks of
     ``block``; ``axes(folded)`` names channel axes where the consumers do not); return ``fold_transposes``'s
     renames. A quantized weight is quantized from a transposed view of its fp32 bytes, never transposed in fp32."""
-    folded = fold_transposes(proto, base, move_bytes=quantize == "none")
+    folded = fold_transposes(proto, base)
     base = (base - set(folded)) | set(folded.values())
-    pending = frozenset(folded.values()) if quantize != "none" else frozenset()
+    pending = frozenset(folded.values())
     if quantize == "int8":
         quantize_int8(proto, base, axes(folded), pending)
     elif quantize == "int4":
         quantize_int4(proto, base, block, axes(folded), pending)
     for init in proto.graph.initializer:
-        if init.name in pending:  # folded, left fp32 by the quantizer (too small to gain)
+        if init.name in pending:  # folded and left fp32 (no quantization, or too small to gain)
             _transpose_bytes(init)
     return folded
 
